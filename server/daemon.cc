@@ -1,0 +1,118 @@
+#include "server/daemon.h"
+
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <exception>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/logging.h"
+#include "common/status_util.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_builder.h"
+
+namespace kvpool::server {
+namespace {
+
+// host:port -> (host, port); InvalidArgument when there is no ':' or the port is not a number.
+absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos || colon == 0 ||
+      !absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("address '", address, "' is not HOST:PORT (port 0-65535)"));
+  }
+  return std::make_pair(address.substr(0, colon), port);
+}
+
+absl::Status MakeDirs(const std::string& path) {
+  for (size_t pos = 1; pos != std::string::npos;) {
+    pos = path.find('/', pos + 1);
+    const std::string prefix = path.substr(0, pos);
+    if (::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+      return FromErrno(errno, absl::StrCat("cannot create data dir ", prefix));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& options) {
+  auto grpc_hp = SplitHostPort(options.listen);
+  if (!grpc_hp.ok()) return Annotate(grpc_hp.status(), "--listen");
+  if (options.max_message_bytes < 1024 || options.service.chunk_bytes == 0 ||
+      options.service.chunk_bytes + 1024 > options.max_message_bytes) {
+    return absl::InvalidArgumentError(
+        "limits: chunk_bytes must be positive and at least 1 KiB below max_message_bytes");
+  }
+  if (absl::Status s = MakeDirs(options.data_dir); !s.ok()) return s;
+
+  std::unique_ptr<Daemon> d(new Daemon());
+  BlockStore::Options store_options;
+  store_options.capacity_bytes = options.host_memory;
+  auto store = BlockStore::Create(store_options);
+  if (!store.ok()) return Annotate(store.status(), "host tier");
+  d->store_ = std::move(*store);
+  d->metrics_ = std::make_unique<Metrics>();
+
+  if (!options.metrics_listen.empty()) {
+    auto hp = SplitHostPort(options.metrics_listen);
+    if (!hp.ok()) return Annotate(hp.status(), "--metrics-listen");
+    try {
+      d->exposer_ = std::make_unique<prometheus::Exposer>(options.metrics_listen);
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot serve /metrics on ", options.metrics_listen, ": ", e.what()));
+    }
+    d->exposer_->RegisterCollectable(d->metrics_->registry());
+    const std::vector<int> ports = d->exposer_->GetListeningPorts();
+    d->metrics_address_ = absl::StrCat(hp->first, ":", ports.empty() ? hp->second : ports[0]);
+  }
+
+  d->service_ = std::make_unique<KvPoolService>(options.service, d->store_.get(),
+                                                d->metrics_.get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &bound_port);
+  builder.RegisterService(d->service_.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  d->server_ = builder.BuildAndStart();
+  if (d->server_ == nullptr || bound_port == 0) {
+    if (d->server_) d->server_->Shutdown();
+    d->server_.reset();
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen,
+                                               " (address in use or not local?)"));
+  }
+  d->grpc_address_ = absl::StrCat(grpc_hp->first, ":", bound_port);
+  grpc::HealthCheckServiceInterface* health = d->server_->GetHealthCheckService();
+  health->SetServingStatus(true);
+  health->SetServingStatus(v1::KvPool::service_full_name(), true);
+  return d;
+}
+
+Daemon::~Daemon() { Shutdown(absl::Seconds(10)); }
+
+void Daemon::Shutdown(absl::Duration drain) {
+  {
+    absl::MutexLock lock(&shutdown_mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  if (server_ != nullptr) {
+    server_->GetHealthCheckService()->SetServingStatus(false);
+    server_->Shutdown(absl::ToChronoTime(absl::Now() + drain));
+    server_->Wait();
+  }
+  exposer_.reset();
+}
+
+}  // namespace kvpool::server

@@ -1,0 +1,138 @@
+#include "server/grpc/kvpool_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/kv_spec.h"
+#include "common/status_util.h"
+#include "proto/convert.h"
+
+namespace kvpool::server {
+
+KvPoolService::KvPoolService(const ServiceOptions& options, BlockStore* store, Metrics* metrics)
+    : options_(options), store_(store), metrics_(metrics) {
+  PublishStoreState();
+}
+
+absl::StatusOr<std::vector<BlockKey>> KvPoolService::ParseKeys(
+    const google::protobuf::RepeatedPtrField<std::string>& keys) const {
+  if (keys.empty()) return absl::InvalidArgumentError("no keys given");
+  if (static_cast<uint64_t>(keys.size()) > options_.max_keys_per_request) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        keys.size(), " keys exceed the limit of ", options_.max_keys_per_request, " per request"));
+  }
+  return KeysFromProto(keys);
+}
+
+absl::Status KvPoolService::ValidateNamespace(const v1::Namespace& ns) const {
+  if (absl::Status s = ValidateModelId(ns.model_id()); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("ns.", s.message()));
+  }
+  if (ns.tokens_per_block() == 0 || ns.tokens_per_block() > kMaxTokensPerBlock) {
+    return absl::InvalidArgumentError(absl::StrCat("ns.tokens_per_block = ", ns.tokens_per_block(),
+                                                   " is out of range [1, ", kMaxTokensPerBlock,
+                                                   "]"));
+  }
+  return absl::OkStatus();
+}
+
+void KvPoolService::PublishStoreState() const {
+  const BlockStore::Stats s = store_->GetStats();
+  metrics_->SetStoreState(s.blocks, s.logical_bytes, s.stored_bytes, s.capacity_bytes);
+}
+
+void KvPoolService::Observe(absl::string_view method, absl::Time start,
+                            const grpc::Status& status) const {
+  metrics_->ObserveRequest(method, status.error_code(),
+                           absl::ToDoubleSeconds(absl::Now() - start));
+}
+
+grpc::ServerUnaryReactor* KvPoolService::Lookup(grpc::CallbackServerContext* context,
+                                                const v1::LookupRequest* request,
+                                                v1::LookupResponse* response) {
+  const absl::Time start = absl::Now();
+  auto run = [&]() -> absl::Status {
+    if (absl::Status s = ValidateNamespace(request->ns()); !s.ok()) return s;
+    auto keys = ParseKeys(request->keys());
+    if (!keys.ok()) return keys.status();
+    std::vector<bool> present(keys->size(), false);
+    if (auto ns = store_->FindNamespace(request->ns().model_id(),
+                                        request->ns().tokens_per_block())) {
+      present = store_->Contains(ns->first, *keys);
+    }
+    uint32_t prefix = 0;
+    while (prefix < present.size() && present[prefix]) ++prefix;
+    uint64_t hits = 0;
+    for (bool p : present) {
+      response->add_present(p);
+      hits += p;
+    }
+    response->set_hit_prefix_blocks(prefix);
+    response->set_tokens_per_block(request->ns().tokens_per_block());
+    lookup_hits_ += hits;
+    lookup_misses_ += present.size() - hits;
+    metrics_->AddLookups(hits, present.size() - hits);
+    return absl::OkStatus();
+  };
+  const grpc::Status status = ToGrpcStatus(run());
+  Observe("Lookup", start, status);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(status);
+  return reactor;
+}
+
+grpc::ServerReadReactor<v1::PutRequest>* KvPoolService::Put(grpc::CallbackServerContext* context,
+                                                            v1::PutResponse* response) {
+  return NewPutReactor(this, response);
+}
+
+grpc::ServerWriteReactor<v1::GetResponse>* KvPoolService::Get(grpc::CallbackServerContext* context,
+                                                              const v1::GetRequest* request) {
+  return NewGetReactor(this, request);
+}
+
+grpc::ServerUnaryReactor* KvPoolService::Delete(grpc::CallbackServerContext* context,
+                                                const v1::DeleteRequest* request,
+                                                v1::DeleteResponse* response) {
+  const absl::Time start = absl::Now();
+  auto run = [&]() -> absl::Status {
+    if (absl::Status s = ValidateNamespace(request->ns()); !s.ok()) return s;
+    auto keys = ParseKeys(request->keys());
+    if (!keys.ok()) return keys.status();
+    uint32_t deleted = 0;
+    if (auto ns = store_->FindNamespace(request->ns().model_id(),
+                                        request->ns().tokens_per_block())) {
+      deleted = store_->Delete(ns->first, *keys);
+    }
+    response->set_blocks_deleted(deleted);
+    metrics_->AddDeletes(deleted);
+    PublishStoreState();
+    return absl::OkStatus();
+  };
+  const grpc::Status status = ToGrpcStatus(run());
+  Observe("Delete", start, status);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(status);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* KvPoolService::Stats(grpc::CallbackServerContext* context,
+                                               const v1::StatsRequest* request,
+                                               v1::StatsResponse* response) {
+  const absl::Time start = absl::Now();
+  const BlockStore::Stats s = store_->GetStats();
+  response->set_blocks(s.blocks);
+  response->set_logical_bytes(s.logical_bytes);
+  response->set_stored_bytes(s.stored_bytes);
+  response->set_capacity_bytes(s.capacity_bytes);
+  response->set_evictions(s.evictions);
+  response->set_lookup_hits(lookup_hits_.load());
+  response->set_lookup_misses(lookup_misses_.load());
+  response->set_namespaces(s.namespaces);
+  response->set_version(KVPOOL_VERSION);
+  Observe("Stats", start, grpc::Status::OK);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace kvpool::server

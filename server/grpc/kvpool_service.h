@@ -1,0 +1,84 @@
+// KvPoolService: the kvpool.v1.KvPool gRPC service on the callback API. Unary calls (Lookup,
+// Delete, Stats) finish inline; Put and Get stream through reactors (put_reactor.cc,
+// get_reactor.cc). No callback blocks: the work is index lookups and memcpy of host memory.
+//
+// Every request is validated before it touches the store, and a failing request changes
+// nothing: Put commits its blocks only after the last byte arrived and matched the header.
+//
+// Thread-safe. The store and metrics must outlive the service.
+#ifndef KVPOOL_SERVER_GRPC_KVPOOL_SERVICE_H_
+#define KVPOOL_SERVER_GRPC_KVPOOL_SERVICE_H_
+
+#include <atomic>
+#include <cstdint>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/block_key.h"
+#include "kvpool/v1/kvpool.grpc.pb.h"
+#include "server/metrics.h"
+#include "server/store/block_store.h"
+
+namespace kvpool::server {
+
+struct ServiceOptions {
+  uint32_t max_keys_per_request = 4096;             // More keys: INVALID_ARGUMENT.
+  uint64_t max_request_bytes = uint64_t{1} << 30;   // Larger puts: RESOURCE_EXHAUSTED.
+  uint64_t chunk_bytes = uint64_t{1} << 20;         // Data bytes per Get stream message.
+};
+
+class KvPoolService final : public v1::KvPool::CallbackService {
+ public:
+  KvPoolService(const ServiceOptions& options, BlockStore* store, Metrics* metrics);
+
+  grpc::ServerUnaryReactor* Lookup(grpc::CallbackServerContext* context,
+                                   const v1::LookupRequest* request,
+                                   v1::LookupResponse* response) override;
+  grpc::ServerReadReactor<v1::PutRequest>* Put(grpc::CallbackServerContext* context,
+                                               v1::PutResponse* response) override;
+  grpc::ServerWriteReactor<v1::GetResponse>* Get(grpc::CallbackServerContext* context,
+                                                 const v1::GetRequest* request) override;
+  grpc::ServerUnaryReactor* Delete(grpc::CallbackServerContext* context,
+                                   const v1::DeleteRequest* request,
+                                   v1::DeleteResponse* response) override;
+  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context,
+                                  const v1::StatsRequest* request,
+                                  v1::StatsResponse* response) override;
+
+  // Shared by the reactors.
+  const ServiceOptions& options() const { return options_; }
+  BlockStore* store() const { return store_; }
+  Metrics* metrics() const { return metrics_; }
+
+  // Checks a key count against [1, max_keys_per_request] and parses the keys.
+  absl::StatusOr<std::vector<BlockKey>> ParseKeys(
+      const google::protobuf::RepeatedPtrField<std::string>& keys) const;
+
+  // Validates a namespace's model id and block size; InvalidArgument naming the field.
+  absl::Status ValidateNamespace(const v1::Namespace& ns) const;
+
+  // Pushes the store's current sizes into the gauges.
+  void PublishStoreState() const;
+
+  // Records one finished request (counter by code + latency).
+  void Observe(absl::string_view method, absl::Time start, const grpc::Status& status) const;
+
+ private:
+  const ServiceOptions options_;
+  BlockStore* const store_;
+  Metrics* const metrics_;
+  std::atomic<uint64_t> lookup_hits_{0};
+  std::atomic<uint64_t> lookup_misses_{0};
+};
+
+// Reactors, defined in put_reactor.cc and get_reactor.cc.
+grpc::ServerReadReactor<v1::PutRequest>* NewPutReactor(KvPoolService* service,
+                                                       v1::PutResponse* response);
+grpc::ServerWriteReactor<v1::GetResponse>* NewGetReactor(KvPoolService* service,
+                                                         const v1::GetRequest* request);
+
+}  // namespace kvpool::server
+
+#endif  // KVPOOL_SERVER_GRPC_KVPOOL_SERVICE_H_

@@ -1,0 +1,152 @@
+// Put: a client stream of one header and then data chunks. Bytes are copied into freshly
+// allocated blocks as they arrive; the blocks enter the store only when the stream ends with
+// exactly the announced number of bytes, so a failed put changes nothing.
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/status_util.h"
+#include "proto/convert.h"
+#include "server/grpc/kvpool_service.h"
+
+namespace kvpool::server {
+namespace {
+
+class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
+ public:
+  PutReactor(KvPoolService* service, v1::PutResponse* response)
+      : service_(service), response_(response), start_(absl::Now()) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // The client half-closed (or the call was cancelled): commit what arrived.
+      FinishWith(Commit());
+      return;
+    }
+    if (absl::Status s = Consume(); !s.ok()) {
+      FinishWith(s);
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnDone() override {
+    service_->Observe("Put", start_, final_status_);
+    delete this;
+  }
+
+ private:
+  void FinishWith(const absl::Status& status) {
+    final_status_ = ToGrpcStatus(status);
+    blocks_.clear();  // Release memory now, not when the client acknowledges.
+    Finish(final_status_);
+  }
+
+  absl::Status Consume() {
+    if (request_.has_header()) return ConsumeHeader(request_.header());
+    if (!have_header_) {
+      return absl::InvalidArgumentError("the first Put message must be a header");
+    }
+    if (request_.msg_case() != v1::PutRequest::kData) {
+      return absl::InvalidArgumentError("Put message has neither header nor data");
+    }
+    return ConsumeData(request_.data());
+  }
+
+  absl::Status ConsumeHeader(const v1::PutHeader& header) {
+    if (have_header_) return absl::InvalidArgumentError("Put stream has a second header");
+    have_header_ = true;
+    auto spec = SpecFromProto(header.spec());
+    if (!spec.ok()) return spec.status();
+    spec_ = *spec;
+    if (!header.codec().empty() && header.codec() != "raw") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("codec '", header.codec(), "' is not supported (supported: raw)"));
+    }
+    auto keys = service_->ParseKeys(header.keys());
+    if (!keys.ok()) return keys.status();
+    keys_ = std::move(*keys);
+    expected_bytes_ = keys_.size() * spec_.BlockBytes();
+    if (expected_bytes_ > service_->options().max_request_bytes) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("put of ", keys_.size(), " blocks x ", spec_.BlockBytes(), " bytes = ",
+                       expected_bytes_, " bytes exceeds the request limit of ",
+                       service_->options().max_request_bytes, " bytes"));
+    }
+    // Fail fast on a shape conflict; Commit checks again under the store's lock.
+    if (auto ns = service_->store()->FindNamespace(spec_.model_id, spec_.tokens_per_block)) {
+      if (ns->second != spec_) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("spec {", spec_.DebugString(), "} conflicts with the registered spec {",
+                         ns->second.DebugString(), "} of this model and block size"));
+      }
+    }
+    blocks_.reserve(keys_.size());
+    return absl::OkStatus();
+  }
+
+  absl::Status ConsumeData(const std::string& data) {
+    if (received_ + data.size() > expected_bytes_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "put sends more than the ", expected_bytes_, " bytes its header announced (",
+          keys_.size(), " blocks x ", spec_.BlockBytes(), " bytes)"));
+    }
+    const uint64_t block_bytes = spec_.BlockBytes();
+    size_t pos = 0;
+    while (pos < data.size()) {
+      const uint64_t offset_in_block = received_ % block_bytes;
+      if (offset_in_block == 0) blocks_.push_back(std::make_shared<StoredBlock>(spec_));
+      const size_t n = std::min<uint64_t>(data.size() - pos, block_bytes - offset_in_block);
+      std::memcpy(blocks_.back()->mutable_data() + offset_in_block, data.data() + pos, n);
+      pos += n;
+      received_ += n;
+      if (received_ % block_bytes == 0) blocks_.back()->Seal();
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Commit() {
+    if (!have_header_) return absl::InvalidArgumentError("Put stream ended without a header");
+    if (received_ != expected_bytes_) {
+      return absl::InvalidArgumentError(absl::StrCat("put ended after ", received_, " of the ",
+                                                     expected_bytes_, " announced bytes"));
+    }
+    auto ns = service_->store()->RegisterNamespace(spec_);
+    if (!ns.ok()) return ns.status();
+    std::vector<StoredBlockPtr> blocks(blocks_.begin(), blocks_.end());
+    auto result = service_->store()->Insert(*ns, keys_, std::move(blocks));
+    if (!result.ok()) return result.status();
+    response_->set_blocks_stored(result->stored);
+    response_->set_blocks_already_present(result->already_present);
+    response_->set_bytes_received(received_);
+    response_->set_blocks_evicted(result->evicted);
+    Metrics* m = service_->metrics();
+    m->AddPut(keys_.size(), received_);
+    m->AddEvictions(result->evicted, result->evicted_bytes);
+    service_->PublishStoreState();
+    return absl::OkStatus();
+  }
+
+  KvPoolService* const service_;
+  v1::PutResponse* const response_;
+  const absl::Time start_;
+  v1::PutRequest request_;
+  bool have_header_ = false;
+  KvSpec spec_;
+  std::vector<BlockKey> keys_;
+  uint64_t expected_bytes_ = 0;
+  uint64_t received_ = 0;
+  std::vector<std::shared_ptr<StoredBlock>> blocks_;
+  grpc::Status final_status_;
+};
+
+}  // namespace
+
+grpc::ServerReadReactor<v1::PutRequest>* NewPutReactor(KvPoolService* service,
+                                                       v1::PutResponse* response) {
+  return new PutReactor(service, response);
+}
+
+}  // namespace kvpool::server

@@ -1,0 +1,102 @@
+#include "server/metrics.h"
+
+#include <string>
+
+#include "absl/strings/ascii.h"
+#include "prometheus/counter.h"
+
+namespace kvpool::server {
+namespace {
+
+// grpc::StatusCode as its canonical name ("OK", "INVALID_ARGUMENT", ...).
+const char* CodeName(grpc::StatusCode code) {
+  static constexpr const char* kNames[] = {
+      "OK",           "CANCELLED",        "UNKNOWN",         "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND",   "ALREADY_EXISTS",  "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",        "UNAVAILABLE",     "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN";
+}
+
+prometheus::Histogram::BucketBoundaries LatencyBuckets() {
+  // 50 us .. ~13 s, factor 2.
+  prometheus::Histogram::BucketBoundaries b;
+  for (double v = 50e-6; v < 15; v *= 2) b.push_back(v);
+  return b;
+}
+
+}  // namespace
+
+Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
+  auto& lookups = prometheus::BuildCounter()
+                      .Name("kvpool_lookups_total")
+                      .Help("Block keys looked up, by result")
+                      .Register(*registry_);
+  lookup_hits_ = &lookups.Add({{"result", "hit"}});
+  lookup_misses_ = &lookups.Add({{"result", "miss"}});
+  auto counter = [this](const std::string& name, const std::string& help) {
+    return &prometheus::BuildCounter().Name(name).Help(help).Register(*registry_).Add({});
+  };
+  auto gauge = [this](const std::string& name, const std::string& help) {
+    return &prometheus::BuildGauge().Name(name).Help(help).Register(*registry_).Add({});
+  };
+  blocks_put_ = counter("kvpool_put_blocks_total", "Blocks received by Put");
+  bytes_put_ = counter("kvpool_put_bytes_total", "Block bytes received by Put");
+  blocks_got_ = counter("kvpool_get_blocks_total", "Blocks served by Get");
+  bytes_got_ = counter("kvpool_get_bytes_total", "Block bytes served by Get");
+  evictions_ = counter("kvpool_evictions_total", "Blocks evicted from the host tier");
+  evicted_bytes_ = counter("kvpool_evicted_bytes_total", "Bytes evicted from the host tier");
+  deletes_ = counter("kvpool_deleted_blocks_total", "Blocks removed by Delete");
+  checksum_failures_ = counter("kvpool_checksum_failures_total",
+                               "Stored segments that failed their checksum on read");
+  blocks_ = gauge("kvpool_blocks", "Blocks stored");
+  logical_bytes_ = gauge("kvpool_logical_bytes", "Bytes the stored blocks decode to");
+  stored_bytes_ = gauge("kvpool_stored_bytes", "Bytes the stored blocks occupy in the host tier");
+  capacity_bytes_ = gauge("kvpool_capacity_bytes", "Host tier capacity in bytes");
+  requests_ = &prometheus::BuildCounter()
+                   .Name("kvpool_requests_total")
+                   .Help("gRPC requests finished, by method and status code")
+                   .Register(*registry_);
+  latency_ = &prometheus::BuildHistogram()
+                  .Name("kvpool_request_duration_seconds")
+                  .Help("gRPC request latency, by method")
+                  .Register(*registry_);
+}
+
+void Metrics::AddLookups(uint64_t hits, uint64_t misses) {
+  lookup_hits_->Increment(static_cast<double>(hits));
+  lookup_misses_->Increment(static_cast<double>(misses));
+}
+void Metrics::AddPut(uint64_t blocks, uint64_t bytes) {
+  blocks_put_->Increment(static_cast<double>(blocks));
+  bytes_put_->Increment(static_cast<double>(bytes));
+}
+void Metrics::AddGet(uint64_t blocks, uint64_t bytes) {
+  blocks_got_->Increment(static_cast<double>(blocks));
+  bytes_got_->Increment(static_cast<double>(bytes));
+}
+void Metrics::AddEvictions(uint64_t blocks, uint64_t bytes) {
+  evictions_->Increment(static_cast<double>(blocks));
+  evicted_bytes_->Increment(static_cast<double>(bytes));
+}
+void Metrics::AddDeletes(uint64_t blocks) { deletes_->Increment(static_cast<double>(blocks)); }
+void Metrics::AddChecksumFailure() { checksum_failures_->Increment(); }
+
+void Metrics::ObserveRequest(absl::string_view method, grpc::StatusCode code, double seconds) {
+  const std::string m(method);
+  requests_->Add({{"method", m}, {"code", CodeName(code)}}).Increment();
+  static const prometheus::Histogram::BucketBoundaries kBuckets = LatencyBuckets();
+  latency_->Add({{"method", m}}, kBuckets).Observe(seconds);
+}
+
+void Metrics::SetStoreState(uint64_t blocks, uint64_t logical_bytes, uint64_t stored_bytes,
+                            uint64_t capacity_bytes) {
+  blocks_->Set(static_cast<double>(blocks));
+  logical_bytes_->Set(static_cast<double>(logical_bytes));
+  stored_bytes_->Set(static_cast<double>(stored_bytes));
+  capacity_bytes_->Set(static_cast<double>(capacity_bytes));
+}
+
+}  // namespace kvpool::server

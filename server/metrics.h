@@ -1,0 +1,63 @@
+// The daemon's Prometheus metrics, named by the Prometheus conventions (kvpool_ prefix, base
+// units, _total counters). Served by prometheus-cpp's pull Exposer at /metrics.
+// Thread-safe: prometheus-cpp metrics are atomic.
+#ifndef KVPOOL_SERVER_METRICS_H_
+#define KVPOOL_SERVER_METRICS_H_
+
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/container/flat_hash_map.h"
+#include "grpcpp/support/status.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace kvpool::server {
+
+class Metrics {
+ public:
+  Metrics();
+
+  std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+
+  // Per-key lookup results.
+  void AddLookups(uint64_t hits, uint64_t misses);
+  void AddPut(uint64_t blocks, uint64_t bytes);
+  void AddGet(uint64_t blocks, uint64_t bytes);
+  void AddEvictions(uint64_t blocks, uint64_t bytes);
+  void AddDeletes(uint64_t blocks);
+  void AddChecksumFailure();
+
+  // One finished RPC: kvpool_requests_total{method,code} and the latency histogram.
+  void ObserveRequest(absl::string_view method, grpc::StatusCode code, double seconds);
+
+  // Current state of the host tier.
+  void SetStoreState(uint64_t blocks, uint64_t logical_bytes, uint64_t stored_bytes,
+                     uint64_t capacity_bytes);
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Counter* lookup_hits_;
+  prometheus::Counter* lookup_misses_;
+  prometheus::Counter* blocks_put_;
+  prometheus::Counter* bytes_put_;
+  prometheus::Counter* blocks_got_;
+  prometheus::Counter* bytes_got_;
+  prometheus::Counter* evictions_;
+  prometheus::Counter* evicted_bytes_;
+  prometheus::Counter* deletes_;
+  prometheus::Counter* checksum_failures_;
+  prometheus::Gauge* blocks_;
+  prometheus::Gauge* logical_bytes_;
+  prometheus::Gauge* stored_bytes_;
+  prometheus::Gauge* capacity_bytes_;
+  prometheus::Family<prometheus::Counter>* requests_;
+  prometheus::Family<prometheus::Histogram>* latency_;
+};
+
+}  // namespace kvpool::server
+
+#endif  // KVPOOL_SERVER_METRICS_H_
