@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <exception>
 
 #include "absl/strings/numbers.h"
@@ -99,7 +100,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
   return d;
 }
 
-Daemon::~Daemon() { Shutdown(absl::Seconds(10)); }
+Daemon::~Daemon() {
+  Shutdown(absl::Seconds(10));
+  if (grpc_shutdown_.joinable()) grpc_shutdown_.join();
+  exposer_.reset();  // Stopping civetweb takes ~1 s; /metrics stays up until here.
+}
 
 void Daemon::Shutdown(absl::Duration drain) {
   {
@@ -109,10 +114,17 @@ void Daemon::Shutdown(absl::Duration drain) {
   }
   if (server_ != nullptr) {
     server_->GetHealthCheckService()->SetServingStatus(false);
-    server_->Shutdown(absl::ToChronoTime(absl::Now() + drain));
-    server_->Wait();
+    const absl::Time deadline = absl::Now() + drain;
+    grpc_shutdown_ = std::thread([this, deadline] {
+      server_->Shutdown(absl::ToChronoTime(deadline));
+      server_->Wait();
+    });
+    // Calls gRPC accepted just before the shutdown may reach their handler a moment later:
+    // give them kDispatchGrace to show up in the in-flight count.
+    constexpr absl::Duration kDispatchGrace = absl::Milliseconds(100);
+    absl::SleepFor(std::min(kDispatchGrace, drain));
+    service_->WaitUntilIdle(deadline);
   }
-  exposer_.reset();
 }
 
 }  // namespace kvpool::server

@@ -27,7 +27,7 @@
 
 ABSL_FLAG(std::string, config, "", "YAML config file (flags override it)");
 ABSL_FLAG(std::string, listen, "", "gRPC HOST:PORT (port 0 lets the OS pick)");
-ABSL_FLAG(std::string, metrics_listen, "", "Prometheus /metrics HOST:PORT (port 0 lets the OS pick)");
+ABSL_FLAG(std::string, metrics_listen, "", "Prometheus /metrics HOST:PORT (port 0 lets the OS pick; off disables)");
 ABSL_FLAG(std::string, host_memory, "", "host-memory tier capacity, e.g. 4GiB");
 ABSL_FLAG(std::string, data_dir, "", "folder for on-disk state");
 ABSL_FLAG(std::string, ready_file, "", "once serving, write the actual addresses here as JSON");
@@ -46,6 +46,7 @@ absl::Status ApplyFlags(kvpool::server::DaemonOptions* o) {
   if (!absl::GetFlag(FLAGS_listen).empty()) o->listen = absl::GetFlag(FLAGS_listen);
   if (!absl::GetFlag(FLAGS_metrics_listen).empty()) {
     o->metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+    if (o->metrics_listen == "off") o->metrics_listen.clear();
   }
   if (!absl::GetFlag(FLAGS_host_memory).empty()) {
     auto v = kvpool::ParseByteSize(absl::GetFlag(FLAGS_host_memory));
@@ -126,6 +127,9 @@ int main(int argc, char** argv) {
   KVPOOL_LOG(INFO) << "received " << (sig == SIGINT ? "SIGINT" : "SIGTERM")
                    << ", draining in-flight requests";
   (*daemon)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
-  KVPOOL_LOG(INFO) << "stopped";
-  return 0;
+  KVPOOL_LOG(INFO) << "drained, exiting";
+  // Every request is answered and nothing is buffered (logs are written unbuffered), so skip
+  // the slow teardown of the /metrics web server and gRPC's globals (~2.5 s together).
+  std::fflush(nullptr);
+  _exit(0);
 }

@@ -16,6 +16,7 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
  public:
   GetReactor(KvPoolService* service, const v1::GetRequest* request)
       : service_(service), start_(absl::Now()) {
+    service_->CallStarted();
     if (absl::Status s = Prepare(*request); !s.ok()) {
       FinishWith(ToGrpcStatus(s));
       return;
@@ -38,6 +39,7 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
 
   void OnDone() override {
     service_->Observe("Get", start_, final_status_);
+    service_->CallDone();
     delete this;
   }
 

@@ -46,10 +46,44 @@ void KvPoolService::Observe(absl::string_view method, absl::Time start,
                            absl::ToDoubleSeconds(absl::Now() - start));
 }
 
+namespace {
+
+// A unary reactor that tells the service when the call is fully done.
+class UnaryReactor final : public grpc::ServerUnaryReactor {
+ public:
+  explicit UnaryReactor(KvPoolService* service) : service_(service) {}
+  void OnDone() override {
+    service_->CallDone();
+    delete this;
+  }
+
+ private:
+  KvPoolService* const service_;
+};
+
+}  // namespace
+
+void KvPoolService::CallStarted() {
+  absl::MutexLock lock(&inflight_mu_);
+  ++inflight_;
+}
+
+void KvPoolService::CallDone() {
+  absl::MutexLock lock(&inflight_mu_);
+  --inflight_;
+}
+
+bool KvPoolService::WaitUntilIdle(absl::Time deadline) {
+  absl::MutexLock lock(&inflight_mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(inflight_mu_) { return inflight_ == 0; };
+  return inflight_mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+}
+
 grpc::ServerUnaryReactor* KvPoolService::Lookup(grpc::CallbackServerContext* context,
                                                 const v1::LookupRequest* request,
                                                 v1::LookupResponse* response) {
   const absl::Time start = absl::Now();
+  CallStarted();
   auto run = [&]() -> absl::Status {
     if (absl::Status s = ValidateNamespace(request->ns()); !s.ok()) return s;
     auto keys = ParseKeys(request->keys());
@@ -75,7 +109,7 @@ grpc::ServerUnaryReactor* KvPoolService::Lookup(grpc::CallbackServerContext* con
   };
   const grpc::Status status = ToGrpcStatus(run());
   Observe("Lookup", start, status);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto* reactor = new UnaryReactor(this);
   reactor->Finish(status);
   return reactor;
 }
@@ -94,6 +128,7 @@ grpc::ServerUnaryReactor* KvPoolService::Delete(grpc::CallbackServerContext* con
                                                 const v1::DeleteRequest* request,
                                                 v1::DeleteResponse* response) {
   const absl::Time start = absl::Now();
+  CallStarted();
   auto run = [&]() -> absl::Status {
     if (absl::Status s = ValidateNamespace(request->ns()); !s.ok()) return s;
     auto keys = ParseKeys(request->keys());
@@ -110,7 +145,7 @@ grpc::ServerUnaryReactor* KvPoolService::Delete(grpc::CallbackServerContext* con
   };
   const grpc::Status status = ToGrpcStatus(run());
   Observe("Delete", start, status);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto* reactor = new UnaryReactor(this);
   reactor->Finish(status);
   return reactor;
 }
@@ -119,6 +154,7 @@ grpc::ServerUnaryReactor* KvPoolService::Stats(grpc::CallbackServerContext* cont
                                                const v1::StatsRequest* request,
                                                v1::StatsResponse* response) {
   const absl::Time start = absl::Now();
+  CallStarted();
   const BlockStore::Stats s = store_->GetStats();
   response->set_blocks(s.blocks);
   response->set_logical_bytes(s.logical_bytes);
@@ -130,7 +166,7 @@ grpc::ServerUnaryReactor* KvPoolService::Stats(grpc::CallbackServerContext* cont
   response->set_namespaces(s.namespaces);
   response->set_version(KVPOOL_VERSION);
   Observe("Stats", start, grpc::Status::OK);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto* reactor = new UnaryReactor(this);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/block_key.h"
 #include "kvpool/v1/kvpool.grpc.pb.h"
@@ -65,10 +66,19 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   // Records one finished request (counter by code + latency).
   void Observe(absl::string_view method, absl::Time start, const grpc::Status& status) const;
 
+  // In-flight accounting for draining: every call is counted from its handler's start until its
+  // reactor's OnDone (after the status reached gRPC's wire). Thread-safe.
+  void CallStarted();
+  void CallDone();
+  // Blocks until no call is in flight or `deadline` passes; true when idle.
+  bool WaitUntilIdle(absl::Time deadline);
+
  private:
   const ServiceOptions options_;
   BlockStore* const store_;
   Metrics* const metrics_;
+  absl::Mutex inflight_mu_;
+  int inflight_ ABSL_GUARDED_BY(inflight_mu_) = 0;
   std::atomic<uint64_t> lookup_hits_{0};
   std::atomic<uint64_t> lookup_misses_{0};
 };

@@ -17,6 +17,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
  public:
   PutReactor(KvPoolService* service, v1::PutResponse* response)
       : service_(service), response_(response), start_(absl::Now()) {
+    service_->CallStarted();
     StartRead(&request_);
   }
 
@@ -34,6 +35,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
 
   void OnDone() override {
     service_->Observe("Put", start_, final_status_);
+    service_->CallDone();
     delete this;
   }
 

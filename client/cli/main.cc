@@ -1,0 +1,90 @@
+// kvpool: the command-line client.
+//
+//   kvpool [--server HOST:PORT] put    --model M --tokens-per-block N --token-ids IDS.npy --in KV.npy
+//   kvpool [--server HOST:PORT] lookup --model M --tokens-per-block N --token-ids IDS.npy [--json]
+//   kvpool [--server HOST:PORT] get    --model M --tokens-per-block N --token-ids IDS.npy --out KV.npy
+//   kvpool [--server HOST:PORT] delete --model M --tokens-per-block N --token-ids IDS.npy
+//   kvpool [--server HOST:PORT] stats  [--json]
+//   kvpool gen  --out KV.npy [--token-ids IDS.npy] [--layers L --kv-heads H --head-dim D
+//               --tokens T --dtype fp16|bf16 --seed S]
+//   kvpool [--server HOST:PORT] demo [--requests R --shared-blocks S --unique-blocks U]
+//
+// Exit 0 on success; 1 with a one-line reason on failure; 2 on a usage error.
+#include <iostream>
+#include <map>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "client/cli/commands.h"
+#include "common/flag_names.h"
+
+ABSL_FLAG(std::string, server, "127.0.0.1:7470", "kvpoold gRPC address HOST:PORT");
+ABSL_FLAG(double, deadline, 60, "seconds each request may take");
+ABSL_FLAG(std::string, model, "", "model id (the namespace with --tokens-per-block)");
+ABSL_FLAG(uint32_t, tokens_per_block, 0, "tokens per block");
+ABSL_FLAG(std::string, token_ids, "", "token ids .npy (int32/int64); gen writes it");
+ABSL_FLAG(std::string, in, "", "input KV .npy [layers][2][tokens][kv_heads][head_dim]");
+ABSL_FLAG(std::string, out, "", "output .npy");
+ABSL_FLAG(std::string, codec, "raw", "how the daemon stores the blocks (raw)");
+ABSL_FLAG(std::string, extra_key, "", "extra key bytes mixed into every block key (LoRA, tenant)");
+ABSL_FLAG(bool, json, false, "print JSON");
+ABSL_FLAG(uint32_t, layers, 4, "gen: layers");
+ABSL_FLAG(uint32_t, kv_heads, 2, "gen: KV heads");
+ABSL_FLAG(uint32_t, head_dim, 64, "gen: head dim");
+ABSL_FLAG(uint64_t, tokens, 256, "gen: tokens");
+ABSL_FLAG(std::string, dtype, "fp16", "gen: fp16 | bf16");
+ABSL_FLAG(uint64_t, seed, 1, "gen/demo: random seed");
+ABSL_FLAG(uint32_t, vocab, 32000, "gen: token ids are drawn from [0, vocab)");
+ABSL_FLAG(uint32_t, requests, 24, "demo: requests");
+ABSL_FLAG(uint32_t, shared_blocks, 8, "demo: blocks of the shared system prompt");
+ABSL_FLAG(uint32_t, unique_blocks, 4, "demo: blocks of each request's own text");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "kvpool client. Subcommands: put, lookup, get, delete, stats, gen, demo. "
+      "See --helpfull for flags.");
+  std::vector<std::string> args = kvpool::NormalizeFlagNames(argc, argv);
+  std::vector<char*> arg_ptrs = kvpool::ArgvPointers(args);
+  std::vector<char*> positional =
+      absl::ParseCommandLine(static_cast<int>(args.size()), arg_ptrs.data());
+  using Command = absl::Status (*)(const kvpool::cli::CliOptions&);
+  const std::map<std::string, Command> commands = {
+      {"put", kvpool::cli::RunPut},     {"lookup", kvpool::cli::RunLookup},
+      {"get", kvpool::cli::RunGet},     {"delete", kvpool::cli::RunDelete},
+      {"stats", kvpool::cli::RunStats}, {"gen", kvpool::cli::RunGen},
+      {"demo", kvpool::cli::RunDemo}};
+  if (positional.size() != 2 || commands.count(positional[1]) == 0) {
+    std::cerr << "kvpool: expected one subcommand: put, lookup, get, delete, stats, gen, demo\n";
+    return 2;
+  }
+  kvpool::cli::CliOptions o;
+  o.server = absl::GetFlag(FLAGS_server);
+  o.deadline = absl::Seconds(absl::GetFlag(FLAGS_deadline));
+  o.model = absl::GetFlag(FLAGS_model);
+  o.tokens_per_block = absl::GetFlag(FLAGS_tokens_per_block);
+  o.token_ids = absl::GetFlag(FLAGS_token_ids);
+  o.in = absl::GetFlag(FLAGS_in);
+  o.out = absl::GetFlag(FLAGS_out);
+  o.codec = absl::GetFlag(FLAGS_codec);
+  o.extra_key = absl::GetFlag(FLAGS_extra_key);
+  o.json = absl::GetFlag(FLAGS_json);
+  o.layers = absl::GetFlag(FLAGS_layers);
+  o.kv_heads = absl::GetFlag(FLAGS_kv_heads);
+  o.head_dim = absl::GetFlag(FLAGS_head_dim);
+  o.tokens = absl::GetFlag(FLAGS_tokens);
+  o.dtype = absl::GetFlag(FLAGS_dtype);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  o.vocab = absl::GetFlag(FLAGS_vocab);
+  o.requests = absl::GetFlag(FLAGS_requests);
+  o.shared_blocks = absl::GetFlag(FLAGS_shared_blocks);
+  o.unique_blocks = absl::GetFlag(FLAGS_unique_blocks);
+  const std::string command = positional[1];
+  if (absl::Status s = commands.at(command)(o); !s.ok()) {
+    std::cerr << "kvpool " << command << ": " << s.message() << "\n";
+    return 1;
+  }
+  return 0;
+}
