@@ -1,6 +1,7 @@
 #include "common/byte_size.h"
 
 #include <cmath>
+#include <cstdint>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -41,6 +42,15 @@ absl::StatusOr<uint64_t> ParseByteSize(absl::string_view text) {
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("bad byte size unit '", unit, "' in '", text, "' (use B, KiB, MiB, GiB, ...)"));
+  }
+  uint64_t integer;
+  if (number.find('.') == absl::string_view::npos && absl::SimpleAtoi(number, &integer)) {
+    // Exact integer arithmetic; every multiplier is an integer.
+    const uint64_t m = static_cast<uint64_t>(mult);
+    if (integer != 0 && m > UINT64_MAX / integer) {
+      return absl::InvalidArgumentError(absl::StrCat("byte size '", text, "' overflows"));
+    }
+    return integer * m;
   }
   const double bytes = std::round(value * mult);
   if (bytes >= 1.8e19) return absl::InvalidArgumentError(absl::StrCat("byte size '", text, "' overflows"));

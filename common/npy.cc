@@ -136,11 +136,18 @@ absl::StatusOr<NpyArray> ParseNpy(absl::string_view file) {
     }
     array.shape.push_back(d);
   }
-  const uint64_t elements = array.NumElements();
-  const uint64_t expected = elements * NpyTypeSize(array.type);
-  if (array.shape.size() > 0 && elements != 0 && expected / elements != NpyTypeSize(array.type)) {
-    return absl::InvalidArgumentError(".npy shape overflows");
+  // Count elements and bytes without wrapping: anything past 2^62 bytes cannot be a real file.
+  uint64_t elements = 1;
+  for (uint64_t d : array.shape) {
+    if (d != 0 && elements > (uint64_t{1} << 62) / d) {
+      return absl::InvalidArgumentError(absl::StrCat("bad .npy shape '(", *shape, ")': too large"));
+    }
+    elements *= d;
   }
+  if (elements > (uint64_t{1} << 62) / NpyTypeSize(array.type)) {
+    return absl::InvalidArgumentError(absl::StrCat("bad .npy shape '(", *shape, ")': too large"));
+  }
+  const uint64_t expected = elements * NpyTypeSize(array.type);
   absl::string_view payload = file.substr(header_start + header_len);
   if (payload.size() != expected) {
     return absl::InvalidArgumentError(absl::StrCat(".npy payload is ", payload.size(),
@@ -199,7 +206,15 @@ absl::Status WriteNpy(const std::string& path, const NpyArray& array) {
 }
 
 absl::StatusOr<std::vector<uint32_t>> NpyToTokenIds(const NpyArray& array) {
+  if (array.type != NpyType::kInt32 && array.type != NpyType::kUint32 &&
+      array.type != NpyType::kInt64) {
+    return absl::InvalidArgumentError(absl::StrCat("token ids must be int32, uint32 or int64, got ",
+                                                   NpyTypeName(array.type)));
+  }
   const uint64_t n = array.NumElements();
+  if (array.data.size() != n * NpyTypeSize(array.type)) {
+    return absl::InvalidArgumentError("token id array data does not match its shape");
+  }
   std::vector<uint32_t> ids(n);
   const char* p = array.data.data();
   for (uint64_t i = 0; i < n; ++i) {

@@ -134,6 +134,8 @@ absl::Status WaitForFile(const std::string& path, absl::Duration timeout, Subpro
     struct stat st;
     if (::stat(path.c_str(), &st) == 0 && st.st_size > 0) return absl::OkStatus();
     if (alive != nullptr && !alive->Running()) {
+      // It may have written the file just before exiting: look once more.
+      if (::stat(path.c_str(), &st) == 0 && st.st_size > 0) return absl::OkStatus();
       return absl::UnavailableError(absl::StrCat("process exited before writing ", path));
     }
     if (absl::Now() >= deadline) {

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/byte_size.h"
 #include "common/npy.h"
+#include "common/status_macros.h"
 #include "common/status_util.h"
 
 namespace kvpool::server {
@@ -25,60 +26,85 @@ limits:
   chunk_bytes: 1MiB             # data bytes per Get stream message
 )";
 
+// `where` names the map ("" for the top level, "limits" below it).
 absl::Status CheckKeys(const YAML::Node& node, absl::string_view where,
                        const std::set<std::string>& allowed) {
-  if (!node.IsMap()) return absl::InvalidArgumentError(absl::StrCat(where, " must be a map"));
+  if (!node.IsMap()) {
+    return absl::InvalidArgumentError(
+        where.empty() ? std::string("config must be a map of keys to values")
+                      : absl::StrCat("config key '", where, "' must be a map"));
+  }
   for (const auto& kv : node) {
-    const std::string key = kv.first.as<std::string>();
+    const std::string key = kv.first.Scalar();
     if (!allowed.count(key)) {
-      return absl::InvalidArgumentError(absl::StrCat("unknown config key '", where, key, "'"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unknown config key '", where.empty() ? "" : absl::StrCat(where, "."), key, "'"));
     }
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<uint64_t> SizeValue(const YAML::Node& node, absl::string_view name) {
-  auto v = ParseByteSize(node.as<std::string>());
+// The scalar at `node` as T; InvalidArgument naming `name` when it is not one.
+template <typename T>
+absl::StatusOr<T> Scalar(const YAML::Node& node, absl::string_view name) {
+  if (!node.IsScalar()) {
+    return absl::InvalidArgumentError(absl::StrCat("config key '", name, "' must be a scalar"));
+  }
+  try {
+    return node.as<T>();
+  } catch (const YAML::Exception&) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config key '", name, "' has a bad value '", node.Scalar(), "'"));
+  }
+}
+
+absl::Status SetString(const YAML::Node& node, absl::string_view name, std::string* out) {
+  if (!node) return absl::OkStatus();
+  if (node.IsNull()) {
+    out->clear();
+    return absl::OkStatus();
+  }
+  auto v = Scalar<std::string>(node, name);
+  if (!v.ok()) return v.status();
+  *out = *v;
+  return absl::OkStatus();
+}
+
+absl::Status SetSize(const YAML::Node& node, absl::string_view name, uint64_t* out) {
+  if (!node) return absl::OkStatus();
+  auto text = Scalar<std::string>(node, name);
+  if (!text.ok()) return text.status();
+  auto v = ParseByteSize(*text);
   if (!v.ok()) return absl::InvalidArgumentError(absl::StrCat(name, ": ", v.status().message()));
-  return *v;
+  *out = *v;
+  return absl::OkStatus();
 }
 
 absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
   if (root.IsNull()) return absl::OkStatus();
-  if (absl::Status s = CheckKeys(root, "", {"listen", "metrics_listen", "host_memory", "data_dir",
-                                            "log_level", "limits"});
-      !s.ok()) {
-    return s;
-  }
+  KVPOOL_RETURN_IF_ERROR(CheckKeys(
+      root, "", {"listen", "metrics_listen", "host_memory", "data_dir", "log_level", "limits"}));
   DaemonOptions o = *out;
-  if (root["listen"]) o.listen = root["listen"].as<std::string>();
-  if (root["metrics_listen"]) {
-    o.metrics_listen = root["metrics_listen"].IsNull() ? "" : root["metrics_listen"].as<std::string>();
-  }
-  if (root["host_memory"]) {
-    auto v = SizeValue(root["host_memory"], "host_memory");
-    if (!v.ok()) return v.status();
-    o.host_memory = *v;
-  }
-  if (root["data_dir"]) o.data_dir = root["data_dir"].as<std::string>();
-  if (root["log_level"]) o.log_level = root["log_level"].as<std::string>();
+  KVPOOL_RETURN_IF_ERROR(SetString(root["listen"], "listen", &o.listen));
+  KVPOOL_RETURN_IF_ERROR(SetString(root["metrics_listen"], "metrics_listen", &o.metrics_listen));
+  KVPOOL_RETURN_IF_ERROR(SetSize(root["host_memory"], "host_memory", &o.host_memory));
+  KVPOOL_RETURN_IF_ERROR(SetString(root["data_dir"], "data_dir", &o.data_dir));
+  KVPOOL_RETURN_IF_ERROR(SetString(root["log_level"], "log_level", &o.log_level));
   if (const YAML::Node limits = root["limits"]) {
-    if (absl::Status s = CheckKeys(limits, "limits.", {"max_keys_per_request", "max_request_bytes",
-                                                       "max_message_bytes", "chunk_bytes"});
-        !s.ok()) {
-      return s;
-    }
+    KVPOOL_RETURN_IF_ERROR(CheckKeys(limits, "limits",
+                                     {"max_keys_per_request", "max_request_bytes",
+                                      "max_message_bytes", "chunk_bytes"}));
     if (limits["max_keys_per_request"]) {
-      o.service.max_keys_per_request = limits["max_keys_per_request"].as<uint32_t>();
+      KVPOOL_ASSIGN_OR_RETURN(
+          o.service.max_keys_per_request,
+          Scalar<uint32_t>(limits["max_keys_per_request"], "limits.max_keys_per_request"));
     }
-    for (auto [name, field] : {std::pair{"max_request_bytes", &o.service.max_request_bytes},
-                               std::pair{"max_message_bytes", &o.max_message_bytes},
-                               std::pair{"chunk_bytes", &o.service.chunk_bytes}}) {
-      if (!limits[name]) continue;
-      auto v = SizeValue(limits[name], absl::StrCat("limits.", name));
-      if (!v.ok()) return v.status();
-      *field = *v;
-    }
+    KVPOOL_RETURN_IF_ERROR(SetSize(limits["max_request_bytes"], "limits.max_request_bytes",
+                                   &o.service.max_request_bytes));
+    KVPOOL_RETURN_IF_ERROR(SetSize(limits["max_message_bytes"], "limits.max_message_bytes",
+                                   &o.max_message_bytes));
+    KVPOOL_RETURN_IF_ERROR(
+        SetSize(limits["chunk_bytes"], "limits.chunk_bytes", &o.service.chunk_bytes));
   }
   *out = std::move(o);
   return absl::OkStatus();

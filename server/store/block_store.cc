@@ -86,20 +86,29 @@ absl::StatusOr<BlockStore::InsertResult> BlockStore::Insert(NamespaceId ns,
   }
   InsertResult result;
   absl::MutexLock lock(&mu_);
-  // Bytes the new keys need (keys already present, or repeated in this batch, need nothing).
+  // Bytes the new keys need, and bytes of this batch's keys that are already stored (those stay:
+  // eviction must not take them). Keys repeated in the batch count once.
   uint64_t incoming = 0;
+  uint64_t kept = 0;
   absl::flat_hash_map<IndexKey, bool> batch;
   for (size_t i = 0; i < keys.size(); ++i) {
     IndexKey k{ns, keys[i]};
-    if (index_.contains(k) || !batch.emplace(k, true).second) continue;
-    incoming += blocks[i]->size();
+    if (!batch.emplace(k, true).second) continue;
+    auto it = index_.find(k);
+    if (it != index_.end()) {
+      kept += it->second.block->size();
+    } else {
+      incoming += blocks[i]->size();
+    }
   }
-  if (incoming > options_.capacity_bytes) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("put of ", incoming, " bytes exceeds the host tier capacity of ",
-                     options_.capacity_bytes, " bytes"));
+  if (kept + incoming > options_.capacity_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "put of ", incoming, " new bytes (plus ", kept,
+        " bytes of its blocks already stored) exceeds the host tier capacity of ",
+        options_.capacity_bytes, " bytes"));
   }
-  // Refresh keys that are already present so eviction below does not take them.
+  // Refresh the batch's stored keys to most recently used; eviction from the LRU end then stops
+  // before reaching them, because kept + incoming fits.
   for (size_t i = 0; i < keys.size(); ++i) {
     auto it = index_.find(IndexKey{ns, keys[i]});
     if (it != index_.end()) lru_.splice(lru_.begin(), lru_, it->second.lru_pos);

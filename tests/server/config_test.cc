@@ -1,0 +1,286 @@
+// Tests for server/config.h: the embedded defaults, overrides, and rejection of bad documents
+// with nothing applied.
+#include "server/config.h"
+
+#include <stdlib.h>
+
+#include <filesystem>
+#include <string>
+
+#include "common/npy.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/util/status_matchers.h"
+
+namespace kvpool::server {
+namespace {
+
+using ::kvpool::testing::IsOk;
+using ::kvpool::testing::StatusIs;
+using ::testing::HasSubstr;
+
+constexpr uint64_t kKiB = 1024;
+constexpr uint64_t kMiB = 1024 * kKiB;
+constexpr uint64_t kGiB = 1024 * kMiB;
+
+// Options with every field away from its default, to see what a document changes.
+DaemonOptions Sentinel() {
+  DaemonOptions o;
+  o.listen = "sentinel:1";
+  o.metrics_listen = "sentinel:2";
+  o.host_memory = 12345;
+  o.data_dir = "/sentinel";
+  o.log_level = "error";
+  o.max_message_bytes = 777;
+  o.service.max_keys_per_request = 3;
+  o.service.max_request_bytes = 888;
+  o.service.chunk_bytes = 999;
+  return o;
+}
+
+void ExpectSame(const DaemonOptions& a, const DaemonOptions& b) {
+  EXPECT_EQ(a.listen, b.listen);
+  EXPECT_EQ(a.metrics_listen, b.metrics_listen);
+  EXPECT_EQ(a.host_memory, b.host_memory);
+  EXPECT_EQ(a.data_dir, b.data_dir);
+  EXPECT_EQ(a.log_level, b.log_level);
+  EXPECT_EQ(a.max_message_bytes, b.max_message_bytes);
+  EXPECT_EQ(a.service.max_keys_per_request, b.service.max_keys_per_request);
+  EXPECT_EQ(a.service.max_request_bytes, b.service.max_request_bytes);
+  EXPECT_EQ(a.service.chunk_bytes, b.service.chunk_bytes);
+}
+
+TEST(ConfigTest, StructDefaultsAreTheDocumentedOnes) {
+  const DaemonOptions o;
+  EXPECT_EQ(o.listen, "127.0.0.1:7470");
+  EXPECT_EQ(o.metrics_listen, "127.0.0.1:7471");
+  EXPECT_EQ(o.host_memory, 1 * kGiB);
+  EXPECT_EQ(o.data_dir, "kvpool-data");
+  EXPECT_EQ(o.log_level, "info");
+  EXPECT_EQ(o.max_message_bytes, 8 * kMiB);
+  EXPECT_EQ(o.service.max_keys_per_request, 4096u);
+  EXPECT_EQ(o.service.max_request_bytes, 1 * kGiB);
+  EXPECT_EQ(o.service.chunk_bytes, 1 * kMiB);
+}
+
+TEST(ConfigTest, DefaultYamlAppliesCleanlyAndSetsEveryDefault) {
+  DaemonOptions o = Sentinel();
+  ASSERT_THAT(ApplyConfigYaml(DefaultConfigYaml(), &o), IsOk());
+  ExpectSame(o, DaemonOptions());
+}
+
+TEST(ConfigTest, DefaultYamlMentionsEveryKey) {
+  const std::string yaml(DefaultConfigYaml());
+  for (const char* key :
+       {"listen:", "metrics_listen:", "host_memory:", "data_dir:", "log_level:", "limits:",
+        "max_keys_per_request:", "max_request_bytes:", "max_message_bytes:", "chunk_bytes:"}) {
+    EXPECT_THAT(yaml, HasSubstr(key));
+  }
+}
+
+TEST(ConfigTest, OverridesEveryField) {
+  DaemonOptions o;
+  ASSERT_THAT(ApplyConfigYaml(R"(
+listen: 0.0.0.0:0
+metrics_listen: "[::1]:9100"
+host_memory: 4GiB
+data_dir: /var/lib/kvpool
+log_level: debug
+limits:
+  max_keys_per_request: 100
+  max_request_bytes: 64MiB
+  max_message_bytes: 16MiB
+  chunk_bytes: 256KiB
+)",
+                              &o),
+              IsOk());
+  EXPECT_EQ(o.listen, "0.0.0.0:0");
+  EXPECT_EQ(o.metrics_listen, "[::1]:9100");
+  EXPECT_EQ(o.host_memory, 4 * kGiB);
+  EXPECT_EQ(o.data_dir, "/var/lib/kvpool");
+  EXPECT_EQ(o.log_level, "debug");
+  EXPECT_EQ(o.service.max_keys_per_request, 100u);
+  EXPECT_EQ(o.service.max_request_bytes, 64 * kMiB);
+  EXPECT_EQ(o.max_message_bytes, 16 * kMiB);
+  EXPECT_EQ(o.service.chunk_bytes, 256 * kKiB);
+}
+
+TEST(ConfigTest, PartialDocumentChangesOnlyItsKeys) {
+  DaemonOptions o = Sentinel();
+  ASSERT_THAT(ApplyConfigYaml("host_memory: 512MiB\nlimits:\n  chunk_bytes: 64KiB\n", &o), IsOk());
+  DaemonOptions want = Sentinel();
+  want.host_memory = 512 * kMiB;
+  want.service.chunk_bytes = 64 * kKiB;
+  ExpectSame(o, want);
+}
+
+TEST(ConfigTest, SizesAcceptPlainNumbersAndDecimalUnits) {
+  DaemonOptions o;
+  ASSERT_THAT(ApplyConfigYaml("host_memory: 65536\nlimits:\n  max_request_bytes: 1.5GB\n", &o),
+              IsOk());
+  EXPECT_EQ(o.host_memory, 65536u);
+  EXPECT_EQ(o.service.max_request_bytes, 1500000000u);
+}
+
+TEST(ConfigTest, EmptyMetricsListenDisablesMetrics) {
+  for (const char* yaml : {"metrics_listen: \"\"", "metrics_listen:", "metrics_listen: ~"}) {
+    DaemonOptions o;
+    ASSERT_THAT(ApplyConfigYaml(yaml, &o), IsOk()) << yaml;
+    EXPECT_EQ(o.metrics_listen, "") << yaml;
+  }
+}
+
+TEST(ConfigTest, EmptyAndCommentOnlyDocumentsChangeNothing) {
+  for (const char* yaml : {"", "# just a comment\n", "\n\n"}) {
+    DaemonOptions o = Sentinel();
+    ASSERT_THAT(ApplyConfigYaml(yaml, &o), IsOk()) << "'" << yaml << "'";
+    ExpectSame(o, Sentinel());
+  }
+}
+
+TEST(ConfigTest, UnknownTopLevelKeyIsNamed) {
+  DaemonOptions o = Sentinel();
+  EXPECT_THAT(ApplyConfigYaml("listen: 1.2.3.4:5\nhostmemory: 4GiB\n", &o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'hostmemory'")));
+  ExpectSame(o, Sentinel());
+}
+
+TEST(ConfigTest, UnknownKeyUnderLimitsIsNamed) {
+  DaemonOptions o = Sentinel();
+  EXPECT_THAT(ApplyConfigYaml("listen: 1.2.3.4:5\nlimits:\n  chunk_size: 1MiB\n", &o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'limits.chunk_size'")));
+  ExpectSame(o, Sentinel());
+}
+
+TEST(ConfigTest, LimitsKeysAreNotTopLevelKeys) {
+  DaemonOptions o = Sentinel();
+  EXPECT_THAT(ApplyConfigYaml("chunk_bytes: 1MiB\n", &o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'chunk_bytes'")));
+  ExpectSame(o, Sentinel());
+}
+
+TEST(ConfigTest, BadSizeIsNamedAndNothingApplied) {
+  struct Case {
+    const char* yaml;
+    const char* key;
+  };
+  for (const Case& c : {
+           Case{"listen: 1.2.3.4:5\nhost_memory: lots\n", "host_memory"},
+           Case{"host_memory: -1GiB\n", "host_memory"},
+           Case{"host_memory: 4XB\n", "host_memory"},
+           Case{"host_memory: \"\"\n", "host_memory"},
+           Case{"limits:\n  chunk_bytes: 64KiB\n  max_request_bytes: 1QB\n",
+                "limits.max_request_bytes"},
+           Case{"limits:\n  max_message_bytes: big\n", "limits.max_message_bytes"},
+           Case{"limits:\n  chunk_bytes: 99999999999TB\n", "limits.chunk_bytes"},
+       }) {
+    DaemonOptions o = Sentinel();
+    EXPECT_THAT(ApplyConfigYaml(c.yaml, &o),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.key)))
+        << c.yaml;
+    ExpectSame(o, Sentinel());
+  }
+}
+
+TEST(ConfigTest, MalformedYamlIsInvalidArgumentAndNothingApplied) {
+  for (const char* yaml : {
+           "listen: [unclosed\n",
+           "{listen: 1.2.3.4:5\n",
+           "listen: 1.2.3.4:5\n  host_memory: 1GiB\n",  // Bad indentation.
+           "listen: a\nlisten: b: c\n",
+           "\t- tab\n",
+       }) {
+    DaemonOptions o = Sentinel();
+    EXPECT_THAT(ApplyConfigYaml(yaml, &o), StatusIs(absl::StatusCode::kInvalidArgument)) << yaml;
+    ExpectSame(o, Sentinel());
+  }
+}
+
+TEST(ConfigTest, NonMapDocumentsAreInvalidArgument) {
+  for (const char* yaml : {"just a string\n", "- a\n- b\n", "42\n"}) {
+    DaemonOptions o = Sentinel();
+    EXPECT_THAT(ApplyConfigYaml(yaml, &o), StatusIs(absl::StatusCode::kInvalidArgument)) << yaml;
+    ExpectSame(o, Sentinel());
+  }
+  DaemonOptions o = Sentinel();
+  EXPECT_THAT(ApplyConfigYaml("limits: 5\n", &o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("limits")));
+  ExpectSame(o, Sentinel());
+}
+
+TEST(ConfigTest, WrongTypesAreInvalidArgumentAndNothingApplied) {
+  for (const char* yaml : {
+           "listen: 1.2.3.4:5\nlimits:\n  max_keys_per_request: lots\n",
+           "limits:\n  max_keys_per_request: -1\n",
+           "limits:\n  max_keys_per_request: 4294967296\n",
+           "listen: [a, b]\n",
+           "host_memory: {a: 1}\n",
+           "data_dir:\n  - x\n",
+       }) {
+    DaemonOptions o = Sentinel();
+    EXPECT_THAT(ApplyConfigYaml(yaml, &o), StatusIs(absl::StatusCode::kInvalidArgument)) << yaml;
+    ExpectSame(o, Sentinel());
+  }
+}
+
+// Regression: a value of the wrong type names its key (it used to surface as yaml-cpp's bare
+// "bad conversion").
+TEST(ConfigTest, WrongTypesNameTheKey) {
+  struct Case {
+    const char* yaml;
+    const char* key;
+  };
+  for (const Case& c : {
+           Case{"listen: 1.2.3.4:5\nlimits:\n  max_keys_per_request: lots\n",
+                "max_keys_per_request"},
+           Case{"limits:\n  max_keys_per_request: -1\n", "max_keys_per_request"},
+           Case{"listen: [a, b]\n", "listen"},
+           Case{"host_memory: {a: 1}\n", "host_memory"},
+           Case{"data_dir:\n  - x\n", "data_dir"},
+           Case{"limits:\n  chunk_bytes: [1]\n", "chunk_bytes"},
+       }) {
+    DaemonOptions o;
+    EXPECT_THAT(ApplyConfigYaml(c.yaml, &o),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.key)))
+        << c.yaml;
+  }
+}
+
+class ConfigFileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = ::testing::TempDir() + "/config_test.XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_;
+};
+
+TEST_F(ConfigFileTest, AppliesAFile) {
+  const std::string path = dir_ + "/kvpoold.yaml";
+  ASSERT_THAT(WriteStringToFile(path, "host_memory: 2GiB\nlog_level: warning\n"), IsOk());
+  DaemonOptions o;
+  ASSERT_THAT(ApplyConfigFile(path, &o), IsOk());
+  EXPECT_EQ(o.host_memory, 2 * kGiB);
+  EXPECT_EQ(o.log_level, "warning");
+}
+
+TEST_F(ConfigFileTest, MissingFileIsNotFound) {
+  DaemonOptions o = Sentinel();
+  EXPECT_THAT(ApplyConfigFile(dir_ + "/missing.yaml", &o), StatusIs(absl::StatusCode::kNotFound));
+  ExpectSame(o, Sentinel());
+}
+
+TEST_F(ConfigFileTest, ErrorsNameTheFile) {
+  const std::string path = dir_ + "/bad.yaml";
+  ASSERT_THAT(WriteStringToFile(path, "colour: blue\n"), IsOk());
+  DaemonOptions o = Sentinel();
+  EXPECT_THAT(ApplyConfigFile(path, &o),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       ::testing::AllOf(HasSubstr(path), HasSubstr("'colour'"))));
+  ExpectSame(o, Sentinel());
+}
+
+}  // namespace
+}  // namespace kvpool::server
