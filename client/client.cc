@@ -162,7 +162,11 @@ absl::StatusOr<GetResult> Client::Get(const Namespace& ns, absl::Span<const Bloc
       prefix_open = prefix_open && f;
       total.hit_prefix_blocks += prefix_open;
     }
-    total.data += r->data;
+    if (total.data.empty()) {
+      total.data = std::move(r->data);
+    } else {
+      total.data += r->data;
+    }
     if (keys.empty()) break;
   }
   return total;

@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <iostream>
+#include <algorithm>
 #include <random>
 
 #include "absl/strings/str_format.h"
@@ -95,6 +96,8 @@ absl::Status RunDemo(const CliOptions& o) {
       }
     }
     got_bytes += got.data.size();
+    const uint32_t every = std::max<uint32_t>(1, o.requests / 4);
+    if (!tty && (r + 1) % every != 0 && r + 1 != o.requests) continue;
     std::cout << absl::StrFormat("%s  request %d/%d: prefix hit %d/%d blocks", tty ? "\r" : "", r + 1, o.requests,
                                  hit.hit_prefix_blocks, keys.size())
               << (tty ? "" : "\n") << std::flush;

@@ -1,0 +1,46 @@
+// kvpool-bench: benchmarks that print each figure beside its anchor measured in the same run.
+//
+//   kvpool-bench transfer [--server HOST:PORT] [--redis HOST:PORT] [--blocks N] [--batch B]
+//                         [--rounds R] [--json]
+//
+// Without --server/--redis it starts kvpoold (from its own folder) and redis-server on
+// loopback, and stops them afterwards.
+#include <iostream>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "bench/transfer_bench.h"
+#include "common/flag_names.h"
+
+ABSL_FLAG(std::string, server, "", "existing kvpoold HOST:PORT (default: start one)");
+ABSL_FLAG(std::string, redis, "", "existing Redis HOST:PORT (default: start redis-server)");
+ABSL_FLAG(uint32_t, blocks, 64, "2 MiB blocks per round");
+ABSL_FLAG(uint32_t, batch, 16, "blocks per batched call");
+ABSL_FLAG(uint32_t, rounds, 3, "rounds (median reported)");
+ABSL_FLAG(bool, json, false, "print JSON");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("kvpool benchmarks. Subcommands: transfer");
+  std::vector<std::string> args = kvpool::NormalizeFlagNames(argc, argv);
+  std::vector<char*> ptrs = kvpool::ArgvPointers(args);
+  std::vector<char*> positional = absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
+  const std::string command = positional.size() > 1 ? positional[1] : "transfer";
+  if (command != "transfer" || positional.size() > 2) {
+    std::cerr << "kvpool-bench: expected one subcommand: transfer\n";
+    return 2;
+  }
+  kvpool::bench::TransferOptions o;
+  o.server = absl::GetFlag(FLAGS_server);
+  o.redis = absl::GetFlag(FLAGS_redis);
+  o.blocks = absl::GetFlag(FLAGS_blocks);
+  o.batch = absl::GetFlag(FLAGS_batch);
+  o.rounds = absl::GetFlag(FLAGS_rounds);
+  o.json = absl::GetFlag(FLAGS_json);
+  if (absl::Status s = kvpool::bench::RunTransfer(o); !s.ok()) {
+    std::cerr << "kvpool-bench " << command << ": " << s.message() << "\n";
+    return 1;
+  }
+  return 0;
+}
