@@ -10,30 +10,15 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/net.h"
 #include "common/status_util.h"
 
 namespace kvpool::bench {
 
 absl::StatusOr<std::unique_ptr<RedisClient>> RedisClient::Connect(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  int port = 0;
-  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port)) {
-    return absl::InvalidArgumentError(absl::StrCat("bad Redis address ", address));
-  }
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return FromErrno(errno, "socket");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  ::inet_pton(AF_INET, address.substr(0, colon).c_str(), &addr.sin_addr);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return absl::UnavailableError(absl::StrCat("Redis at ", address, ": ", std::strerror(err)));
-  }
-  int one = 1;
-  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  return std::unique_ptr<RedisClient>(new RedisClient(fd));
+  auto fd = ConnectTcp(address);
+  if (!fd.ok()) return Annotate(fd.status(), "Redis");
+  return std::unique_ptr<RedisClient>(new RedisClient(*fd));
 }
 
 RedisClient::~RedisClient() { ::close(fd_); }

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/logging.h"
+#include "common/net.h"
 #include "common/status_util.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -18,18 +19,6 @@
 
 namespace kvpool::server {
 namespace {
-
-// host:port -> (host, port); InvalidArgument when there is no ':' or the port is not a number.
-absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  int port = -1;
-  if (colon == std::string::npos || colon == 0 ||
-      !absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("address '", address, "' is not HOST:PORT (port 0-65535)"));
-  }
-  return std::make_pair(address.substr(0, colon), port);
-}
 
 absl::Status MakeDirs(const std::string& path) {
   for (size_t pos = 1; pos != std::string::npos;) {
@@ -73,7 +62,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
     }
     d->exposer_->RegisterCollectable(d->metrics_->registry());
     const std::vector<int> ports = d->exposer_->GetListeningPorts();
-    d->metrics_address_ = absl::StrCat(hp->first, ":", ports.empty() ? hp->second : ports[0]);
+    d->metrics_address_ = absl::StrCat(hp->host, ":", ports.empty() ? hp->port : ports[0]);
   }
 
   d->service_ = std::make_unique<KvPoolService>(options.service, d->store_.get(),
@@ -93,7 +82,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen,
                                                " (address in use or not local?)"));
   }
-  d->grpc_address_ = absl::StrCat(grpc_hp->first, ":", bound_port);
+  d->grpc_address_ = absl::StrCat(grpc_hp->host, ":", bound_port);
   grpc::HealthCheckServiceInterface* health = d->server_->GetHealthCheckService();
   health->SetServingStatus(true);
   health->SetServingStatus(v1::KvPool::service_full_name(), true);

@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/net.h"
 #include "common/npy.h"
 #include "common/ready_file.h"
 #include "common/status_util.h"
@@ -84,21 +85,9 @@ std::string RunningDaemon::Log() const {
 }
 
 absl::StatusOr<std::string> HttpGet(const std::string& address, const std::string& path) {
-  const size_t colon = address.rfind(':');
-  int port = 0;
-  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port)) {
-    return absl::InvalidArgumentError(absl::StrCat("bad address ", address));
-  }
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  ::inet_pton(AF_INET, address.substr(0, colon).c_str(), &addr.sin_addr);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return FromErrno(err, absl::StrCat("connect ", address));
-  }
+  auto connected = ConnectTcp(address);
+  if (!connected.ok()) return connected.status();
+  const int fd = *connected;
   const std::string request =
       absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: ", address, "\r\nConnection: close\r\n\r\n");
   if (::send(fd, request.data(), request.size(), MSG_NOSIGNAL) < 0) {
