@@ -1,0 +1,137 @@
+#include "common/encoded_segment.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/checksum.h"
+
+namespace kvpool {
+namespace {
+
+template <typename T>
+void Put(std::string* out, size_t offset, T value) {
+  std::memcpy(out->data() + offset, &value, sizeof(T));
+}
+
+template <typename T>
+T Get(absl::string_view bytes, size_t offset) {
+  T value;
+  std::memcpy(&value, bytes.data() + offset, sizeof(T));
+  return value;
+}
+
+constexpr size_t kChecksumOffset = 48;
+
+uint64_t SegmentChecksum(absl::string_view header, absl::string_view payload) {
+  std::string h(header.substr(0, kSegmentHeaderBytes));
+  std::memset(h.data() + kChecksumOffset, 0, 8);
+  // Chain the two parts: checksum(header) seeds nothing in XXH3's simple API, so hash the
+  // header's digest together with the payload's.
+  const uint64_t parts[2] = {Checksum64(h.data(), h.size()),
+                             Checksum64(payload.data(), payload.size())};
+  return Checksum64(parts, sizeof(parts));
+}
+
+}  // namespace
+
+absl::StatusOr<CodecId> ParseCodecName(absl::string_view name) {
+  if (name == "raw") return CodecId::kRaw;
+  if (name == "kivi") return CodecId::kKivi;
+  if (name == "packkv") return CodecId::kPackKv;
+  if (name == "kvpool") return CodecId::kKvpool;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown codec '", name, "' (raw, kivi, packkv, kvpool)"));
+}
+
+absl::string_view CodecName(CodecId codec) {
+  switch (codec) {
+    case CodecId::kRaw:
+      return "raw";
+    case CodecId::kKivi:
+      return "kivi";
+    case CodecId::kPackKv:
+      return "packkv";
+    case CodecId::kKvpool:
+      return "kvpool";
+  }
+  return "unknown";
+}
+
+std::string SerializeSegment(const SegmentHeader& header, absl::string_view payload) {
+  std::string out(kSegmentHeaderBytes + payload.size(), '\0');
+  Put<uint32_t>(&out, 0, kSegmentMagic);
+  Put<uint8_t>(&out, 4, kSegmentVersion);
+  Put<uint8_t>(&out, 5, static_cast<uint8_t>(header.params.codec));
+  Put<uint8_t>(&out, 6, static_cast<uint8_t>(header.shape.dtype));
+  Put<uint8_t>(&out, 7, static_cast<uint8_t>(header.shape.kind));
+  Put<uint32_t>(&out, 8, header.shape.tokens);
+  Put<uint32_t>(&out, 12, header.shape.kv_heads);
+  Put<uint32_t>(&out, 16, header.shape.head_dim);
+  Put<uint8_t>(&out, 24, header.params.bits);
+  Put<uint8_t>(&out, 25, header.params.flags);
+  Put<uint16_t>(&out, 26, header.params.group);
+  Put<float>(&out, 28, header.params.budget);
+  Put<uint64_t>(&out, 32, header.params.extra);
+  Put<uint64_t>(&out, 40, payload.size());
+  std::memcpy(out.data() + kSegmentHeaderBytes, payload.data(), payload.size());
+  Put<uint64_t>(&out, kChecksumOffset, SegmentChecksum(out, payload));
+  return out;
+}
+
+absl::StatusOr<SegmentHeader> ParseSegment(absl::string_view bytes, absl::string_view* payload) {
+  if (bytes.size() < kSegmentHeaderBytes) {
+    return absl::DataLossError(
+        absl::StrCat("encoded segment is ", bytes.size(), " bytes, shorter than its header"));
+  }
+  if (Get<uint32_t>(bytes, 0) != kSegmentMagic) {
+    return absl::DataLossError("encoded segment has a bad magic");
+  }
+  SegmentHeader h;
+  h.payload_bytes = Get<uint64_t>(bytes, 40);
+  if (h.payload_bytes != bytes.size() - kSegmentHeaderBytes) {
+    return absl::DataLossError(absl::StrCat("encoded segment says ", h.payload_bytes,
+                                            " payload bytes but has ",
+                                            bytes.size() - kSegmentHeaderBytes));
+  }
+  const absl::string_view body = bytes.substr(kSegmentHeaderBytes);
+  h.checksum = Get<uint64_t>(bytes, kChecksumOffset);
+  if (SegmentChecksum(bytes, body) != h.checksum) {
+    return absl::DataLossError("encoded segment failed its checksum");
+  }
+  const uint8_t version = Get<uint8_t>(bytes, 4);
+  if (version != kSegmentVersion) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("encoded segment format version ", version, " is not supported (1)"));
+  }
+  const uint8_t codec = Get<uint8_t>(bytes, 5);
+  const uint8_t dtype = Get<uint8_t>(bytes, 6);
+  const uint8_t kind = Get<uint8_t>(bytes, 7);
+  if (codec >= kNumCodecs) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown codec id ", codec));
+  }
+  if (dtype != static_cast<uint8_t>(DType::kFp16) && dtype != static_cast<uint8_t>(DType::kBf16)) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown dtype id ", dtype));
+  }
+  if (kind > 1) return absl::InvalidArgumentError(absl::StrCat("unknown segment kind ", kind));
+  h.params.codec = static_cast<CodecId>(codec);
+  h.shape.dtype = static_cast<DType>(dtype);
+  h.shape.kind = static_cast<SegmentKind>(kind);
+  h.shape.tokens = Get<uint32_t>(bytes, 8);
+  h.shape.kv_heads = Get<uint32_t>(bytes, 12);
+  h.shape.head_dim = Get<uint32_t>(bytes, 16);
+  if (h.shape.tokens > kMaxTokensPerBlock || h.shape.kv_heads > kMaxKvHeads ||
+      h.shape.head_dim > kMaxHeadDim || h.shape.Bytes() > kMaxBlockBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "encoded segment shape [", h.shape.tokens, "][", h.shape.kv_heads, "][",
+        h.shape.head_dim, "] is outside the limits"));
+  }
+  h.params.bits = Get<uint8_t>(bytes, 24);
+  h.params.flags = Get<uint8_t>(bytes, 25);
+  h.params.group = Get<uint16_t>(bytes, 26);
+  h.params.budget = Get<float>(bytes, 28);
+  h.params.extra = Get<uint64_t>(bytes, 32);
+  *payload = body;
+  return h;
+}
+
+}  // namespace kvpool

@@ -1,0 +1,161 @@
+#include "kernels/codec.h"
+
+#include <cpuid.h>
+
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/codec_staging.h"
+#include "kernels/kivi.h"
+#include "kernels/kvpool.h"
+#include "kernels/packkv.h"
+#include "kernels/raw.h"
+
+namespace kvpool::kernels {
+namespace {
+
+#if KVPOOL_HAVE_CUDA
+#define KVPOOL_CUDA_OP(ns, fn) &ns::fn
+#else
+#define KVPOOL_CUDA_OP(ns, fn) nullptr
+#endif
+
+const CodecOps kOps[kNumCodecs] = {
+    {&raw::MaxPayloadBytes, &raw::Encode, &raw::Decode, &raw::Encode, &raw::Decode,
+     KVPOOL_CUDA_OP(raw, EncodeCuda), KVPOOL_CUDA_OP(raw, DecodeCuda)},
+    {&kivi::MaxPayloadBytes, &kivi::EncodeRef, &kivi::DecodeRef, &kivi::EncodeCpu,
+     &kivi::DecodeCpu, KVPOOL_CUDA_OP(kivi, EncodeCuda), KVPOOL_CUDA_OP(kivi, DecodeCuda)},
+    {&packkv::MaxPayloadBytes, &packkv::EncodeRef, &packkv::DecodeRef, &packkv::EncodeCpu,
+     &packkv::DecodeCpu, KVPOOL_CUDA_OP(packkv, EncodeCuda), KVPOOL_CUDA_OP(packkv, DecodeCuda)},
+    {&kvpool::MaxPayloadBytes, &kvpool::EncodeRef, &kvpool::DecodeRef, &kvpool::EncodeCpu,
+     &kvpool::DecodeCpu, KVPOOL_CUDA_OP(kvpool, EncodeCuda), KVPOOL_CUDA_OP(kvpool, DecodeCuda)},
+};
+
+}  // namespace
+
+absl::string_view PathName(Path path) {
+  switch (path) {
+    case Path::kRef:
+      return "ref";
+    case Path::kCpu:
+      return "cpu";
+    case Path::kCuda:
+      return "cuda";
+  }
+  return "?";
+}
+
+const CodecOps& GetCodecOps(CodecId codec) { return kOps[static_cast<int>(codec)]; }
+
+bool CpuHasAvx2() {
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const bool fma = c & bit_FMA, f16c = c & bit_F16C, osxsave = c & bit_OSXSAVE;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return fma && f16c && osxsave && (b & bit_AVX2);
+  }();
+  return has;
+}
+
+absl::StatusOr<CodecParams> NormalizeParams(CodecParams p) {
+  switch (p.codec) {
+    case CodecId::kRaw:
+      return CodecParams{CodecId::kRaw};
+    case CodecId::kKivi:
+      if (p.bits == 0) p.bits = 4;
+      if (p.group == 0) p.group = 32;
+      if (p.bits != 2 && p.bits != 4 && p.bits != 8) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("kivi bits must be 2, 4 or 8, got ", p.bits));
+      }
+      p.budget = 0;
+      return p;
+    case CodecId::kPackKv:
+      if (p.budget == 0) p.budget = 0.02f;
+      if (p.group == 0) p.group = 16;
+      if (p.bits == 0) p.bits = 8;
+      if (p.bits < 2 || p.bits > 16) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("packkv max bits must be in [2, 16], got ", p.bits));
+      }
+      break;
+    case CodecId::kKvpool:
+      if (p.budget == 0) p.budget = 0.05f;
+      break;
+  }
+  if (!(p.budget > 0 && p.budget < 1) || std::isnan(p.budget)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("error budget must be in (0, 1), got ", p.budget));
+  }
+  if (p.group == 0 && p.codec == CodecId::kPackKv) {
+    return absl::InvalidArgumentError("group must be positive");
+  }
+  return p;
+}
+
+absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const SegmentShape& shape,
+                                          absl::Span<const uint16_t> elements, Path path) {
+  if (elements.size() != shape.Elements()) {
+    return absl::InvalidArgumentError(absl::StrCat("segment has ", elements.size(),
+                                                   " elements, the shape needs ",
+                                                   shape.Elements()));
+  }
+  auto normalized = NormalizeParams(params);
+  if (!normalized.ok()) return normalized.status();
+  const CodecOps& ops = GetCodecOps(normalized->codec);
+  const uint64_t capacity = ops.max_payload_bytes(shape, *normalized);
+  std::string payload(capacity, '\0');
+  absl::StatusOr<uint64_t> size;
+  uint8_t* out = reinterpret_cast<uint8_t*>(payload.data());
+  switch (path) {
+    case Path::kRef:
+      size = ops.encode_ref(shape, *normalized, elements.data(), out, capacity);
+      break;
+    case Path::kCpu:
+      size = ops.encode_cpu(shape, *normalized, elements.data(), out, capacity);
+      break;
+    case Path::kCuda:
+      size = EncodeOnDevice(ops, shape, *normalized, elements.data(), out, capacity);
+      break;
+  }
+  if (!size.ok()) return size.status();
+  payload.resize(*size);
+  SegmentHeader header;
+  header.params = *normalized;
+  header.shape = shape;
+  return SerializeSegment(header, payload);
+}
+
+absl::Status DecodeSegment(absl::string_view encoded, absl::Span<uint16_t> out, Path path,
+                           const SegmentShape* expected) {
+  absl::string_view payload;
+  auto header = ParseSegment(encoded, &payload);
+  if (!header.ok()) return header.status();
+  const SegmentShape& shape = header->shape;
+  if (expected != nullptr &&
+      (shape.tokens != expected->tokens || shape.kv_heads != expected->kv_heads ||
+       shape.head_dim != expected->head_dim || shape.dtype != expected->dtype ||
+       shape.kind != expected->kind)) {
+    return absl::DataLossError("encoded segment's shape differs from the expected one");
+  }
+  if (out.size() != shape.Elements()) {
+    return absl::InvalidArgumentError(absl::StrCat("output has ", out.size(),
+                                                   " elements, the segment has ",
+                                                   shape.Elements()));
+  }
+  const CodecOps& ops = GetCodecOps(header->params.codec);
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(payload.data());
+  switch (path) {
+    case Path::kRef:
+      return ops.decode_ref(shape, header->params, p, payload.size(), out.data());
+    case Path::kCpu:
+      return ops.decode_cpu(shape, header->params, p, payload.size(), out.data());
+    case Path::kCuda:
+      return DecodeOnDevice(ops, shape, header->params, p, payload.size(), out.data());
+  }
+  return absl::InternalError("unknown path");
+}
+
+}  // namespace kvpool::kernels

@@ -1,0 +1,82 @@
+// Codecs: turn one segment ([tokens][kv_heads][head_dim] fp16/bf16 elements) into an encoded
+// segment (common/encoded_segment.h) and back. Every codec has three paths that read and write
+// the same payload format:
+//   kRef  - the CPU reference: plain loops, the definition of the format (<codec>_ref.cc);
+//   kCpu  - the fast CPU path, AVX2/F16C when the CPU has them, chosen at run time (<codec>_cpu.cc);
+//   kCuda - the CUDA kernels and their launchers (<codec>.cu), device memory in and out.
+// Decoding a payload gives the same values on every path (bit-exact). Encoders may round
+// differently in rare ties; every path's output decodes on every other path.
+//
+// Payload functions (one set per codec, in kernels/<codec>.h):
+//   MaxPayloadBytes(shape, params) - an upper bound for EncodePayload.
+//   Encode(shape, params, in, out, capacity) -> payload size; in: Elements() elements.
+//   Decode(shape, params, payload, size, out) -> OK; never reads or writes out of bounds:
+//     DataLoss for a payload inconsistent with the shape, InvalidArgument for bad params.
+// CUDA launchers take device pointers and a stream, enqueue work, never synchronise the
+// device, and write the payload size to a device uint64 (*d_size).
+//
+// Thread-safe (stateless).
+#ifndef KVPOOL_KERNELS_CODEC_H_
+#define KVPOOL_KERNELS_CODEC_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "common/encoded_segment.h"
+
+// The CUDA runtime's own declaration, so that this header needs no CUDA headers.
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+namespace kvpool::kernels {
+
+enum class Path : uint8_t { kRef = 0, kCpu = 1, kCuda = 2 };
+absl::string_view PathName(Path path);  // "ref", "cpu", "cuda"
+
+// The payload functions of one codec (host paths) and its CUDA launchers (null when the build
+// has no CUDA or the codec has no kernel).
+struct CodecOps {
+  uint64_t (*max_payload_bytes)(const SegmentShape&, const CodecParams&);
+  absl::StatusOr<uint64_t> (*encode_ref)(const SegmentShape&, const CodecParams&, const uint16_t* in,
+                                         uint8_t* out, uint64_t capacity);
+  absl::Status (*decode_ref)(const SegmentShape&, const CodecParams&, const uint8_t* payload,
+                             uint64_t size, uint16_t* out);
+  absl::StatusOr<uint64_t> (*encode_cpu)(const SegmentShape&, const CodecParams&, const uint16_t* in,
+                                         uint8_t* out, uint64_t capacity);
+  absl::Status (*decode_cpu)(const SegmentShape&, const CodecParams&, const uint8_t* payload,
+                             uint64_t size, uint16_t* out);
+  absl::Status (*encode_cuda)(const SegmentShape&, const CodecParams&, const uint16_t* d_in,
+                              uint8_t* d_out, uint64_t capacity, uint64_t* d_size,
+                              cudaStream_t stream);
+  absl::Status (*decode_cuda)(const SegmentShape&, const CodecParams&, const uint8_t* d_payload,
+                              uint64_t size, uint16_t* d_out, cudaStream_t stream);
+};
+
+const CodecOps& GetCodecOps(CodecId codec);
+
+// Fills in defaults for unset fields (kivi: 4 bits, group 32; packkv: budget 0.02, pack 16,
+// 8 max bits; kvpool: budget 0.05) and checks the rest. InvalidArgument naming the field.
+absl::StatusOr<CodecParams> NormalizeParams(CodecParams params);
+
+// Encodes `elements` (shape.Elements() elements of shape.dtype) into a whole encoded segment on
+// a host path (kRef or kCpu; kCuda stages through device memory and synchronises: tools and
+// tests only). InvalidArgument for a size mismatch or bad params.
+absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const SegmentShape& shape,
+                                          absl::Span<const uint16_t> elements, Path path);
+
+// Parses, verifies and decodes a whole encoded segment into `out` (exactly Elements() elements).
+// DataLoss / InvalidArgument from ParseSegment and the codec; InvalidArgument when `out` has
+// the wrong size or the segment's shape differs from `expected` (if given).
+absl::Status DecodeSegment(absl::string_view encoded, absl::Span<uint16_t> out, Path path,
+                           const SegmentShape* expected = nullptr);
+
+// True when the CPU has AVX2, FMA and F16C (the fast CPU paths use them).
+bool CpuHasAvx2();
+
+}  // namespace kvpool::kernels
+
+#endif  // KVPOOL_KERNELS_CODEC_H_

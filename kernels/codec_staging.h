@@ -1,0 +1,20 @@
+// Host-buffer wrappers around the CUDA launchers for tools and tests: copy in, launch,
+// copy out, synchronise. Unavailable without CUDA or a device; Unimplemented when the codec
+// has no kernel. Not for the daemon's hot path. Thread-safe.
+#ifndef KVPOOL_KERNELS_CODEC_STAGING_H_
+#define KVPOOL_KERNELS_CODEC_STAGING_H_
+
+#include "kernels/codec.h"
+
+namespace kvpool::kernels {
+
+absl::StatusOr<uint64_t> EncodeOnDevice(const CodecOps& ops, const SegmentShape& shape,
+                                        const CodecParams& params, const uint16_t* in,
+                                        uint8_t* out, uint64_t capacity);
+absl::Status DecodeOnDevice(const CodecOps& ops, const SegmentShape& shape,
+                            const CodecParams& params, const uint8_t* payload, uint64_t size,
+                            uint16_t* out);
+
+}  // namespace kvpool::kernels
+
+#endif  // KVPOOL_KERNELS_CODEC_STAGING_H_

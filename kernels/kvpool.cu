@@ -1,0 +1,15 @@
+// PLACEHOLDER until the kvpool codec lands.
+#include "kernels/kvpool.h"
+
+namespace kvpool::kernels::kvpool {
+
+absl::Status EncodeCuda(const SegmentShape&, const CodecParams&, const uint16_t*, uint8_t*,
+                        uint64_t, uint64_t*, cudaStream_t) {
+  return absl::UnimplementedError("kvpool CUDA kernel not built yet");
+}
+absl::Status DecodeCuda(const SegmentShape&, const CodecParams&, const uint8_t*, uint64_t,
+                        uint16_t*, cudaStream_t) {
+  return absl::UnimplementedError("kvpool CUDA kernel not built yet");
+}
+
+}  // namespace kvpool::kernels::kvpool
