@@ -1,45 +1,72 @@
 #include "client/synthetic.h"
 
 #include <cstring>
+#include <algorithm>
+#include <cmath>
 #include <random>
 
 #include "common/half.h"
 
 namespace kvpool::client {
 
+namespace {
+
+// One head's keys or values for all tokens: out[t * stride + d], d < head_dim.
+void LowRankRows(std::mt19937_64& rng, uint64_t tokens, uint32_t head_dim, uint32_t rank,
+                 float noise, const float* scale, const float* offset, float* out,
+                 uint64_t stride) {
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> basis(uint64_t{rank} * head_dim);
+  for (float& b : basis) b = normal(rng);
+  const float signal = rank > 0 ? std::sqrt((1.f - noise * noise) / rank) : 0.f;
+  const float noise_amp = rank > 0 ? noise : 1.f;
+  std::vector<float> mix(rank);
+  for (uint64_t t = 0; t < tokens; ++t) {
+    for (float& m : mix) m = normal(rng);
+    for (uint32_t d = 0; d < head_dim; ++d) {
+      float x = noise_amp * normal(rng);
+      for (uint32_t r = 0; r < rank; ++r) x += signal * mix[r] * basis[uint64_t{r} * head_dim + d];
+      out[t * stride + d] = offset[d] + scale[d] * x;
+    }
+  }
+}
+
+}  // namespace
+
 std::string SyntheticKv(const SyntheticOptions& o) {
   const uint64_t per_token = uint64_t{o.num_kv_heads} * o.head_dim;
-  std::string out(uint64_t{o.num_layers} * 2 * o.tokens * per_token * 2, '\0');
+  const uint64_t per_kind = o.tokens * per_token;
+  std::string out(uint64_t{o.num_layers} * 2 * per_kind * 2, '\0');
   std::mt19937_64 rng(o.seed);
   std::normal_distribution<float> normal(0.f, 1.f);
-  auto store = [&](uint64_t index, float v) {
-    const uint16_t h = o.dtype == DType::kBf16 ? FloatToBf16(v) : FloatToFp16(v);
-    std::memcpy(out.data() + 2 * index, &h, 2);
+  const float noise = std::min(1.f, std::max(0.f, o.noise));
+  std::vector<float> values(per_kind);
+  std::vector<float> key_scale(o.head_dim), key_offset(o.head_dim);
+  const std::vector<float> ones(o.head_dim, 1.f), zeros(o.head_dim, 0.f);
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data());
+  auto store = [&](uint64_t base) {
+    for (uint64_t i = 0; i < per_kind; ++i) {
+      dst[base + i] = o.dtype == DType::kBf16 ? FloatToBf16(values[i]) : FloatToFp16(values[i]);
+    }
   };
-  std::vector<float> basis(uint64_t{o.rank} * o.head_dim);
-  std::vector<float> channel_scale(o.head_dim);
   for (uint32_t l = 0; l < o.num_layers; ++l) {
     for (uint32_t h = 0; h < o.num_kv_heads; ++h) {
-      for (float& b : basis) b = normal(rng);
-      for (uint32_t d = 0; d < o.head_dim; ++d) channel_scale[d] = 1.f;
+      std::fill(key_scale.begin(), key_scale.end(), 1.f);
+      std::fill(key_offset.begin(), key_offset.end(), 0.f);
       for (uint32_t k = 0; k < o.outlier_channels && k < o.head_dim; ++k) {
-        channel_scale[rng() % o.head_dim] = 8.f + 4.f * std::abs(normal(rng));
+        const uint32_t c = rng() % o.head_dim;
+        key_scale[c] = 8.f + 4.f * std::uniform_real_distribution<float>(0.f, 1.f)(rng);
+        key_offset[c] = (rng() & 1 ? 0.5f : -0.5f) * key_scale[c];
       }
-      for (uint64_t t = 0; t < o.tokens; ++t) {
-        float mix[64];
-        const uint32_t rank = o.rank < 64 ? o.rank : 64;
-        for (uint32_t r = 0; r < rank; ++r) mix[r] = normal(rng);
-        for (uint32_t d = 0; d < o.head_dim; ++d) {
-          float k = 0.3f * normal(rng);
-          for (uint32_t r = 0; r < rank; ++r) k += mix[r] * basis[r * o.head_dim + d] * 0.5f;
-          const uint64_t key_index = ((uint64_t{l} * 2 + 0) * o.tokens + t) * per_token +
-                                     uint64_t{h} * o.head_dim + d;
-          store(key_index, k * channel_scale[d]);
-          const uint64_t value_index = key_index + o.tokens * per_token;
-          store(value_index, normal(rng));
-        }
-      }
+      LowRankRows(rng, o.tokens, o.head_dim, o.key_rank, noise, key_scale.data(),
+                  key_offset.data(), values.data() + uint64_t{h} * o.head_dim, per_token);
     }
+    store(uint64_t{l} * 2 * per_kind);
+    for (uint32_t h = 0; h < o.num_kv_heads; ++h) {
+      LowRankRows(rng, o.tokens, o.head_dim, o.value_rank, noise, ones.data(), zeros.data(),
+                  values.data() + uint64_t{h} * o.head_dim, per_token);
+    }
+    store(uint64_t{l} * 2 * per_kind + per_kind);
   }
   return out;
 }

@@ -1,9 +1,15 @@
 // Synthetic KV cache for demos, tests and benchmarks. NOT real model output: it imitates the
-// structure real caches show, so that compression figures on it are meaningful:
-//  - keys: low-rank token structure (each head's keys are a mix of `rank` shared directions
-//    plus noise) and a few outlier channels with ~10x larger magnitude, like post-RoPE keys;
-//  - values: Gaussian per token without channel outliers.
-// Deterministic for a given seed. Thread-safe (stateless).
+// structure real caches show, so that compression figures on it mean something, and its
+// knobs say how much structure there is. Per layer and KV head:
+//  - keys: k_t = mu + s * (sqrt(1 - noise^2) * mix_t + noise * n_t), where mix_t is a random
+//    combination of `key_rank` shared directions (low-rank token structure, unit variance per
+//    channel), n_t is i.i.d. N(0, 1), and `outlier_channels` channels have a scale s of 8-12
+//    and a consistent offset mu of half their scale (the large, same-sign outlier channels of
+//    post-RoPE keys); other channels have s = 1, mu = 0;
+//  - values: v_t = sqrt(1 - noise^2) * mix_t + noise * n_t with `value_rank` shared
+//    directions and no channel outliers.
+// noise = 1 gives i.i.d. Gaussian data with no structure. Deterministic for a given seed.
+// Thread-safe (stateless).
 #ifndef KVPOOL_CLIENT_SYNTHETIC_H_
 #define KVPOOL_CLIENT_SYNTHETIC_H_
 
@@ -22,7 +28,9 @@ struct SyntheticOptions {
   uint64_t tokens = 256;
   DType dtype = DType::kFp16;
   uint64_t seed = 1;
-  uint32_t rank = 4;             // Shared key directions per head.
+  uint32_t key_rank = 4;         // Shared key directions per head.
+  uint32_t value_rank = 8;       // Shared value directions per head.
+  float noise = 0.3f;            // Fraction (in amplitude) of unstructured i.i.d. noise, [0, 1].
   uint32_t outlier_channels = 4; // Key channels with large magnitude per head.
   uint32_t vocab = 32000;        // Token ids are drawn from [0, vocab).
 };

@@ -196,6 +196,11 @@ absl::Status RunGen(const CliOptions& o) {
   KVPOOL_ASSIGN_OR_RETURN(g.dtype, ParseDType(o.dtype));
   g.seed = o.seed;
   g.vocab = o.vocab;
+  g.key_rank = o.key_rank;
+  g.value_rank = o.value_rank;
+  g.noise = o.noise;
+  g.outlier_channels = o.outlier_channels;
+  if (!(o.noise >= 0 && o.noise <= 1)) return absl::InvalidArgumentError("--noise must be in [0, 1]");
   KvSpec check{"gen", g.num_layers, g.num_kv_heads, g.head_dim, g.dtype, 1};
   KVPOOL_RETURN_IF_ERROR(ValidateSpec(check));
   if (g.tokens == 0) return absl::InvalidArgumentError("--tokens must be positive");

@@ -30,6 +30,10 @@ struct CliOptions {
   std::string dtype;
   uint64_t seed = 0;
   uint32_t vocab = 0;
+  uint32_t key_rank = 0;
+  uint32_t value_rank = 0;
+  float noise = 0;
+  uint32_t outlier_channels = 0;
   // demo
   uint32_t requests = 0;
   uint32_t shared_blocks = 0;
