@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/status_macros.h"
 #include "common/status_util.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
@@ -11,6 +12,7 @@
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/channel_arguments.h"
 #include "kvpool/v1/kvpool.grpc.pb.h"
+#include "kernels/codec.h"
 #include "proto/convert.h"
 
 namespace kvpool::client {
@@ -34,6 +36,32 @@ void NamespaceToProto(const Namespace& ns, v1::Namespace* out) {
 
 absl::Status CallStatus(const grpc::Status& status, absl::string_view method) {
   return Annotate(FromGrpcStatus(status), method);
+}
+
+// Decodes `blocks` blocks of encoded segments (sizes in `sizes`) into canonical block bytes.
+absl::StatusOr<std::string> DecodeBlocks(const KvSpec& spec, uint64_t blocks,
+                                         const google::protobuf::RepeatedField<uint64_t>& sizes,
+                                         absl::string_view wire) {
+  const uint64_t segments = spec.SegmentsPerBlock();
+  if (static_cast<uint64_t>(sizes.size()) != blocks * segments) {
+    return absl::DataLossError("Get: segment table does not match the blocks");
+  }
+  SegmentShape shape{spec.tokens_per_block, spec.num_kv_heads, spec.head_dim, spec.dtype};
+  const uint64_t elements = shape.Elements();
+  std::string out(blocks * spec.BlockBytes(), '\0');
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data());
+  uint64_t offset = 0;
+  for (uint64_t i = 0; i < blocks * segments; ++i) {
+    const uint64_t n = sizes.Get(static_cast<int>(i));
+    if (n > wire.size() - offset) return absl::DataLossError("Get: segment sizes exceed the data");
+    shape.kind = i % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
+    absl::Status s = kernels::DecodeSegment(wire.substr(offset, n), {dst + i * elements, elements},
+                                            kernels::Path::kCpu, &shape);
+    if (!s.ok()) return Annotate(s, absl::StrCat("Get: segment ", i));
+    offset += n;
+  }
+  if (offset != wire.size()) return absl::DataLossError("Get: trailing bytes after the segments");
+  return out;
 }
 
 }  // namespace
@@ -92,7 +120,7 @@ absl::StatusOr<LookupResult> Client::Lookup(const Namespace& ns, absl::Span<cons
 }
 
 absl::StatusOr<PutResult> Client::Put(const KvSpec& spec, absl::Span<const BlockKey> keys,
-                                      absl::Span<const uint8_t> data) {
+                                      absl::Span<const uint8_t> data, const PutOptions& options) {
   if (absl::Status s = ValidateSpec(spec); !s.ok()) return s;
   const uint64_t block_bytes = spec.BlockBytes();
   if (data.size() != keys.size() * block_bytes) {
@@ -106,7 +134,8 @@ absl::StatusOr<PutResult> Client::Put(const KvSpec& spec, absl::Span<const Block
   PutResult total;
   for (size_t start = 0; start < keys.size() || start == 0; start += per_call) {
     const size_t n = std::min<uint64_t>(per_call, keys.size() - start);
-    auto r = PutOne(spec, keys.subspan(start, n), data.subspan(start * block_bytes, n * block_bytes));
+    auto r = PutOne(spec, keys.subspan(start, n), data.subspan(start * block_bytes, n * block_bytes),
+                    options);
     if (!r.ok()) return r.status();
     total.blocks_stored += r->blocks_stored;
     total.blocks_already_present += r->blocks_already_present;
@@ -118,7 +147,8 @@ absl::StatusOr<PutResult> Client::Put(const KvSpec& spec, absl::Span<const Block
 }
 
 absl::StatusOr<PutResult> Client::PutOne(const KvSpec& spec, absl::Span<const BlockKey> keys,
-                                         absl::Span<const uint8_t> data) {
+                                         absl::Span<const uint8_t> data,
+                                         const PutOptions& options) {
   grpc::ClientContext context;
   impl_->SetDeadline(&context);
   v1::PutResponse response;
@@ -128,7 +158,7 @@ absl::StatusOr<PutResult> Client::PutOne(const KvSpec& spec, absl::Span<const Bl
   v1::PutHeader* header = message.mutable_header();
   SpecToProto(spec, header->mutable_spec());
   KeysToProto({keys.begin(), keys.end()}, header->mutable_keys());
-  header->set_codec("raw");
+  if (options.codec.has_value()) CodecToProto(*options.codec, header->mutable_codec());
   bool ok = writer->Write(message);
   for (size_t pos = 0; ok && pos < data.size(); pos += impl_->options.chunk_bytes) {
     const size_t n = std::min<uint64_t>(impl_->options.chunk_bytes, data.size() - pos);
@@ -146,12 +176,13 @@ absl::StatusOr<PutResult> Client::PutOne(const KvSpec& spec, absl::Span<const Bl
   return result;
 }
 
-absl::StatusOr<GetResult> Client::Get(const Namespace& ns, absl::Span<const BlockKey> keys) {
+absl::StatusOr<GetResult> Client::Get(const Namespace& ns, absl::Span<const BlockKey> keys,
+                                      const GetOptions& options) {
   GetResult total;
   bool prefix_open = true;
   for (size_t start = 0; start < keys.size() || start == 0;
        start += impl_->options.max_keys_per_call) {
-    auto r = GetOne(ns, keys.subspan(start, impl_->options.max_keys_per_call));
+    auto r = GetOne(ns, keys.subspan(start, impl_->options.max_keys_per_call), options);
     if (!r.ok()) return r.status();
     if (total.spec.model_id.empty()) {
       total.spec = r->spec;
@@ -162,6 +193,7 @@ absl::StatusOr<GetResult> Client::Get(const Namespace& ns, absl::Span<const Bloc
       prefix_open = prefix_open && f;
       total.hit_prefix_blocks += prefix_open;
     }
+    total.wire_bytes += r->wire_bytes;
     if (total.data.empty()) {
       total.data = std::move(r->data);
     } else {
@@ -172,43 +204,61 @@ absl::StatusOr<GetResult> Client::Get(const Namespace& ns, absl::Span<const Bloc
   return total;
 }
 
-absl::StatusOr<GetResult> Client::GetOne(const Namespace& ns, absl::Span<const BlockKey> keys) {
+absl::StatusOr<GetResult> Client::GetOne(const Namespace& ns, absl::Span<const BlockKey> keys,
+                                         const GetOptions& options) {
   v1::GetRequest request;
   NamespaceToProto(ns, request.mutable_ns());
   KeysToProto({keys.begin(), keys.end()}, request.mutable_keys());
+  request.set_server_decode(options.server_decode);
   grpc::ClientContext context;
   impl_->SetDeadline(&context);
   std::unique_ptr<grpc::ClientReader<v1::GetResponse>> reader =
       impl_->stub->Get(&context, request);
   GetResult result;
   v1::GetResponse message;
+  v1::GetHeader header;
   bool have_header = false;
+  std::string wire;
   while (reader->Read(&message)) {
     if (message.has_header()) {
-      const v1::GetHeader& h = message.header();
-      if (h.has_spec()) {
-        auto spec = SpecFromProto(h.spec());
-        if (!spec.ok()) return Annotate(spec.status(), "Get: daemon sent a bad spec");
-        result.spec = *spec;
-      }
-      result.found.assign(h.found().begin(), h.found().end());
-      result.hit_prefix_blocks = h.hit_prefix_blocks();
-      result.block_bytes = h.block_bytes();
-      const uint64_t hits = std::count(result.found.begin(), result.found.end(), true);
-      result.data.reserve(hits * result.block_bytes);
+      header = message.header();
       have_header = true;
+      uint64_t expected = 0;
+      for (uint64_t n : header.segment_bytes()) expected += n;
+      if (!header.encoded()) {
+        expected = std::count(header.found().begin(), header.found().end(), true) *
+                   header.block_bytes();
+      }
+      wire.reserve(expected);
     } else {
-      result.data += message.data();
+      wire += message.data();
     }
   }
   if (grpc::Status s = reader->Finish(); !s.ok()) return CallStatus(s, "Get");
-  const uint64_t hits = std::count(result.found.begin(), result.found.end(), true);
-  if (!have_header || result.found.size() != keys.size() ||
-      result.data.size() != hits * result.block_bytes) {
-    return absl::DataLossError(absl::StrCat("Get: daemon sent ", result.data.size(),
-                                            " bytes for ", hits, " blocks of ",
-                                            result.block_bytes, " bytes"));
+  if (!have_header || header.found_size() != static_cast<int>(keys.size())) {
+    return absl::DataLossError("Get: the daemon's reply has no valid header");
   }
+  result.found.assign(header.found().begin(), header.found().end());
+  result.hit_prefix_blocks = header.hit_prefix_blocks();
+  result.block_bytes = header.block_bytes();
+  result.wire_bytes = wire.size();
+  const uint64_t hits = std::count(result.found.begin(), result.found.end(), true);
+  if (hits == 0) return result;
+  auto spec = SpecFromProto(header.spec());
+  if (!spec.ok()) return Annotate(spec.status(), "Get: daemon sent a bad spec");
+  result.spec = *spec;
+  if (result.block_bytes != spec->BlockBytes()) {
+    return absl::DataLossError("Get: block size does not match the spec");
+  }
+  if (!header.encoded()) {
+    if (wire.size() != hits * result.block_bytes) {
+      return absl::DataLossError(absl::StrCat("Get: daemon sent ", wire.size(), " bytes for ",
+                                              hits, " blocks of ", result.block_bytes, " bytes"));
+    }
+    result.data = std::move(wire);
+    return result;
+  }
+  KVPOOL_ASSIGN_OR_RETURN(result.data, DecodeBlocks(*spec, hits, header.segment_bytes(), wire));
   return result;
 }
 
@@ -249,6 +299,9 @@ absl::StatusOr<PoolStats> Client::Stats() {
   stats.lookup_misses = response.lookup_misses();
   stats.namespaces = response.namespaces();
   stats.version = response.version();
+  for (const v1::CodecStats& c : response.codecs()) {
+    stats.codecs.push_back({c.codec(), c.segments(), c.logical_bytes(), c.stored_bytes()});
+  }
   return stats;
 }
 

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "common/block_key.h"
+#include "common/encoded_segment.h"
 #include "common/kv_spec.h"
 
 namespace kvpool::v1 {
@@ -52,6 +54,17 @@ struct LookupResult {
   uint32_t hit_prefix_blocks = 0;  // Leading run of present keys.
 };
 
+struct PutOptions {
+  // How the daemon stores the segments; unset: the daemon's configured codec for the model.
+  std::optional<CodecParams> codec;
+};
+
+struct GetOptions {
+  // false (default): the daemon sends encoded segments and the client decodes them (fewer bytes
+  // on the wire); true: the daemon decodes and sends canonical block bytes.
+  bool server_decode = false;
+};
+
 struct PutResult {
   uint32_t blocks_stored = 0;
   uint32_t blocks_already_present = 0;
@@ -64,7 +77,15 @@ struct GetResult {
   std::vector<bool> found;         // found[i]: keys[i]'s block is in `data`.
   uint32_t hit_prefix_blocks = 0;  // Leading run of found keys.
   uint64_t block_bytes = 0;
-  std::string data;                // The found blocks, in key order, concatenated.
+  std::string data;                // The found blocks, decoded, in key order, concatenated.
+  uint64_t wire_bytes = 0;         // Block bytes received (encoded unless server_decode).
+};
+
+struct CodecUsage {
+  std::string codec;
+  uint64_t segments = 0;
+  uint64_t logical_bytes = 0;
+  uint64_t stored_bytes = 0;
 };
 
 struct PoolStats {
@@ -77,6 +98,7 @@ struct PoolStats {
   uint64_t lookup_misses = 0;
   uint32_t namespaces = 0;
   std::string version;
+  std::vector<CodecUsage> codecs;  // Codecs with segments stored now.
 };
 
 class Client {
@@ -96,9 +118,12 @@ class Client {
   // data.size() != keys.size() * spec.BlockBytes() (checked before sending anything). A batch
   // larger than one request is sent as several puts; each is all-or-nothing.
   absl::StatusOr<PutResult> Put(const KvSpec& spec, absl::Span<const BlockKey> keys,
-                                absl::Span<const uint8_t> data);
+                                absl::Span<const uint8_t> data, const PutOptions& options = {});
 
-  absl::StatusOr<GetResult> Get(const Namespace& ns, absl::Span<const BlockKey> keys);
+  // The blocks of the keys that are stored, decoded. DataLoss when a segment fails its checksum
+  // (on the daemon or here) or does not match the namespace's shape.
+  absl::StatusOr<GetResult> Get(const Namespace& ns, absl::Span<const BlockKey> keys,
+                                const GetOptions& options = {});
 
   // Returns how many of the keys were stored (and are now removed).
   absl::StatusOr<uint32_t> Delete(const Namespace& ns, absl::Span<const BlockKey> keys);
@@ -109,8 +134,9 @@ class Client {
   struct Impl;
   explicit Client(std::unique_ptr<Impl> impl);
   absl::StatusOr<PutResult> PutOne(const KvSpec& spec, absl::Span<const BlockKey> keys,
-                                   absl::Span<const uint8_t> data);
-  absl::StatusOr<GetResult> GetOne(const Namespace& ns, absl::Span<const BlockKey> keys);
+                                   absl::Span<const uint8_t> data, const PutOptions& options);
+  absl::StatusOr<GetResult> GetOne(const Namespace& ns, absl::Span<const BlockKey> keys,
+                                   const GetOptions& options);
   std::unique_ptr<Impl> impl_;
 };
 

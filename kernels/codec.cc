@@ -32,6 +32,14 @@ const CodecOps kOps[kNumCodecs] = {
      &kvpool::DecodeCpu, KVPOOL_CUDA_OP(kvpool, EncodeCuda), KVPOOL_CUDA_OP(kvpool, DecodeCuda)},
 };
 
+bool HasNonFinite(DType dtype, absl::Span<const uint16_t> elements) {
+  const uint16_t exponent = dtype == DType::kBf16 ? 0x7f80 : 0x7c00;
+  for (uint16_t x : elements) {
+    if ((x & exponent) == exponent) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 absl::string_view PathName(Path path) {
@@ -104,6 +112,10 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
   }
   auto normalized = NormalizeParams(params);
   if (!normalized.ok()) return normalized.status();
+  // Lossy codecs quantise finite values; a segment holding NaN or Inf is stored raw.
+  if (normalized->codec != CodecId::kRaw && HasNonFinite(shape.dtype, elements)) {
+    normalized = CodecParams{CodecId::kRaw};
+  }
   const CodecOps& ops = GetCodecOps(normalized->codec);
   const uint64_t capacity = ops.max_payload_bytes(shape, *normalized);
   std::string payload(capacity, '\0');

@@ -52,6 +52,30 @@ absl::StatusOr<std::vector<BlockKey>> KeysFromProto(
   return out;
 }
 
+absl::StatusOr<CodecParams> CodecFromProto(const v1::CodecSpec& proto) {
+  if (proto.codec().empty()) return absl::NotFoundError("no codec given");
+  auto id = ParseCodecName(proto.codec());
+  if (!id.ok()) return id.status();
+  if (proto.bits() > 255 || proto.group() > 65535 || proto.flags() > 255) {
+    return absl::InvalidArgumentError("codec bits, group or flags out of range");
+  }
+  CodecParams p;
+  p.codec = *id;
+  p.bits = static_cast<uint8_t>(proto.bits());
+  p.group = static_cast<uint16_t>(proto.group());
+  p.budget = proto.budget();
+  p.flags = static_cast<uint8_t>(proto.flags());
+  return p;
+}
+
+void CodecToProto(const CodecParams& params, v1::CodecSpec* proto) {
+  proto->set_codec(std::string(CodecName(params.codec)));
+  proto->set_bits(params.bits);
+  proto->set_group(params.group);
+  proto->set_budget(params.budget);
+  proto->set_flags(params.flags);
+}
+
 void KeysToProto(const std::vector<BlockKey>& keys,
                  google::protobuf::RepeatedPtrField<std::string>* out) {
   out->Reserve(static_cast<int>(keys.size()));

@@ -2,12 +2,14 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <set>
 
 #include "absl/strings/str_cat.h"
 #include "common/byte_size.h"
 #include "common/npy.h"
 #include "common/status_macros.h"
+#include "kernels/codec.h"
 #include "common/status_util.h"
 
 namespace kvpool::server {
@@ -19,6 +21,9 @@ metrics_listen: 127.0.0.1:7471  # Prometheus /metrics address; "" disables
 host_memory: 1GiB               # host-DRAM tier capacity; LRU eviction beyond it
 data_dir: kvpool-data           # on-disk state
 log_level: info                 # debug | info | warning | error
+codec:                          # how segments are stored when a put does not say
+  codec: raw                    # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget)
+model_codecs: {}                # per model id, e.g. {llama-3-8b: {codec: kivi, bits: 4}}
 limits:
   max_keys_per_request: 4096    # more keys in one request: INVALID_ARGUMENT
   max_request_bytes: 1GiB       # larger put: RESOURCE_EXHAUSTED
@@ -80,16 +85,57 @@ absl::Status SetSize(const YAML::Node& node, absl::string_view name, uint64_t* o
   return absl::OkStatus();
 }
 
+// A codec map {codec, bits, group, budget, flags} at `where`, normalised.
+absl::StatusOr<CodecParams> CodecValue(const YAML::Node& node, const std::string& where) {
+  KVPOOL_RETURN_IF_ERROR(CheckKeys(node, where, {"codec", "bits", "group", "budget", "flags"}));
+  if (!node["codec"]) return absl::InvalidArgumentError(absl::StrCat(where, ".codec is required"));
+  KVPOOL_ASSIGN_OR_RETURN(std::string name, Scalar<std::string>(node["codec"], where + ".codec"));
+  auto id = ParseCodecName(name);
+  if (!id.ok()) return Annotate(id.status(), where + ".codec");
+  CodecParams p;
+  p.codec = *id;
+  if (node["bits"]) {
+    KVPOOL_ASSIGN_OR_RETURN(uint32_t bits, Scalar<uint32_t>(node["bits"], where + ".bits"));
+    p.bits = static_cast<uint8_t>(std::min<uint32_t>(bits, 255));
+  }
+  if (node["group"]) {
+    KVPOOL_ASSIGN_OR_RETURN(uint32_t group, Scalar<uint32_t>(node["group"], where + ".group"));
+    p.group = static_cast<uint16_t>(std::min<uint32_t>(group, 65535));
+  }
+  if (node["budget"]) {
+    KVPOOL_ASSIGN_OR_RETURN(p.budget, Scalar<float>(node["budget"], where + ".budget"));
+  }
+  if (node["flags"]) {
+    KVPOOL_ASSIGN_OR_RETURN(uint32_t flags, Scalar<uint32_t>(node["flags"], where + ".flags"));
+    p.flags = static_cast<uint8_t>(flags & 0xff);
+  }
+  auto normalized = kernels::NormalizeParams(p);
+  if (!normalized.ok()) return Annotate(normalized.status(), where);
+  return *normalized;
+}
+
 absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
   if (root.IsNull()) return absl::OkStatus();
   KVPOOL_RETURN_IF_ERROR(CheckKeys(
-      root, "", {"listen", "metrics_listen", "host_memory", "data_dir", "log_level", "limits"}));
+      root, "", {"listen", "metrics_listen", "host_memory", "data_dir", "log_level", "limits",
+                 "codec", "model_codecs"}));
   DaemonOptions o = *out;
   KVPOOL_RETURN_IF_ERROR(SetString(root["listen"], "listen", &o.listen));
   KVPOOL_RETURN_IF_ERROR(SetString(root["metrics_listen"], "metrics_listen", &o.metrics_listen));
   KVPOOL_RETURN_IF_ERROR(SetSize(root["host_memory"], "host_memory", &o.host_memory));
   KVPOOL_RETURN_IF_ERROR(SetString(root["data_dir"], "data_dir", &o.data_dir));
   KVPOOL_RETURN_IF_ERROR(SetString(root["log_level"], "log_level", &o.log_level));
+  if (const YAML::Node codec = root["codec"]) {
+    KVPOOL_ASSIGN_OR_RETURN(o.service.codecs.default_codec, CodecValue(codec, "codec"));
+  }
+  if (const YAML::Node models = root["model_codecs"]) {
+    if (!models.IsMap()) return absl::InvalidArgumentError("config key 'model_codecs' must be a map");
+    for (const auto& kv : models) {
+      const std::string model = kv.first.Scalar();
+      KVPOOL_ASSIGN_OR_RETURN(o.service.codecs.per_model[model],
+                              CodecValue(kv.second, "model_codecs." + model));
+    }
+  }
   if (const YAML::Node limits = root["limits"]) {
     KVPOOL_RETURN_IF_ERROR(CheckKeys(limits, "limits",
                                      {"max_keys_per_request", "max_request_bytes",

@@ -45,7 +45,7 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   blocks_put_ = counter("kvpool_put_blocks_total", "Blocks received by Put");
   bytes_put_ = counter("kvpool_put_bytes_total", "Block bytes received by Put");
   blocks_got_ = counter("kvpool_get_blocks_total", "Blocks served by Get");
-  bytes_got_ = counter("kvpool_get_bytes_total", "Block bytes served by Get");
+  bytes_got_ = counter("kvpool_get_bytes_total", "Block bytes sent by Get (encoded unless server-decoded)");
   evictions_ = counter("kvpool_evictions_total", "Blocks evicted from the host tier");
   evicted_bytes_ = counter("kvpool_evicted_bytes_total", "Bytes evicted from the host tier");
   deletes_ = counter("kvpool_deleted_blocks_total", "Blocks removed by Delete");
@@ -55,6 +55,16 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   logical_bytes_ = gauge("kvpool_logical_bytes", "Bytes the stored blocks decode to");
   stored_bytes_ = gauge("kvpool_stored_bytes", "Bytes the stored blocks occupy in the host tier");
   capacity_bytes_ = gauge("kvpool_capacity_bytes", "Host tier capacity in bytes");
+  auto gauge_family = [this](const std::string& name, const std::string& help) {
+    return &prometheus::BuildGauge().Name(name).Help(help).Register(*registry_);
+  };
+  codec_segments_ = gauge_family("kvpool_codec_segments", "Segments stored, by codec");
+  codec_logical_bytes_ =
+      gauge_family("kvpool_codec_logical_bytes", "Bytes the stored segments decode to, by codec");
+  codec_stored_bytes_ =
+      gauge_family("kvpool_codec_stored_bytes", "Bytes the stored segments occupy, by codec");
+  compression_ratio_ = gauge_family("kvpool_compression_ratio",
+                                    "Logical bytes / stored bytes of the stored segments, by codec");
   requests_ = &prometheus::BuildCounter()
                    .Name("kvpool_requests_total")
                    .Help("gRPC requests finished, by method and status code")
@@ -89,6 +99,16 @@ void Metrics::ObserveRequest(absl::string_view method, grpc::StatusCode code, do
   requests_->Add({{"method", m}, {"code", CodeName(code)}}).Increment();
   static const prometheus::Histogram::BucketBoundaries kBuckets = LatencyBuckets();
   latency_->Add({{"method", m}}, kBuckets).Observe(seconds);
+}
+
+void Metrics::SetCodecState(absl::string_view codec, uint64_t segments, uint64_t logical_bytes,
+                            uint64_t stored_bytes) {
+  const prometheus::Labels labels{{"codec", std::string(codec)}};
+  codec_segments_->Add(labels).Set(static_cast<double>(segments));
+  codec_logical_bytes_->Add(labels).Set(static_cast<double>(logical_bytes));
+  codec_stored_bytes_->Add(labels).Set(static_cast<double>(stored_bytes));
+  compression_ratio_->Add(labels).Set(
+      stored_bytes ? static_cast<double>(logical_bytes) / stored_bytes : 0.0);
 }
 
 void Metrics::SetStoreState(uint64_t blocks, uint64_t logical_bytes, uint64_t stored_bytes,

@@ -34,6 +34,11 @@ class Metrics {
   // One finished RPC: kvpool_requests_total{method,code} and the latency histogram.
   void ObserveRequest(absl::string_view method, grpc::StatusCode code, double seconds);
 
+  // Segments stored per codec, what they decode to and what they occupy; also sets
+  // kvpool_compression_ratio{codec} (logical / stored; 0 when nothing is stored).
+  void SetCodecState(absl::string_view codec, uint64_t segments, uint64_t logical_bytes,
+                     uint64_t stored_bytes);
+
   // Current state of the host tier.
   void SetStoreState(uint64_t blocks, uint64_t logical_bytes, uint64_t stored_bytes,
                      uint64_t capacity_bytes);
@@ -54,6 +59,10 @@ class Metrics {
   prometheus::Gauge* logical_bytes_;
   prometheus::Gauge* stored_bytes_;
   prometheus::Gauge* capacity_bytes_;
+  prometheus::Family<prometheus::Gauge>* codec_segments_;
+  prometheus::Family<prometheus::Gauge>* codec_logical_bytes_;
+  prometheus::Family<prometheus::Gauge>* codec_stored_bytes_;
+  prometheus::Family<prometheus::Gauge>* compression_ratio_;
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Histogram>* latency_;
 };

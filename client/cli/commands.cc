@@ -12,6 +12,7 @@
 #include "common/byte_size.h"
 #include "common/npy.h"
 #include "common/status_macros.h"
+#include "kernels/codec.h"
 
 namespace kvpool::cli {
 namespace {
@@ -46,6 +47,23 @@ absl::StatusOr<std::pair<std::vector<uint32_t>, std::vector<BlockKey>>> LoadKeys
   return std::make_pair(std::move(ids), std::move(keys));
 }
 
+}  // namespace
+
+absl::StatusOr<CodecParams> CodecFromFlags(const CliOptions& o) {
+  KVPOOL_ASSIGN_OR_RETURN(CodecId id, ParseCodecName(o.codec.empty() ? "kvpool" : o.codec));
+  if (o.bits > 16 || o.group > 65535) {
+    return absl::InvalidArgumentError("--bits or --group out of range");
+  }
+  CodecParams p;
+  p.codec = id;
+  p.bits = static_cast<uint8_t>(o.bits);
+  p.group = static_cast<uint16_t>(o.group);
+  p.budget = o.budget;
+  return kernels::NormalizeParams(p);
+}
+
+namespace {
+
 client::Namespace Ns(const CliOptions& o) { return client::Namespace{o.model, o.tokens_per_block}; }
 
 double Gbps(uint64_t bytes, absl::Duration d) {
@@ -57,9 +75,9 @@ double Gbps(uint64_t bytes, absl::Duration d) {
 
 absl::Status RunPut(const CliOptions& o) {
   if (o.in.empty()) return absl::InvalidArgumentError("--in KV.npy is required");
-  if (!o.codec.empty() && o.codec != "raw") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--codec ", o.codec, " is not available yet (available: raw)"));
+  client::PutOptions put_options;
+  if (!o.codec.empty()) {
+    KVPOOL_ASSIGN_OR_RETURN(put_options.codec, CodecFromFlags(o));
   }
   KVPOOL_ASSIGN_OR_RETURN(auto ids_keys, LoadKeys(o));
   const auto& [ids, keys] = ids_keys;
@@ -102,7 +120,8 @@ absl::Status RunPut(const CliOptions& o) {
   const absl::Time start = absl::Now();
   KVPOOL_ASSIGN_OR_RETURN(
       client::PutResult r,
-      client->Put(spec, keys, {reinterpret_cast<const uint8_t*>(blocks.data()), blocks.size()}));
+      client->Put(spec, keys, {reinterpret_cast<const uint8_t*>(blocks.data()), blocks.size()},
+                  put_options));
   const absl::Duration took = absl::Now() - start;
   std::cout << absl::StrFormat(
       "put %d blocks (%d new, %d already present, %d evicted), %s in %.1f ms (%.2f GB/s)\n",
@@ -133,7 +152,9 @@ absl::Status RunGet(const CliOptions& o) {
   const auto& keys = ids_keys.second;
   KVPOOL_ASSIGN_OR_RETURN(auto client, Connect(o));
   const absl::Time start = absl::Now();
-  KVPOOL_ASSIGN_OR_RETURN(client::GetResult r, client->Get(Ns(o), keys));
+  client::GetOptions get_options;
+  get_options.server_decode = o.server_decode;
+  KVPOOL_ASSIGN_OR_RETURN(client::GetResult r, client->Get(Ns(o), keys, get_options));
   const absl::Duration took = absl::Now() - start;
   if (r.hit_prefix_blocks == 0) {
     return absl::NotFoundError("miss: the first block of these token ids is not stored");
@@ -149,10 +170,11 @@ absl::Status RunGet(const CliOptions& o) {
                            r.hit_prefix_blocks, tokens,
                            {reinterpret_cast<uint8_t*>(out.data.data()), out.data.size()});
   KVPOOL_RETURN_IF_ERROR(WriteNpy(o.out, out));
-  std::cout << absl::StrFormat("got %d of %d blocks (%d tokens), %s in %.1f ms (%.2f GB/s) -> %s\n",
-                               r.hit_prefix_blocks, keys.size(), tokens,
-                               FormatBytes(out.data.size()), absl::ToDoubleMilliseconds(took),
-                               Gbps(out.data.size(), took), o.out);
+  std::cout << absl::StrFormat(
+      "got %d of %d blocks (%d tokens), %s (%s on the wire) in %.1f ms (%.2f GB/s) -> %s\n",
+      r.hit_prefix_blocks, keys.size(), tokens, FormatBytes(out.data.size()),
+      FormatBytes(r.wire_bytes), absl::ToDoubleMilliseconds(took), Gbps(out.data.size(), took),
+      o.out);
   return absl::OkStatus();
 }
 

@@ -7,6 +7,8 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/encoded_segment.h"
 #include "absl/time/time.h"
 
 namespace kvpool::cli {
@@ -19,7 +21,11 @@ struct CliOptions {
   std::string token_ids;  // .npy path (input; output for gen).
   std::string in;
   std::string out;
-  std::string codec;
+  std::string codec;     // "" = the daemon's default.
+  uint32_t bits = 0;
+  uint32_t group = 0;
+  float budget = 0;
+  bool server_decode = false;
   std::string extra_key;
   bool json = false;
   // gen
@@ -39,6 +45,9 @@ struct CliOptions {
   uint32_t shared_blocks = 0;
   uint32_t unique_blocks = 0;
 };
+
+// The codec the flags describe (--codec, --bits, --group, --budget), normalised; "" = kvpool.
+absl::StatusOr<CodecParams> CodecFromFlags(const CliOptions& o);
 
 absl::Status RunPut(const CliOptions& o);
 absl::Status RunLookup(const CliOptions& o);

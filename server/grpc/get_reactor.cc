@@ -1,11 +1,14 @@
 // Get: a server stream of one header and then data chunks. The reactor takes references to the
 // blocks up front (so an eviction meanwhile cannot free them), verifies every segment checksum
-// before sending anything, then streams the bytes in chunk_bytes pieces, one write in flight.
+// before sending anything, then streams in chunk_bytes pieces, one write in flight: the encoded
+// segments as stored (the client decodes), or with server_decode each block decoded to its
+// canonical bytes.
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/status_util.h"
+#include "kernels/codec.h"
 #include "proto/convert.h"
 #include "server/grpc/kvpool_service.h"
 
@@ -29,7 +32,12 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
       FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "client stopped reading"));
       return;
     }
-    if (!NextChunk()) {
+    absl::StatusOr<bool> more = NextChunk();
+    if (!more.ok()) {
+      FinishWith(ToGrpcStatus(more.status()));
+      return;
+    }
+    if (!*more) {
       service_->metrics()->AddGet(blocks_.size(), sent_);
       FinishWith(grpc::Status::OK);
       return;
@@ -74,29 +82,62 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
     }
     uint32_t prefix = 0;
     while (prefix < found.size() && found[prefix] != nullptr) ++prefix;
-    SpecToProto(ns->second, header->mutable_spec());
-    header->set_block_bytes(ns->second.BlockBytes());
+    spec_ = ns->second;
+    server_decode_ = request.server_decode();
+    SpecToProto(spec_, header->mutable_spec());
+    header->set_block_bytes(spec_.BlockBytes());
     header->set_hit_prefix_blocks(prefix);
+    header->set_encoded(!server_decode_);
     for (StoredBlockPtr& block : found) {
       header->add_found(block != nullptr);
-      if (block != nullptr) blocks_.push_back(std::move(block));
+      if (block == nullptr) continue;
+      if (!server_decode_) {
+        for (const std::string& seg : block->segments()) header->add_segment_bytes(seg.size());
+      }
+      blocks_.push_back(std::move(block));
     }
     return absl::OkStatus();
   }
 
+  // The bytes of block i as sent: its segments back to back, or decoded (into decoded_).
+  absl::StatusOr<absl::string_view> BlockBytes(size_t i, size_t segment) {
+    const StoredBlock& block = *blocks_[i];
+    if (!server_decode_) return absl::string_view(block.segments()[segment]);
+    if (decoded_index_ != i) {
+      SegmentShape shape{spec_.tokens_per_block, spec_.num_kv_heads, spec_.head_dim, spec_.dtype};
+      const uint64_t elements = shape.Elements();
+      decoded_.resize(spec_.BlockBytes() / 2);
+      for (size_t s = 0; s < block.segments().size(); ++s) {
+        shape.kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
+        absl::Status st = kernels::DecodeSegment(block.segments()[s],
+                                                 {decoded_.data() + s * elements, elements},
+                                                 kernels::Path::kCpu, &shape);
+        if (!st.ok()) return st;
+      }
+      decoded_index_ = i;
+    }
+    return absl::string_view(reinterpret_cast<const char*>(decoded_.data()), spec_.BlockBytes());
+  }
+
   // Fills message_ with the next data chunk; false when everything was sent.
-  bool NextChunk() {
+  absl::StatusOr<bool> NextChunk() {
     const uint64_t chunk = service_->options().chunk_bytes;
     std::string* data = message_.mutable_data();
     data->clear();
     while (block_index_ < blocks_.size() && data->size() < chunk) {
-      const StoredBlock& block = *blocks_[block_index_];
-      const uint64_t n = std::min<uint64_t>(chunk - data->size(), block.size() - block_offset_);
-      data->append(reinterpret_cast<const char*>(block.data()) + block_offset_, n);
-      block_offset_ += n;
-      if (block_offset_ == block.size()) {
+      auto piece = BlockBytes(block_index_, segment_index_);
+      if (!piece.ok()) return piece.status();
+      const uint64_t n = std::min<uint64_t>(chunk - data->size(), piece->size() - offset_);
+      data->append(piece->data() + offset_, n);
+      offset_ += n;
+      if (offset_ == piece->size()) {
+        offset_ = 0;
+        // Encoded: next segment of the block; decoded: the whole block was one piece.
+        if (!server_decode_ && ++segment_index_ < blocks_[block_index_]->segments().size()) {
+          continue;
+        }
+        segment_index_ = 0;
         ++block_index_;
-        block_offset_ = 0;
       }
     }
     sent_ += data->size();
@@ -107,8 +148,13 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
   const absl::Time start_;
   v1::GetResponse message_;
   std::vector<StoredBlockPtr> blocks_;
+  KvSpec spec_;
+  bool server_decode_ = false;
   size_t block_index_ = 0;
-  uint64_t block_offset_ = 0;
+  size_t segment_index_ = 0;
+  uint64_t offset_ = 0;  // Within the current piece (segment, or decoded block).
+  std::vector<uint16_t> decoded_;
+  size_t decoded_index_ = SIZE_MAX;
   uint64_t sent_ = 0;
   grpc::Status final_status_;
 };

@@ -38,6 +38,10 @@ absl::Status KvPoolService::ValidateNamespace(const v1::Namespace& ns) const {
 void KvPoolService::PublishStoreState() const {
   const BlockStore::Stats s = store_->GetStats();
   metrics_->SetStoreState(s.blocks, s.logical_bytes, s.stored_bytes, s.capacity_bytes);
+  for (int c = 0; c < kNumCodecs; ++c) {
+    metrics_->SetCodecState(CodecName(static_cast<CodecId>(c)), s.codecs[c].segments,
+                            s.codecs[c].logical_bytes, s.codecs[c].stored_bytes);
+  }
 }
 
 void KvPoolService::Observe(absl::string_view method, absl::Time start,
@@ -165,6 +169,14 @@ grpc::ServerUnaryReactor* KvPoolService::Stats(grpc::CallbackServerContext* cont
   response->set_lookup_misses(lookup_misses_.load());
   response->set_namespaces(s.namespaces);
   response->set_version(KVPOOL_VERSION);
+  for (int c = 0; c < kNumCodecs; ++c) {
+    if (s.codecs[c].segments == 0) continue;
+    v1::CodecStats* cs = response->add_codecs();
+    cs->set_codec(std::string(CodecName(static_cast<CodecId>(c))));
+    cs->set_segments(s.codecs[c].segments);
+    cs->set_logical_bytes(s.codecs[c].logical_bytes);
+    cs->set_stored_bytes(s.codecs[c].stored_bytes);
+  }
   Observe("Stats", start, grpc::Status::OK);
   auto* reactor = new UnaryReactor(this);
   reactor->Finish(grpc::Status::OK);

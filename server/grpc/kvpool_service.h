@@ -17,14 +17,28 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/container/flat_hash_map.h"
 #include "common/block_key.h"
+#include "common/encoded_segment.h"
 #include "kvpool/v1/kvpool.grpc.pb.h"
 #include "server/metrics.h"
 #include "server/store/block_store.h"
 
 namespace kvpool::server {
 
+// Which codec stores a model's segments when a put does not say.
+struct CodecPolicy {
+  CodecParams default_codec{CodecId::kRaw};
+  absl::flat_hash_map<std::string, CodecParams> per_model;  // By model id.
+
+  const CodecParams& For(const std::string& model_id) const {
+    auto it = per_model.find(model_id);
+    return it == per_model.end() ? default_codec : it->second;
+  }
+};
+
 struct ServiceOptions {
+  CodecPolicy codecs;
   uint32_t max_keys_per_request = 4096;             // More keys: INVALID_ARGUMENT.
   uint64_t max_request_bytes = uint64_t{1} << 30;   // Larger puts: RESOURCE_EXHAUSTED.
   uint64_t chunk_bytes = uint64_t{1} << 20;         // Data bytes per Get stream message.

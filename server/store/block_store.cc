@@ -1,28 +1,33 @@
 #include "server/store/block_store.h"
 
 #include "absl/strings/str_cat.h"
-#include "common/checksum.h"
 
 namespace kvpool::server {
 
-StoredBlock::StoredBlock(const KvSpec& spec)
-    : data_(new uint8_t[spec.BlockBytes()]),
-      size_(spec.BlockBytes()),
-      segment_bytes_(spec.SegmentBytes()),
-      checksums_(spec.SegmentsPerBlock()) {}
-
-void StoredBlock::Seal() {
-  for (size_t s = 0; s < checksums_.size(); ++s) {
-    checksums_[s] = Checksum64(data_.get() + s * segment_bytes_, segment_bytes_);
+StoredBlock::StoredBlock(std::vector<std::string> segments, uint64_t logical_bytes)
+    : segments_(std::move(segments)), logical_bytes_(logical_bytes) {
+  const uint64_t logical_per_segment = segments_.empty() ? 0 : logical_bytes_ / segments_.size();
+  for (const std::string& seg : segments_) {
+    stored_bytes_ += seg.size();
+    // Byte 5 of the header is the codec id (common/encoded_segment.h); the store only builds
+    // blocks from segments it encoded, so the id is valid.
+    const uint8_t codec = seg.size() > 5 ? static_cast<uint8_t>(seg[5]) : 0;
+    CodecTally& t = tallies_[codec < kNumCodecs ? codec : 0];
+    ++t.segments;
+    t.logical_bytes += logical_per_segment;
+    t.stored_bytes += seg.size();
   }
 }
 
 absl::Status StoredBlock::Verify() const {
-  for (size_t s = 0; s < checksums_.size(); ++s) {
-    if (Checksum64(data_.get() + s * segment_bytes_, segment_bytes_) != checksums_[s]) {
+  for (size_t s = 0; s < segments_.size(); ++s) {
+    absl::string_view payload;
+    auto header = ParseSegment(segments_[s], &payload);
+    if (!header.ok()) {
       return absl::DataLossError(absl::StrCat("segment ", s, " (layer ", s / 2,
-                                              s % 2 == 0 ? " K" : " V",
-                                              ") failed its checksum; the block was dropped"));
+                                              s % 2 == 0 ? " K" : " V", "): ",
+                                              header.status().message(),
+                                              "; the block was dropped"));
     }
   }
   return absl::OkStatus();
@@ -72,8 +77,18 @@ std::vector<bool> BlockStore::Contains(NamespaceId ns, absl::Span<const BlockKey
   return present;
 }
 
+void BlockStore::CountLocked(const StoredBlock& block, int sign) {
+  stored_bytes_ += sign * static_cast<int64_t>(block.size());
+  logical_bytes_ += sign * static_cast<int64_t>(block.logical_bytes());
+  for (int c = 0; c < kNumCodecs; ++c) {
+    codecs_[c].segments += sign * static_cast<int64_t>(block.tallies()[c].segments);
+    codecs_[c].logical_bytes += sign * static_cast<int64_t>(block.tallies()[c].logical_bytes);
+    codecs_[c].stored_bytes += sign * static_cast<int64_t>(block.tallies()[c].stored_bytes);
+  }
+}
+
 void BlockStore::EraseLocked(absl::flat_hash_map<IndexKey, Entry>::iterator it) {
-  stored_bytes_ -= it->second.block->size();
+  CountLocked(*it->second.block, -1);
   lru_.erase(it->second.lru_pos);
   index_.erase(it);
 }
@@ -127,7 +142,7 @@ absl::StatusOr<BlockStore::InsertResult> BlockStore::Insert(NamespaceId ns,
       continue;
     }
     lru_.push_front(k);
-    stored_bytes_ += blocks[i]->size();
+    CountLocked(*blocks[i], +1);
     index_.emplace(k, Entry{std::move(blocks[i]), lru_.begin()});
     ++result.stored;
   }
@@ -168,8 +183,9 @@ BlockStore::Stats BlockStore::GetStats() const {
   absl::MutexLock lock(&mu_);
   Stats s;
   s.blocks = index_.size();
-  s.logical_bytes = stored_bytes_;
+  s.logical_bytes = logical_bytes_;
   s.stored_bytes = stored_bytes_;
+  s.codecs = codecs_;
   s.capacity_bytes = options_.capacity_bytes;
   s.evictions = evictions_;
   s.namespaces = static_cast<uint32_t>(namespaces_.size());

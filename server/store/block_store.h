@@ -7,13 +7,14 @@
 // a block keeps its bytes alive even if the block is evicted or deleted meanwhile (the capacity
 // accounting counts only blocks in the index).
 //
-// Each block keeps one XXH3-64 checksum per segment (one layer's K or V), verified on read.
+// Blocks are stored as encoded segments, each with its own checksum, verified on read.
 //
 // Thread-safe: every method may be called from any thread; none blocks on I/O.
 #ifndef KVPOOL_SERVER_STORE_BLOCK_STORE_H_
 #define KVPOOL_SERVER_STORE_BLOCK_STORE_H_
 
 #include <cstdint>
+#include <array>
 #include <list>
 #include <memory>
 #include <optional>
@@ -27,33 +28,41 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "common/block_key.h"
+#include "common/encoded_segment.h"
 #include "common/kv_spec.h"
 
 namespace kvpool::server {
 
 using NamespaceId = uint32_t;
 
-// One block's bytes in canonical layout plus per-segment checksums.
+// One block as stored: its encoded segments (common/encoded_segment.h), one per layer and K/V
+// in canonical order (layer 0 K, layer 0 V, layer 1 K, ...). Each carries its own checksum.
+// Immutable once built.
 class StoredBlock {
  public:
-  // Allocates `spec.BlockBytes()` uninitialised bytes; the caller fills data() then calls Seal().
-  explicit StoredBlock(const KvSpec& spec);
+  struct CodecTally {
+    uint64_t segments = 0;
+    uint64_t logical_bytes = 0;
+    uint64_t stored_bytes = 0;
+  };
 
-  uint8_t* mutable_data() { return data_.get(); }
-  const uint8_t* data() const { return data_.get(); }
-  uint64_t size() const { return size_; }
+  // `segments` are whole encoded segments; `logical_bytes` is what they decode to.
+  StoredBlock(std::vector<std::string> segments, uint64_t logical_bytes);
 
-  // Computes the segment checksums over the bytes now in data().
-  void Seal();
+  const std::vector<std::string>& segments() const { return segments_; }
+  uint64_t size() const { return stored_bytes_; }  // Encoded bytes, headers included.
+  uint64_t logical_bytes() const { return logical_bytes_; }
+  const std::array<CodecTally, kNumCodecs>& tallies() const { return tallies_; }
 
-  // OK when every segment matches its checksum; DataLoss naming the first bad segment otherwise.
+  // OK when every segment parses and matches its checksum; DataLoss naming the first bad
+  // segment otherwise.
   absl::Status Verify() const;
 
  private:
-  std::unique_ptr<uint8_t[]> data_;
-  uint64_t size_;
-  uint64_t segment_bytes_;
-  std::vector<uint64_t> checksums_;
+  std::vector<std::string> segments_;
+  uint64_t stored_bytes_ = 0;
+  uint64_t logical_bytes_;
+  std::array<CodecTally, kNumCodecs> tallies_{};
 };
 
 using StoredBlockPtr = std::shared_ptr<const StoredBlock>;
@@ -74,10 +83,11 @@ class BlockStore {
   struct Stats {
     uint64_t blocks = 0;
     uint64_t logical_bytes = 0;  // What the blocks decode to.
-    uint64_t stored_bytes = 0;   // What they occupy (equal to logical until codecs land).
+    uint64_t stored_bytes = 0;   // What they occupy, encoded.
     uint64_t capacity_bytes = 0;
     uint64_t evictions = 0;      // Blocks evicted since creation.
     uint32_t namespaces = 0;
+    std::array<StoredBlock::CodecTally, kNumCodecs> codecs{};  // Indexed by CodecId.
   };
 
   // InvalidArgument when capacity_bytes is 0.
@@ -94,7 +104,7 @@ class BlockStore {
   // present[i] for each key; does not change recency.
   std::vector<bool> Contains(NamespaceId ns, absl::Span<const BlockKey> keys) const;
 
-  // Inserts blocks[i] under keys[i] (blocks[i] must hold the namespace's BlockBytes()). Keys
+  // Inserts blocks[i] under keys[i] (blocks[i] must decode to the namespace's BlockBytes()). Keys
   // already stored keep their block. Evicts LRU blocks until the new ones fit. All or nothing:
   // ResourceExhausted, changing nothing, when the new blocks alone exceed the capacity.
   absl::StatusOr<InsertResult> Insert(NamespaceId ns, absl::Span<const BlockKey> keys,
@@ -129,6 +139,7 @@ class BlockStore {
   explicit BlockStore(const Options& options) : options_(options) {}
   void EraseLocked(absl::flat_hash_map<IndexKey, Entry>::iterator it)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CountLocked(const StoredBlock& block, int sign) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Options options_;
   mutable absl::Mutex mu_;
@@ -136,6 +147,8 @@ class BlockStore {
   absl::flat_hash_map<IndexKey, Entry> index_ ABSL_GUARDED_BY(mu_);
   std::list<IndexKey> lru_ ABSL_GUARDED_BY(mu_);
   uint64_t stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t logical_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::array<StoredBlock::CodecTally, kNumCodecs> codecs_ ABSL_GUARDED_BY(mu_){};
   uint64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

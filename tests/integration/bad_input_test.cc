@@ -61,6 +61,7 @@ class BadInputTest : public ::testing::Test {
   v1::PutHeader Header(int blocks, int first_key = 0) const {
     v1::PutHeader header;
     SpecToProto(kSpec, header.mutable_spec());
+    header.mutable_codec()->set_codec("raw");
     for (int i = 0; i < blocks; ++i) header.add_keys(Key(first_key + i));
     return header;
   }
@@ -113,7 +114,7 @@ class BadInputTest : public ::testing::Test {
     ASSERT_TRUE(stub_->Stats(&context, v1::StatsRequest(), &stats).ok());
     EXPECT_EQ(stats.blocks(), 1u);
     EXPECT_EQ(stats.namespaces(), 1u);
-    EXPECT_EQ(stats.stored_bytes(), kSpec.BlockBytes());
+    EXPECT_EQ(stats.logical_bytes(), kSpec.BlockBytes());
   }
 
   void ExpectStatus(const grpc::Status& s, grpc::StatusCode code, const std::string& text) {
@@ -158,9 +159,19 @@ TEST_F(BadInputTest, UnknownDtypeAndCodec) {
   h.mutable_spec()->set_dtype(v1::DTYPE_UNSPECIFIED);
   ExpectStatus(Put(h, {std::string(1024, 'a')}), grpc::StatusCode::INVALID_ARGUMENT, "dtype");
   h = Header(1, 10);
-  h.set_codec("zip");
+  h.mutable_codec()->set_codec("zip");
   ExpectStatus(Put(h, {std::string(1024, 'a')}), grpc::StatusCode::INVALID_ARGUMENT,
-               "codec 'zip'");
+               "unknown codec 'zip'");
+  h = Header(1, 10);
+  h.mutable_codec()->set_codec("kivi");
+  h.mutable_codec()->set_bits(3);
+  ExpectStatus(Put(h, {std::string(1024, 'a')}), grpc::StatusCode::INVALID_ARGUMENT,
+               "kivi bits must be 2, 4 or 8");
+  h = Header(1, 10);
+  h.mutable_codec()->set_codec("kvpool");
+  h.mutable_codec()->set_budget(1.5f);
+  ExpectStatus(Put(h, {std::string(1024, 'a')}), grpc::StatusCode::INVALID_ARGUMENT,
+               "error budget must be in (0, 1)");
 }
 
 TEST_F(BadInputTest, ZeroTooManyAndMalformedKeys) {

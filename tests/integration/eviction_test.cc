@@ -3,6 +3,7 @@
 // a put larger than the whole tier is refused without evicting anything.
 #include <random>
 
+#include "absl/strings/str_cat.h"
 #include "client/client.h"
 #include "common/block_key.h"
 #include "gmock/gmock.h"
@@ -28,24 +29,28 @@ std::vector<BlockKey> Keys(int n) {
 
 std::string Block(int i) { return std::string(kSpec.BlockBytes(), static_cast<char>('a' + i)); }
 
+const client::PutOptions kRaw{CodecParams{CodecId::kRaw}};
+// A block as stored: 1 MiB plus 32 raw segment headers of 64 bytes.
+constexpr uint64_t kStored = (1 << 20) + 32 * kSegmentHeaderBytes;
+
 absl::Span<const uint8_t> Bytes(const std::string& s) {
   return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
 }
 
 TEST(EvictionTest, SmallHostMemoryEvictsLeastRecentlyUsed) {
   ASSERT_EQ(kSpec.BlockBytes(), uint64_t{1} << 20);
-  auto daemon = RunningDaemon::Start({"--host-memory=8MiB"});
+  auto daemon = RunningDaemon::Start({absl::StrCat("--host-memory=", 8 * kStored)});
   ASSERT_THAT(daemon, IsOk());
   auto client = (*daemon)->NewClient();
   const client::Namespace ns{kSpec.model_id, kSpec.tokens_per_block};
   const auto keys = Keys(12);
   for (int i = 0; i < 8; ++i) {
-    ASSERT_THAT(client->Put(kSpec, {&keys[i], 1}, Bytes(Block(i))), IsOk());
+    ASSERT_THAT(client->Put(kSpec, {&keys[i], 1}, Bytes(Block(i)), kRaw), IsOk());
   }
   EXPECT_EQ(client->Stats()->evictions, 0u);
   // Touch block 0 so that block 1 is now the least recently used.
   ASSERT_THAT(client->Get(ns, {&keys[0], 1}), IsOk());
-  auto put = client->Put(kSpec, {&keys[8], 1}, Bytes(Block(8)));
+  auto put = client->Put(kSpec, {&keys[8], 1}, Bytes(Block(8)), kRaw);
   ASSERT_THAT(put, IsOk());
   EXPECT_EQ(put->blocks_evicted, 1u);
   auto present = client->Lookup(ns, {keys.data(), 9});
@@ -55,14 +60,14 @@ TEST(EvictionTest, SmallHostMemoryEvictsLeastRecentlyUsed) {
   for (int i = 2; i <= 8; ++i) EXPECT_TRUE(present->present[i]) << i;
   // Three more blocks evict 2, 3, 4.
   for (int i = 9; i < 12; ++i) {
-    ASSERT_THAT(client->Put(kSpec, {&keys[i], 1}, Bytes(Block(i))), IsOk());
+    ASSERT_THAT(client->Put(kSpec, {&keys[i], 1}, Bytes(Block(i)), kRaw), IsOk());
   }
   auto stats = client->Stats();
   ASSERT_THAT(stats, IsOk());
   EXPECT_EQ(stats->blocks, 8u);
   EXPECT_EQ(stats->evictions, 4u);
   EXPECT_LE(stats->stored_bytes, stats->capacity_bytes);
-  EXPECT_EQ(stats->capacity_bytes, uint64_t{8} << 20);
+  EXPECT_EQ(stats->capacity_bytes, 8 * kStored);
   // What is still there reads back exactly.
   for (int i : {0, 5, 11}) {
     auto got = client->Get(ns, {&keys[i], 1});
@@ -72,13 +77,13 @@ TEST(EvictionTest, SmallHostMemoryEvictsLeastRecentlyUsed) {
   auto metrics = testing::HttpGet((*daemon)->metrics_address(), "/metrics");
   ASSERT_THAT(metrics, IsOk());
   EXPECT_EQ(testing::MetricValue(*metrics, "kvpool_evictions_total"), 4);
-  EXPECT_EQ(testing::MetricValue(*metrics, "kvpool_evicted_bytes_total"), 4.0 * (1 << 20));
+  EXPECT_EQ(testing::MetricValue(*metrics, "kvpool_evicted_bytes_total"), 4.0 * kStored);
   // A put larger than the whole tier: RESOURCE_EXHAUSTED, nothing evicted or stored.
   std::vector<uint32_t> tokens(9 * 16);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = 90000 + i;
   const std::vector<BlockKey> nine = *ComputeBlockKeys(tokens, 16);
   const std::string nine_blocks(9 * kSpec.BlockBytes(), 'z');
-  EXPECT_THAT(client->Put(kSpec, nine, Bytes(nine_blocks)),
+  EXPECT_THAT(client->Put(kSpec, nine, Bytes(nine_blocks), kRaw),
               StatusIs(absl::StatusCode::kResourceExhausted));
   auto after = client->Stats();
   EXPECT_EQ(after->blocks, 8u);

@@ -36,6 +36,9 @@ std::string RandomBytes(uint64_t n, uint64_t seed) {
   return s;
 }
 
+// These tests check transport and store byte for byte: blocks are stored raw.
+const client::PutOptions kRaw{CodecParams{CodecId::kRaw}};
+
 absl::Span<const uint8_t> Bytes(const std::string& s) {
   return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
 }
@@ -60,7 +63,7 @@ TEST_F(RoundTripTest, PutThenGetIsByteExactForBothDtypes) {
     const KvSpec spec = SmallSpec(absl::StrCat("model-", DTypeName(dtype)), dtype);
     const auto keys = KeysFor(1, 5, spec.tokens_per_block);
     const std::string data = RandomBytes(keys.size() * spec.BlockBytes(), 2);
-    auto put = client_->Put(spec, keys, Bytes(data));
+    auto put = client_->Put(spec, keys, Bytes(data), kRaw);
     ASSERT_THAT(put, IsOk());
     EXPECT_EQ(put->blocks_stored, 5u);
     auto got = client_->Get({spec.model_id, spec.tokens_per_block}, keys);
@@ -71,11 +74,31 @@ TEST_F(RoundTripTest, PutThenGetIsByteExactForBothDtypes) {
   }
 }
 
+TEST_F(RoundTripTest, ClientDecodeAndServerDecodeGiveTheSameBytes) {
+  const KvSpec spec = SmallSpec("decode-model");
+  const auto keys = KeysFor(11, 3, spec.tokens_per_block);
+  const std::string data = RandomBytes(keys.size() * spec.BlockBytes(), 12);
+  ASSERT_THAT(client_->Put(spec, keys, Bytes(data), kRaw), IsOk());
+  const client::Namespace ns{spec.model_id, spec.tokens_per_block};
+  auto encoded = client_->Get(ns, keys);
+  ASSERT_THAT(encoded, IsOk());
+  client::GetOptions server_decode;
+  server_decode.server_decode = true;
+  auto decoded = client_->Get(ns, keys, server_decode);
+  ASSERT_THAT(decoded, IsOk());
+  EXPECT_TRUE(encoded->data == data);
+  EXPECT_TRUE(decoded->data == data);
+  // Encoded: every segment carries its header; decoded: canonical bytes only.
+  EXPECT_EQ(encoded->wire_bytes,
+            data.size() + keys.size() * spec.SegmentsPerBlock() * kSegmentHeaderBytes);
+  EXPECT_EQ(decoded->wire_bytes, data.size());
+}
+
 TEST_F(RoundTripTest, LargeBlocksSpanManyChunks) {
   const KvSpec spec{"llama-ish", 32, 8, 128, DType::kFp16, 16};  // 2 MiB blocks.
   const auto keys = KeysFor(3, 3, spec.tokens_per_block);
   const std::string data = RandomBytes(keys.size() * spec.BlockBytes(), 4);
-  ASSERT_THAT(client_->Put(spec, keys, Bytes(data)), IsOk());
+  ASSERT_THAT(client_->Put(spec, keys, Bytes(data), kRaw), IsOk());
   auto got = client_->Get({spec.model_id, spec.tokens_per_block}, keys);
   ASSERT_THAT(got, IsOk());
   EXPECT_TRUE(got->data == data);
@@ -91,8 +114,8 @@ TEST_F(RoundTripTest, HitPrefixAfterPartialPuts) {
   ASSERT_THAT(lookup, IsOk());
   EXPECT_EQ(lookup->hit_prefix_blocks, 0u);
   // Blocks 0..1 and 3 are put: the prefix is 2 even though block 3 is present.
-  ASSERT_THAT(client_->Put(spec, {keys.data(), 2}, Bytes(data.substr(0, 2 * bb))), IsOk());
-  ASSERT_THAT(client_->Put(spec, {keys.data() + 3, 1}, Bytes(data.substr(3 * bb, bb))), IsOk());
+  ASSERT_THAT(client_->Put(spec, {keys.data(), 2}, Bytes(data.substr(0, 2 * bb)), kRaw), IsOk());
+  ASSERT_THAT(client_->Put(spec, {keys.data() + 3, 1}, Bytes(data.substr(3 * bb, bb)), kRaw), IsOk());
   lookup = client_->Lookup(ns, keys);
   ASSERT_THAT(lookup, IsOk());
   EXPECT_EQ(lookup->hit_prefix_blocks, 2u);
@@ -102,10 +125,10 @@ TEST_F(RoundTripTest, HitPrefixAfterPartialPuts) {
   EXPECT_EQ(got->hit_prefix_blocks, 2u);
   EXPECT_TRUE(got->data == data.substr(0, 2 * bb) + data.substr(3 * bb, bb));
   // Filling the gap extends the prefix to 4.
-  ASSERT_THAT(client_->Put(spec, {keys.data() + 2, 1}, Bytes(data.substr(2 * bb, bb))), IsOk());
+  ASSERT_THAT(client_->Put(spec, {keys.data() + 2, 1}, Bytes(data.substr(2 * bb, bb)), kRaw), IsOk());
   EXPECT_EQ(client_->Lookup(ns, keys)->hit_prefix_blocks, 4u);
   // Re-putting is idempotent and reported as already present.
-  auto again = client_->Put(spec, {keys.data(), 4}, Bytes(data.substr(0, 4 * bb)));
+  auto again = client_->Put(spec, {keys.data(), 4}, Bytes(data.substr(0, 4 * bb)), kRaw);
   ASSERT_THAT(again, IsOk());
   EXPECT_EQ(again->blocks_already_present, 4u);
   EXPECT_EQ(again->blocks_stored, 0u);
@@ -121,7 +144,7 @@ TEST_F(RoundTripTest, HitPrefixAfterPartialPuts) {
 TEST_F(RoundTripTest, StatsAndMetricsCountWhatHappened) {
   const KvSpec spec = SmallSpec("stats-model");
   const auto keys = KeysFor(7, 4, spec.tokens_per_block);
-  ASSERT_THAT(client_->Put(spec, keys, Bytes(RandomBytes(4 * spec.BlockBytes(), 8))), IsOk());
+  ASSERT_THAT(client_->Put(spec, keys, Bytes(RandomBytes(4 * spec.BlockBytes(), 8)), kRaw), IsOk());
   ASSERT_THAT(client_->Lookup({spec.model_id, spec.tokens_per_block}, keys), IsOk());
   ASSERT_THAT(client_->Get({spec.model_id, spec.tokens_per_block}, keys), IsOk());
   auto stats = client_->Stats();
@@ -133,9 +156,14 @@ TEST_F(RoundTripTest, StatsAndMetricsCountWhatHappened) {
   ASSERT_THAT(text, IsOk());
   EXPECT_EQ(testing::MetricValue(*text, "kvpool_lookups_total{result=\"hit\"}"), 4);
   EXPECT_EQ(testing::MetricValue(*text, "kvpool_put_blocks_total"), 4);
-  EXPECT_EQ(testing::MetricValue(*text, "kvpool_get_bytes_total"), 4.0 * spec.BlockBytes());
+  // Get sends the encoded segments (raw here: payload plus a 64-byte header each).
+  const double stored = 4.0 * (spec.BlockBytes() + spec.SegmentsPerBlock() * kSegmentHeaderBytes);
+  EXPECT_EQ(testing::MetricValue(*text, "kvpool_get_bytes_total"), stored);
   EXPECT_EQ(testing::MetricValue(*text, "kvpool_blocks"), 4);
-  EXPECT_EQ(testing::MetricValue(*text, "kvpool_stored_bytes"), 4.0 * spec.BlockBytes());
+  // Stored: 4 blocks of 6 raw segments, each with a 64-byte header.
+  EXPECT_EQ(testing::MetricValue(*text, "kvpool_stored_bytes"), stored);
+  EXPECT_EQ(testing::MetricValue(*text, "kvpool_logical_bytes"), 4.0 * spec.BlockBytes());
+  EXPECT_EQ(testing::MetricValue(*text, "kvpool_codec_segments{codec=\"raw\"}"), 24);
   EXPECT_EQ(testing::MetricValue(*text, "kvpool_capacity_bytes"), double(uint64_t{1} << 30));
   EXPECT_EQ(testing::MetricValue(
                 *text, "kvpool_request_duration_seconds_count{method=\"Put\"}"), 1);
@@ -158,7 +186,7 @@ TEST_F(RoundTripTest, EightConcurrentClientsPutAndGetWithoutError) {
         const uint64_t seed = c < 4 ? 1000 + r : 2000 + 100 * c + r;
         const auto keys = KeysFor(seed, 4, spec.tokens_per_block);
         const std::string data = RandomBytes(4 * spec.BlockBytes(), seed);
-        auto put = client->Put(spec, keys, Bytes(data));
+        auto put = client->Put(spec, keys, Bytes(data), kRaw);
         if (!put.ok()) {
           failures[c] = put.status().ToString();
           return;

@@ -320,7 +320,8 @@ class ForeignClientTest(unittest.TestCase):
         chunk = 1000  # Deliberately not a divisor of BLOCK_BYTES.
 
         def requests():
-            yield self.pb2.PutRequest(header=self.pb2.PutHeader(spec=self.spec(), keys=keys[:2]))
+            yield self.pb2.PutRequest(header=self.pb2.PutHeader(
+                spec=self.spec(), keys=keys[:2], codec=self.pb2.CodecSpec(codec="raw")))
             for off in range(0, len(data), chunk):
                 yield self.pb2.PutRequest(data=data[off:off + chunk])
 
@@ -335,7 +336,7 @@ class ForeignClientTest(unittest.TestCase):
         self.assertEqual(resp.hit_prefix_blocks, 2)
         self.assertEqual(resp.tokens_per_block, TOKENS_PER_BLOCK)
 
-        stream = self.stub.Get(self.pb2.GetRequest(ns=self.namespace(), keys=keys), timeout=RPC_TIMEOUT_S)
+        stream = self.stub.Get(self.pb2.GetRequest(server_decode=True, ns=self.namespace(), keys=keys), timeout=RPC_TIMEOUT_S)
         header = None
         got = bytearray()
         for i, msg in enumerate(stream):

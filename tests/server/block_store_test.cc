@@ -17,7 +17,9 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "common/block_key.h"
+#include "common/encoded_segment.h"
 #include "common/kv_spec.h"
+#include "kernels/codec.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/util/status_matchers.h"
@@ -30,7 +32,8 @@ using ::kvpool::testing::StatusIs;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-// 2 layers, 1 head of 4, 4 tokens per block, fp16: segments of 32 bytes, blocks of 128 bytes.
+// 2 layers, 1 head of 4, 4 tokens per block, fp16: segments of 32 bytes, blocks of 128 bytes
+// (stored raw: 4 encoded segments of 64 header + 32 payload bytes = 384 bytes).
 KvSpec SmallSpec(const std::string& model = "test-model", uint32_t tokens_per_block = 4) {
   KvSpec spec;
   spec.model_id = model;
@@ -41,7 +44,8 @@ KvSpec SmallSpec(const std::string& model = "test-model", uint32_t tokens_per_bl
   spec.tokens_per_block = tokens_per_block;
   return spec;
 }
-constexpr uint64_t kBlockBytes = 128;
+// What one block occupies in the store (its capacity counts encoded bytes).
+constexpr uint64_t kBlockBytes = 4 * (kSegmentHeaderBytes + 32);
 
 BlockKey Key(uint32_t i) {
   const uint32_t token = i;
@@ -62,16 +66,34 @@ std::string Content(const KvSpec& spec, uint32_t id, uint32_t version = 0) {
   return bytes;
 }
 
+// The block of `bytes` (canonical layout) as raw-codec encoded segments.
 std::shared_ptr<StoredBlock> MakeBlock(const KvSpec& spec, const std::string& bytes) {
-  auto block = std::make_shared<StoredBlock>(spec);
-  EXPECT_EQ(block->size(), bytes.size());
-  std::copy(bytes.begin(), bytes.end(), block->mutable_data());
-  block->Seal();
-  return block;
+  EXPECT_EQ(bytes.size(), spec.BlockBytes());
+  SegmentShape shape{spec.tokens_per_block, spec.num_kv_heads, spec.head_dim, spec.dtype};
+  std::vector<std::string> segments;
+  for (uint64_t s = 0; s < spec.SegmentsPerBlock(); ++s) {
+    shape.kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
+    const uint16_t* elements = reinterpret_cast<const uint16_t*>(bytes.data()) + s * shape.Elements();
+    auto encoded = kernels::EncodeSegment(CodecParams{CodecId::kRaw}, shape,
+                                          {elements, shape.Elements()}, kernels::Path::kRef);
+    EXPECT_TRUE(encoded.ok()) << encoded.status();
+    segments.push_back(*encoded);
+  }
+  return std::make_shared<StoredBlock>(std::move(segments), spec.BlockBytes());
 }
 
+// The canonical bytes of a stored block (its raw segments' payloads, back to back).
 std::string BytesOf(const StoredBlock& block) {
-  return std::string(reinterpret_cast<const char*>(block.data()), block.size());
+  std::string out;
+  for (const std::string& segment : block.segments()) out += segment.substr(kSegmentHeaderBytes);
+  return out;
+}
+
+// Flips bits of byte `offset` of the block's canonical bytes, inside its stored segment.
+void Corrupt(const StoredBlock& block, uint64_t offset, uint8_t mask) {
+  auto& segments = const_cast<std::vector<std::string>&>(block.segments());
+  const uint64_t per_segment = segments[0].size() - kSegmentHeaderBytes;
+  segments[offset / per_segment][kSegmentHeaderBytes + offset % per_segment] ^= mask;
 }
 
 // Blocks for `ids` with Content(id, version).
@@ -91,7 +113,7 @@ std::unique_ptr<BlockStore> MakeStore(uint64_t capacity_blocks) {
 class BlockStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    ASSERT_EQ(spec_.BlockBytes(), kBlockBytes);
+    ASSERT_EQ(spec_.BlockBytes(), 128u);
     store_ = MakeStore(3);
     ASSERT_NE(store_, nullptr);
     auto ns = store_->RegisterNamespace(spec_);
@@ -201,7 +223,7 @@ TEST_F(BlockStoreTest, InsertContainsGetByteExact) {
   const BlockStore::Stats stats = store_->GetStats();
   EXPECT_EQ(stats.blocks, 3u);
   EXPECT_EQ(stats.stored_bytes, 3 * kBlockBytes);
-  EXPECT_EQ(stats.logical_bytes, 3 * kBlockBytes);
+  EXPECT_EQ(stats.logical_bytes, 3 * spec_.BlockBytes());
   EXPECT_EQ(stats.evictions, 0u);
 }
 
@@ -395,15 +417,15 @@ TEST_F(BlockStoreTest, GotBlockOutlivesEvictionAndDeletion) {
 TEST(StoredBlockTest, SizeAndSeal) {
   const KvSpec spec = SmallSpec();
   auto block = MakeBlock(spec, Content(spec, 1));
-  EXPECT_EQ(block->size(), spec.BlockBytes());
-  EXPECT_EQ(block->data(), block->mutable_data());
+  EXPECT_EQ(block->size(), kBlockBytes);
+  EXPECT_EQ(block->logical_bytes(), spec.BlockBytes());
+  EXPECT_EQ(block->tallies()[static_cast<int>(CodecId::kRaw)].segments, 4u);
   EXPECT_THAT(block->Verify(), IsOk());
 }
 
 TEST(StoredBlockTest, VerifyNamesTheCorruptSegment) {
   const KvSpec spec = SmallSpec();  // 4 segments of 32 bytes: L0 K, L0 V, L1 K, L1 V.
   StoredBlockPtr block = MakeBlock(spec, Content(spec, 1));
-  uint8_t* bytes = const_cast<uint8_t*>(block->data());
   struct Case {
     size_t offset;
     std::string segment;
@@ -411,15 +433,15 @@ TEST(StoredBlockTest, VerifyNamesTheCorruptSegment) {
   for (const Case& c : {Case{0, "segment 0 (layer 0 K)"}, Case{31, "segment 0 (layer 0 K)"},
                         Case{32, "segment 1 (layer 0 V)"}, Case{70, "segment 2 (layer 1 K)"},
                         Case{127, "segment 3 (layer 1 V)"}}) {
-    bytes[c.offset] ^= 0x01;
+    Corrupt(*block, c.offset, 0x01);
     EXPECT_THAT(block->Verify(), StatusIs(absl::StatusCode::kDataLoss, HasSubstr(c.segment)))
         << "offset " << c.offset;
-    bytes[c.offset] ^= 0x01;
+    Corrupt(*block, c.offset, 0x01);
     EXPECT_THAT(block->Verify(), IsOk());
   }
   // Two corrupt segments: the first is named.
-  bytes[100] ^= 0x80;
-  bytes[40] ^= 0x80;
+  Corrupt(*block, 100, 0x80);
+  Corrupt(*block, 40, 0x80);
   EXPECT_THAT(block->Verify(), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("segment 1 ")));
 }
 
@@ -449,7 +471,7 @@ TEST_F(BlockStoreTest, DropAfterCorruptionThenReinsert) {
   Put({1});
   StoredBlockPtr got = store_->Get(ns_, Keys({1}))[0];
   ASSERT_NE(got, nullptr);
-  const_cast<uint8_t*>(got->data())[5] ^= 0xff;
+  Corrupt(*got, 5, 0xff);
   const absl::Status status = got->Verify();
   ASSERT_THAT(status, StatusIs(absl::StatusCode::kDataLoss, HasSubstr("segment 0")));
   store_->Drop(ns_, Key(1), got.get());
@@ -723,7 +745,7 @@ TEST(BlockStoreConcurrencyTest, ConsistentUnderConcurrentUse) {
   const BlockStore::Stats stats = store->GetStats();
   EXPECT_EQ(stats.blocks, present_count);
   EXPECT_EQ(stats.stored_bytes, stats.blocks * kBlockBytes);
-  EXPECT_EQ(stats.logical_bytes, stats.stored_bytes);
+  EXPECT_EQ(stats.logical_bytes, stats.blocks * spec.BlockBytes());
   EXPECT_LE(stats.stored_bytes, stats.capacity_bytes);
   EXPECT_EQ(stats.namespaces, 1u);
   // Every present key still reads back exactly.
