@@ -21,6 +21,7 @@ demo: build
 
 test: build
 	@KVPOOL_VENV=$(BUILD)/venv scripts/setup-python.sh
+	@scripts/build-fuzz.sh $(BUILD)
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 bench: build

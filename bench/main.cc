@@ -1,5 +1,6 @@
 // kvpool-bench: benchmarks that print each figure beside its anchor measured in the same run.
 //
+//   kvpool-bench codec [--json]
 //   kvpool-bench transfer [--server HOST:PORT] [--redis HOST:PORT] [--blocks N] [--batch B]
 //                         [--rounds R] [--json]
 //
@@ -11,6 +12,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "bench/codec_bench.h"
 #include "bench/transfer_bench.h"
 #include "common/flag_names.h"
 
@@ -22,14 +24,23 @@ ABSL_FLAG(uint32_t, rounds, 3, "rounds (median reported)");
 ABSL_FLAG(bool, json, false, "print JSON");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("kvpool benchmarks. Subcommands: transfer");
+  absl::SetProgramUsageMessage("kvpool benchmarks. Subcommands: transfer, codec");
   std::vector<std::string> args = kvpool::NormalizeFlagNames(argc, argv);
   std::vector<char*> ptrs = kvpool::ArgvPointers(args);
   std::vector<char*> positional = absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
   const std::string command = positional.size() > 1 ? positional[1] : "transfer";
-  if (command != "transfer" || positional.size() > 2) {
-    std::cerr << "kvpool-bench: expected one subcommand: transfer\n";
+  if ((command != "transfer" && command != "codec") || positional.size() > 2) {
+    std::cerr << "kvpool-bench: expected one subcommand: transfer, codec\n";
     return 2;
+  }
+  if (command == "codec") {
+    kvpool::bench::CodecBenchOptions co;
+    co.json = absl::GetFlag(FLAGS_json);
+    if (absl::Status s = kvpool::bench::RunCodecBench(co); !s.ok()) {
+      std::cerr << "kvpool-bench codec: " << s.message() << "\n";
+      return 1;
+    }
+    return 0;
   }
   kvpool::bench::TransferOptions o;
   o.server = absl::GetFlag(FLAGS_server);

@@ -13,6 +13,7 @@
 #include "grpcpp/support/channel_arguments.h"
 #include "kvpool/v1/kvpool.grpc.pb.h"
 #include "kernels/codec.h"
+#include "kernels/device_codec.h"
 #include "proto/convert.h"
 
 namespace kvpool::client {
@@ -62,6 +63,30 @@ absl::StatusOr<std::string> DecodeBlocks(const KvSpec& spec, uint64_t blocks,
   }
   if (offset != wire.size()) return absl::DataLossError("Get: trailing bytes after the segments");
   return out;
+}
+
+// The same, decoded by the CUDA kernels into device memory.
+absl::Status DecodeBlocksToDevice(const KvSpec& spec, uint64_t blocks,
+                                  const google::protobuf::RepeatedField<uint64_t>& sizes,
+                                  absl::string_view wire, uint16_t* d_out) {
+  const uint64_t segments = spec.SegmentsPerBlock();
+  if (static_cast<uint64_t>(sizes.size()) != blocks * segments) {
+    return absl::DataLossError("Get: segment table does not match the blocks");
+  }
+  std::vector<absl::string_view> encoded;
+  std::vector<SegmentShape> shapes;
+  uint64_t offset = 0;
+  for (uint64_t i = 0; i < blocks * segments; ++i) {
+    const uint64_t n = sizes.Get(static_cast<int>(i));
+    if (n > wire.size() - offset) return absl::DataLossError("Get: segment sizes exceed the data");
+    encoded.push_back(wire.substr(offset, n));
+    shapes.push_back(SegmentShape{spec.tokens_per_block, spec.num_kv_heads, spec.head_dim,
+                                  spec.dtype,
+                                  i % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue});
+    offset += n;
+  }
+  if (offset != wire.size()) return absl::DataLossError("Get: trailing bytes after the segments");
+  return kernels::DecodeSegmentsToDevice(encoded, shapes, d_out);
 }
 
 }  // namespace
@@ -178,11 +203,15 @@ absl::StatusOr<PutResult> Client::PutOne(const KvSpec& spec, absl::Span<const Bl
 
 absl::StatusOr<GetResult> Client::Get(const Namespace& ns, absl::Span<const BlockKey> keys,
                                       const GetOptions& options) {
+  if (options.device_dst != nullptr && options.server_decode) {
+    return absl::InvalidArgumentError("device_dst needs client-side decoding (no server_decode)");
+  }
   GetResult total;
+  GetOptions batch_options = options;
   bool prefix_open = true;
   for (size_t start = 0; start < keys.size() || start == 0;
        start += impl_->options.max_keys_per_call) {
-    auto r = GetOne(ns, keys.subspan(start, impl_->options.max_keys_per_call), options);
+    auto r = GetOne(ns, keys.subspan(start, impl_->options.max_keys_per_call), batch_options);
     if (!r.ok()) return r.status();
     if (total.spec.model_id.empty()) {
       total.spec = r->spec;
@@ -194,6 +223,12 @@ absl::StatusOr<GetResult> Client::Get(const Namespace& ns, absl::Span<const Bloc
       total.hit_prefix_blocks += prefix_open;
     }
     total.wire_bytes += r->wire_bytes;
+    if (batch_options.device_dst != nullptr) {  // The next batch continues after these blocks.
+      const uint64_t used =
+          std::count(r->found.begin(), r->found.end(), true) * r->block_bytes;
+      batch_options.device_dst = static_cast<char*>(batch_options.device_dst) + used;
+      batch_options.device_dst_bytes -= std::min(used, batch_options.device_dst_bytes);
+    }
     if (total.data.empty()) {
       total.data = std::move(r->data);
     } else {
@@ -256,6 +291,14 @@ absl::StatusOr<GetResult> Client::GetOne(const Namespace& ns, absl::Span<const B
                                               hits, " blocks of ", result.block_bytes, " bytes"));
     }
     result.data = std::move(wire);
+    return result;
+  }
+  if (options.device_dst != nullptr) {
+    if (options.device_dst_bytes < hits * result.block_bytes) {
+      return absl::InvalidArgumentError("device_dst is too small for the found blocks");
+    }
+    KVPOOL_RETURN_IF_ERROR(DecodeBlocksToDevice(*spec, hits, header.segment_bytes(), wire,
+                                                static_cast<uint16_t*>(options.device_dst)));
     return result;
   }
   KVPOOL_ASSIGN_OR_RETURN(result.data, DecodeBlocks(*spec, hits, header.segment_bytes(), wire));

@@ -63,6 +63,11 @@ struct GetOptions {
   // false (default): the daemon sends encoded segments and the client decodes them (fewer bytes
   // on the wire); true: the daemon decodes and sends canonical block bytes.
   bool server_decode = false;
+  // When set: decode the found blocks with the CUDA kernels straight into this device buffer
+  // (found blocks in key order, back to back; it must hold keys.size() blocks), and leave
+  // GetResult::data empty. Unavailable without a GPU; InvalidArgument with server_decode.
+  void* device_dst = nullptr;
+  uint64_t device_dst_bytes = 0;
 };
 
 struct PutResult {

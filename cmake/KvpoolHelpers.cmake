@@ -1,6 +1,7 @@
 # kvpool_cc_test(NAME SRCS s1.cc ... DEPS d1 ... [LABELS l1 ...])
 # One binary per test file, linked against the unit under test and GTest::gmock_main,
-# registered with gtest_discover_tests so that each TEST is its own ctest entry.
+# registered with gtest_discover_tests so that each TEST is its own ctest entry; tests whose
+# name starts with Cuda get the label `gpu`.
 function(kvpool_cc_test name)
   cmake_parse_arguments(T "" "" "SRCS;DEPS;LABELS" ${ARGN})
   add_executable(${name} ${T_SRCS})
@@ -10,8 +11,14 @@ function(kvpool_cc_test name)
   if(T_LABELS)
     set(labels ${T_LABELS})
   endif()
+  # Tests named Cuda* need a GPU: they carry the ctest label `gpu` (and skip without a device).
   gtest_discover_tests(${name}
+    TEST_FILTER "-*.Cuda*"
     PROPERTIES LABELS "${labels}" TIMEOUT 300
+    DISCOVERY_TIMEOUT 60)
+  gtest_discover_tests(${name}
+    TEST_FILTER "*.Cuda*"
+    PROPERTIES LABELS "gpu;${labels}" TIMEOUT 300
     DISCOVERY_TIMEOUT 60)
 endfunction()
 

@@ -1,16 +1,555 @@
-// PLACEHOLDER until the kvpool codec lands: every call is Unimplemented.
+// The kvpool codec, reference path: plain loops, the definition of the payload format.
+//
+// Idea. Per head, a segment is centred (a mean per channel), its dominant low-rank structure
+// across head_dim is taken out (a rank r <= 8 basis found by a sketched subspace iteration and
+// a small eigen-decomposition), and the residual is quantised with one uniform step for the
+// whole segment (equal error per element minimises the relative L2 error for its bytes). The
+// prediction (mean + low-rank) is formed from the quantised basis and coefficients with the
+// decoder's own arithmetic, so its quantisation error lands in the residual and the only error
+// left is the residual's rounding plus the output rounding to fp16/bf16. The encoder measures
+// that error on the decoded values and shrinks the step until ||x' - x|| / ||x|| <= budget;
+// if no step meets it (non-finite input, codes too wide) it stores the elements raw.
+// Codes are zigzag integers in packs of 16 tokens of one column, each pack with its own bit
+// width (a nibble), stored as bit planes. Keys' budget can be tightened by `extra`.
+//
+// Parameters: budget (relative L2 per segment, (0, 1)); extra bits 0-7: key budget scale in
+// 1/64 (0 means 64/64: keys use the whole budget); flags and bits unused.
+//
+// Payload (little-endian; H = kv_heads, D = head_dim, T = tokens, G = ceil(T / 16)):
+//   0  1  mode: 0 raw, 1 coded
+//   1  3  reserved, 0
+//   4  4  f32 residual step (mode 1: finite, > 0; mode 0: 0)
+// mode 0: T*H*D elements, 2 bytes each (the segment's dtype); nothing else.
+// mode 1:
+//   H bytes          rank r_h of each head, <= 8
+//   H*D*2 bytes      mean m[h][d], one element of the segment's dtype
+//   per head h, per direction j < r_h (8 + D bytes each):
+//      f32 coefficient step cs, f32 basis scale bs (both finite), D int8 basis codes
+//   coefficient packs (cols R = sum of r_h; column of (h, j) = r_0 + .. + r_{h-1} + j)
+//   residual packs    (cols H*D; column of (h, d) = h*D + d)
+// A pack stream with C columns: ceil(G*C/2) bytes of widths (nibble k = pack k = g*C + c, low
+// nibble first, each 0..15), then for each pack in that order 2*w bytes: w u16 bit planes,
+// bit i of plane b = bit b of the zigzag code of token 16*g + i (zigzag: 0,-1,1,-2,..). Codes
+// of tokens >= T are 0. The payload ends exactly after the residual packs.
+//
+// Decoding (float32, no fused multiply-add, round to nearest even):
+//   B[h][j][d] = float(int8 code) * bs;   c[t][h][j] = float(coefficient) * cs
+//   p = float(m[h][d]); for j = 0 .. r_h - 1: p = p + c[t][h][j] * B[h][j][d]
+//   x'[t][h][d] = to_dtype(p + float(residual code) * step)
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/half.h"
 #include "kernels/kvpool.h"
+#include "kernels/kvpool_format.h"
 
 namespace kvpool::kernels::kvpool {
+namespace internal {
+namespace {
 
-uint64_t MaxPayloadBytes(const SegmentShape& shape, const CodecParams&) { return shape.Bytes(); }
-absl::StatusOr<uint64_t> EncodeRef(const SegmentShape&, const CodecParams&, const uint16_t*,
-                                   uint8_t*, uint64_t) {
-  return absl::UnimplementedError("kvpool codec not built yet");
+}  // namespace
+uint16_t Load16(const uint8_t* p) { return uint16_t(p[0] | (p[1] << 8)); }
+namespace {
+float LoadF32(const uint8_t* p) {
+  float f;
+  std::memcpy(&f, p, 4);
+  return f;
 }
-absl::Status DecodeRef(const SegmentShape&, const CodecParams&, const uint8_t*, uint64_t,
-                       uint16_t*) {
-  return absl::UnimplementedError("kvpool codec not built yet");
+void PutF32(std::vector<uint8_t>* out, float f) {
+  uint8_t b[4];
+  std::memcpy(b, &f, 4);
+  out->insert(out->end(), b, b + 4);
+}
+uint32_t Nibble(const uint8_t* widths, uint64_t k) { return (widths[k / 2] >> (4 * (k & 1))) & 15; }
+
+// Checks one pack stream at *pos; on success advances *pos past it.
+absl::Status ParsePacks(const uint8_t* payload, uint64_t size, uint64_t groups, uint64_t cols,
+                        uint64_t* pos, const uint8_t** widths, const uint8_t** data) {
+  const uint64_t n = groups * cols, width_bytes = (n + 1) / 2;
+  if (size - *pos < width_bytes) return absl::DataLossError("kvpool: pack widths truncated");
+  *widths = payload + *pos;
+  *pos += width_bytes;
+  uint64_t bytes = 0;
+  for (uint64_t k = 0; k < n; ++k) bytes += 2 * Nibble(*widths, k);
+  if (size - *pos < bytes) return absl::DataLossError("kvpool: pack data truncated");
+  *data = payload + *pos;
+  *pos += bytes;
+  return absl::OkStatus();
+}
+
+// Decodes a pack stream into codes[(16 * g + i) * cols + c].
+void DecodePacks(const uint8_t* widths, const uint8_t* data, uint32_t groups, uint32_t cols,
+                 std::vector<int32_t>* codes) {
+  codes->assign(uint64_t{groups} * kPack * cols, 0);
+  for (uint32_t g = 0; g < groups; ++g) {
+    for (uint32_t c = 0; c < cols; ++c) {
+      const uint32_t w = Nibble(widths, uint64_t{g} * cols + c);
+      for (uint32_t i = 0; i < kPack; ++i) {
+        uint32_t u = 0;
+        for (uint32_t b = 0; b < w; ++b) u |= ((Load16(data + 2 * b) >> i) & 1u) << b;
+        (*codes)[(uint64_t{g} * kPack + i) * cols + c] = UnZigZag(u);
+      }
+      data += 2 * w;
+    }
+  }
+}
+
+// Symmetric eigen-decomposition of a small k x k matrix (cyclic Jacobi): a -> diagonal,
+// v -> eigenvectors in columns.
+void Jacobi(int k, std::vector<double>* a, std::vector<double>* v) {
+  v->assign(k * k, 0);
+  for (int i = 0; i < k; ++i) (*v)[i * k + i] = 1;
+  double* m = a->data();
+  for (int sweep = 0; sweep < 30; ++sweep) {
+    double off = 0;
+    for (int p = 0; p < k; ++p)
+      for (int q = p + 1; q < k; ++q) off += m[p * k + q] * m[p * k + q];
+    if (off < 1e-30) break;
+    for (int p = 0; p < k; ++p) {
+      for (int q = p + 1; q < k; ++q) {
+        if (std::fabs(m[p * k + q]) < 1e-300) continue;
+        const double theta = (m[q * k + q] - m[p * k + p]) / (2 * m[p * k + q]);
+        const double t = (theta >= 0 ? 1 : -1) / (std::fabs(theta) + std::sqrt(theta * theta + 1));
+        const double c = 1 / std::sqrt(t * t + 1), s = t * c;
+        for (int r = 0; r < k; ++r) {  // columns p, q
+          const double x = m[r * k + p], y = m[r * k + q];
+          m[r * k + p] = c * x - s * y;
+          m[r * k + q] = s * x + c * y;
+        }
+        for (int r = 0; r < k; ++r) {  // rows p, q
+          const double x = m[p * k + r], y = m[q * k + r];
+          m[p * k + r] = c * x - s * y;
+          m[q * k + r] = s * x + c * y;
+        }
+        for (int r = 0; r < k; ++r) {
+          const double x = (*v)[r * k + p], y = (*v)[r * k + q];
+          (*v)[r * k + p] = c * x - s * y;
+          (*v)[r * k + q] = s * x + c * y;
+        }
+      }
+    }
+  }
+}
+
+// Sign of the sketch entry for token t, sketch row j.
+double Omega(uint32_t t, uint32_t j) {
+  uint32_t h = t * 0x9E3779B1u ^ (j + 1) * 0x85EBCA77u;
+  h ^= h >> 15;
+  h *= 0x2C1B3C6Du;
+  h ^= h >> 12;
+  return (h & 1) ? 1.0 : -1.0;
+}
+
+// Orthonormal directions of the head's centred rows xc[t][d] (T x D) that hold more than
+// `threshold` variance per token, strongest first: rows of `dirs` (r x D), coefficients
+// coef[t][j] (T x r). Returns r.
+uint32_t LowRankDirections(const std::vector<double>& xc, uint32_t T, uint32_t D, uint32_t kmax,
+                           double threshold, std::vector<double>* dirs, std::vector<double>* coef) {
+  std::vector<double> s(kmax * D, 0), y(uint64_t{T} * kmax, 0);
+  for (uint32_t t = 0; t < T; ++t)
+    for (uint32_t j = 0; j < kmax; ++j)
+      for (uint32_t d = 0; d < D; ++d) s[j * D + d] += Omega(t, j) * xc[uint64_t{t} * D + d];
+  // One power iteration: s = (xc s^T)^T xc.
+  for (uint32_t t = 0; t < T; ++t)
+    for (uint32_t j = 0; j < kmax; ++j) {
+      double acc = 0;
+      for (uint32_t d = 0; d < D; ++d) acc += xc[uint64_t{t} * D + d] * s[j * D + d];
+      y[uint64_t{t} * kmax + j] = acc;
+    }
+  std::fill(s.begin(), s.end(), 0.0);
+  for (uint32_t t = 0; t < T; ++t)
+    for (uint32_t j = 0; j < kmax; ++j)
+      for (uint32_t d = 0; d < D; ++d)
+        s[j * D + d] += y[uint64_t{t} * kmax + j] * xc[uint64_t{t} * D + d];
+  // Gram-Schmidt (twice) on the rows.
+  uint32_t k = 0;
+  for (uint32_t j = 0; j < kmax; ++j) {
+    double* row = &s[j * D];
+    double norm0 = 0;
+    for (uint32_t d = 0; d < D; ++d) norm0 += row[d] * row[d];
+    for (int pass = 0; pass < 2; ++pass)
+      for (uint32_t i = 0; i < k; ++i) {
+        double dot = 0;
+        for (uint32_t d = 0; d < D; ++d) dot += row[d] * s[i * D + d];
+        for (uint32_t d = 0; d < D; ++d) row[d] -= dot * s[i * D + d];
+      }
+    double norm = 0;
+    for (uint32_t d = 0; d < D; ++d) norm += row[d] * row[d];
+    if (!(norm > 1e-20 * norm0) || !(norm > 0) || !std::isfinite(norm)) continue;
+    norm = std::sqrt(norm);
+    for (uint32_t d = 0; d < D; ++d) s[k * D + d] = row[d] / norm;
+    ++k;
+  }
+  if (k == 0) return 0;
+  std::vector<double> c(uint64_t{T} * k), gram(k * k, 0), v;
+  for (uint32_t t = 0; t < T; ++t)
+    for (uint32_t j = 0; j < k; ++j) {
+      double acc = 0;
+      for (uint32_t d = 0; d < D; ++d) acc += xc[uint64_t{t} * D + d] * s[j * D + d];
+      c[uint64_t{t} * k + j] = acc;
+    }
+  for (uint32_t t = 0; t < T; ++t)
+    for (uint32_t a = 0; a < k; ++a)
+      for (uint32_t b = 0; b < k; ++b) gram[a * k + b] += c[uint64_t{t} * k + a] * c[uint64_t{t} * k + b];
+  Jacobi(k, &gram, &v);
+  std::vector<uint32_t> order(k);
+  for (uint32_t i = 0; i < k; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](uint32_t a, uint32_t b) { return gram[a * k + a] > gram[b * k + b]; });
+  uint32_t r = 0;
+  while (r < k && gram[order[r] * k + order[r]] / T > threshold) ++r;
+  dirs->assign(r * D, 0);
+  coef->assign(uint64_t{T} * r, 0);
+  for (uint32_t j = 0; j < r; ++j) {
+    const uint32_t e = order[j];
+    for (uint32_t i = 0; i < k; ++i)
+      for (uint32_t d = 0; d < D; ++d) (*dirs)[j * D + d] += v[i * k + e] * s[i * D + d];
+    for (uint32_t t = 0; t < T; ++t)
+      for (uint32_t i = 0; i < k; ++i) (*coef)[uint64_t{t} * r + j] += c[uint64_t{t} * k + i] * v[i * k + e];
+  }
+  return r;
+}
+
+}  // namespace
+
+float ToFloat(DType dtype, uint16_t h) {
+  return dtype == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h);
+}
+uint16_t FromFloat(DType dtype, float f) {
+  return dtype == DType::kBf16 ? FloatToBf16(f) : FloatToFp16(f);
+}
+
+uint64_t RawPayloadBytes(const SegmentShape& shape) { return kHeaderBytes + shape.Bytes(); }
+
+double TargetError(const SegmentShape& shape, const CodecParams& params) {
+  double target = params.budget;
+  const uint32_t key_scale = params.extra & 0xff;
+  if (shape.kind == SegmentKind::kKey && key_scale != 0) target *= key_scale / 64.0;
+  return target * (1 - 1e-6);  // Margin for the caller's own rounding of the measurement.
+}
+
+absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
+                          Parsed* parsed) {
+  if (size < kHeaderBytes) return absl::DataLossError("kvpool: payload shorter than its header");
+  if (payload[1] != 0 || payload[2] != 0 || payload[3] != 0) {
+    return absl::DataLossError("kvpool: reserved header bytes are not zero");
+  }
+  parsed->mode = payload[0];
+  parsed->step = LoadF32(payload + 4);
+  if (parsed->mode == kModeRaw) {
+    if (size != RawPayloadBytes(shape)) {
+      return absl::DataLossError(absl::StrCat("kvpool: raw payload is ", size, " bytes, expected ",
+                                              RawPayloadBytes(shape)));
+    }
+    parsed->raw = payload + kHeaderBytes;
+    return absl::OkStatus();
+  }
+  if (parsed->mode != kModeCoded) return absl::DataLossError("kvpool: unknown payload mode");
+  if (!std::isfinite(parsed->step) || !(parsed->step > 0)) {
+    return absl::DataLossError("kvpool: residual step is not a positive finite number");
+  }
+  const uint64_t H = shape.kv_heads, D = shape.head_dim, G = Groups(shape.tokens);
+  uint64_t pos = kHeaderBytes;
+  if (size - pos < H + H * D * 2) return absl::DataLossError("kvpool: payload truncated");
+  parsed->ranks = payload + pos;
+  pos += H;
+  parsed->coef_cols = 0;
+  for (uint64_t h = 0; h < H; ++h) {
+    if (parsed->ranks[h] > kMaxRank) return absl::DataLossError("kvpool: rank above 8");
+    parsed->coef_cols += parsed->ranks[h];
+  }
+  parsed->means = payload + pos;
+  pos += H * D * 2;
+  const uint64_t dir_bytes = uint64_t{parsed->coef_cols} * (kDirectionBytes + D);
+  if (size - pos < dir_bytes) return absl::DataLossError("kvpool: basis truncated");
+  parsed->directions = payload + pos;
+  for (uint64_t j = 0; j < parsed->coef_cols; ++j) {
+    const uint8_t* p = parsed->directions + j * (kDirectionBytes + D);
+    if (!std::isfinite(LoadF32(p)) || !std::isfinite(LoadF32(p + 4))) {
+      return absl::DataLossError("kvpool: basis or coefficient step is not finite");
+    }
+  }
+  pos += dir_bytes;
+  absl::Status s = ParsePacks(payload, size, G, parsed->coef_cols, &pos, &parsed->coef_widths,
+                              &parsed->coef_data);
+  if (!s.ok()) return s;
+  s = ParsePacks(payload, size, G, H * D, &pos, &parsed->res_widths, &parsed->res_data);
+  if (!s.ok()) return s;
+  if (pos != size) return absl::DataLossError("kvpool: bytes after the residual packs");
+  return absl::OkStatus();
+}
+
+void DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowRank* lr) {
+  const uint32_t H = shape.kv_heads, D = shape.head_dim, G = Groups(shape.tokens);
+  const uint32_t R = parsed.coef_cols;
+  lr->basis.assign(uint64_t{H} * kMaxRank * D, 0.f);
+  lr->first_col.assign(H + 1, 0);
+  std::vector<float> cstep(R);
+  for (uint32_t h = 0, col = 0; h < H; ++h) {
+    lr->first_col[h] = col;
+    for (uint32_t j = 0; j < parsed.ranks[h]; ++j, ++col) {
+      const uint8_t* p = parsed.directions + uint64_t{col} * (kDirectionBytes + D);
+      cstep[col] = LoadF32(p);
+      const float bs = LoadF32(p + 4);
+      for (uint32_t d = 0; d < D; ++d) {
+        lr->basis[(uint64_t{h} * kMaxRank + j) * D + d] = float(int8_t(p[kDirectionBytes + d])) * bs;
+      }
+    }
+  }
+  lr->first_col[H] = R;
+  std::vector<int32_t> codes;
+  DecodePacks(parsed.coef_widths, parsed.coef_data, G, R, &codes);
+  lr->coefficients.resize(codes.size());
+  for (uint64_t i = 0; i < codes.size(); ++i) lr->coefficients[i] = float(codes[i]) * cstep[i % R];
+}
+
+bool AppendPacks(const std::vector<int32_t>& codes, uint32_t groups, uint32_t cols,
+                 std::vector<uint8_t>* out) {
+  const uint64_t n = uint64_t{groups} * cols;
+  const uint64_t widths_at = out->size();
+  out->resize(widths_at + (n + 1) / 2, 0);
+  for (uint32_t g = 0; g < groups; ++g) {
+    for (uint32_t c = 0; c < cols; ++c) {
+      uint32_t u[kPack], all = 0;
+      for (uint32_t i = 0; i < kPack; ++i) {
+        u[i] = ZigZag(codes[(uint64_t{g} * kPack + i) * cols + c]);
+        all |= u[i];
+      }
+      uint32_t w = 0;
+      while (w < 32 && (all >> w) != 0) ++w;
+      if (w > kMaxWidth) return false;
+      const uint64_t k = uint64_t{g} * cols + c;
+      (*out)[widths_at + k / 2] |= uint8_t(w << (4 * (k & 1)));
+      for (uint32_t b = 0; b < w; ++b) {
+        uint32_t plane = 0;
+        for (uint32_t i = 0; i < kPack; ++i) plane |= ((u[i] >> b) & 1u) << i;
+        out->push_back(uint8_t(plane));
+        out->push_back(uint8_t(plane >> 8));
+      }
+    }
+  }
+  return true;
+}
+
+void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_t* in,
+             Analysis* a) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
+  const uint64_t HD = uint64_t{H} * D, N = shape.Elements();
+  a->x.resize(N);
+  a->energy = 0;
+  a->finite = true;
+  for (uint64_t i = 0; i < N; ++i) {
+    a->x[i] = ToFloat(shape.dtype, in[i]);
+    if (!std::isfinite(a->x[i])) a->finite = false;
+    a->energy += double(a->x[i]) * a->x[i];
+  }
+  if (!a->finite || !std::isfinite(a->energy) || N == 0) {
+    a->finite = false;
+    return;
+  }
+  double step0 = std::sqrt(12.0 * a->energy / double(N)) * TargetError(shape, params);
+  if (!(step0 >= 1e-30) || !std::isfinite(step0)) step0 = 1.0;
+  a->first_step = float(step0);
+  std::vector<uint8_t> ranks(H, 0), means(HD * 2), dirs;
+  std::vector<std::vector<int32_t>> head_codes(H);  // [t][j] per head
+  a->prediction.assign(N, 0.f);
+  std::vector<double> xc(uint64_t{T} * D), basis, coef;
+  for (uint32_t h = 0; h < H; ++h) {
+    std::vector<float> m(D);
+    double var = 0;
+    for (uint32_t d = 0; d < D; ++d) {
+      double sum = 0;
+      for (uint32_t t = 0; t < T; ++t) sum += a->x[t * HD + h * D + d];
+      const uint16_t e = FromFloat(shape.dtype, float(sum / T));
+      means[(h * D + d) * 2] = uint8_t(e);
+      means[(h * D + d) * 2 + 1] = uint8_t(e >> 8);
+      m[d] = ToFloat(shape.dtype, e);
+      for (uint32_t t = 0; t < T; ++t) {
+        xc[uint64_t{t} * D + d] = double(a->x[t * HD + h * D + d]) - m[d];
+        var += xc[uint64_t{t} * D + d] * xc[uint64_t{t} * D + d];
+      }
+    }
+    var /= double(T) * D;
+    const uint32_t kmax = (T >= 2 * kPack && D >= 4) ? std::min(kMaxRank, D / 2) : 0;
+    const double threshold = std::max(kRankThreshold * var, 4 * step0 * step0);
+    uint32_t r = kmax ? LowRankDirections(xc, T, D, kmax, threshold, &basis, &coef) : 0;
+    std::vector<float> bhat(r * D), cstep(r);
+    std::vector<int32_t>& codes = head_codes[h];
+    codes.assign(uint64_t{G} * kPack * r, 0);
+    uint32_t kept = 0;
+    for (uint32_t j = 0; j < r; ++j) {
+      double bmax = 0, cmax = 0;
+      for (uint32_t d = 0; d < D; ++d) bmax = std::max(bmax, std::fabs(basis[j * D + d]));
+      for (uint32_t t = 0; t < T; ++t) cmax = std::max(cmax, std::fabs(coef[uint64_t{t} * r + j]));
+      const float bs = float(bmax / 127), cs = float(std::max(double(kCoefStepFactor) * step0,
+                                                              cmax / 16000.0));
+      if (!(bs > 1e-30f) || !std::isfinite(cs) || !(cs > 1e-30f)) break;
+      PutF32(&dirs, cs);
+      PutF32(&dirs, bs);
+      for (uint32_t d = 0; d < D; ++d) {
+        const int code = int(std::max(-127.f, std::min(127.f, std::nearbyint(float(basis[j * D + d] / bs)))));
+        dirs.push_back(uint8_t(int8_t(code)));
+        bhat[j * D + d] = float(code) * bs;
+      }
+      cstep[j] = cs;
+      for (uint32_t t = 0; t < T; ++t) {
+        codes[uint64_t{t} * r + j] = int32_t(std::nearbyint(float(coef[uint64_t{t} * r + j] / cs)));
+      }
+      ++kept;
+    }
+    ranks[h] = uint8_t(kept);
+    if (kept < r) {  // Compact the codes to `kept` columns.
+      std::vector<int32_t> c2(uint64_t{G} * kPack * kept);
+      for (uint64_t t = 0; t < uint64_t{G} * kPack; ++t)
+        for (uint32_t j = 0; j < kept; ++j) c2[t * kept + j] = codes[t * r + j];
+      codes.swap(c2);
+    }
+    for (uint32_t t = 0; t < T; ++t)
+      for (uint32_t d = 0; d < D; ++d) {
+        float p = m[d];
+        for (uint32_t j = 0; j < kept; ++j) p = p + float(codes[uint64_t{t} * kept + j]) * cstep[j] * bhat[j * D + d];
+        a->prediction[t * HD + h * D + d] = p;
+      }
+  }
+  uint32_t R = 0;
+  for (uint32_t h = 0; h < H; ++h) R += ranks[h];
+  std::vector<int32_t> all(uint64_t{G} * kPack * R, 0);
+  for (uint32_t h = 0, col = 0; h < H; col += ranks[h], ++h)
+    for (uint64_t t = 0; t < uint64_t{G} * kPack; ++t)
+      for (uint32_t j = 0; j < ranks[h]; ++j) all[t * R + col + j] = head_codes[h][t * ranks[h] + j];
+  a->head = ranks;
+  a->head.insert(a->head.end(), means.begin(), means.end());
+  a->head.insert(a->head.end(), dirs.begin(), dirs.end());
+  AppendPacks(all, G, R, &a->head);  // Coefficient codes are below 16001: always fits.
+}
+
+}  // namespace internal
+
+namespace internal {
+
+bool QuantizeResidualRef(const SegmentShape& shape, const Analysis& a, float step,
+                         std::vector<int32_t>* codes, double* err) {
+  const uint64_t N = shape.Elements();
+  codes->assign(uint64_t{Groups(shape.tokens)} * kPack * shape.kv_heads * shape.head_dim, 0);
+  double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (uint64_t i = 0; i < N; ++i) {
+    const float v = std::nearbyint((a.x[i] - a.prediction[i]) / step);
+    if (!(std::fabs(v) <= kMaxCode)) return false;
+    const int32_t q = int32_t(v);
+    (*codes)[i] = q;
+    const float y = ToFloat(shape.dtype, FromFloat(shape.dtype, a.prediction[i] + float(q) * step));
+    const float diff = y - a.x[i];
+    sums[i % 8] += double(diff) * double(diff);
+  }
+  *err = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+  return std::isfinite(*err);
+}
+
+absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecParams& params,
+                                      const uint16_t* in, Analysis* a, QuantizeFn quantize,
+                                      uint8_t* out, uint64_t capacity) {
+  const uint64_t raw_bytes = RawPayloadBytes(shape);
+  std::vector<uint8_t> payload;
+  if (a->finite) {
+    const double target = TargetError(shape, params);
+    const double allowed = target * target * a->energy;
+    std::vector<int32_t> codes, best_codes;
+    float best_step = 0, step = a->first_step;
+    for (int it = 0; it < kMaxSearch; ++it) {
+      double err = 0;
+      const bool fits = quantize(shape, *a, step, &codes, &err);
+      if (fits && err <= allowed) {
+        if (step > best_step) {
+          best_step = step;
+          best_codes.swap(codes);
+        }
+        // Close enough to the budget: stop; else try a larger step.
+        if (err >= 0.9 * allowed || it >= 3) break;
+      }
+      double factor = !fits ? 2.0 : (err > 0 ? 0.998 * std::sqrt(allowed / err) : 2.0);
+      if (best_step > 0 && !(fits && err <= allowed) ) break;  // Overshot after a success.
+      factor = std::min(4.0, std::max(0.25, factor));
+      const float next = float(step * factor);
+      if (!(next > 0) || !std::isfinite(next) || next == step) break;
+      step = next;
+    }
+    if (best_step > 0) {
+      payload.assign(kHeaderBytes, 0);
+      payload[0] = kModeCoded;
+      std::memcpy(&payload[4], &best_step, 4);
+      payload.insert(payload.end(), a->head.begin(), a->head.end());
+      if (!AppendPacks(best_codes, Groups(shape.tokens), shape.kv_heads * shape.head_dim,
+                       &payload) ||
+          payload.size() >= raw_bytes) {
+        payload.clear();
+      }
+    }
+  }
+  if (payload.empty()) {  // Raw: exact.
+    if (capacity < raw_bytes) return absl::InvalidArgumentError("kvpool: output too small");
+    std::memset(out, 0, kHeaderBytes);
+    for (uint64_t i = 0; i < shape.Elements(); ++i) {
+      out[kHeaderBytes + 2 * i] = uint8_t(in[i]);
+      out[kHeaderBytes + 2 * i + 1] = uint8_t(in[i] >> 8);
+    }
+    return raw_bytes;
+  }
+  if (capacity < payload.size()) return absl::InvalidArgumentError("kvpool: output too small");
+  std::memcpy(out, payload.data(), payload.size());
+  return payload.size();
+}
+
+}  // namespace internal
+
+uint64_t MaxPayloadBytes(const SegmentShape& shape, const CodecParams&) {
+  return internal::RawPayloadBytes(shape);
+}
+
+absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams& params,
+                                   const uint16_t* in, uint8_t* out, uint64_t capacity) {
+  if (!(params.budget > 0 && params.budget < 1)) {
+    return absl::InvalidArgumentError("kvpool: budget must be in (0, 1)");
+  }
+  internal::Analysis a;
+  internal::Analyze(shape, params, in, &a);
+  return internal::FinishEncode(shape, params, in, &a, &internal::QuantizeResidualRef, out,
+                                capacity);
+}
+
+absl::Status DecodeRef(const SegmentShape& shape, const CodecParams& params,
+                       const uint8_t* payload, uint64_t size, uint16_t* out) {
+  using namespace internal;  // NOLINT: the format's own helpers.
+  Parsed parsed;
+  absl::Status s = ParsePayload(shape, payload, size, &parsed);
+  if (!s.ok()) return s;
+  const uint64_t N = shape.Elements();
+  if (parsed.mode == kModeRaw) {
+    for (uint64_t i = 0; i < N; ++i) out[i] = Load16(parsed.raw + 2 * i);
+    return absl::OkStatus();
+  }
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
+  const uint64_t HD = uint64_t{H} * D;
+  LowRank lr;
+  DecodeLowRank(shape, parsed, &lr);
+  std::vector<int32_t> codes;
+  DecodePacks(parsed.res_widths, parsed.res_data, G, uint32_t(HD), &codes);
+  const uint32_t R = parsed.coef_cols;
+  for (uint32_t t = 0; t < T; ++t) {
+    for (uint32_t h = 0; h < H; ++h) {
+      for (uint32_t d = 0; d < D; ++d) {
+        const uint64_t c = uint64_t{h} * D + d;
+        float p = ToFloat(shape.dtype, Load16(parsed.means + 2 * c));
+        for (uint32_t j = 0; j < parsed.ranks[h]; ++j) {
+          p = p + lr.coefficients[uint64_t{t} * R + lr.first_col[h] + j] *
+                      lr.basis[(uint64_t{h} * kMaxRank + j) * D + d];
+        }
+        out[t * HD + c] = FromFloat(shape.dtype, p + float(codes[t * HD + c]) * parsed.step);
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace kvpool::kernels::kvpool

@@ -11,6 +11,7 @@
 #include "absl/time/clock.h"
 #include "common/logging.h"
 #include "common/net.h"
+#include "kernels/device.h"
 #include "common/status_util.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -65,7 +66,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
     d->metrics_address_ = absl::StrCat(hp->host, ":", ports.empty() ? hp->port : ports[0]);
   }
 
-  d->service_ = std::make_unique<KvPoolService>(options.service, d->store_.get(),
+  ServiceOptions service_options = options.service;
+  service_options.gpu_encode = kernels::DeviceCount() > 0;
+  d->service_ = std::make_unique<KvPoolService>(service_options, d->store_.get(),
                                                 d->metrics_.get());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -26,6 +26,7 @@ struct CliOptions {
   uint32_t group = 0;
   float budget = 0;
   bool server_decode = false;
+  std::string budgets;   // codec eval: kvpool budgets to compare, comma-separated.
   std::string extra_key;
   bool json = false;
   // gen
@@ -56,6 +57,9 @@ absl::Status RunDelete(const CliOptions& o);
 absl::Status RunStats(const CliOptions& o);
 absl::Status RunGen(const CliOptions& o);
 absl::Status RunDemo(const CliOptions& o);
+absl::Status RunCodecEncode(const CliOptions& o);
+absl::Status RunCodecDecode(const CliOptions& o);
+absl::Status RunCodecEval(const CliOptions& o);
 
 }  // namespace kvpool::cli
 

@@ -8,6 +8,10 @@
 //   kvpool gen  --out KV.npy [--token-ids IDS.npy] [--layers L --kv-heads H --head-dim D
 //               --tokens T --dtype fp16|bf16 --seed S]
 //   kvpool [--server HOST:PORT] demo [--requests R --shared-blocks S --unique-blocks U]
+//   kvpool codec encode --in KV.npy --out X.kvz [--codec C --bits B --group G --budget E
+//                       --tokens-per-block N]
+//   kvpool codec decode --in X.kvz --out KV.npy
+//   kvpool codec eval   --in KV.npy [--codec C params... | --budgets 0.01,0.05] [--json]
 //
 // Exit 0 on success; 1 with a one-line reason on failure; 2 on a usage error.
 #include <iostream>
@@ -32,6 +36,8 @@ ABSL_FLAG(std::string, codec, "", "raw | kivi | packkv | kvpool (put: default th
 ABSL_FLAG(uint32_t, bits, 0, "codec bits (kivi: 2, 4, 8; packkv: max bit width)");
 ABSL_FLAG(uint32_t, group, 0, "codec group size (kivi: G; packkv: tokens per pack)");
 ABSL_FLAG(float, budget, 0, "packkv, kvpool: relative L2 error budget per segment");
+ABSL_FLAG(std::string, budgets, "0.01,0.02,0.05,0.1",
+          "codec eval: kvpool error budgets to compare (without --codec)");
 ABSL_FLAG(bool, server_decode, false, "get: the daemon decodes (default: this client decodes)");
 ABSL_FLAG(std::string, extra_key, "", "extra key bytes mixed into every block key (LoRA, tenant)");
 ABSL_FLAG(bool, json, false, "print JSON");
@@ -63,9 +69,14 @@ int main(int argc, char** argv) {
       {"put", kvpool::cli::RunPut},     {"lookup", kvpool::cli::RunLookup},
       {"get", kvpool::cli::RunGet},     {"delete", kvpool::cli::RunDelete},
       {"stats", kvpool::cli::RunStats}, {"gen", kvpool::cli::RunGen},
-      {"demo", kvpool::cli::RunDemo}};
-  if (positional.size() != 2 || commands.count(positional[1]) == 0) {
-    std::cerr << "kvpool: expected one subcommand: put, lookup, get, delete, stats, gen, demo\n";
+      {"demo", kvpool::cli::RunDemo},   {"codec encode", kvpool::cli::RunCodecEncode},
+      {"codec decode", kvpool::cli::RunCodecDecode}, {"codec eval", kvpool::cli::RunCodecEval}};
+  std::string command = positional.size() > 1 ? positional[1] : "";
+  if (command == "codec" && positional.size() == 3) command += std::string(" ") + positional[2];
+  const size_t expected_args = command.rfind("codec", 0) == 0 ? 3 : 2;
+  if (positional.size() != expected_args || commands.count(command) == 0) {
+    std::cerr << "kvpool: expected one subcommand: put, lookup, get, delete, stats, gen, demo, "
+                 "codec encode|decode|eval\n";
     return 2;
   }
   kvpool::cli::CliOptions o;
@@ -81,6 +92,7 @@ int main(int argc, char** argv) {
   o.group = absl::GetFlag(FLAGS_group);
   o.budget = absl::GetFlag(FLAGS_budget);
   o.server_decode = absl::GetFlag(FLAGS_server_decode);
+  o.budgets = absl::GetFlag(FLAGS_budgets);
   o.extra_key = absl::GetFlag(FLAGS_extra_key);
   o.json = absl::GetFlag(FLAGS_json);
   o.layers = absl::GetFlag(FLAGS_layers);
@@ -97,7 +109,6 @@ int main(int argc, char** argv) {
   o.requests = absl::GetFlag(FLAGS_requests);
   o.shared_blocks = absl::GetFlag(FLAGS_shared_blocks);
   o.unique_blocks = absl::GetFlag(FLAGS_unique_blocks);
-  const std::string command = positional[1];
   if (absl::Status s = commands.at(command)(o); !s.ok()) {
     std::cerr << "kvpool " << command << ": " << s.message() << "\n";
     return 1;

@@ -39,6 +39,7 @@ struct CodecPolicy {
 
 struct ServiceOptions {
   CodecPolicy codecs;
+  bool gpu_encode = false;  // Encode puts with the CUDA kernels (set when a GPU is present).
   uint32_t max_keys_per_request = 4096;             // More keys: INVALID_ARGUMENT.
   uint64_t max_request_bytes = uint64_t{1} << 30;   // Larger puts: RESOURCE_EXHAUSTED.
   uint64_t chunk_bytes = uint64_t{1} << 20;         // Data bytes per Get stream message.

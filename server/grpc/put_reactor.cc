@@ -12,6 +12,7 @@
 #include "absl/time/clock.h"
 #include "common/status_util.h"
 #include "kernels/codec.h"
+#include "kernels/device_codec.h"
 #include "proto/convert.h"
 #include "server/grpc/kvpool_service.h"
 
@@ -122,10 +123,21 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     return absl::OkStatus();
   }
 
-  // Encodes the block in buffer_ into its 2 * layers segments.
+  // Encodes the block in buffer_ into its 2 * layers segments: on the GPU when the daemon has
+  // one and the codec a CUDA encoder, else on the fast CPU path.
   absl::StatusOr<StoredBlockPtr> EncodeBlock() {
     SegmentShape shape{spec_.tokens_per_block, spec_.num_kv_heads, spec_.head_dim, spec_.dtype};
     const uint64_t elements = shape.Elements();
+    if (service_->options().gpu_encode &&
+        kernels::GetCodecOps(codec_.codec).encode_cuda != nullptr) {
+      std::vector<SegmentShape> shapes(spec_.SegmentsPerBlock(), shape);
+      for (size_t s = 0; s < shapes.size(); ++s) {
+        shapes[s].kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
+      }
+      auto segments = kernels::EncodeSegmentsOnDevice(codec_, shapes, buffer_);
+      if (!segments.ok()) return Annotate(segments.status(), "encoding on the GPU");
+      return std::make_shared<const StoredBlock>(std::move(*segments), spec_.BlockBytes());
+    }
     std::vector<std::string> segments;
     segments.reserve(spec_.SegmentsPerBlock());
     for (uint64_t s = 0; s < spec_.SegmentsPerBlock(); ++s) {

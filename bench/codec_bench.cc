@@ -1,0 +1,189 @@
+#include "bench/codec_bench.h"
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "client/synthetic.h"
+#include "common/status_macros.h"
+#include "kernels/codec.h"
+#include "kernels/codec_bench.h"
+
+namespace kvpool::bench {
+namespace {
+
+// Synthetic fp16 KV: 4 layers x 8 heads x 128 dims x 1024 tokens, cut into 256-token segments
+// (32 segments of 512 KiB), tiled kCopies times: 128 MiB in all, beyond the last-level cache as
+// a daemon's working set is, for the codecs and the memcpy anchor alike.
+constexpr uint32_t kLayers = 4, kHeads = 8, kDim = 128, kTokens = 1024, kSegTokens = 256;
+constexpr int kCopies = 8;
+
+struct Segments {
+  SegmentShape key{kSegTokens, kHeads, kDim, DType::kFp16, SegmentKind::kKey};
+  std::vector<std::vector<uint16_t>> data;  // Each one segment; even = key, odd = value.
+  uint64_t bytes = 0;
+};
+
+Segments MakeSegments() {
+  client::SyntheticOptions o;
+  o.num_layers = kLayers;
+  o.num_kv_heads = kHeads;
+  o.head_dim = kDim;
+  o.tokens = kTokens;
+  const std::string kv = client::SyntheticKv(o);
+  const uint16_t* e = reinterpret_cast<const uint16_t*>(kv.data());
+  Segments s;
+  const uint64_t row = uint64_t{kHeads} * kDim;
+  for (int copy = 0; copy < kCopies; ++copy)
+  for (uint32_t start = 0; start < kTokens; start += kSegTokens) {
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      for (int kind = 0; kind < 2; ++kind) {
+        const uint16_t* p = e + ((uint64_t{l} * 2 + kind) * kTokens + start) * row;
+        s.data.emplace_back(p, p + kSegTokens * row);
+        s.bytes += kSegTokens * row * 2;
+      }
+    }
+  }
+  return s;
+}
+
+// GB/s of `bytes` per call of fn: repeats for at least `seconds`, best of 3 rounds.
+absl::StatusOr<double> Rate(double seconds, uint64_t bytes, const std::function<absl::Status()>& fn) {
+  double best = 0;
+  for (int round = 0; round < 3; ++round) {
+    const absl::Time t0 = absl::Now();
+    uint64_t calls = 0;
+    do {
+      KVPOOL_RETURN_IF_ERROR(fn());
+      ++calls;
+    } while (absl::ToDoubleSeconds(absl::Now() - t0) < seconds / 3);
+    best = std::max(best, calls * bytes / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
+  }
+  return best;
+}
+
+std::string Name(const CodecParams& p) {
+  switch (p.codec) {
+    case CodecId::kRaw: return "raw";
+    case CodecId::kKivi: return absl::StrFormat("kivi-%d", p.bits);
+    case CodecId::kPackKv: return absl::StrFormat("packkv e=%g", p.budget);
+    case CodecId::kKvpool: return absl::StrFormat("kvpool e=%g", p.budget);
+  }
+  return "?";
+}
+
+}  // namespace
+
+absl::Status RunCodecBench(const CodecBenchOptions& o) {
+  const Segments segs = MakeSegments();
+  std::vector<uint16_t> dst(segs.data[0].size() * segs.data.size());
+  KVPOOL_ASSIGN_OR_RETURN(double memcpy_gbps, Rate(o.seconds, segs.bytes, [&] {
+    uint16_t* d = dst.data();
+    for (const auto& s : segs.data) {
+      std::memcpy(d, s.data(), s.size() * 2);
+      d += s.size();
+    }
+    return absl::OkStatus();
+  }));
+  std::vector<CodecParams> set = {CodecParams{CodecId::kRaw},
+                                  CodecParams{CodecId::kKivi, 2, 0, 32},
+                                  CodecParams{CodecId::kKivi, 4, 0, 32},
+                                  CodecParams{CodecId::kPackKv, 8, 0, 16, 0.02f},
+                                  CodecParams{CodecId::kKvpool, 0, 0, 0, 0.05f}};
+  struct Row {
+    std::string name, codec, path;
+    double encode = 0, decode = 0, ratio = 0;
+  };
+  std::vector<Row> rows;
+  std::string device_line;
+  double d2d = 0;
+  for (CodecParams& p : set) {
+    KVPOOL_ASSIGN_OR_RETURN(p, kernels::NormalizeParams(p));
+    const kernels::CodecOps& ops = kernels::GetCodecOps(p.codec);
+    const uint64_t cap = ops.max_payload_bytes(segs.key, p);
+    std::vector<std::vector<uint8_t>> payloads(segs.data.size(), std::vector<uint8_t>(cap));
+    std::vector<uint64_t> sizes(segs.data.size());
+    for (kernels::Path path : {kernels::Path::kRef, kernels::Path::kCpu}) {
+      auto encode = path == kernels::Path::kRef ? ops.encode_ref : ops.encode_cpu;
+      auto decode = path == kernels::Path::kRef ? ops.decode_ref : ops.decode_cpu;
+      Row row{Name(p), std::string(CodecName(p.codec)), std::string(kernels::PathName(path))};
+      auto enc = Rate(o.seconds, segs.bytes, [&]() -> absl::Status {
+        for (size_t i = 0; i < segs.data.size(); ++i) {
+          SegmentShape shape = segs.key;
+          shape.kind = i % 2 ? SegmentKind::kValue : SegmentKind::kKey;
+          KVPOOL_ASSIGN_OR_RETURN(sizes[i], encode(shape, p, segs.data[i].data(),
+                                                   payloads[i].data(), cap));
+        }
+        return absl::OkStatus();
+      });
+      if (!enc.ok()) return absl::Status(enc.status().code(), absl::StrFormat(
+          "%s %s encode: %s", row.name, row.path, enc.status().message()));
+      row.encode = *enc;
+      uint64_t total = 0;
+      for (uint64_t n : sizes) total += n + kSegmentHeaderBytes;
+      row.ratio = double(segs.bytes) / total;
+      auto dec = Rate(o.seconds, segs.bytes, [&]() -> absl::Status {
+        uint16_t* d = dst.data();
+        for (size_t i = 0; i < segs.data.size(); ++i) {
+          SegmentShape shape = segs.key;
+          shape.kind = i % 2 ? SegmentKind::kValue : SegmentKind::kKey;
+          KVPOOL_RETURN_IF_ERROR(decode(shape, p, payloads[i].data(), sizes[i], d));
+          d += segs.data[i].size();
+        }
+        return absl::OkStatus();
+      });
+      if (!dec.ok()) return dec.status();
+      row.decode = *dec;
+      rows.push_back(row);
+    }
+    std::vector<uint16_t> all;
+    for (const auto& s : segs.data) all.insert(all.end(), s.begin(), s.end());
+    auto dev = kernels::MeasureDeviceThroughput(p, segs.key, all, segs.data.size(), 20);
+    if (dev.ok()) {
+      d2d = dev->d2d_copy_gbps;
+      rows.push_back(Row{Name(p), std::string(CodecName(p.codec)), "cuda", dev->encode_gbps,
+                         dev->decode_gbps, 0});
+    } else {
+      device_line = std::string(dev.status().message());
+    }
+  }
+  if (o.json) {
+    std::cout << absl::StrFormat("{\"memcpy_gbps\": %.3f, \"d2d_copy_gbps\": %.3f, \"results\": [",
+                                 memcpy_gbps, d2d);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::cout << absl::StrFormat(
+          "%s{\"codec\": \"%s\", \"name\": \"%s\", \"path\": \"%s\", \"encode_gbps\": %.3f, "
+          "\"decode_gbps\": %.3f, \"ratio\": %.3f}",
+          i ? ", " : "", rows[i].codec, rows[i].name, rows[i].path, rows[i].encode,
+          rows[i].decode, rows[i].ratio);
+    }
+    std::cout << "]}\n";
+    return absl::OkStatus();
+  }
+  std::cout << absl::StrFormat(
+      "codec: one core, synthetic fp16 KV, %d segments of [%d][%d][%d] (%s MiB), GB/s of fp16\n"
+      "  %-16s %-5s %9s %9s %7s %9s %9s\n",
+      segs.data.size(), kSegTokens, kHeads, kDim, absl::StrFormat("%.0f", segs.bytes / 1048576.0),
+      "codec", "path", "encode", "decode", "ratio", "enc/mcpy", "dec/mcpy");
+  for (const Row& r : rows) {
+    const double anchor = r.path == "cuda" ? d2d : memcpy_gbps;
+    std::cout << absl::StrFormat("  %-16s %-5s %9.2f %9.2f %6.2fx %9.2f %9.2f\n", r.name, r.path,
+                                 r.encode, r.decode, r.ratio, r.encode / anchor,
+                                 r.decode / anchor);
+  }
+  std::cout << absl::StrFormat("  %-16s %-5s %9.2f %9s   (anchor, same run)\n", "memcpy", "cpu",
+                               memcpy_gbps, "");
+  if (d2d > 0) {
+    std::cout << absl::StrFormat("  %-16s %-5s %9.2f   (anchor for cuda rows)\n", "d2d copy",
+                                 "cuda", d2d);
+  } else {
+    std::cout << "  cuda: " << device_line << "\n";
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvpool::bench

@@ -1,0 +1,20 @@
+// `kvpool-bench codec`: encode and decode throughput of each codec on one core (GB/s of
+// fp16 input / output), per path (ref, cpu), beside memcpy of the same bytes measured in the
+// same run; with a GPU, the CUDA paths beside a device-to-device copy.
+#ifndef KVPOOL_BENCH_CODEC_BENCH_H_
+#define KVPOOL_BENCH_CODEC_BENCH_H_
+
+#include "absl/status/status.h"
+
+namespace kvpool::bench {
+
+struct CodecBenchOptions {
+  bool json = false;
+  double seconds = 0.3;  // Minimum time per measurement.
+};
+
+absl::Status RunCodecBench(const CodecBenchOptions& options);
+
+}  // namespace kvpool::bench
+
+#endif  // KVPOOL_BENCH_CODEC_BENCH_H_

