@@ -114,6 +114,52 @@ TEST_F(CliTest, PartialPutGivesTheHitPrefix) {
   EXPECT_EQ(*ReadFileToString(P("back.npy")), *ReadFileToString(P("kv32.npy")));
 }
 
+TEST_F(CliTest, CodecEncodeDecodeEval) {
+  std::string out;
+  ASSERT_EQ(Kvpool({"gen", "--out", P("kv.npy"), "--layers=2", "--kv-heads=2", "--head-dim=64",
+                    "--tokens=128"},
+                   &out),
+            0);
+  // Raw round trip is exact.
+  ASSERT_EQ(Kvpool({"codec", "encode", "--codec=raw", "--in", P("kv.npy"), "--out", P("raw.kvz")},
+                   &out),
+            0)
+      << out;
+  ASSERT_EQ(Kvpool({"codec", "decode", "--in", P("raw.kvz"), "--out", P("raw.npy")}, &out), 0)
+      << out;
+  EXPECT_EQ(*ReadFileToString(P("raw.npy")), *ReadFileToString(P("kv.npy")));
+  // kvpool with a budget: smaller, and decodes to the original shape.
+  ASSERT_EQ(Kvpool({"codec", "encode", "--codec=kvpool", "--budget=0.05", "--in", P("kv.npy"),
+                    "--out", P("kv.kvz")},
+                   &out),
+            0)
+      << out;
+  EXPECT_THAT(out, HasSubstr("kvpool e=0.05"));
+  EXPECT_LT(ReadFileToString(P("kv.kvz"))->size(), ReadFileToString(P("kv.npy"))->size() / 3);
+  ASSERT_EQ(Kvpool({"codec", "decode", "--in", P("kv.kvz"), "--out", P("back.npy")}, &out), 0);
+  EXPECT_EQ(ReadNpy(P("back.npy"))->shape, ReadNpy(P("kv.npy"))->shape);
+  // A corrupted file is refused with one line.
+  std::string bytes = *ReadFileToString(P("kv.kvz"));
+  bytes[bytes.size() / 2] ^= 0x40;
+  ASSERT_THAT(WriteStringToFile(P("bad.kvz"), bytes), IsOk());
+  EXPECT_EQ(Kvpool({"codec", "decode", "--in", P("bad.kvz"), "--out", P("x.npy")}, &out), 1);
+  EXPECT_THAT(out, HasSubstr("checksum"));
+  // eval --json: every row has the fields, raw is exact, kvpool meets its budget.
+  ASSERT_EQ(Kvpool({"codec", "eval", "--in", P("kv.npy"), "--json", "--budgets=0.05"}, &out), 0)
+      << out;
+  // Raw: exact; its ratio is just under 1 (64-byte segment headers).
+  EXPECT_THAT(out, HasSubstr("\"name\": \"raw\", \"bits\": 0, \"group\": 0, \"budget\": 0, "
+                             "\"ratio\": 0.99"));
+  EXPECT_THAT(out, HasSubstr("\"rel_l2\": 0, \"key_rel_l2\": 0, \"value_rel_l2\": 0, "
+                             "\"max_abs\": 0, \"attn_rel_l2\": 0}"));
+  EXPECT_THAT(out, HasSubstr("\"attn_rel_l2\""));
+  EXPECT_THAT(out, HasSubstr("\"name\": \"kvpool e=0.05\""));
+  ASSERT_EQ(Kvpool({"codec", "eval", "--in", P("kv.npy"), "--codec=kvpool", "--budget=0.05"},
+                   &out),
+            0);
+  EXPECT_THAT(out, HasSubstr("attn_err"));
+}
+
 TEST_F(CliTest, FailuresExitNonZeroWithOneLine) {
   std::string out;
   ASSERT_EQ(Kvpool({"gen", "--out", P("kv.npy"), "--token-ids", P("ids.npy"), "--tokens=40"},
