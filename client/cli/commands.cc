@@ -189,13 +189,25 @@ absl::Status RunDelete(const CliOptions& o) {
 absl::Status RunStats(const CliOptions& o) {
   KVPOOL_ASSIGN_OR_RETURN(auto client, Connect(o));
   KVPOOL_ASSIGN_OR_RETURN(client::PoolStats s, client->Stats());
+  auto ratio = [](uint64_t logical, uint64_t stored) {
+    return stored ? double(logical) / stored : 0.0;
+  };
   if (o.json) {
+    std::string codecs;
+    for (const client::CodecUsage& c : s.codecs) {
+      absl::StrAppend(&codecs, codecs.empty() ? "" : ", ",
+                      absl::StrFormat("{\"codec\": \"%s\", \"segments\": %d, \"logical_bytes\": "
+                                      "%d, \"stored_bytes\": %d, \"compression_ratio\": %.4f}",
+                                      c.codec, c.segments, c.logical_bytes, c.stored_bytes,
+                                      ratio(c.logical_bytes, c.stored_bytes)));
+    }
     std::cout << absl::StrFormat(
         "{\"blocks\": %d, \"logical_bytes\": %d, \"stored_bytes\": %d, \"capacity_bytes\": %d, "
-        "\"evictions\": %d, \"lookup_hits\": %d, \"lookup_misses\": %d, \"namespaces\": %d, "
-        "\"version\": \"%s\"}\n",
-        s.blocks, s.logical_bytes, s.stored_bytes, s.capacity_bytes, s.evictions, s.lookup_hits,
-        s.lookup_misses, s.namespaces, s.version);
+        "\"compression_ratio\": %.4f, \"evictions\": %d, \"lookup_hits\": %d, "
+        "\"lookup_misses\": %d, \"namespaces\": %d, \"version\": \"%s\", \"codecs\": [%s]}\n",
+        s.blocks, s.logical_bytes, s.stored_bytes, s.capacity_bytes,
+        ratio(s.logical_bytes, s.stored_bytes), s.evictions, s.lookup_hits, s.lookup_misses,
+        s.namespaces, s.version, codecs);
     return absl::OkStatus();
   }
   std::cout << absl::StrFormat(
@@ -205,6 +217,11 @@ absl::Status RunStats(const CliOptions& o) {
       s.blocks, FormatBytes(s.logical_bytes), FormatBytes(s.stored_bytes),
       FormatBytes(s.capacity_bytes), s.evictions, s.lookup_hits, s.lookup_misses, s.namespaces,
       s.version);
+  for (const client::CodecUsage& c : s.codecs) {
+    std::cout << absl::StrFormat("codec %-9s %d segments, %s -> %s (%.2fx)\n", c.codec,
+                                 c.segments, FormatBytes(c.logical_bytes),
+                                 FormatBytes(c.stored_bytes), ratio(c.logical_bytes, c.stored_bytes));
+  }
   return absl::OkStatus();
 }
 
