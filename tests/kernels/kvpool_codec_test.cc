@@ -13,8 +13,10 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
+#include "kernels/codec_staging.h"
 #include "kernels/device.h"
 #include "kernels/kvpool.h"
+#include "kernels/kvpool_format.h"
 #include "kernels/quality.h"
 
 namespace kvpool::kernels {
@@ -254,19 +256,81 @@ TEST(KvpoolCodec, CorruptPayloadsFailCleanly) {
   EXPECT_EQ(DecodeSegment(bad, absl::MakeSpan(out), Path::kRef).code(), absl::StatusCode::kDataLoss);
 }
 
+// CUDA decode == reference decode, bit for bit, on reference and CPU payloads of many random
+// segments; CUDA-encoded payloads (a simpler encoding: rank 0) decode on every path to the same
+// values and meet the budget.
 TEST(KvpoolCodec, CudaMatchesReference) {
   if (DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937_64 rng(13);
-  for (const SegmentShape& s : {Shape(256, 8, 128), Shape(17, 3, 33, DType::kBf16), Shape(1, 1, 1)}) {
-    const std::vector<uint16_t> v = RandomSegment(s, 0, rng);
-    const std::string ref = Encode(Params(0.05f), s, v, Path::kRef);
-    EXPECT_EQ(Decode(ref, s, Path::kCuda), Decode(ref, s, Path::kRef));
-    auto cuda = EncodeSegment(Params(0.05f), s, v, Path::kCuda);
+  const float budgets[] = {0.005f, 0.01f, 0.02f, 0.05f, 0.1f, 0.2f};
+  const uint32_t tokens[] = {1, 3, 16, 17, 40, 64, 300};
+  const uint32_t dims[] = {1, 8, 16, 33, 128};
+  std::vector<SegmentShape> shapes = {Shape(256, 8, 128), Shape(17, 3, 33, DType::kBf16),
+                                      Shape(1, 1, 1), Shape(0, 2, 8)};
+  for (int n = 0; n < 600; ++n) {
+    const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
+    const SegmentKind kind = (n / 2) % 2 ? SegmentKind::kValue : SegmentKind::kKey;
+    shapes.push_back(Shape(tokens[rng() % 7], 1 + rng() % 4, dims[rng() % 5], dt, kind));
+  }
+  int coded = 0, violations = 0;
+  for (size_t n = 0; n < shapes.size(); ++n) {
+    const SegmentShape& s = shapes[n];
+    const float budget = n < 4 ? 0.05f : budgets[rng() % 6];
+    const uint64_t extra = n % 3 == 0 ? 32 : 0;
+    const std::vector<uint16_t> v = RandomSegment(s, n < 4 ? 0 : int(rng() % 6), rng);
+    for (Path path : {Path::kRef, Path::kCpu}) {
+      const std::string enc = Encode(Params(budget, extra), s, v, path);
+      ASSERT_EQ(Decode(enc, s, Path::kCuda), Decode(enc, s, Path::kRef)) << "segment " << n;
+    }
+    auto cuda = EncodeSegment(Params(budget, extra), s, v, Path::kCuda);
     ASSERT_TRUE(cuda.ok()) << cuda.status();
     const std::vector<uint16_t> out = Decode(*cuda, s, Path::kRef);
-    EXPECT_EQ(out, Decode(*cuda, s, Path::kCuda));
-    EXPECT_LE(RelL2(s, v, out), 0.05);
+    ASSERT_EQ(out, Decode(*cuda, s, Path::kCuda)) << "segment " << n;
+    ASSERT_EQ(out, Decode(*cuda, s, Path::kCpu)) << "segment " << n;
+    const double target = budget * (s.kind == SegmentKind::kKey && extra ? 0.5 : 1.0);
+    if (RelL2(s, v, out) > target) ++violations;
+    if (cuda->size() > kSegmentHeaderBytes &&
+        uint8_t((*cuda)[kSegmentHeaderBytes]) == 1) {
+      ++coded;
+    }
   }
+  EXPECT_EQ(violations, 0) << "of " << shapes.size();
+  EXPECT_GT(coded, int(shapes.size()) / 4);  // The encoder does compress.
+}
+
+// A payload that DecodeRef rejects makes the CUDA decoder write 0xffff to every element (its
+// documented sentinel) without reading out of bounds; one that DecodeRef accepts decodes to the
+// same values.
+TEST(KvpoolCodec, CudaFlagsCorruptPayloads) {
+  if (DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937_64 rng(17);
+  const SegmentShape s = Shape(40, 2, 16, DType::kFp16, SegmentKind::kValue);
+  const std::string enc = Encode(Params(0.05f), s, RandomSegment(s, 0, rng));
+  const std::string payload = enc.substr(kSegmentHeaderBytes);
+  const CodecOps& ops = GetCodecOps(CodecId::kKvpool);
+  const std::vector<uint16_t> sentinel(s.Elements(), 0xffff);
+  int rejected = 0;
+  for (int n = 0; n < 400; ++n) {
+    std::string p = payload;
+    if (n % 4 == 0) {
+      p.resize(kvpool::internal::kHeaderBytes + rng() % (payload.size() - 8));
+    } else if (n % 4 == 1) {
+      p += std::string(1 + n % 7, '\0');
+    } else {
+      for (int k = 0; k < 1 + n % 4; ++k) p[rng() % p.size()] ^= char(1 + rng() % 255);
+    }
+    const uint8_t* d = reinterpret_cast<const uint8_t*>(p.data());
+    std::vector<uint16_t> ref(s.Elements()), cuda(s.Elements());
+    const absl::Status a = kvpool::DecodeRef(s, Params(0.05f), d, p.size(), ref.data());
+    ASSERT_TRUE(DecodeOnDevice(ops, s, Params(0.05f), d, p.size(), cuda.data()).ok());
+    if (a.ok()) {
+      EXPECT_EQ(cuda, ref) << n;
+    } else {
+      EXPECT_EQ(cuda, sentinel) << n;
+      ++rejected;
+    }
+  }
+  EXPECT_GT(rejected, 100);
 }
 
 // KIVI model (asymmetric min-max, keys per channel over 32 tokens, values per token over 32
