@@ -132,7 +132,14 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
       size = EncodeOnDevice(ops, shape, *normalized, elements.data(), out, capacity);
       break;
   }
-  if (!size.ok()) return size.status();
+  if (!size.ok()) {
+    // A lossy codec that cannot represent these values (e.g. bf16 beyond fp16's range for
+    // KIVI's fp16 scales) stores the segment raw, as for NaN/Inf.
+    if (absl::IsInvalidArgument(size.status()) && normalized->codec != CodecId::kRaw) {
+      return EncodeSegment(CodecParams{CodecId::kRaw}, shape, elements, path);
+    }
+    return size.status();
+  }
   payload.resize(*size);
   SegmentHeader header;
   header.params = *normalized;

@@ -63,8 +63,8 @@ const CodecOps& GetCodecOps(CodecId codec);
 absl::StatusOr<CodecParams> NormalizeParams(CodecParams params);
 
 // Encodes `elements` (shape.Elements() elements of shape.dtype) into a whole encoded segment on
-// a host path. A lossy codec given NaN or Inf elements stores the segment raw instead (the
-// header says which codec was used) (kRef or kCpu; kCuda stages through device memory and synchronises: tools and
+// a host path. A lossy codec given NaN or Inf elements, or values its format cannot represent,
+// stores the segment raw instead (the header says which codec was used) (kRef or kCpu; kCuda stages through device memory and synchronises: tools and
 // tests only). InvalidArgument for a size mismatch or bad params.
 absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const SegmentShape& shape,
                                           absl::Span<const uint16_t> elements, Path path);
