@@ -21,6 +21,7 @@ metrics_listen: 127.0.0.1:7471  # Prometheus /metrics address; "" disables
 host_memory: 1GiB               # host-DRAM tier capacity; LRU eviction beyond it
 data_dir: kvpool-data           # on-disk state
 log_level: info                 # debug | info | warning | error
+encode_threads: 0               # threads encoding put segments; 0 = one per core
 codec:                          # how segments are stored when a put does not say
   codec: raw                    # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget)
 model_codecs: {}                # per model id, e.g. {llama-3-8b: {codec: kivi, bits: 4}}
@@ -118,13 +119,19 @@ absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
   if (root.IsNull()) return absl::OkStatus();
   KVPOOL_RETURN_IF_ERROR(CheckKeys(
       root, "", {"listen", "metrics_listen", "host_memory", "data_dir", "log_level", "limits",
-                 "codec", "model_codecs"}));
+                 "codec", "model_codecs", "encode_threads"}));
   DaemonOptions o = *out;
   KVPOOL_RETURN_IF_ERROR(SetString(root["listen"], "listen", &o.listen));
   KVPOOL_RETURN_IF_ERROR(SetString(root["metrics_listen"], "metrics_listen", &o.metrics_listen));
   KVPOOL_RETURN_IF_ERROR(SetSize(root["host_memory"], "host_memory", &o.host_memory));
   KVPOOL_RETURN_IF_ERROR(SetString(root["data_dir"], "data_dir", &o.data_dir));
   KVPOOL_RETURN_IF_ERROR(SetString(root["log_level"], "log_level", &o.log_level));
+  if (root["encode_threads"]) {
+    KVPOOL_ASSIGN_OR_RETURN(o.encode_threads, Scalar<int>(root["encode_threads"], "encode_threads"));
+    if (o.encode_threads < 0 || o.encode_threads > 1024) {
+      return absl::InvalidArgumentError("config key 'encode_threads' must be in [0, 1024]");
+    }
+  }
   if (const YAML::Node codec = root["codec"]) {
     KVPOOL_ASSIGN_OR_RETURN(o.service.codecs.default_codec, CodecValue(codec, "codec"));
   }

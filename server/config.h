@@ -20,6 +20,7 @@ struct DaemonOptions {
   std::string data_dir = "kvpool-data";           // Folder for on-disk state (SSD tier, later).
   std::string log_level = "info";                 // debug | info | warning | error.
   uint64_t max_message_bytes = uint64_t{8} << 20; // gRPC message size limit (both ways).
+  int encode_threads = 0;                          // Put encoders; 0 = one per core.
   ServiceOptions service;                         // Request limits.
 };
 

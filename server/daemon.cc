@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <algorithm>
 #include <exception>
+#include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -66,10 +67,16 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
     d->metrics_address_ = absl::StrCat(hp->host, ":", ports.empty() ? hp->port : ports[0]);
   }
 
+  const int encode_threads = options.encode_threads > 0
+                                 ? options.encode_threads
+                                 : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  auto encoder = Executor::Create(encode_threads);
+  if (!encoder.ok()) return Annotate(encoder.status(), "encode_threads");
+  d->encoder_ = std::move(*encoder);
   ServiceOptions service_options = options.service;
   service_options.gpu_encode = kernels::DeviceCount() > 0;
   d->service_ = std::make_unique<KvPoolService>(service_options, d->store_.get(),
-                                                d->metrics_.get());
+                                                d->metrics_.get(), d->encoder_.get());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

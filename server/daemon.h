@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
+#include "common/executor.h"
 #include "prometheus/exposer.h"
 #include "server/config.h"
 #include "server/grpc/kvpool_service.h"
@@ -49,6 +50,7 @@ class Daemon {
   std::unique_ptr<BlockStore> store_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<Executor> encoder_;  // Put encodes; outlives the service and the server.
   std::unique_ptr<KvPoolService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::thread grpc_shutdown_;  // Runs grpc::Server::Shutdown, which also waits for connections.

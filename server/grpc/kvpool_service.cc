@@ -8,8 +8,9 @@
 
 namespace kvpool::server {
 
-KvPoolService::KvPoolService(const ServiceOptions& options, BlockStore* store, Metrics* metrics)
-    : options_(options), store_(store), metrics_(metrics) {
+KvPoolService::KvPoolService(const ServiceOptions& options, BlockStore* store, Metrics* metrics,
+                             Executor* encoder)
+    : options_(options), store_(store), metrics_(metrics), encoder_(encoder) {
   PublishStoreState();
 }
 

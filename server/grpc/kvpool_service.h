@@ -20,6 +20,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "common/block_key.h"
 #include "common/encoded_segment.h"
+#include "common/executor.h"
 #include "kvpool/v1/kvpool.grpc.pb.h"
 #include "server/metrics.h"
 #include "server/store/block_store.h"
@@ -47,7 +48,9 @@ struct ServiceOptions {
 
 class KvPoolService final : public v1::KvPool::CallbackService {
  public:
-  KvPoolService(const ServiceOptions& options, BlockStore* store, Metrics* metrics);
+  // `encoder` runs the put encodes; store, metrics and encoder must outlive the service.
+  KvPoolService(const ServiceOptions& options, BlockStore* store, Metrics* metrics,
+                Executor* encoder);
 
   grpc::ServerUnaryReactor* Lookup(grpc::CallbackServerContext* context,
                                    const v1::LookupRequest* request,
@@ -67,6 +70,7 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   const ServiceOptions& options() const { return options_; }
   BlockStore* store() const { return store_; }
   Metrics* metrics() const { return metrics_; }
+  Executor* encoder() const { return encoder_; }
 
   // Checks a key count against [1, max_keys_per_request] and parses the keys.
   absl::StatusOr<std::vector<BlockKey>> ParseKeys(
@@ -92,6 +96,7 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   const ServiceOptions options_;
   BlockStore* const store_;
   Metrics* const metrics_;
+  Executor* const encoder_;
   absl::Mutex inflight_mu_;
   int inflight_ ABSL_GUARDED_BY(inflight_mu_) = 0;
   std::atomic<uint64_t> lookup_hits_{0};

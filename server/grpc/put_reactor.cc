@@ -3,10 +3,16 @@
 // codec. The blocks enter the store only when the stream ends with exactly the announced
 // number of bytes, so a failed put changes nothing.
 //
-// Encoding runs on the gRPC callback thread: ~1 ms per 2 MiB block on the fast CPU path. An
-// encoder executor (and the GPU encoder) replaces this when puts get larger.
+// Encoding runs on the service's encoder executor, never on gRPC's callback threads: each block
+// is handed over as soon as its last byte arrived, so the blocks of one put encode in parallel
+// while the rest streams in. The reactor finishes once the stream has ended and no encode is
+// pending; whichever thread sees that last calls Finish as its final action, so nothing touches
+// the reactor after Finish (OnDone may delete it at once).
 #include <algorithm>
 #include <cstring>
+#include <memory>
+
+#include "absl/synchronization/mutex.h"
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -28,15 +34,20 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   }
 
   void OnReadDone(bool ok) override {
-    if (!ok) {  // The client half-closed (or the call was cancelled): commit what arrived.
-      FinishWith(Commit());
+    absl::Status status = ok ? Consume() : absl::OkStatus();
+    if (ok && status.ok()) {
+      StartRead(&request_);
       return;
     }
-    if (absl::Status s = Consume(); !s.ok()) {
-      FinishWith(s);
-      return;
+    // The client half-closed (or the call was cancelled), or its data was bad: no more reads.
+    bool finish_now;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!status.ok() && error_.ok()) error_ = status;
+      stream_done_ = true;
+      finish_now = pending_ == 0;
     }
-    StartRead(&request_);
+    if (finish_now) Complete();
   }
 
   void OnDone() override {
@@ -46,6 +57,16 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   }
 
  private:
+  // Called once, when the stream is over and every encode is done: commit or report the error.
+  void Complete() {
+    absl::Status error;
+    {
+      absl::MutexLock lock(&mu_);
+      error = error_;
+    }
+    FinishWith(error.ok() ? Commit() : error);
+  }
+
   void FinishWith(const absl::Status& status) {
     final_status_ = ToGrpcStatus(status);
     blocks_.clear();  // Release memory now, not when the client acknowledges.
@@ -95,7 +116,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
                          ns->second.DebugString(), "} of this model and block size"));
       }
     }
-    blocks_.reserve(keys_.size());
+    blocks_.resize(keys_.size());
     return absl::OkStatus();
   }
 
@@ -106,26 +127,47 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
           keys_.size(), " blocks x ", spec_.BlockBytes(), " bytes)"));
     }
     const uint64_t block_bytes = spec_.BlockBytes();
-    if (buffer_.size() * 2 != block_bytes) buffer_.resize(block_bytes / 2);
     size_t pos = 0;
     while (pos < data.size()) {
       const uint64_t offset_in_block = received_ % block_bytes;
+      // A fresh buffer per block: the previous one went to the encoder.
+      if (offset_in_block == 0) buffer_.resize(block_bytes / 2);
       const size_t n = std::min<uint64_t>(data.size() - pos, block_bytes - offset_in_block);
       std::memcpy(reinterpret_cast<char*>(buffer_.data()) + offset_in_block, data.data() + pos, n);
       pos += n;
       received_ += n;
-      if (received_ % block_bytes == 0) {
-        auto block = EncodeBlock();
-        if (!block.ok()) return block.status();
-        blocks_.push_back(std::move(*block));
-      }
+      if (received_ % block_bytes == 0) ScheduleEncode(received_ / block_bytes - 1);
     }
     return absl::OkStatus();
   }
 
-  // Encodes the block in buffer_ into its 2 * layers segments: on the GPU when the daemon has
-  // one and the codec a CUDA encoder, else on the fast CPU path.
-  absl::StatusOr<StoredBlockPtr> EncodeBlock() {
+  // Hands the complete block in buffer_ to the encoder executor as blocks_[index].
+  void ScheduleEncode(uint64_t index) {
+    {
+      absl::MutexLock lock(&mu_);
+      ++pending_;
+    }
+    auto data = std::make_shared<std::vector<uint16_t>>(std::move(buffer_));
+    buffer_.clear();
+    service_->encoder()->Schedule([this, index, data] {
+      absl::StatusOr<StoredBlockPtr> block = EncodeBlock(*data);
+      bool finish_now;
+      {
+        absl::MutexLock lock(&mu_);
+        if (block.ok()) {
+          blocks_[index] = std::move(*block);
+        } else if (error_.ok()) {
+          error_ = block.status();
+        }
+        finish_now = --pending_ == 0 && stream_done_;
+      }
+      if (finish_now) Complete();  // Last action: the reactor may be gone after this.
+    });
+  }
+
+  // Encodes one block into its 2 * layers segments: on the GPU when the daemon has one and the
+  // codec a CUDA encoder, else on the fast CPU path. Runs on the encoder executor.
+  absl::StatusOr<StoredBlockPtr> EncodeBlock(const std::vector<uint16_t>& buffer) const {
     SegmentShape shape{spec_.tokens_per_block, spec_.num_kv_heads, spec_.head_dim, spec_.dtype};
     const uint64_t elements = shape.Elements();
     if (service_->options().gpu_encode &&
@@ -134,7 +176,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
       for (size_t s = 0; s < shapes.size(); ++s) {
         shapes[s].kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
       }
-      auto segments = kernels::EncodeSegmentsOnDevice(codec_, shapes, buffer_);
+      auto segments = kernels::EncodeSegmentsOnDevice(codec_, shapes, buffer);
       if (!segments.ok()) return Annotate(segments.status(), "encoding on the GPU");
       return std::make_shared<const StoredBlock>(std::move(*segments), spec_.BlockBytes());
     }
@@ -142,7 +184,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     segments.reserve(spec_.SegmentsPerBlock());
     for (uint64_t s = 0; s < spec_.SegmentsPerBlock(); ++s) {
       shape.kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
-      auto encoded = kernels::EncodeSegment(codec_, shape, {buffer_.data() + s * elements, elements},
+      auto encoded = kernels::EncodeSegment(codec_, shape, {buffer.data() + s * elements, elements},
                                             kernels::Path::kCpu);
       if (!encoded.ok()) return Annotate(encoded.status(), absl::StrCat("encoding segment ", s));
       segments.push_back(std::move(*encoded));
@@ -182,7 +224,11 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   uint64_t received_ = 0;
   CodecParams codec_;
   std::vector<uint16_t> buffer_;  // The block being received (elements of spec_.dtype).
-  std::vector<StoredBlockPtr> blocks_;
+  std::vector<StoredBlockPtr> blocks_;  // Filled by the encodes, one slot per key.
+  absl::Mutex mu_;
+  int pending_ ABSL_GUARDED_BY(mu_) = 0;      // Encodes scheduled and not yet done.
+  bool stream_done_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status error_ ABSL_GUARDED_BY(mu_);   // First error of the data or an encode.
   grpc::Status final_status_;
 };
 
