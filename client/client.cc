@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/strings/internal/resize_uninitialized.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/status_macros.h"
@@ -49,7 +50,8 @@ absl::StatusOr<std::string> DecodeBlocks(const KvSpec& spec, uint64_t blocks,
   }
   SegmentShape shape{spec.tokens_per_block, spec.num_kv_heads, spec.head_dim, spec.dtype};
   const uint64_t elements = shape.Elements();
-  std::string out(blocks * spec.BlockBytes(), '\0');
+  std::string out;  // Every byte is written by a segment's decode.
+  absl::strings_internal::STLStringResizeUninitialized(&out, blocks * spec.BlockBytes());
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data());
   uint64_t offset = 0;
   for (uint64_t i = 0; i < blocks * segments; ++i) {

@@ -58,7 +58,16 @@ absl::string_view CodecName(CodecId codec) {
 }
 
 std::string SerializeSegment(const SegmentHeader& header, absl::string_view payload) {
-  std::string out(kSegmentHeaderBytes + payload.size(), '\0');
+  std::string out(kSegmentHeaderBytes, '\0');
+  out.append(payload.data(), payload.size());
+  FinishSegmentInPlace(header, &out);
+  return out;
+}
+
+void FinishSegmentInPlace(const SegmentHeader& header, std::string* segment) {
+  std::string& out = *segment;
+  const absl::string_view payload = absl::string_view(out).substr(kSegmentHeaderBytes);
+  std::memset(out.data(), 0, kSegmentHeaderBytes);
   Put<uint32_t>(&out, 0, kSegmentMagic);
   Put<uint8_t>(&out, 4, kSegmentVersion);
   Put<uint8_t>(&out, 5, static_cast<uint8_t>(header.params.codec));
@@ -73,9 +82,7 @@ std::string SerializeSegment(const SegmentHeader& header, absl::string_view payl
   Put<float>(&out, 28, header.params.budget);
   Put<uint64_t>(&out, 32, header.params.extra);
   Put<uint64_t>(&out, 40, payload.size());
-  std::memcpy(out.data() + kSegmentHeaderBytes, payload.data(), payload.size());
   Put<uint64_t>(&out, kChecksumOffset, SegmentChecksum(out, payload));
-  return out;
 }
 
 absl::StatusOr<SegmentHeader> ParseSegment(absl::string_view bytes, absl::string_view* payload) {

@@ -82,6 +82,10 @@ struct SegmentHeader {
 // Writes header + payload. REQUIRES: the shape's dims are at most the KvSpec limits.
 std::string SerializeSegment(const SegmentHeader& header, absl::string_view payload);
 
+// The same without copying the payload: `segment` holds kSegmentHeaderBytes of space followed
+// by the payload already written; fills the header (payload size = the rest) and checksum.
+void FinishSegmentInPlace(const SegmentHeader& header, std::string* segment);
+
 // Parses and checks an encoded segment: DataLoss for a bad magic, a size that does not match
 // the payload size, or a checksum mismatch; InvalidArgument for an unknown version, codec,
 // dtype or kind, or a shape outside the KvSpec limits. On success *payload views the payload

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "absl/strings/internal/resize_uninitialized.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/codec_staging.h"
 #include "kernels/kivi.h"
@@ -118,9 +119,16 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
   }
   const CodecOps& ops = GetCodecOps(normalized->codec);
   const uint64_t capacity = ops.max_payload_bytes(shape, *normalized);
-  std::string payload(capacity, '\0');
+  // Header space, then the payload written in place. Packing encoders OR bits into zeroed
+  // bytes; raw writes every byte, so only raw skips the zero-fill (it is the hot default).
+  std::string segment;
+  if (normalized->codec == CodecId::kRaw) {
+    absl::strings_internal::STLStringResizeUninitialized(&segment, kSegmentHeaderBytes + capacity);
+  } else {
+    segment.assign(kSegmentHeaderBytes + capacity, '\0');
+  }
   absl::StatusOr<uint64_t> size;
-  uint8_t* out = reinterpret_cast<uint8_t*>(payload.data());
+  uint8_t* out = reinterpret_cast<uint8_t*>(segment.data()) + kSegmentHeaderBytes;
   switch (path) {
     case Path::kRef:
       size = ops.encode_ref(shape, *normalized, elements.data(), out, capacity);
@@ -140,11 +148,12 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
     }
     return size.status();
   }
-  payload.resize(*size);
+  segment.resize(kSegmentHeaderBytes + *size);
   SegmentHeader header;
   header.params = *normalized;
   header.shape = shape;
-  return SerializeSegment(header, payload);
+  FinishSegmentInPlace(header, &segment);
+  return segment;
 }
 
 absl::Status DecodeSegment(absl::string_view encoded, absl::Span<uint16_t> out, Path path,

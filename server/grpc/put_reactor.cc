@@ -130,10 +130,11 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     size_t pos = 0;
     while (pos < data.size()) {
       const uint64_t offset_in_block = received_ % block_bytes;
-      // A fresh buffer per block: the previous one went to the encoder.
-      if (offset_in_block == 0) buffer_.resize(block_bytes / 2);
+      // A fresh buffer per block (uninitialised: every byte is written before it is read): the
+      // previous one went to the encoder.
+      if (offset_in_block == 0) buffer_ = std::shared_ptr<uint16_t[]>(new uint16_t[block_bytes / 2]);
       const size_t n = std::min<uint64_t>(data.size() - pos, block_bytes - offset_in_block);
-      std::memcpy(reinterpret_cast<char*>(buffer_.data()) + offset_in_block, data.data() + pos, n);
+      std::memcpy(reinterpret_cast<char*>(buffer_.get()) + offset_in_block, data.data() + pos, n);
       pos += n;
       received_ += n;
       if (received_ % block_bytes == 0) ScheduleEncode(received_ / block_bytes - 1);
@@ -147,10 +148,10 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
       absl::MutexLock lock(&mu_);
       ++pending_;
     }
-    auto data = std::make_shared<std::vector<uint16_t>>(std::move(buffer_));
-    buffer_.clear();
+    std::shared_ptr<uint16_t[]> data = std::move(buffer_);
     service_->encoder()->Schedule([this, index, data] {
-      absl::StatusOr<StoredBlockPtr> block = EncodeBlock(*data);
+      absl::StatusOr<StoredBlockPtr> block =
+          EncodeBlock({data.get(), static_cast<size_t>(spec_.BlockBytes() / 2)});
       bool finish_now;
       {
         absl::MutexLock lock(&mu_);
@@ -167,7 +168,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
 
   // Encodes one block into its 2 * layers segments: on the GPU when the daemon has one and the
   // codec a CUDA encoder, else on the fast CPU path. Runs on the encoder executor.
-  absl::StatusOr<StoredBlockPtr> EncodeBlock(const std::vector<uint16_t>& buffer) const {
+  absl::StatusOr<StoredBlockPtr> EncodeBlock(absl::Span<const uint16_t> buffer) const {
     SegmentShape shape{spec_.tokens_per_block, spec_.num_kv_heads, spec_.head_dim, spec_.dtype};
     const uint64_t elements = shape.Elements();
     if (service_->options().gpu_encode &&
@@ -223,7 +224,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   uint64_t expected_bytes_ = 0;
   uint64_t received_ = 0;
   CodecParams codec_;
-  std::vector<uint16_t> buffer_;  // The block being received (elements of spec_.dtype).
+  std::shared_ptr<uint16_t[]> buffer_;  // The block being received (elements of spec_.dtype).
   std::vector<StoredBlockPtr> blocks_;  // Filled by the encodes, one slot per key.
   absl::Mutex mu_;
   int pending_ ABSL_GUARDED_BY(mu_) = 0;      // Encodes scheduled and not yet done.
