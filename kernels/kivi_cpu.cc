@@ -25,31 +25,20 @@
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "kernels/kivi.h"
+#include "kernels/kivi_layout.h"
+#include "kernels/simd_avx2.h"
 
-#define KVPOOL_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace kvpool::kernels::kivi {
 namespace {
 
 // Mirrors kivi_ref.cc.
-struct Layout {
-  uint64_t groups = 0;
-  uint64_t codes_offset = 0;
-  uint64_t size = 0;
-};
-
-uint64_t CeilDiv(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
-
-Layout ComputeLayout(const SegmentShape& shape, const CodecParams& p) {
-  Layout l;
-  const uint64_t heads_dims = uint64_t{shape.kv_heads} * shape.head_dim;
-  l.groups = shape.kind == SegmentKind::kKey
-                 ? CeilDiv(shape.tokens, p.group) * heads_dims
-                 : uint64_t{shape.tokens} * shape.kv_heads * CeilDiv(shape.head_dim, p.group);
-  l.codes_offset = CeilDiv(4 * l.groups, 16) * 16;
-  l.size = l.codes_offset + CeilDiv(shape.Elements() * p.bits, 8);
-  return l;
-}
+using internal::CeilDiv;
+using internal::ComputeLayout;
+using internal::Layout;
+using internal::ValidParams;
+using simd::Load8;
+using simd::Store8;
 
 absl::Status NotRepresentable() {
   return absl::InvalidArgumentError(
@@ -100,32 +89,6 @@ uint16_t Load16(const uint8_t* p) {
 }
 
 // ---- 8-element vector pieces.
-
-template <bool kBf16>
-KVPOOL_AVX2 inline __m256 Load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  if constexpr (kBf16) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm256_cvtph_ps(h);
-  }
-}
-
-// Rounds to nearest even, as FloatToFp16 / FloatToBf16 do (no NaN reaches here).
-template <bool kBf16>
-KVPOOL_AVX2 inline void Store8(uint16_t* p, __m256 v) {
-  __m128i h;
-  if constexpr (kBf16) {
-    __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
-                          16);
-    h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-  } else {
-    h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-  }
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-}
 
 template <int kBits>
 KVPOOL_AVX2 inline __m256i CodeShifts() {
@@ -700,9 +663,6 @@ int KernelIndex(const SegmentShape& shape, const CodecParams& params) {
   return (params.bits / 4) * 2 + (shape.dtype == DType::kBf16 ? 1 : 0);
 }
 
-bool ValidParams(const CodecParams& p) {
-  return (p.bits == 2 || p.bits == 4 || p.bits == 8) && p.group > 0;
-}
 
 }  // namespace
 

@@ -40,38 +40,20 @@
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "kernels/kivi.h"
+#include "kernels/kivi_layout.h"
 
 namespace kvpool::kernels::kivi {
 namespace {
 
-struct Layout {
-  uint64_t groups = 0;        // n
-  uint64_t codes_offset = 0;  // P
-  uint64_t size = 0;          // P + ceil(E*b/8)
-};
-
-uint64_t CeilDiv(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
-
-bool ValidParams(const CodecParams& p) {
-  return (p.bits == 2 || p.bits == 4 || p.bits == 8) && p.group > 0;
-}
+using internal::CeilDiv;
+using internal::ComputeLayout;
+using internal::Layout;
+using internal::ValidParams;
 
 absl::Status CheckParams(const CodecParams& p) {
   if (ValidParams(p)) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat(
       "kivi needs bits 2, 4 or 8 and a positive group, got bits ", p.bits, " group ", p.group));
-}
-
-// REQUIRES: ValidParams(p).
-Layout ComputeLayout(const SegmentShape& shape, const CodecParams& p) {
-  Layout l;
-  const uint64_t heads_dims = uint64_t{shape.kv_heads} * shape.head_dim;
-  l.groups = shape.kind == SegmentKind::kKey
-                 ? CeilDiv(shape.tokens, p.group) * heads_dims
-                 : uint64_t{shape.tokens} * shape.kv_heads * CeilDiv(shape.head_dim, p.group);
-  l.codes_offset = CeilDiv(4 * l.groups, 16) * 16;
-  l.size = l.codes_offset + CeilDiv(shape.Elements() * p.bits, 8);
-  return l;
 }
 
 // The elements of group g: start, start + stride, ... (count of them, count >= 1).

@@ -23,8 +23,8 @@
 #include "common/status_macros.h"
 #include "kernels/packkv.h"
 #include "kernels/packkv_kernels.cuh"
+#include "kernels/simd_avx2.h"
 
-#define KVPOOL_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace kvpool::kernels::packkv {
 namespace {
@@ -60,30 +60,8 @@ constexpr UnpackTables kUnpack = MakeUnpackTables();
 
 // ---- Conversions, as in the reference (no NaN reaches the stores).
 
-template <bool kBf16>
-KVPOOL_AVX2 inline __m256 Load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  if constexpr (kBf16) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm256_cvtph_ps(h);
-  }
-}
-
-template <bool kBf16>
-KVPOOL_AVX2 inline void Store8(uint16_t* p, __m256 v) {
-  __m128i h;
-  if constexpr (kBf16) {
-    __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
-                          16);
-    h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-  } else {
-    h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-  }
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-}
+using simd::Load8;
+using simd::Store8;
 
 template <bool kBf16>
 float ToFloat(uint16_t h) {

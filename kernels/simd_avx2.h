@@ -1,0 +1,43 @@
+// AVX2/F16C pieces shared by the fast CPU codec paths: 8 fp16/bf16 elements to float and back,
+// rounding to nearest even like common/half.h (no NaN may reach Store8). Functions carry the
+// target attribute, so a file includes this without -mavx2 and calls them only after
+// kernels::CpuHasAvx2(). Thread-safe (stateless).
+#ifndef KVPOOL_KERNELS_SIMD_AVX2_H_
+#define KVPOOL_KERNELS_SIMD_AVX2_H_
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#define KVPOOL_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace kvpool::kernels::simd {
+
+template <bool kBf16>
+KVPOOL_AVX2 inline __m256 Load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (kBf16) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_cvtph_ps(h);
+  }
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 inline void Store8(uint16_t* p, __m256 v) {
+  __m128i h;
+  if constexpr (kBf16) {
+    __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
+                          16);
+    h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+  } else {
+    h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+
+}  // namespace kvpool::kernels::simd
+
+#endif  // KVPOOL_KERNELS_SIMD_AVX2_H_
