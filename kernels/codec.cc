@@ -92,6 +92,9 @@ absl::StatusOr<CodecParams> NormalizeParams(CodecParams p) {
       break;
     case CodecId::kKvpool:
       if (p.budget == 0) p.budget = 0.05f;
+      // Keys' share of the budget, in 1/64 (kvpool_ref.cc): key errors move the attention
+      // output about twice as much as value errors, so by default keys get 40/64 of it.
+      if ((p.extra & 0xff) == 0) p.extra = (p.extra & ~uint64_t{0xff}) | 40;
       break;
   }
   if (!(p.budget > 0 && p.budget < 1) || std::isnan(p.budget)) {
