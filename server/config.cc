@@ -21,7 +21,7 @@ metrics_listen: 127.0.0.1:7471  # Prometheus /metrics address; "" disables
 host_memory: 1GiB               # host-DRAM tier capacity; LRU eviction beyond it
 data_dir: kvpool-data           # on-disk state
 log_level: info                 # debug | info | warning | error
-encode_threads: 0               # threads encoding put segments; 0 = one per core
+encode_threads: 0               # threads encoding puts and decoding server-side gets; 0 = one per core
 codec:                          # how segments are stored when a put does not say
   codec: raw                    # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget)
 model_codecs: {}                # per model id, e.g. {llama-3-8b: {codec: kivi, bits: 4}}

@@ -72,11 +72,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
                                  : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   auto encoder = Executor::Create(encode_threads);
   if (!encoder.ok()) return Annotate(encoder.status(), "encode_threads");
-  d->encoder_ = std::move(*encoder);
+  d->codec_executor_ = std::move(*encoder);
   ServiceOptions service_options = options.service;
   service_options.gpu_encode = kernels::DeviceCount() > 0;
   d->service_ = std::make_unique<KvPoolService>(service_options, d->store_.get(),
-                                                d->metrics_.get(), d->encoder_.get());
+                                                d->metrics_.get(), d->codec_executor_.get());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

@@ -50,7 +50,7 @@ class Daemon {
   std::unique_ptr<BlockStore> store_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<prometheus::Exposer> exposer_;
-  std::unique_ptr<Executor> encoder_;  // Put encodes; outlives the service and the server.
+  std::unique_ptr<Executor> codec_executor_;  // Encodes and decodes; outlives service and server.
   std::unique_ptr<KvPoolService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::thread grpc_shutdown_;  // Runs grpc::Server::Shutdown, which also waits for connections.

@@ -2,7 +2,9 @@
 // blocks up front (so an eviction meanwhile cannot free them), verifies every segment checksum
 // before sending anything, then streams in chunk_bytes pieces, one write in flight: the encoded
 // segments as stored (the client decodes), or with server_decode each block decoded to its
-// canonical bytes.
+// canonical bytes. Decoding runs on the service's codec executor, one block at a time between
+// writes (no write is in flight while a decode is), and the decode task continues the stream
+// itself, so no gRPC callback thread decodes.
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
@@ -32,6 +34,24 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
       FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "client stopped reading"));
       return;
     }
+    if (server_decode_ && block_index_ < blocks_.size() && decoded_index_ != block_index_) {
+      // The next block must be decoded first: off this thread. The task continues the stream
+      // and must be the reactor's last user until its StartWrite or Finish.
+      service_->codec_executor()->Schedule([this] {
+        absl::Status s = DecodeBlock(block_index_);
+        if (!s.ok()) {
+          FinishWith(ToGrpcStatus(s));
+          return;
+        }
+        WriteNext();
+      });
+      return;
+    }
+    WriteNext();
+  }
+
+  // Sends the next chunk, or finishes when everything was sent.
+  void WriteNext() {
     absl::StatusOr<bool> more = NextChunk();
     if (!more.ok()) {
       FinishWith(ToGrpcStatus(more.status()));
@@ -99,23 +119,28 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
     return absl::OkStatus();
   }
 
-  // The bytes of block i as sent: its segments back to back, or decoded (into decoded_).
-  absl::StatusOr<absl::string_view> BlockBytes(size_t i, size_t segment) {
+  // Decodes block i into decoded_ (on the codec executor).
+  absl::Status DecodeBlock(size_t i) {
     const StoredBlock& block = *blocks_[i];
-    if (!server_decode_) return absl::string_view(block.segments()[segment]);
-    if (decoded_index_ != i) {
-      SegmentShape shape{spec_.tokens_per_block, spec_.num_kv_heads, spec_.head_dim, spec_.dtype};
-      const uint64_t elements = shape.Elements();
-      decoded_.resize(spec_.BlockBytes() / 2);
-      for (size_t s = 0; s < block.segments().size(); ++s) {
-        shape.kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
-        absl::Status st = kernels::DecodeSegment(block.segments()[s],
-                                                 {decoded_.data() + s * elements, elements},
-                                                 kernels::Path::kCpu, &shape);
-        if (!st.ok()) return st;
-      }
-      decoded_index_ = i;
+    SegmentShape shape{spec_.tokens_per_block, spec_.num_kv_heads, spec_.head_dim, spec_.dtype};
+    const uint64_t elements = shape.Elements();
+    decoded_.resize(spec_.BlockBytes() / 2);
+    for (size_t s = 0; s < block.segments().size(); ++s) {
+      shape.kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
+      absl::Status st = kernels::DecodeSegment(
+          block.segments()[s], {decoded_.data() + s * elements, elements}, kernels::Path::kCpu,
+          &shape);
+      if (!st.ok()) return st;
     }
+    decoded_index_ = i;
+    return absl::OkStatus();
+  }
+
+  // The bytes of block i as sent: its segments back to back, or the decoded block.
+  // REQUIRES: with server_decode, DecodeBlock(i) ran.
+  absl::StatusOr<absl::string_view> BlockBytes(size_t i, size_t segment) {
+    if (!server_decode_) return absl::string_view(blocks_[i]->segments()[segment]);
+    if (decoded_index_ != i) return absl::InternalError("Get: block not decoded yet");
     return absl::string_view(reinterpret_cast<const char*>(decoded_.data()), spec_.BlockBytes());
   }
 
@@ -125,6 +150,8 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
     std::string* data = message_.mutable_data();
     data->clear();
     while (block_index_ < blocks_.size() && data->size() < chunk) {
+      // Decoded blocks: a chunk ends where a block not yet decoded starts (OnWriteDone decodes).
+      if (server_decode_ && decoded_index_ != block_index_) break;
       auto piece = BlockBytes(block_index_, segment_index_);
       if (!piece.ok()) return piece.status();
       const uint64_t n = std::min<uint64_t>(chunk - data->size(), piece->size() - offset_);

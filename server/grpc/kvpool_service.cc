@@ -9,8 +9,8 @@
 namespace kvpool::server {
 
 KvPoolService::KvPoolService(const ServiceOptions& options, BlockStore* store, Metrics* metrics,
-                             Executor* encoder)
-    : options_(options), store_(store), metrics_(metrics), encoder_(encoder) {
+                             Executor* codec_executor)
+    : options_(options), store_(store), metrics_(metrics), codec_executor_(codec_executor) {
   PublishStoreState();
 }
 

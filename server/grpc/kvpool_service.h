@@ -48,9 +48,10 @@ struct ServiceOptions {
 
 class KvPoolService final : public v1::KvPool::CallbackService {
  public:
-  // `encoder` runs the put encodes; store, metrics and encoder must outlive the service.
+  // `codec_executor` runs put encodes and server-side decodes, off gRPC's callback threads;
+  // store, metrics and the executor must outlive the service.
   KvPoolService(const ServiceOptions& options, BlockStore* store, Metrics* metrics,
-                Executor* encoder);
+                Executor* codec_executor);
 
   grpc::ServerUnaryReactor* Lookup(grpc::CallbackServerContext* context,
                                    const v1::LookupRequest* request,
@@ -70,7 +71,7 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   const ServiceOptions& options() const { return options_; }
   BlockStore* store() const { return store_; }
   Metrics* metrics() const { return metrics_; }
-  Executor* encoder() const { return encoder_; }
+  Executor* codec_executor() const { return codec_executor_; }
 
   // Checks a key count against [1, max_keys_per_request] and parses the keys.
   absl::StatusOr<std::vector<BlockKey>> ParseKeys(
@@ -96,7 +97,7 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   const ServiceOptions options_;
   BlockStore* const store_;
   Metrics* const metrics_;
-  Executor* const encoder_;
+  Executor* const codec_executor_;
   absl::Mutex inflight_mu_;
   int inflight_ ABSL_GUARDED_BY(inflight_mu_) = 0;
   std::atomic<uint64_t> lookup_hits_{0};

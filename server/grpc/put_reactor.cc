@@ -149,7 +149,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
       ++pending_;
     }
     std::shared_ptr<uint16_t[]> data = std::move(buffer_);
-    service_->encoder()->Schedule([this, index, data] {
+    service_->codec_executor()->Schedule([this, index, data] {
       absl::StatusOr<StoredBlockPtr> block =
           EncodeBlock({data.get(), static_cast<size_t>(spec_.BlockBytes() / 2)});
       bool finish_now;

@@ -102,6 +102,12 @@ TEST_F(RoundTripTest, LargeBlocksSpanManyChunks) {
   auto got = client_->Get({spec.model_id, spec.tokens_per_block}, keys);
   ASSERT_THAT(got, IsOk());
   EXPECT_TRUE(got->data == data);
+  // Decoded by the daemon: each 2 MiB block spans several 1 MiB stream messages.
+  client::GetOptions server_decode;
+  server_decode.server_decode = true;
+  auto decoded = client_->Get({spec.model_id, spec.tokens_per_block}, keys, server_decode);
+  ASSERT_THAT(decoded, IsOk());
+  EXPECT_TRUE(decoded->data == data);
 }
 
 TEST_F(RoundTripTest, HitPrefixAfterPartialPuts) {
