@@ -55,18 +55,59 @@ struct LowRank {
 };
 void DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowRank* low_rank);
 
-// The encoder's analysis: means, low-rank basis and coefficients written into `out` (the
+// The encoder's analysis: means, low-rank basis and coefficients written into `head` (the
 // payload up to the coefficient pack stream) and the prediction every decoder will form.
+// "Pack-major" arrays hold element (token 16 * g + i, column c) at ((g * H * D) + c) * 16 + i,
+// tokens >= T as 0: pack k = g * H * D + c is 16 contiguous values.
 struct Analysis {
   std::vector<uint8_t> head;        // Payload bytes up to and including the coefficient packs.
-  std::vector<float> prediction;    // [tokens][kv_heads][head_dim]
-  std::vector<float> x;             // The input as float.
+  std::vector<float> x;             // The input as float, [tokens][kv_heads][head_dim].
+  std::vector<float> xp;            // The input as float, pack-major.
+  std::vector<float> prediction;    // Pack-major.
   double energy = 0;                // Sum of x^2.
   bool finite = true;
   float first_step = 0;
+  // Scratch of FinishEncode, kept so that a reused Analysis allocates nothing.
+  std::vector<uint16_t> codes, best_codes;
+  std::vector<uint8_t> payload;
 };
+
+using QuantizeFnPtr = bool (*)(const Analysis& a, DType dtype, uint64_t packs, uint32_t stride,
+                               float step, uint16_t* codes, double* err);
+
+// The encoder's inner loops. The reference's are plain loops; the fast CPU path's compute the
+// same operations in the same order (float, multiply then add), so both write the same payload.
+struct EncodeKernels {
+  // x[i] = float(in[i]) for i < n; *energy = sum of x^2 in double, in 8 partial sums (i mod 8)
+  // combined as ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)). False when an element is not finite.
+  bool (*load)(DType dtype, const uint16_t* in, uint64_t n, float* x, double* energy);
+  // For rows t_n = n * stride (n < count) of `rows` (row pitch ld) and s[j][D] (j < k):
+  // y[n * k + j] = rows[t_n] . s[j], in 8 partial sums (d mod 8) combined as above.
+  void (*dot)(const float* rows, uint64_t ld, uint32_t count, uint32_t stride, const float* s,
+              uint32_t k, uint32_t D, float* y);
+  // out[j][d] = out[j][d] + w[n * k + j] * rows[t_n][d], for n = 0, 1, .. in order.
+  void (*accumulate)(const float* rows, uint64_t ld, uint32_t count, uint32_t stride,
+                     const float* w, uint32_t k, uint32_t D, float* out);
+  // The prediction of one head, pack-major from `pred` (its first column): p = m[d]; for
+  // j < r: p = p + cf[j * G * 16 + t] * basis[j * D + d]. Tokens >= T get 0.
+  void (*predict)(uint32_t T, uint64_t HD, uint32_t D, uint32_t r, const float* m,
+                  const float* cf, const float* basis, float* pred);
+  // xp = x pack-major.
+  void (*to_packs)(const float* x, uint32_t T, uint64_t HD, float* xp);
+  // One quantisation pass over packs k = 0, stride, 2 * stride, .. < packs at `step`: code
+  // q = nearbyint((xp - p) * (1 / step)), zigzag u16 codes written pack-major when `codes` is
+  // not null, and the squared error of the decoded elements in 8 partial sums (token mod 8),
+  // combined as above. False when a code exceeds kMaxCode or the error is not finite.
+  QuantizeFnPtr quantize;
+  // Writes the pack stream of zigzag u16 pack-major codes (widths, then bit planes) at `out`,
+  // which has room for PackBound(packs) bytes; returns its size.
+  uint64_t (*pack)(const uint16_t* codes, uint64_t packs, uint8_t* out);
+};
+const EncodeKernels& RefKernels();
+inline uint64_t PackBound(uint64_t packs) { return (packs + 1) / 2 + packs * 32 + 32; }
+
 void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_t* in,
-             Analysis* analysis);
+             const EncodeKernels& kernels, Analysis* analysis);
 
 // The target relative L2 error for this kind (the budget, scaled for keys by `extra`).
 double TargetError(const SegmentShape& shape, const CodecParams& params);
@@ -77,21 +118,14 @@ bool AppendPacks(const std::vector<int32_t>& codes, uint32_t groups, uint32_t co
                  std::vector<uint8_t>* out);
 
 inline constexpr float kMaxCode = 16383.f;  // |code| that still fits kMaxWidth bits.
-inline constexpr int kMaxSearch = 12;         // Step-search passes before falling back to raw.
+inline constexpr int kMaxSearch = 12;         // Full quantisation passes before falling back to raw.
 
-// One quantisation pass at `step`: residual codes [Groups(T) * 16][H * D] (padding rows 0) and
-// the squared error of the decoded elements, summed in 8 partial sums (element index mod 8)
-// combined as ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)). False when a code exceeds kMaxCode.
-using QuantizeFn = bool (*)(const SegmentShape&, const Analysis&, float step,
-                            std::vector<int32_t>* codes, double* err);
-bool QuantizeResidualRef(const SegmentShape& shape, const Analysis& a, float step,
-                         std::vector<int32_t>* codes, double* err);
-
-// The step search and the payload: the largest step found whose error meets the target,
-// raw mode when none does or when coding does not pay.
+// The step search and the payload: a step whose measured error meets the target (chosen with
+// estimates on a subsample of packs, then checked on all), raw mode when none does or when
+// coding does not pay.
 absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecParams& params,
-                                      const uint16_t* in, Analysis* a, QuantizeFn quantize,
-                                      uint8_t* out, uint64_t capacity);
+                                      const uint16_t* in, const EncodeKernels& kernels,
+                                      Analysis* a, uint8_t* out, uint64_t capacity);
 
 uint16_t Load16(const uint8_t* p);
 

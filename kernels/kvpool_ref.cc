@@ -103,10 +103,12 @@ void Jacobi(int k, std::vector<double>* a, std::vector<double>* v) {
   for (int i = 0; i < k; ++i) (*v)[i * k + i] = 1;
   double* m = a->data();
   for (int sweep = 0; sweep < 30; ++sweep) {
-    double off = 0;
-    for (int p = 0; p < k; ++p)
+    double off = 0, diag = 0;
+    for (int p = 0; p < k; ++p) {
+      diag += m[p * k + p] * m[p * k + p];
       for (int q = p + 1; q < k; ++q) off += m[p * k + q] * m[p * k + q];
-    if (off < 1e-30) break;
+    }
+    if (off < 1e-30 || off <= 1e-24 * diag) break;  // Converged far beyond float precision.
     for (int p = 0; p < k; ++p) {
       for (int q = p + 1; q < k; ++q) {
         if (std::fabs(m[p * k + q]) < 1e-300) continue;
@@ -142,74 +144,177 @@ double Omega(uint32_t t, uint32_t j) {
   return (h & 1) ? 1.0 : -1.0;
 }
 
-// Orthonormal directions of the head's centred rows xc[t][d] (T x D) that hold more than
-// `threshold` variance per token, strongest first: rows of `dirs` (r x D), coefficients
-// coef[t][j] (T x r). Returns r.
-uint32_t LowRankDirections(const std::vector<double>& xc, uint32_t T, uint32_t D, uint32_t kmax,
-                           double threshold, std::vector<double>* dirs, std::vector<double>* coef) {
-  std::vector<double> s(kmax * D, 0), y(uint64_t{T} * kmax, 0);
-  for (uint32_t t = 0; t < T; ++t)
-    for (uint32_t j = 0; j < kmax; ++j)
-      for (uint32_t d = 0; d < D; ++d) s[j * D + d] += Omega(t, j) * xc[uint64_t{t} * D + d];
-  // One power iteration: s = (xc s^T)^T xc.
-  for (uint32_t t = 0; t < T; ++t)
-    for (uint32_t j = 0; j < kmax; ++j) {
-      double acc = 0;
-      for (uint32_t d = 0; d < D; ++d) acc += xc[uint64_t{t} * D + d] * s[j * D + d];
-      y[uint64_t{t} * kmax + j] = acc;
-    }
-  std::fill(s.begin(), s.end(), 0.0);
-  for (uint32_t t = 0; t < T; ++t)
-    for (uint32_t j = 0; j < kmax; ++j)
-      for (uint32_t d = 0; d < D; ++d)
-        s[j * D + d] += y[uint64_t{t} * kmax + j] * xc[uint64_t{t} * D + d];
-  // Gram-Schmidt (twice) on the rows.
-  uint32_t k = 0;
-  for (uint32_t j = 0; j < kmax; ++j) {
-    double* row = &s[j * D];
+double Tree(const double* s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
+float Tree(const float* s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
+
+// Orthonormalises the k rows of s (k x D, double, Gram-Schmidt twice) into q (float); returns
+// the number kept.
+uint32_t Orthonormalise(std::vector<double>* s, uint32_t k, uint32_t D, std::vector<float>* q) {
+  uint32_t kept = 0;
+  for (uint32_t j = 0; j < k; ++j) {
+    double* row = &(*s)[j * D];
     double norm0 = 0;
     for (uint32_t d = 0; d < D; ++d) norm0 += row[d] * row[d];
     for (int pass = 0; pass < 2; ++pass)
-      for (uint32_t i = 0; i < k; ++i) {
+      for (uint32_t i = 0; i < kept; ++i) {
         double dot = 0;
-        for (uint32_t d = 0; d < D; ++d) dot += row[d] * s[i * D + d];
-        for (uint32_t d = 0; d < D; ++d) row[d] -= dot * s[i * D + d];
+        for (uint32_t d = 0; d < D; ++d) dot += row[d] * (*s)[i * D + d];
+        for (uint32_t d = 0; d < D; ++d) row[d] -= dot * (*s)[i * D + d];
       }
     double norm = 0;
     for (uint32_t d = 0; d < D; ++d) norm += row[d] * row[d];
     if (!(norm > 1e-20 * norm0) || !(norm > 0) || !std::isfinite(norm)) continue;
     norm = std::sqrt(norm);
-    for (uint32_t d = 0; d < D; ++d) s[k * D + d] = row[d] / norm;
-    ++k;
+    for (uint32_t d = 0; d < D; ++d) (*s)[kept * D + d] = row[d] / norm;
+    ++kept;
   }
+  q->resize(kept * D);
+  for (uint32_t i = 0; i < kept * D; ++i) (*q)[i] = float((*s)[i]);
+  return kept;
+}
+
+// Orthonormal directions of the head's centred rows xc[t][d] (T x D) that hold more than
+// `threshold` variance per token, strongest first: rows of `dirs` (r x D). A sketched subspace
+// iteration on a subsample of the tokens (every `stride`-th), then the eigen-decomposition of
+// the subsample's Gram matrix in that subspace. Returns r.
+uint32_t LowRankDirections(const EncodeKernels& kn, const std::vector<float>& xc, uint32_t T,
+                           uint32_t D, uint32_t kmax, double threshold, std::vector<float>* dirs) {
+  const uint32_t stride = std::max(1u, T / 64), count = (T + stride - 1) / stride;
+  std::vector<float> w(uint64_t{count} * kmax), s(kmax * D, 0.f), s2(kmax * D, 0.f);
+  for (uint32_t n = 0; n < count; ++n)
+    for (uint32_t j = 0; j < kmax; ++j) w[n * kmax + j] = Omega(n * stride, j);
+  kn.accumulate(xc.data(), D, count, stride, w.data(), kmax, D, s.data());
+  kn.dot(xc.data(), D, count, stride, s.data(), kmax, D, w.data());  // One power iteration.
+  kn.accumulate(xc.data(), D, count, stride, w.data(), kmax, D, s2.data());
+  std::vector<double> sd(s2.begin(), s2.end());
+  std::vector<float> q;
+  const uint32_t k = Orthonormalise(&sd, kmax, D, &q);
   if (k == 0) return 0;
-  std::vector<double> c(uint64_t{T} * k), gram(k * k, 0), v;
-  for (uint32_t t = 0; t < T; ++t)
-    for (uint32_t j = 0; j < k; ++j) {
-      double acc = 0;
-      for (uint32_t d = 0; d < D; ++d) acc += xc[uint64_t{t} * D + d] * s[j * D + d];
-      c[uint64_t{t} * k + j] = acc;
-    }
-  for (uint32_t t = 0; t < T; ++t)
+  std::vector<float> c(uint64_t{count} * k);
+  kn.dot(xc.data(), D, count, stride, q.data(), k, D, c.data());
+  std::vector<double> gram(k * k, 0), v;
+  for (uint32_t n = 0; n < count; ++n)
     for (uint32_t a = 0; a < k; ++a)
-      for (uint32_t b = 0; b < k; ++b) gram[a * k + b] += c[uint64_t{t} * k + a] * c[uint64_t{t} * k + b];
+      for (uint32_t b = 0; b < k; ++b) gram[a * k + b] += double(c[n * k + a]) * c[n * k + b];
   Jacobi(k, &gram, &v);
   std::vector<uint32_t> order(k);
   for (uint32_t i = 0; i < k; ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(),
                    [&](uint32_t a, uint32_t b) { return gram[a * k + a] > gram[b * k + b]; });
   uint32_t r = 0;
-  while (r < k && gram[order[r] * k + order[r]] / T > threshold) ++r;
-  dirs->assign(r * D, 0);
-  coef->assign(uint64_t{T} * r, 0);
-  for (uint32_t j = 0; j < r; ++j) {
-    const uint32_t e = order[j];
-    for (uint32_t i = 0; i < k; ++i)
-      for (uint32_t d = 0; d < D; ++d) (*dirs)[j * D + d] += v[i * k + e] * s[i * D + d];
-    for (uint32_t t = 0; t < T; ++t)
-      for (uint32_t i = 0; i < k; ++i) (*coef)[uint64_t{t} * r + j] += c[uint64_t{t} * k + i] * v[i * k + e];
-  }
+  while (r < k && gram[order[r] * k + order[r]] / count > threshold) ++r;
+  dirs->assign(r * D, 0.f);
+  for (uint32_t j = 0; j < r; ++j)
+    for (uint32_t d = 0; d < D; ++d) {
+      double acc = 0;
+      for (uint32_t i = 0; i < k; ++i) acc += v[i * k + order[j]] * double(q[i * D + d]);
+      (*dirs)[j * D + d] = float(acc);
+    }
   return r;
+}
+
+// Reference kernels (EncodeKernels): plain loops.
+bool LoadRef(DType dtype, const uint16_t* in, uint64_t n, float* x, double* energy) {
+  double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  bool finite = true;
+  for (uint64_t i = 0; i < n; ++i) {
+    x[i] = ToFloat(dtype, in[i]);
+    if (!std::isfinite(x[i])) finite = false;
+    sums[i % 8] += double(x[i]) * double(x[i]);
+  }
+  *energy = Tree(sums);
+  return finite;
+}
+
+void DotRef(const float* rows, uint64_t ld, uint32_t count, uint32_t stride, const float* s,
+            uint32_t k, uint32_t D, float* y) {
+  for (uint32_t n = 0; n < count; ++n) {
+    const float* r = rows + uint64_t{n} * stride * ld;
+    for (uint32_t j = 0; j < k; ++j) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (uint32_t d = 0; d < D; ++d) acc[d % 8] = acc[d % 8] + r[d] * s[j * D + d];
+      y[uint64_t{n} * k + j] = Tree(acc);
+    }
+  }
+}
+
+void AccumulateRef(const float* rows, uint64_t ld, uint32_t count, uint32_t stride,
+                   const float* w, uint32_t k, uint32_t D, float* out) {
+  for (uint32_t n = 0; n < count; ++n) {
+    const float* r = rows + uint64_t{n} * stride * ld;
+    for (uint32_t j = 0; j < k; ++j) {
+      const float wj = w[uint64_t{n} * k + j];
+      for (uint32_t d = 0; d < D; ++d) out[j * D + d] = out[j * D + d] + wj * r[d];
+    }
+  }
+}
+
+void PredictRef(uint32_t T, uint64_t HD, uint32_t D, uint32_t r, const float* m, const float* cf,
+                const float* basis, float* pred) {
+  const uint32_t G = Groups(T);
+  for (uint32_t g = 0; g < G; ++g)
+    for (uint32_t d = 0; d < D; ++d)
+      for (uint32_t i = 0; i < kPack; ++i) {
+        const uint32_t t = g * kPack + i;
+        float p = 0;
+        if (t < T) {
+          p = m[d];
+          for (uint32_t j = 0; j < r; ++j) p = p + cf[uint64_t{j} * G * kPack + t] * basis[j * D + d];
+        }
+        pred[(uint64_t{g} * HD + d) * kPack + i] = p;
+      }
+}
+
+void ToPacksRef(const float* x, uint32_t T, uint64_t HD, float* xp) {
+  const uint32_t G = Groups(T);
+  for (uint32_t g = 0; g < G; ++g)
+    for (uint64_t c = 0; c < HD; ++c)
+      for (uint32_t i = 0; i < kPack; ++i) {
+        const uint32_t t = g * kPack + i;
+        xp[(g * HD + c) * kPack + i] = t < T ? x[t * HD + c] : 0.f;
+      }
+}
+
+bool QuantizeRef(const Analysis& a, DType dtype, uint64_t packs, uint32_t stride, float step,
+                 uint16_t* codes, double* err) {
+  const float inv = 1.f / step;
+  double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (uint64_t k = 0; k < packs; k += stride) {
+    for (uint32_t i = 0; i < kPack; ++i) {
+      const uint64_t e = k * kPack + i;
+      const float x = a.xp[e], p = a.prediction[e];
+      const float v = std::nearbyint((x - p) * inv);
+      if (!(std::fabs(v) <= kMaxCode)) return false;
+      const int32_t q = int32_t(v);
+      if (codes != nullptr) codes[e] = uint16_t(ZigZag(q));
+      const float y = ToFloat(dtype, FromFloat(dtype, p + float(q) * step));
+      const float diff = y - x;
+      sums[i % 8] += double(diff) * double(diff);
+    }
+  }
+  *err = Tree(sums);
+  return std::isfinite(*err);
+}
+
+uint64_t PackRef(const uint16_t* codes, uint64_t packs, uint8_t* out) {
+  const uint64_t width_bytes = (packs + 1) / 2;
+  std::memset(out, 0, width_bytes);
+  uint64_t pos = width_bytes;
+  for (uint64_t k = 0; k < packs; ++k) {
+    const uint16_t* u = codes + k * kPack;
+    uint32_t all = 0;
+    for (uint32_t i = 0; i < kPack; ++i) all |= u[i];
+    uint32_t w = 0;
+    while ((all >> w) != 0) ++w;
+    out[k / 2] |= uint8_t(w << (4 * (k & 1)));
+    for (uint32_t b = 0; b < w; ++b) {
+      uint32_t plane = 0;
+      for (uint32_t i = 0; i < kPack; ++i) plane |= ((u[i] >> b) & 1u) << i;
+      out[pos++] = uint8_t(plane);
+      out[pos++] = uint8_t(plane >> 8);
+    }
+  }
+  return pos;
 }
 
 }  // namespace
@@ -333,86 +438,115 @@ bool AppendPacks(const std::vector<int32_t>& codes, uint32_t groups, uint32_t co
   return true;
 }
 
+namespace {
+
+// Quantises the r directions of one head (basis `dirs`, r x D; coefficients coef[t][j], T x r)
+// and appends them to `dirs_out`: int8 basis codes, coefficient codes codes[t][kept] (G * 16
+// rows), the decoder's basis bhat[j][d] and coefficients cf[j][G * 16]. Returns the number kept.
+uint32_t QuantizeDirections(const std::vector<float>& dirs, const std::vector<float>& coef,
+                            uint32_t T, uint32_t D, uint32_t r, double step0,
+                            std::vector<uint8_t>* dirs_out, std::vector<int32_t>* codes,
+                            std::vector<float>* bhat, std::vector<float>* cf) {
+  const uint64_t rows = uint64_t{Groups(T)} * kPack;
+  bhat->assign(r * D, 0.f);
+  cf->assign(r * rows, 0.f);
+  std::vector<int32_t> q(r * rows, 0);
+  uint32_t kept = 0;
+  for (uint32_t j = 0; j < r; ++j) {
+    float bmax = 0, cmax = 0;
+    for (uint32_t d = 0; d < D; ++d) bmax = std::max(bmax, std::fabs(dirs[j * D + d]));
+    for (uint32_t t = 0; t < T; ++t) cmax = std::max(cmax, std::fabs(coef[uint64_t{t} * r + j]));
+    const float bs = bmax / 127.f;
+    const float cs = float(std::max(double(kCoefStepFactor) * step0, double(cmax) / 16000.0));
+    if (!(bs > 1e-30f) || !std::isfinite(cs) || !(cs > 1e-30f)) break;
+    PutF32(dirs_out, cs);
+    PutF32(dirs_out, bs);
+    for (uint32_t d = 0; d < D; ++d) {
+      const int code = int(std::max(-127.f, std::min(127.f, std::nearbyint(dirs[j * D + d] / bs))));
+      dirs_out->push_back(uint8_t(int8_t(code)));
+      (*bhat)[j * D + d] = float(code) * bs;
+    }
+    for (uint32_t t = 0; t < T; ++t) {
+      const int32_t c = int32_t(std::nearbyint(coef[uint64_t{t} * r + j] / cs));
+      q[j * rows + t] = c;
+      (*cf)[j * rows + t] = float(c) * cs;
+    }
+    ++kept;
+  }
+  codes->assign(rows * kept, 0);
+  for (uint64_t t = 0; t < rows; ++t)
+    for (uint32_t j = 0; j < kept; ++j) (*codes)[t * kept + j] = q[j * rows + t];
+  return kept;
+}
+
+// Means per channel (column sums in float, token by token), stored as the dtype.
+void Means(const SegmentShape& shape, const std::vector<float>& x, std::vector<uint8_t>* bytes,
+           std::vector<float>* m) {
+  const uint64_t HD = uint64_t{shape.kv_heads} * shape.head_dim;
+  std::vector<float> sum(HD, 0.f);
+  for (uint32_t t = 0; t < shape.tokens; ++t)
+    for (uint64_t c = 0; c < HD; ++c) sum[c] = sum[c] + x[t * HD + c];
+  bytes->resize(HD * 2);
+  m->resize(HD);
+  for (uint64_t c = 0; c < HD; ++c) {
+    const uint16_t e = FromFloat(shape.dtype, sum[c] / float(shape.tokens));
+    (*bytes)[2 * c] = uint8_t(e);
+    (*bytes)[2 * c + 1] = uint8_t(e >> 8);
+    (*m)[c] = ToFloat(shape.dtype, e);
+  }
+}
+
+// Centres head h into xc (T x D) and returns its mean variance per element.
+double Centre(const SegmentShape& shape, const std::vector<float>& x, const float* m, uint32_t h,
+              std::vector<float>* xc) {
+  const uint32_t T = shape.tokens, D = shape.head_dim;
+  const uint64_t HD = uint64_t{shape.kv_heads} * D;
+  xc->resize(uint64_t{T} * D);
+  std::vector<float> sq(D, 0.f);
+  for (uint32_t t = 0; t < T; ++t)
+    for (uint32_t d = 0; d < D; ++d) {
+      const float v = x[t * HD + h * D + d] - m[d];
+      (*xc)[uint64_t{t} * D + d] = v;
+      sq[d] = sq[d] + v * v;
+    }
+  double var = 0;
+  for (uint32_t d = 0; d < D; ++d) var += sq[d];
+  return var / (double(T) * D);
+}
+
+}  // namespace
+
 void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_t* in,
-             Analysis* a) {
+             const EncodeKernels& kn, Analysis* a) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
   const uint64_t HD = uint64_t{H} * D, N = shape.Elements();
   a->x.resize(N);
-  a->energy = 0;
-  a->finite = true;
-  for (uint64_t i = 0; i < N; ++i) {
-    a->x[i] = ToFloat(shape.dtype, in[i]);
-    if (!std::isfinite(a->x[i])) a->finite = false;
-    a->energy += double(a->x[i]) * a->x[i];
-  }
-  if (!a->finite || !std::isfinite(a->energy) || N == 0) {
-    a->finite = false;
-    return;
-  }
+  a->finite = N > 0 && kn.load(shape.dtype, in, N, a->x.data(), &a->energy) &&
+              std::isfinite(a->energy);
+  if (!a->finite) return;
   double step0 = std::sqrt(12.0 * a->energy / double(N)) * TargetError(shape, params);
   if (!(step0 >= 1e-30) || !std::isfinite(step0)) step0 = 1.0;
   a->first_step = float(step0);
-  std::vector<uint8_t> ranks(H, 0), means(HD * 2), dirs;
+  std::vector<uint8_t> ranks(H, 0), means, dirs;
+  std::vector<float> m;
+  Means(shape, a->x, &means, &m);
   std::vector<std::vector<int32_t>> head_codes(H);  // [t][j] per head
-  a->prediction.assign(N, 0.f);
-  std::vector<double> xc(uint64_t{T} * D), basis, coef;
+  a->prediction.resize(uint64_t{G} * kPack * HD);
+  std::vector<float> xc, basis, coef, bhat, cf;
   for (uint32_t h = 0; h < H; ++h) {
-    std::vector<float> m(D);
-    double var = 0;
-    for (uint32_t d = 0; d < D; ++d) {
-      double sum = 0;
-      for (uint32_t t = 0; t < T; ++t) sum += a->x[t * HD + h * D + d];
-      const uint16_t e = FromFloat(shape.dtype, float(sum / T));
-      means[(h * D + d) * 2] = uint8_t(e);
-      means[(h * D + d) * 2 + 1] = uint8_t(e >> 8);
-      m[d] = ToFloat(shape.dtype, e);
-      for (uint32_t t = 0; t < T; ++t) {
-        xc[uint64_t{t} * D + d] = double(a->x[t * HD + h * D + d]) - m[d];
-        var += xc[uint64_t{t} * D + d] * xc[uint64_t{t} * D + d];
-      }
-    }
-    var /= double(T) * D;
+    const double var = Centre(shape, a->x, &m[h * D], h, &xc);
     const uint32_t kmax = (T >= 2 * kPack && D >= 4) ? std::min(kMaxRank, D / 2) : 0;
     const double threshold = std::max(kRankThreshold * var, 4 * step0 * step0);
-    uint32_t r = kmax ? LowRankDirections(xc, T, D, kmax, threshold, &basis, &coef) : 0;
-    std::vector<float> bhat(r * D), cstep(r);
-    std::vector<int32_t>& codes = head_codes[h];
-    codes.assign(uint64_t{G} * kPack * r, 0);
-    uint32_t kept = 0;
-    for (uint32_t j = 0; j < r; ++j) {
-      double bmax = 0, cmax = 0;
-      for (uint32_t d = 0; d < D; ++d) bmax = std::max(bmax, std::fabs(basis[j * D + d]));
-      for (uint32_t t = 0; t < T; ++t) cmax = std::max(cmax, std::fabs(coef[uint64_t{t} * r + j]));
-      const float bs = float(bmax / 127), cs = float(std::max(double(kCoefStepFactor) * step0,
-                                                              cmax / 16000.0));
-      if (!(bs > 1e-30f) || !std::isfinite(cs) || !(cs > 1e-30f)) break;
-      PutF32(&dirs, cs);
-      PutF32(&dirs, bs);
-      for (uint32_t d = 0; d < D; ++d) {
-        const int code = int(std::max(-127.f, std::min(127.f, std::nearbyint(float(basis[j * D + d] / bs)))));
-        dirs.push_back(uint8_t(int8_t(code)));
-        bhat[j * D + d] = float(code) * bs;
-      }
-      cstep[j] = cs;
-      for (uint32_t t = 0; t < T; ++t) {
-        codes[uint64_t{t} * r + j] = int32_t(std::nearbyint(float(coef[uint64_t{t} * r + j] / cs)));
-      }
-      ++kept;
-    }
-    ranks[h] = uint8_t(kept);
-    if (kept < r) {  // Compact the codes to `kept` columns.
-      std::vector<int32_t> c2(uint64_t{G} * kPack * kept);
-      for (uint64_t t = 0; t < uint64_t{G} * kPack; ++t)
-        for (uint32_t j = 0; j < kept; ++j) c2[t * kept + j] = codes[t * r + j];
-      codes.swap(c2);
-    }
-    for (uint32_t t = 0; t < T; ++t)
-      for (uint32_t d = 0; d < D; ++d) {
-        float p = m[d];
-        for (uint32_t j = 0; j < kept; ++j) p = p + float(codes[uint64_t{t} * kept + j]) * cstep[j] * bhat[j * D + d];
-        a->prediction[t * HD + h * D + d] = p;
-      }
+    const uint32_t r = kmax ? LowRankDirections(kn, xc, T, D, kmax, threshold, &basis) : 0;
+    coef.resize(uint64_t{T} * r);
+    if (r > 0) kn.dot(xc.data(), D, T, 1, basis.data(), r, D, coef.data());
+    ranks[h] = uint8_t(QuantizeDirections(basis, coef, T, D, r, step0, &dirs, &head_codes[h],
+                                          &bhat, &cf));
+    kn.predict(T, HD, D, ranks[h], &m[h * D], cf.data(), bhat.data(),
+               &a->prediction[uint64_t{h} * D * kPack]);
   }
+  a->xp.resize(a->prediction.size());
+  kn.to_packs(a->x.data(), T, HD, a->xp.data());
   uint32_t R = 0;
   for (uint32_t h = 0; h < H; ++h) R += ranks[h];
   std::vector<int32_t> all(uint64_t{G} * kPack * R, 0);
@@ -425,69 +559,103 @@ void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_
   AppendPacks(all, G, R, &a->head);  // Coefficient codes are below 16001: always fits.
 }
 
-}  // namespace internal
-
-namespace internal {
-
-bool QuantizeResidualRef(const SegmentShape& shape, const Analysis& a, float step,
-                         std::vector<int32_t>* codes, double* err) {
-  const uint64_t N = shape.Elements();
-  codes->assign(uint64_t{Groups(shape.tokens)} * kPack * shape.kv_heads * shape.head_dim, 0);
-  double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (uint64_t i = 0; i < N; ++i) {
-    const float v = std::nearbyint((a.x[i] - a.prediction[i]) / step);
-    if (!(std::fabs(v) <= kMaxCode)) return false;
-    const int32_t q = int32_t(v);
-    (*codes)[i] = q;
-    const float y = ToFloat(shape.dtype, FromFloat(shape.dtype, a.prediction[i] + float(q) * step));
-    const float diff = y - a.x[i];
-    sums[i % 8] += double(diff) * double(diff);
-  }
-  *err = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
-  return std::isfinite(*err);
+const EncodeKernels& RefKernels() {
+  static const EncodeKernels k = {&LoadRef,  &DotRef,      &AccumulateRef, &PredictRef,
+                                  &ToPacksRef, &QuantizeRef, &PackRef};
+  return k;
 }
 
+namespace {
+
+// Picks the step whose estimated error (on every kSubsample-th pack, scaled to all) is just
+// under the target: a secant search in log-log. Returns the step and the fitted exponent.
+constexpr uint32_t kSubsample = 7;
+constexpr double kAim = 0.985;  // Aim this fraction of the allowed error.
+
+float EstimateStep(const Analysis& a, DType dtype, uint64_t packs, QuantizeFnPtr quantize,
+                   double allowed, double* alpha) {
+  const double scale = double(packs) / double((packs + kSubsample - 1) / kSubsample);
+  float step = a.first_step, prev_step = 0;
+  double prev_err = 0;
+  for (int it = 0; it < 5; ++it) {
+    double err = 0;
+    const bool fits = quantize(a, dtype, packs, kSubsample, step, nullptr, &err);
+    err *= scale;
+    double factor = 2.0;
+    if (fits && err > 0) {
+      if (prev_step > 0 && prev_err > 0 && prev_step != step) {
+        const double fit = std::log(err / prev_err) / std::log(double(step) / prev_step);
+        if (std::isfinite(fit)) *alpha = std::min(4.0, std::max(0.5, fit));
+      }
+      if (std::fabs(err / (kAim * allowed) - 1) < 0.01) break;
+      factor = std::pow(kAim * allowed / err, 1 / *alpha);
+      prev_step = step;
+      prev_err = err;
+    } else {
+      prev_step = 0;
+    }
+    const float next = float(step * std::min(4.0, std::max(0.25, factor)));
+    if (!(next > 0) || !std::isfinite(next)) break;
+    step = next;
+  }
+  return step;
+}
+
+}  // namespace
+
 absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecParams& params,
-                                      const uint16_t* in, Analysis* a, QuantizeFn quantize,
+                                      const uint16_t* in, const EncodeKernels& kn, Analysis* a,
                                       uint8_t* out, uint64_t capacity) {
   const uint64_t raw_bytes = RawPayloadBytes(shape);
-  std::vector<uint8_t> payload;
+  const uint64_t packs = uint64_t{Groups(shape.tokens)} * shape.kv_heads * shape.head_dim;
+  std::vector<uint8_t>& payload = a->payload;
+  uint64_t size = 0;  // Of the coded payload; 0: raw.
   if (a->finite) {
     const double target = TargetError(shape, params);
     const double allowed = target * target * a->energy;
-    std::vector<int32_t> codes, best_codes;
-    float best_step = 0, step = a->first_step;
+    double alpha = 2;
+    float step = packs >= 64 * kSubsample
+                     ? EstimateStep(*a, shape.dtype, packs, kn.quantize, allowed, &alpha)
+                     : a->first_step;
+    std::vector<uint16_t>& codes = a->codes;
+    std::vector<uint16_t>& best_codes = a->best_codes;
+    codes.resize(packs * kPack);
+    float best_step = 0;
+    bool tried_larger = false;
     for (int it = 0; it < kMaxSearch; ++it) {
       double err = 0;
-      const bool fits = quantize(shape, *a, step, &codes, &err);
+      const bool fits = kn.quantize(*a, shape.dtype, packs, 1, step, codes.data(), &err);
+      double factor = 2.0;
       if (fits && err <= allowed) {
         if (step > best_step) {
           best_step = step;
           best_codes.swap(codes);
+          codes.resize(packs * kPack);
         }
-        // Close enough to the budget: stop; else try a larger step.
-        if (err >= 0.9 * allowed || it >= 3) break;
+        if (err >= 0.95 * allowed || tried_larger) break;
+        tried_larger = true;
+        factor = err > 0 ? std::pow(kAim * allowed / err, 1 / alpha) : 2.0;
+      } else if (best_step > 0) {
+        break;  // Overshot after a success.
+      } else if (fits) {
+        factor = std::min(0.995, std::pow(kAim * allowed / err, 1 / alpha));
       }
-      double factor = !fits ? 2.0 : (err > 0 ? 0.998 * std::sqrt(allowed / err) : 2.0);
-      if (best_step > 0 && !(fits && err <= allowed) ) break;  // Overshot after a success.
-      factor = std::min(4.0, std::max(0.25, factor));
-      const float next = float(step * factor);
+      const float next = float(step * std::min(4.0, std::max(0.25, factor)));
       if (!(next > 0) || !std::isfinite(next) || next == step) break;
       step = next;
     }
     if (best_step > 0) {
-      payload.assign(kHeaderBytes, 0);
+      const uint64_t head = kHeaderBytes + a->head.size(), bound = head + PackBound(packs);
+      if (payload.size() < bound) payload.resize(bound);  // Never shrinks: no refill.
+      std::memset(payload.data(), 0, kHeaderBytes);
       payload[0] = kModeCoded;
       std::memcpy(&payload[4], &best_step, 4);
-      payload.insert(payload.end(), a->head.begin(), a->head.end());
-      if (!AppendPacks(best_codes, Groups(shape.tokens), shape.kv_heads * shape.head_dim,
-                       &payload) ||
-          payload.size() >= raw_bytes) {
-        payload.clear();
-      }
+      std::memcpy(&payload[kHeaderBytes], a->head.data(), a->head.size());
+      size = head + kn.pack(best_codes.data(), packs, payload.data() + head);
+      if (size >= raw_bytes) size = 0;
     }
   }
-  if (payload.empty()) {  // Raw: exact.
+  if (size == 0) {  // Raw: exact.
     if (capacity < raw_bytes) return absl::InvalidArgumentError("kvpool: output too small");
     std::memset(out, 0, kHeaderBytes);
     for (uint64_t i = 0; i < shape.Elements(); ++i) {
@@ -496,9 +664,9 @@ absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecPara
     }
     return raw_bytes;
   }
-  if (capacity < payload.size()) return absl::InvalidArgumentError("kvpool: output too small");
-  std::memcpy(out, payload.data(), payload.size());
-  return payload.size();
+  if (capacity < size) return absl::InvalidArgumentError("kvpool: output too small");
+  std::memcpy(out, payload.data(), size);
+  return size;
 }
 
 }  // namespace internal
@@ -513,9 +681,8 @@ absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams&
     return absl::InvalidArgumentError("kvpool: budget must be in (0, 1)");
   }
   internal::Analysis a;
-  internal::Analyze(shape, params, in, &a);
-  return internal::FinishEncode(shape, params, in, &a, &internal::QuantizeResidualRef, out,
-                                capacity);
+  internal::Analyze(shape, params, in, internal::RefKernels(), &a);
+  return internal::FinishEncode(shape, params, in, internal::RefKernels(), &a, out, capacity);
 }
 
 absl::Status DecodeRef(const SegmentShape& shape, const CodecParams& params,
