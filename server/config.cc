@@ -23,7 +23,8 @@ data_dir: kvpool-data           # on-disk state
 log_level: info                 # debug | info | warning | error
 encode_threads: 0               # threads encoding puts and decoding server-side gets; 0 = one per core
 codec:                          # how segments are stored when a put does not say
-  codec: raw                    # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget)
+  codec: kvpool                 # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget)
+  budget: 0.02                  # relative L2 error per segment (attention-output error ~0.04)
 model_codecs: {}                # per model id, e.g. {llama-3-8b: {codec: kivi, bits: 4}}
 limits:
   max_keys_per_request: 4096    # more keys in one request: INVALID_ARGUMENT

@@ -105,8 +105,11 @@ absl::Status RunDemo(const CliOptions& o) {
   KVPOOL_ASSIGN_OR_RETURN(auto client, client::Client::Create(options));
   KVPOOL_RETURN_IF_ERROR(client->WaitUntilReady(absl::Seconds(10)));
   const client::Namespace ns{spec.model_id, spec.tokens_per_block};
+  // This phase checks every byte, so it stores raw; the codec phase below shows compression.
+  client::PutOptions raw;
+  raw.codec = CodecParams{CodecId::kRaw};
   std::cout << absl::StrFormat(
-      "demo: %d requests, each %d shared + %d own blocks of %s (%s)\n", o.requests,
+      "demo: %d requests, each %d shared + %d own blocks of %s (%s), stored raw\n", o.requests,
       o.shared_blocks, o.unique_blocks, FormatBytes(block_bytes), spec.DebugString());
 
   std::mt19937_64 rng(o.seed);
@@ -137,7 +140,8 @@ absl::Status RunDemo(const CliOptions& o) {
     absl::Time t0 = absl::Now();
     KVPOOL_ASSIGN_OR_RETURN(
         client::PutResult put,
-        client->Put(spec, missing, {reinterpret_cast<const uint8_t*>(buffer.data()), buffer.size()}));
+        client->Put(spec, missing, {reinterpret_cast<const uint8_t*>(buffer.data()), buffer.size()},
+                    raw));
     put_time += absl::Now() - t0;
     put_blocks += missing.size();
     put_bytes += put.bytes_sent;

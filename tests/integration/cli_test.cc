@@ -96,7 +96,8 @@ TEST_F(CliTest, PartialPutGivesTheHitPrefix) {
   ids_half.data.resize(32 * 4);
   ASSERT_THAT(WriteNpy(P("kv32.npy"), kv_half), IsOk());
   ASSERT_THAT(WriteNpy(P("ids32.npy"), ids_half), IsOk());
-  ASSERT_EQ(Kvpool({"put", "--model=m", "--tokens-per-block=16", "--token-ids=" + P("ids32.npy"),
+  ASSERT_EQ(Kvpool({"put", "--codec=raw", "--model=m", "--tokens-per-block=16",
+                    "--token-ids=" + P("ids32.npy"),
                     "--in=" + P("kv32.npy")},
                    &out),
             0)

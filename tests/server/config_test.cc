@@ -283,4 +283,67 @@ TEST_F(ConfigFileTest, ErrorsNameTheFile) {
 }
 
 }  // namespace
+namespace codec_config {
+
+TEST(ConfigCodecTest, EmbeddedDefaultIsKvpoolWithASmallBudget) {
+  DaemonOptions o;
+  ASSERT_THAT(ApplyConfigYaml(DefaultConfigYaml(), &o), IsOk());
+  const CodecParams& c = o.service.codecs.For("any-model");
+  EXPECT_EQ(c.codec, CodecId::kKvpool);
+  EXPECT_FLOAT_EQ(c.budget, 0.02f);
+  EXPECT_EQ(c.extra & 0xff, 40u);  // Normalised: keys get 40/64 of the budget.
+  EXPECT_EQ(o.encode_threads, 0);
+}
+
+TEST(ConfigCodecTest, PerModelCodecsOverrideTheDefault) {
+  DaemonOptions o;
+  ASSERT_THAT(ApplyConfigYaml(R"(
+codec: {codec: raw}
+model_codecs:
+  llama: {codec: kivi, bits: 2}
+  qwen: {codec: packkv, budget: 0.05, group: 8}
+encode_threads: 3
+)",
+                              &o),
+              IsOk());
+  EXPECT_EQ(o.service.codecs.For("other").codec, CodecId::kRaw);
+  const CodecParams& llama = o.service.codecs.For("llama");
+  EXPECT_EQ(llama.codec, CodecId::kKivi);
+  EXPECT_EQ(llama.bits, 2);
+  EXPECT_EQ(llama.group, 32);  // Default filled in.
+  const CodecParams& qwen = o.service.codecs.For("qwen");
+  EXPECT_EQ(qwen.codec, CodecId::kPackKv);
+  EXPECT_FLOAT_EQ(qwen.budget, 0.05f);
+  EXPECT_EQ(qwen.group, 8);
+  EXPECT_EQ(o.encode_threads, 3);
+}
+
+TEST(ConfigCodecTest, BadCodecsNameTheKeyAndChangeNothing) {
+  struct Case {
+    std::string yaml;
+    std::string message;
+  };
+  const Case cases[] = {
+      {"codec: {codec: zstd}", "codec.codec"},
+      {"codec: {budget: 0.1}", "codec.codec is required"},
+      {"codec: {codec: kvpool, budget: 2}", "error budget must be in (0, 1)"},
+      {"codec: {codec: kivi, bits: 3}", "kivi bits must be 2, 4 or 8"},
+      {"codec: {codec: kivi, colour: red}", "unknown config key 'codec.colour'"},
+      {"model_codecs: {m: {codec: kivi, bits: 5}}", "model_codecs.m"},
+      {"model_codecs: [a, b]", "'model_codecs' must be a map"},
+      {"encode_threads: -1", "encode_threads"},
+      {"encode_threads: lots", "encode_threads"},
+  };
+  for (const Case& c : cases) {
+    DaemonOptions o;
+    o.service.codecs.default_codec = CodecParams{CodecId::kKivi, 8, 0, 16};
+    EXPECT_THAT(ApplyConfigYaml(c.yaml, &o),
+                StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr(c.message)))
+        << c.yaml;
+    EXPECT_EQ(o.service.codecs.default_codec.codec, CodecId::kKivi) << c.yaml;
+    EXPECT_TRUE(o.service.codecs.per_model.empty()) << c.yaml;
+  }
+}
+
+}  // namespace codec_config
 }  // namespace kvpool::server
