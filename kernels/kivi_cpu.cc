@@ -39,6 +39,8 @@ using internal::Layout;
 using internal::ValidParams;
 using simd::Load8;
 using simd::Store8;
+using simd::HMax;
+using simd::HMin;
 
 absl::Status NotRepresentable() {
   return absl::InvalidArgumentError(
@@ -177,16 +179,6 @@ KVPOOL_AVX2 inline void Quantize32(const uint16_t* x, const __m256* d, const __m
   Pack32<kBits>(q, p);
 }
 
-KVPOOL_AVX2 inline float HMin(__m256 v) {
-  __m128 x = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_min_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_min_ss(x, _mm_shuffle_ps(x, x, 1)));
-}
-KVPOOL_AVX2 inline float HMax(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
-}
 
 template <bool kMax>
 KVPOOL_AVX2 inline __m256 MinOrMax(__m256 a, __m256 b) {

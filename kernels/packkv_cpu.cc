@@ -62,6 +62,8 @@ constexpr UnpackTables kUnpack = MakeUnpackTables();
 
 using simd::Load8;
 using simd::Store8;
+using simd::HMax;
+using simd::HMin;
 
 template <bool kBf16>
 float ToFloat(uint16_t h) {
@@ -84,16 +86,6 @@ struct Bf16Conv {
   static constexpr uint16_t kMinStep = 0x0080;
 };
 
-KVPOOL_AVX2 inline float HMin(__m256 v) {
-  __m128 x = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_min_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_min_ss(x, _mm_shuffle_ps(x, x, 1)));
-}
-KVPOOL_AVX2 inline float HMax(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
-}
 KVPOOL_AVX2 inline uint32_t HSum(__m256i v) {
   __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4e));

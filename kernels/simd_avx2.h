@@ -1,4 +1,5 @@
-// AVX2/F16C pieces shared by the fast CPU codec paths: 8 fp16/bf16 elements to float and back,
+// AVX2/F16C pieces shared by the fast CPU codec paths: 8 fp16/bf16 elements to float and back
+// and horizontal min/max,
 // rounding to nearest even like common/half.h (no NaN may reach Store8). Functions carry the
 // target attribute, so a file includes this without -mavx2 and calls them only after
 // kernels::CpuHasAvx2(). Thread-safe (stateless).
@@ -36,6 +37,18 @@ KVPOOL_AVX2 inline void Store8(uint16_t* p, __m256 v) {
     h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
   }
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+
+// Horizontal minimum / maximum of 8 floats.
+KVPOOL_AVX2 inline float HMin(__m256 v) {
+  __m128 x = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_min_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_min_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+KVPOOL_AVX2 inline float HMax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
 }
 
 }  // namespace kvpool::kernels::simd
