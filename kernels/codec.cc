@@ -33,13 +33,6 @@ const CodecOps kOps[kNumCodecs] = {
      &kvpool::DecodeCpu, KVPOOL_CUDA_OP(kvpool, EncodeCuda), KVPOOL_CUDA_OP(kvpool, DecodeCuda)},
 };
 
-bool HasNonFinite(DType dtype, absl::Span<const uint16_t> elements) {
-  const uint16_t exponent = dtype == DType::kBf16 ? 0x7f80 : 0x7c00;
-  for (uint16_t x : elements) {
-    if ((x & exponent) == exponent) return true;
-  }
-  return false;
-}
 
 }  // namespace
 
@@ -56,6 +49,14 @@ absl::string_view PathName(Path path) {
 }
 
 const CodecOps& GetCodecOps(CodecId codec) { return kOps[static_cast<int>(codec)]; }
+
+bool HasNonFinite(DType dtype, absl::Span<const uint16_t> elements) {
+  const uint16_t exponent = dtype == DType::kBf16 ? 0x7f80 : 0x7c00;
+  for (uint16_t x : elements) {
+    if ((x & exponent) == exponent) return true;
+  }
+  return false;
+}
 
 bool CpuHasAvx2() {
   static const bool has = [] {

@@ -75,6 +75,9 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
 absl::Status DecodeSegment(absl::string_view encoded, absl::Span<uint16_t> out, Path path,
                            const SegmentShape* expected = nullptr);
 
+// True when any element is NaN or Inf (such segments are stored raw by lossy codecs).
+bool HasNonFinite(DType dtype, absl::Span<const uint16_t> elements);
+
 // True when the CPU has AVX2, FMA and F16C (the fast CPU paths use them).
 bool CpuHasAvx2();
 

@@ -24,14 +24,6 @@ struct Staging {
 
 uint64_t Align(uint64_t n) { return (n + 255) & ~uint64_t{255}; }
 
-bool HasNonFinite(DType dtype, const uint16_t* p, uint64_t n) {
-  const uint16_t exponent = dtype == DType::kBf16 ? 0x7f80 : 0x7c00;
-  for (uint64_t i = 0; i < n; ++i) {
-    if ((p[i] & exponent) == exponent) return true;
-  }
-  return false;
-}
-
 }  // namespace
 
 bool IsDevicePointer(const void* ptr) {
@@ -90,7 +82,7 @@ absl::StatusOr<std::vector<std::string>> EncodeSegmentsOnDevice(
   out_off = elem_off = 0;
   for (size_t i = 0; i < shapes.size(); ++i) {
     const uint16_t* src = elements.data() + elem_off;
-    if (p.codec != CodecId::kRaw && HasNonFinite(shapes[i].dtype, src, shapes[i].Elements())) {
+    if (p.codec != CodecId::kRaw && HasNonFinite(shapes[i].dtype, {src, shapes[i].Elements()})) {
       // As EncodeSegment: lossy codecs store NaN/Inf segments raw.
       KVPOOL_ASSIGN_OR_RETURN(std::string raw,
                               EncodeSegment(CodecParams{CodecId::kRaw}, shapes[i],
