@@ -1,6 +1,7 @@
 #include "client/client.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/internal/resize_uninitialized.h"
 #include "absl/strings/str_cat.h"
@@ -14,6 +15,7 @@
 #include "grpcpp/support/channel_arguments.h"
 #include "kvpool/v1/kvpool.grpc.pb.h"
 #include "kernels/codec.h"
+#include "kernels/fusion.h"
 #include "kernels/device_codec.h"
 #include "proto/convert.h"
 
@@ -40,9 +42,26 @@ absl::Status CallStatus(const grpc::Status& status, absl::string_view method) {
   return Annotate(FromGrpcStatus(status), method);
 }
 
-// Decodes `blocks` blocks of encoded segments (sizes in `sizes`) into canonical block bytes.
+// The scales of the segments (GetHeader.segment_scales): empty, or one finite value per
+// segment. DataLoss otherwise.
+absl::StatusOr<std::vector<float>> SegmentScales(const v1::GetHeader& header) {
+  std::vector<float> scales(header.segment_bytes_size(), 1.f);
+  if (header.segment_scales_size() == 0) return scales;
+  if (header.segment_scales_size() != header.segment_bytes_size()) {
+    return absl::DataLossError("Get: segment scales do not match the segments");
+  }
+  for (int i = 0; i < header.segment_scales_size(); ++i) {
+    scales[i] = header.segment_scales(i);
+    if (!std::isfinite(scales[i])) return absl::DataLossError("Get: a segment scale is not finite");
+  }
+  return scales;
+}
+
+// Decodes `blocks` blocks of encoded segments (sizes in `sizes`) into canonical block bytes,
+// multiplying each segment's values by its scale.
 absl::StatusOr<std::string> DecodeBlocks(const KvSpec& spec, uint64_t blocks,
                                          const google::protobuf::RepeatedField<uint64_t>& sizes,
+                                         const std::vector<float>& scales,
                                          absl::string_view wire) {
   const uint64_t segments = spec.SegmentsPerBlock();
   if (static_cast<uint64_t>(sizes.size()) != blocks * segments) {
@@ -58,9 +77,11 @@ absl::StatusOr<std::string> DecodeBlocks(const KvSpec& spec, uint64_t blocks,
     const uint64_t n = sizes.Get(static_cast<int>(i));
     if (n > wire.size() - offset) return absl::DataLossError("Get: segment sizes exceed the data");
     shape.kind = i % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
-    absl::Status s = kernels::DecodeSegment(wire.substr(offset, n), {dst + i * elements, elements},
+    absl::Span<uint16_t> out_segment(dst + i * elements, elements);
+    absl::Status s = kernels::DecodeSegment(wire.substr(offset, n), out_segment,
                                             kernels::Path::kCpu, &shape);
     if (!s.ok()) return Annotate(s, absl::StrCat("Get: segment ", i));
+    kernels::ScaleElements(spec.dtype, out_segment, scales[i], kernels::Path::kCpu);
     offset += n;
   }
   if (offset != wire.size()) return absl::DataLossError("Get: trailing bytes after the segments");
@@ -70,7 +91,8 @@ absl::StatusOr<std::string> DecodeBlocks(const KvSpec& spec, uint64_t blocks,
 // The same, decoded by the CUDA kernels into device memory.
 absl::Status DecodeBlocksToDevice(const KvSpec& spec, uint64_t blocks,
                                   const google::protobuf::RepeatedField<uint64_t>& sizes,
-                                  absl::string_view wire, uint16_t* d_out) {
+                                  const std::vector<float>& scales, absl::string_view wire,
+                                  uint16_t* d_out) {
   const uint64_t segments = spec.SegmentsPerBlock();
   if (static_cast<uint64_t>(sizes.size()) != blocks * segments) {
     return absl::DataLossError("Get: segment table does not match the blocks");
@@ -88,7 +110,7 @@ absl::Status DecodeBlocksToDevice(const KvSpec& spec, uint64_t blocks,
     offset += n;
   }
   if (offset != wire.size()) return absl::DataLossError("Get: trailing bytes after the segments");
-  return kernels::DecodeSegmentsToDevice(encoded, shapes, d_out);
+  return kernels::DecodeSegmentsToDevice(encoded, shapes, d_out, scales);
 }
 
 }  // namespace
@@ -247,6 +269,7 @@ absl::StatusOr<GetResult> Client::GetOne(const Namespace& ns, absl::Span<const B
   NamespaceToProto(ns, request.mutable_ns());
   KeysToProto({keys.begin(), keys.end()}, request.mutable_keys());
   request.set_server_decode(options.server_decode);
+  request.set_accept_segment_scales(true);
   grpc::ClientContext context;
   impl_->SetDeadline(&context);
   std::unique_ptr<grpc::ClientReader<v1::GetResponse>> reader =
@@ -295,15 +318,17 @@ absl::StatusOr<GetResult> Client::GetOne(const Namespace& ns, absl::Span<const B
     result.data = std::move(wire);
     return result;
   }
+  KVPOOL_ASSIGN_OR_RETURN(std::vector<float> scales, SegmentScales(header));
   if (options.device_dst != nullptr) {
     if (options.device_dst_bytes < hits * result.block_bytes) {
       return absl::InvalidArgumentError("device_dst is too small for the found blocks");
     }
-    KVPOOL_RETURN_IF_ERROR(DecodeBlocksToDevice(*spec, hits, header.segment_bytes(), wire,
-                                                static_cast<uint16_t*>(options.device_dst)));
+    KVPOOL_RETURN_IF_ERROR(DecodeBlocksToDevice(*spec, hits, header.segment_bytes(), scales,
+                                                wire, static_cast<uint16_t*>(options.device_dst)));
     return result;
   }
-  KVPOOL_ASSIGN_OR_RETURN(result.data, DecodeBlocks(*spec, hits, header.segment_bytes(), wire));
+  KVPOOL_ASSIGN_OR_RETURN(result.data,
+                          DecodeBlocks(*spec, hits, header.segment_bytes(), scales, wire));
   return result;
 }
 
@@ -347,6 +372,10 @@ absl::StatusOr<PoolStats> Client::Stats() {
   for (const v1::CodecStats& c : response.codecs()) {
     stats.codecs.push_back({c.codec(), c.segments(), c.logical_bytes(), c.stored_bytes()});
   }
+  stats.segments = response.segments();
+  stats.segment_refs = response.segment_refs();
+  stats.fused_segments = response.fused_segments();
+  stats.representatives = response.representatives();
   return stats;
 }
 

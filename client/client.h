@@ -103,7 +103,11 @@ struct PoolStats {
   uint64_t lookup_misses = 0;
   uint32_t namespaces = 0;
   std::string version;
-  std::vector<CodecUsage> codecs;  // Codecs with segments stored now.
+  std::vector<CodecUsage> codecs;  // Codecs with segments stored now (distinct segments).
+  uint64_t segments = 0;           // Distinct encoded segments stored.
+  uint64_t segment_refs = 0;       // Segments the stored blocks use.
+  uint64_t fused_segments = 0;     // Of those, the ones that use a fusion representative.
+  uint64_t representatives = 0;    // Key segments in the online fusion index.
 };
 
 class Client {

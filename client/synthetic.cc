@@ -71,6 +71,48 @@ std::string SyntheticKv(const SyntheticOptions& o) {
   return out;
 }
 
+std::vector<std::string> SyntheticCorpus(const CorpusOptions& o) {
+  const uint32_t families = std::max<uint32_t>(1, std::min(o.families, std::max(o.blocks, 1u)));
+  auto as_float = [&o](const std::string& bytes) {
+    std::vector<float> v(bytes.size() / 2);
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(bytes.data());
+    for (size_t i = 0; i < v.size(); ++i) {
+      v[i] = o.shape.dtype == DType::kBf16 ? Bf16ToFloat(h[i]) : Fp16ToFloat(h[i]);
+    }
+    return v;
+  };
+  std::vector<std::vector<float>> bases;
+  for (uint32_t f = 0; f < families; ++f) {
+    SyntheticOptions so = o.shape;
+    so.seed = o.seed * 1000003 + f;
+    bases.push_back(as_float(SyntheticKv(so)));
+  }
+  const uint64_t per_segment = o.shape.tokens * o.shape.num_kv_heads * o.shape.head_dim;
+  std::mt19937_64 rng(o.seed ^ 0x5eed5eed5eedull);
+  std::uniform_real_distribution<float> log_scale(std::log(0.5f), std::log(2.f));
+  std::vector<std::string> out;
+  for (uint32_t b = 0; b < o.blocks; ++b) {
+    const std::vector<float>& base = bases[uint64_t{b} * families / o.blocks];
+    std::vector<float> own;  // Unrelated corpora (one block per family) use the base alone.
+    if (o.variation != 0 && families < o.blocks) {
+      SyntheticOptions so = o.shape;
+      so.seed = (o.seed + 7) * 2000003 + b;
+      own = as_float(SyntheticKv(so));
+    }
+    std::string block(base.size() * 2, '\0');
+    uint16_t* dst = reinterpret_cast<uint16_t*>(block.data());
+    for (uint64_t s = 0; s * per_segment < base.size(); ++s) {
+      const float a = std::exp(log_scale(rng));
+      for (uint64_t i = s * per_segment; i < (s + 1) * per_segment && i < base.size(); ++i) {
+        const float v = a * (base[i] + (own.empty() ? 0.f : o.variation * own[i]));
+        dst[i] = o.shape.dtype == DType::kBf16 ? FloatToBf16(v) : FloatToFp16(v);
+      }
+    }
+    out.push_back(std::move(block));
+  }
+  return out;
+}
+
 std::vector<uint32_t> SyntheticTokenIds(uint64_t count, uint32_t vocab, uint64_t seed) {
   std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
   std::vector<uint32_t> ids(count);

@@ -38,6 +38,25 @@ struct SyntheticOptions {
 // [layers][2][tokens][kv_heads][head_dim] elements of options.dtype, little-endian.
 std::string SyntheticKv(const SyntheticOptions& options);
 
+// A corpus of blocks that share content to a chosen degree, for evaluating fusion. NOT real
+// model output. `families` base blocks are drawn with SyntheticKv (shape and structure from
+// `shape`, tokens = one block); block b belongs to family b * families / blocks (families are
+// runs of consecutive blocks, like the chunks of one long prompt) and each of its segments
+// is  a * (base + variation * own)  where `own` is an independent SyntheticKv draw of the same
+// structure and `a` is drawn per segment, log-uniform in [0.5, 2] (members differ in norm, as
+// the seed paper's do). So a member's relative L2 distance from its family's direction is about
+// `variation`; families == blocks gives unrelated blocks. Deterministic for the seed.
+struct CorpusOptions {
+  SyntheticOptions shape;     // tokens is the block size.
+  uint32_t blocks = 64;
+  uint32_t families = 8;
+  float variation = 0.05f;
+  uint64_t seed = 1;
+};
+
+// `blocks` blocks, each [layers][2][tokens][kv_heads][head_dim] elements of shape.dtype.
+std::vector<std::string> SyntheticCorpus(const CorpusOptions& options);
+
 // `count` token ids from [0, vocab), deterministic for the seed.
 std::vector<uint32_t> SyntheticTokenIds(uint64_t count, uint32_t vocab, uint64_t seed);
 

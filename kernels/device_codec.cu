@@ -1,6 +1,9 @@
 // Batched GPU encode/decode with one staging allocation per call.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -23,6 +26,33 @@ struct Staging {
 };
 
 uint64_t Align(uint64_t n) { return (n + 255) & ~uint64_t{255}; }
+
+// x[i] = to_dtype(scale * x[i]), round to nearest even (kernels::ScaleElements on the device).
+template <bool kBf16>
+__global__ void ScaleKernel(uint16_t* x, uint64_t n, float scale) {
+  for (uint64_t i = blockIdx.x * uint64_t{blockDim.x} + threadIdx.x; i < n;
+       i += uint64_t{gridDim.x} * blockDim.x) {
+    if constexpr (kBf16) {
+      const float v = __bfloat162float(__ushort_as_bfloat16(x[i])) * scale;
+      x[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    } else {
+      const float v = __half2float(__ushort_as_half(x[i])) * scale;
+      x[i] = __half_as_ushort(__float2half_rn(v));
+    }
+  }
+}
+
+absl::Status ScaleOnDevice(DType dtype, uint16_t* d_x, uint64_t n, float scale,
+                           cudaStream_t stream) {
+  if (n == 0) return absl::OkStatus();
+  const unsigned blocks = static_cast<unsigned>(std::min<uint64_t>((n + 255) / 256, 4096));
+  if (dtype == DType::kBf16) {
+    ScaleKernel<true><<<blocks, 256, 0, stream>>>(d_x, n, scale);
+  } else {
+    ScaleKernel<false><<<blocks, 256, 0, stream>>>(d_x, n, scale);
+  }
+  return FromCuda(cudaGetLastError(), "scale kernel");
+}
 
 }  // namespace
 
@@ -104,9 +134,12 @@ absl::StatusOr<std::vector<std::string>> EncodeSegmentsOnDevice(
 
 absl::Status DecodeSegmentsToDevice(absl::Span<const absl::string_view> encoded,
                                     absl::Span<const SegmentShape> expected, uint16_t* d_out,
-                                    cudaStream_t stream) {
+                                    absl::Span<const float> scales, cudaStream_t stream) {
   if (DeviceCount() == 0) return absl::UnavailableError("no CUDA device");
   if (encoded.size() != expected.size()) return absl::InvalidArgumentError("count mismatch");
+  if (!scales.empty() && scales.size() != encoded.size()) {
+    return absl::InvalidArgumentError("scales: one per segment");
+  }
   std::vector<SegmentHeader> headers;
   std::vector<absl::string_view> payloads;
   uint64_t staging = 0;
@@ -136,6 +169,10 @@ absl::Status DecodeSegmentsToDevice(absl::Span<const absl::string_view> encoded,
     KVPOOL_RETURN_IF_ERROR(GetCodecOps(headers[i].params.codec)
                                .decode_cuda(headers[i].shape, headers[i].params, base + off,
                                             payloads[i].size(), d_out + elem_off, s));
+    if (!scales.empty() && scales[i] != 1.f) {
+      KVPOOL_RETURN_IF_ERROR(ScaleOnDevice(headers[i].shape.dtype, d_out + elem_off,
+                                           headers[i].shape.Elements(), scales[i], s));
+    }
     off += Align(payloads[i].size());
     elem_off += headers[i].shape.Elements();
   }

@@ -23,9 +23,12 @@ absl::StatusOr<std::vector<std::string>> EncodeSegmentsOnDevice(
 
 // Decodes whole encoded segments (host memory; each checked as DecodeSegment does, against
 // expected[i]) into device memory: segment i goes to d_out + (sum of the earlier segments'
-// elements). REQUIRES: d_out holds that many elements.
+// elements), its values multiplied by scales[i] when `scales` is not empty (fused segments;
+// kernels/fusion.h: to_dtype(scale * v)). REQUIRES: d_out holds that many elements; scales is
+// empty or has one entry per segment.
 absl::Status DecodeSegmentsToDevice(absl::Span<const absl::string_view> encoded,
                                     absl::Span<const SegmentShape> expected, uint16_t* d_out,
+                                    absl::Span<const float> scales = {},
                                     cudaStream_t stream = nullptr);
 
 // True when `ptr` is device (or managed) memory that the CUDA kernels can write.

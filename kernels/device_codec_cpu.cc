@@ -11,7 +11,8 @@ absl::StatusOr<std::vector<std::string>> EncodeSegmentsOnDevice(const CodecParam
 }
 
 absl::Status DecodeSegmentsToDevice(absl::Span<const absl::string_view>,
-                                    absl::Span<const SegmentShape>, uint16_t*, cudaStream_t) {
+                                    absl::Span<const SegmentShape>, uint16_t*,
+                                    absl::Span<const float>, cudaStream_t) {
   return absl::UnavailableError("this build has no CUDA");
 }
 

@@ -26,6 +26,12 @@ codec:                          # how segments are stored when a put does not sa
   codec: kvpool                 # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget)
   budget: 0.02                  # relative L2 error per segment (attention-output error ~0.04)
 model_codecs: {}                # per model id, e.g. {llama-3-8b: {codec: kivi, bits: 4}}
+fusion:                         # joint encoding of similar segments across blocks (README: Fusion)
+  mode: off                     # off | online (each put against the index) | batch (within a put)
+  threshold: 0.95               # minimum cosine between a member and its representative
+  budget: 0.05                  # maximum relative L2 error of a fused segment as read back
+  skip_layers: [0, 1, -2, -1]   # layers never fused; negative counts from the end
+model_fusion: {}                # per model id, e.g. {llama-3-8b: {mode: online, budget: 0.03}}
 limits:
   max_keys_per_request: 4096    # more keys in one request: INVALID_ARGUMENT
   max_request_bytes: 1GiB       # larger put: RESOURCE_EXHAUSTED
@@ -116,11 +122,51 @@ absl::StatusOr<CodecParams> CodecValue(const YAML::Node& node, const std::string
   return *normalized;
 }
 
+// A fusion map {mode, threshold, budget, skip_layers, max_candidates} at `where`, on top of
+// `base`.
+absl::StatusOr<FusionOptions> FusionValue(const YAML::Node& node, const std::string& where,
+                                          FusionOptions base) {
+  KVPOOL_RETURN_IF_ERROR(
+      CheckKeys(node, where, {"mode", "threshold", "budget", "skip_layers", "max_candidates"}));
+  FusionOptions f = std::move(base);
+  if (node["mode"]) {
+    // YAML 1.1 reads a bare off as a boolean; take its text.
+    KVPOOL_ASSIGN_OR_RETURN(std::string mode, Scalar<std::string>(node["mode"], where + ".mode"));
+    if (mode == "false") mode = "off";
+    auto m = ParseFusionMode(mode);
+    if (!m.ok()) return Annotate(m.status(), where + ".mode");
+    f.mode = *m;
+  }
+  if (node["threshold"]) {
+    KVPOOL_ASSIGN_OR_RETURN(f.threshold, Scalar<double>(node["threshold"], where + ".threshold"));
+  }
+  if (node["budget"]) {
+    KVPOOL_ASSIGN_OR_RETURN(f.budget, Scalar<double>(node["budget"], where + ".budget"));
+  }
+  if (node["max_candidates"]) {
+    KVPOOL_ASSIGN_OR_RETURN(f.max_candidates,
+                            Scalar<uint32_t>(node["max_candidates"], where + ".max_candidates"));
+  }
+  if (const YAML::Node skip = node["skip_layers"]) {
+    if (!skip.IsSequence()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config key '", where, ".skip_layers' must be a list of layer numbers"));
+    }
+    f.skip_layers.clear();
+    for (const auto& item : skip) {
+      KVPOOL_ASSIGN_OR_RETURN(int32_t layer, Scalar<int32_t>(item, where + ".skip_layers"));
+      f.skip_layers.push_back(layer);
+    }
+  }
+  if (absl::Status s = ValidateFusionOptions(f); !s.ok()) return Annotate(s, where);
+  return f;
+}
+
 absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
   if (root.IsNull()) return absl::OkStatus();
   KVPOOL_RETURN_IF_ERROR(CheckKeys(
       root, "", {"listen", "metrics_listen", "host_memory", "data_dir", "log_level", "limits",
-                 "codec", "model_codecs", "encode_threads"}));
+                 "codec", "model_codecs", "encode_threads", "fusion", "model_fusion"}));
   DaemonOptions o = *out;
   KVPOOL_RETURN_IF_ERROR(SetString(root["listen"], "listen", &o.listen));
   KVPOOL_RETURN_IF_ERROR(SetString(root["metrics_listen"], "metrics_listen", &o.metrics_listen));
@@ -142,6 +188,19 @@ absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
       const std::string model = kv.first.Scalar();
       KVPOOL_ASSIGN_OR_RETURN(o.service.codecs.per_model[model],
                               CodecValue(kv.second, "model_codecs." + model));
+    }
+  }
+  if (const YAML::Node fusion = root["fusion"]) {
+    KVPOOL_ASSIGN_OR_RETURN(o.service.fusion.default_options,
+                            FusionValue(fusion, "fusion", o.service.fusion.default_options));
+  }
+  if (const YAML::Node models = root["model_fusion"]) {
+    if (!models.IsMap()) return absl::InvalidArgumentError("config key 'model_fusion' must be a map");
+    for (const auto& kv : models) {
+      const std::string model = kv.first.Scalar();
+      KVPOOL_ASSIGN_OR_RETURN(o.service.fusion.per_model[model],
+                              FusionValue(kv.second, "model_fusion." + model,
+                                          o.service.fusion.default_options));
     }
   }
   if (const YAML::Node limits = root["limits"]) {

@@ -16,6 +16,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/byte_size.h"
 #include "common/flag_names.h"
@@ -33,6 +34,9 @@ ABSL_FLAG(std::string, data_dir, "", "folder for on-disk state");
 ABSL_FLAG(std::string, ready_file, "", "once serving, write the actual addresses here as JSON");
 ABSL_FLAG(std::string, log_level, "", "debug | info | warning | error");
 ABSL_FLAG(double, drain_seconds, 30, "how long SIGTERM waits for in-flight requests");
+ABSL_FLAG(std::string, fusion, "", "fusion mode for every spec: off | online | batch");
+ABSL_FLAG(std::string, fusion_threshold, "", "fusion cosine threshold for every spec, in [-1, 1]");
+ABSL_FLAG(std::string, fusion_budget, "", "fusion error budget for every spec (relative L2), in (0, 1)");
 ABSL_FLAG(bool, print_default_config, false, "print the embedded default config and exit");
 
 namespace {
@@ -40,6 +44,35 @@ namespace {
 int Fail(const std::string& message) {
   std::cerr << "kvpoold: " << message << "\n";
   return 1;
+}
+
+// --fusion, --fusion-threshold, --fusion-budget: override the config for every spec.
+absl::Status ApplyFusionFlags(kvpool::server::DaemonOptions* o) {
+  kvpool::server::FusionPolicy& policy = o->service.fusion;
+  std::vector<kvpool::server::FusionOptions*> all = {&policy.default_options};
+  for (auto& [model, f] : policy.per_model) all.push_back(&f);
+  if (const std::string mode = absl::GetFlag(FLAGS_fusion); !mode.empty()) {
+    auto m = kvpool::server::ParseFusionMode(mode);
+    if (!m.ok()) return absl::InvalidArgumentError(absl::StrCat("--fusion: ", m.status().message()));
+    for (auto* f : all) f->mode = *m;
+  }
+  const std::pair<const char*, std::string> numbers[] = {
+      {"--fusion-threshold", absl::GetFlag(FLAGS_fusion_threshold)},
+      {"--fusion-budget", absl::GetFlag(FLAGS_fusion_budget)}};
+  for (const auto& [name, text] : numbers) {
+    if (text.empty()) continue;
+    double v;
+    if (!absl::SimpleAtod(text, &v)) {
+      return absl::InvalidArgumentError(absl::StrCat(name, ": '", text, "' is not a number"));
+    }
+    for (auto* f : all) (std::string(name) == "--fusion-budget" ? f->budget : f->threshold) = v;
+  }
+  for (auto* f : all) {
+    if (absl::Status s = kvpool::server::ValidateFusionOptions(*f); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("fusion flags: ", s.message()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ApplyFlags(kvpool::server::DaemonOptions* o) {
@@ -55,7 +88,7 @@ absl::Status ApplyFlags(kvpool::server::DaemonOptions* o) {
   }
   if (!absl::GetFlag(FLAGS_data_dir).empty()) o->data_dir = absl::GetFlag(FLAGS_data_dir);
   if (!absl::GetFlag(FLAGS_log_level).empty()) o->log_level = absl::GetFlag(FLAGS_log_level);
-  return absl::OkStatus();
+  return ApplyFusionFlags(o);
 }
 
 absl::Status ApplyLogLevel(const std::string& level) {

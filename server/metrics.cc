@@ -55,6 +55,13 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   logical_bytes_ = gauge("kvpool_logical_bytes", "Bytes the stored blocks decode to");
   stored_bytes_ = gauge("kvpool_stored_bytes", "Bytes the stored blocks occupy in the host tier");
   capacity_bytes_ = gauge("kvpool_capacity_bytes", "Host tier capacity in bytes");
+  segments_ = gauge("kvpool_segments", "Distinct encoded segments stored (content-addressed)");
+  segment_refs_ = gauge("kvpool_segment_refs", "Segments the stored blocks use (blocks x 2 x layers)");
+  fused_segments_ =
+      gauge("kvpool_fused_segments", "Segments of stored blocks that use a fusion representative");
+  representatives_ = gauge("kvpool_fusion_representatives", "Key segments in the fusion index");
+  fusion_ratio_ = gauge("kvpool_fusion_ratio",
+                        "Segments the blocks use / distinct segments stored (1 without sharing)");
   auto gauge_family = [this](const std::string& name, const std::string& help) {
     return &prometheus::BuildGauge().Name(name).Help(help).Register(*registry_);
   };
@@ -117,6 +124,15 @@ void Metrics::SetStoreState(uint64_t blocks, uint64_t logical_bytes, uint64_t st
   logical_bytes_->Set(static_cast<double>(logical_bytes));
   stored_bytes_->Set(static_cast<double>(stored_bytes));
   capacity_bytes_->Set(static_cast<double>(capacity_bytes));
+}
+
+void Metrics::SetFusionState(uint64_t segments, uint64_t segment_refs, uint64_t fused_refs,
+                             uint64_t representatives) {
+  segments_->Set(static_cast<double>(segments));
+  segment_refs_->Set(static_cast<double>(segment_refs));
+  fused_segments_->Set(static_cast<double>(fused_refs));
+  representatives_->Set(static_cast<double>(representatives));
+  fusion_ratio_->Set(segments > 0 ? double(segment_refs) / double(segments) : 0.0);
 }
 
 }  // namespace kvpool::server

@@ -39,6 +39,12 @@ class Metrics {
   void SetCodecState(absl::string_view codec, uint64_t segments, uint64_t logical_bytes,
                      uint64_t stored_bytes);
 
+  // Content-addressed segments and fusion: distinct segments, segment references of the stored
+  // blocks, references to fusion representatives, indexed representatives; also sets
+  // kvpool_fusion_ratio (references / distinct segments; 0 when nothing is stored).
+  void SetFusionState(uint64_t segments, uint64_t segment_refs, uint64_t fused_refs,
+                      uint64_t representatives);
+
   // Current state of the host tier.
   void SetStoreState(uint64_t blocks, uint64_t logical_bytes, uint64_t stored_bytes,
                      uint64_t capacity_bytes);
@@ -59,6 +65,11 @@ class Metrics {
   prometheus::Gauge* logical_bytes_;
   prometheus::Gauge* stored_bytes_;
   prometheus::Gauge* capacity_bytes_;
+  prometheus::Gauge* segments_;
+  prometheus::Gauge* segment_refs_;
+  prometheus::Gauge* fused_segments_;
+  prometheus::Gauge* representatives_;
+  prometheus::Gauge* fusion_ratio_;
   prometheus::Family<prometheus::Gauge>* codec_segments_;
   prometheus::Family<prometheus::Gauge>* codec_logical_bytes_;
   prometheus::Family<prometheus::Gauge>* codec_stored_bytes_;

@@ -204,10 +204,13 @@ absl::Status RunStats(const CliOptions& o) {
     std::cout << absl::StrFormat(
         "{\"blocks\": %d, \"logical_bytes\": %d, \"stored_bytes\": %d, \"capacity_bytes\": %d, "
         "\"compression_ratio\": %.4f, \"evictions\": %d, \"lookup_hits\": %d, "
-        "\"lookup_misses\": %d, \"namespaces\": %d, \"version\": \"%s\", \"codecs\": [%s]}\n",
+        "\"lookup_misses\": %d, \"namespaces\": %d, \"version\": \"%s\", \"segments\": %d, "
+        "\"segment_refs\": %d, \"fused_segments\": %d, \"representatives\": %d, "
+        "\"fusion_ratio\": %.4f, \"codecs\": [%s]}\n",
         s.blocks, s.logical_bytes, s.stored_bytes, s.capacity_bytes,
         ratio(s.logical_bytes, s.stored_bytes), s.evictions, s.lookup_hits, s.lookup_misses,
-        s.namespaces, s.version, codecs);
+        s.namespaces, s.version, s.segments, s.segment_refs, s.fused_segments,
+        s.representatives, ratio(s.segment_refs, s.segments), codecs);
     return absl::OkStatus();
   }
   std::cout << absl::StrFormat(
@@ -217,6 +220,11 @@ absl::Status RunStats(const CliOptions& o) {
       s.blocks, FormatBytes(s.logical_bytes), FormatBytes(s.stored_bytes),
       FormatBytes(s.capacity_bytes), s.evictions, s.lookup_hits, s.lookup_misses, s.namespaces,
       s.version);
+  std::cout << absl::StrFormat(
+      "segments        %d stored for %d used (fusion ratio %.2fx), %d fused, %d representatives\n"
+      "compression     %.2fx (logical / stored bytes, codec and fusion together)\n",
+      s.segments, s.segment_refs, ratio(s.segment_refs, s.segments), s.fused_segments,
+      s.representatives, ratio(s.logical_bytes, s.stored_bytes));
   for (const client::CodecUsage& c : s.codecs) {
     std::cout << absl::StrFormat("codec %-9s %d segments, %s -> %s (%.2fx)\n", c.codec,
                                  c.segments, FormatBytes(c.logical_bytes),

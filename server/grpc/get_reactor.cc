@@ -1,8 +1,9 @@
 // Get: a server stream of one header and then data chunks. The reactor takes references to the
 // blocks up front (so an eviction meanwhile cannot free them), verifies every segment checksum
 // before sending anything, then streams in chunk_bytes pieces, one write in flight: the encoded
-// segments as stored (the client decodes), or with server_decode each block decoded to its
-// canonical bytes. Decoding runs on the service's codec executor, one block at a time between
+// segments as stored (the client decodes and applies each segment's scale), or with
+// server_decode each block decoded to its canonical bytes (also when the block uses fused
+// segments and the client did not say it applies scales). Decoding runs on the service's codec executor, one block at a time between
 // writes (no write is in flight while a decode is), and the decode task continues the stream
 // itself, so no gRPC callback thread decodes.
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include "absl/time/clock.h"
 #include "common/status_util.h"
 #include "kernels/codec.h"
+#include "kernels/fusion.h"
 #include "proto/convert.h"
 #include "server/grpc/kvpool_service.h"
 
@@ -103,7 +105,11 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
     uint32_t prefix = 0;
     while (prefix < found.size() && found[prefix] != nullptr) ++prefix;
     spec_ = ns->second;
+    // A client that cannot apply scales gets fused blocks decoded here, never wrong values.
     server_decode_ = request.server_decode();
+    bool any_scaled = false;
+    for (const StoredBlockPtr& block : found) any_scaled = any_scaled || (block && block->scaled());
+    if (any_scaled && !request.accept_segment_scales()) server_decode_ = true;
     SpecToProto(spec_, header->mutable_spec());
     header->set_block_bytes(spec_.BlockBytes());
     header->set_hit_prefix_blocks(prefix);
@@ -112,7 +118,10 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
       header->add_found(block != nullptr);
       if (block == nullptr) continue;
       if (!server_decode_) {
-        for (const std::string& seg : block->segments()) header->add_segment_bytes(seg.size());
+        for (size_t s = 0; s < block->num_segments(); ++s) {
+          header->add_segment_bytes(block->segment(s).size());
+          if (any_scaled) header->add_segment_scales(block->scale(s));
+        }
       }
       blocks_.push_back(std::move(block));
     }
@@ -125,12 +134,12 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
     SegmentShape shape{spec_.tokens_per_block, spec_.num_kv_heads, spec_.head_dim, spec_.dtype};
     const uint64_t elements = shape.Elements();
     decoded_.resize(spec_.BlockBytes() / 2);
-    for (size_t s = 0; s < block.segments().size(); ++s) {
+    for (size_t s = 0; s < block.num_segments(); ++s) {
       shape.kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
-      absl::Status st = kernels::DecodeSegment(
-          block.segments()[s], {decoded_.data() + s * elements, elements}, kernels::Path::kCpu,
-          &shape);
+      absl::Span<uint16_t> out(decoded_.data() + s * elements, elements);
+      absl::Status st = kernels::DecodeSegment(block.segment(s), out, kernels::Path::kCpu, &shape);
       if (!st.ok()) return st;
+      kernels::ScaleElements(spec_.dtype, out, block.scale(s), kernels::Path::kCpu);
     }
     decoded_index_ = i;
     return absl::OkStatus();
@@ -139,7 +148,7 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
   // The bytes of block i as sent: its segments back to back, or the decoded block.
   // REQUIRES: with server_decode, DecodeBlock(i) ran.
   absl::StatusOr<absl::string_view> BlockBytes(size_t i, size_t segment) {
-    if (!server_decode_) return absl::string_view(blocks_[i]->segments()[segment]);
+    if (!server_decode_) return blocks_[i]->segment(segment);
     if (decoded_index_ != i) return absl::InternalError("Get: block not decoded yet");
     return absl::string_view(reinterpret_cast<const char*>(decoded_.data()), spec_.BlockBytes());
   }
@@ -160,7 +169,7 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
       if (offset_ == piece->size()) {
         offset_ = 0;
         // Encoded: next segment of the block; decoded: the whole block was one piece.
-        if (!server_decode_ && ++segment_index_ < blocks_[block_index_]->segments().size()) {
+        if (!server_decode_ && ++segment_index_ < blocks_[block_index_]->num_segments()) {
           continue;
         }
         segment_index_ = 0;

@@ -39,6 +39,7 @@ absl::Status KvPoolService::ValidateNamespace(const v1::Namespace& ns) const {
 void KvPoolService::PublishStoreState() const {
   const BlockStore::Stats s = store_->GetStats();
   metrics_->SetStoreState(s.blocks, s.logical_bytes, s.stored_bytes, s.capacity_bytes);
+  metrics_->SetFusionState(s.segments, s.segment_refs, s.fused_refs, s.representatives);
   for (int c = 0; c < kNumCodecs; ++c) {
     metrics_->SetCodecState(CodecName(static_cast<CodecId>(c)), s.codecs[c].segments,
                             s.codecs[c].logical_bytes, s.codecs[c].stored_bytes);
@@ -170,6 +171,10 @@ grpc::ServerUnaryReactor* KvPoolService::Stats(grpc::CallbackServerContext* cont
   response->set_lookup_misses(lookup_misses_.load());
   response->set_namespaces(s.namespaces);
   response->set_version(KVPOOL_VERSION);
+  response->set_segments(s.segments);
+  response->set_segment_refs(s.segment_refs);
+  response->set_fused_segments(s.fused_refs);
+  response->set_representatives(s.representatives);
   for (int c = 0; c < kNumCodecs; ++c) {
     if (s.codecs[c].segments == 0) continue;
     v1::CodecStats* cs = response->add_codecs();

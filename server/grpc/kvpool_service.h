@@ -24,6 +24,7 @@
 #include "kvpool/v1/kvpool.grpc.pb.h"
 #include "server/metrics.h"
 #include "server/store/block_store.h"
+#include "server/store/fuser.h"
 
 namespace kvpool::server {
 
@@ -40,6 +41,7 @@ struct CodecPolicy {
 
 struct ServiceOptions {
   CodecPolicy codecs;
+  FusionPolicy fusion;
   bool gpu_encode = false;  // Encode puts with the CUDA kernels (set when a GPU is present).
   uint32_t max_keys_per_request = 4096;             // More keys: INVALID_ARGUMENT.
   uint64_t max_request_bytes = uint64_t{1} << 30;   // Larger puts: RESOURCE_EXHAUSTED.

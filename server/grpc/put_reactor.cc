@@ -5,7 +5,9 @@
 //
 // Encoding runs on the service's encoder executor, never on gRPC's callback threads: each block
 // is handed over as soon as its last byte arrived, so the blocks of one put encode in parallel
-// while the rest streams in. The reactor finishes once the stream has ended and no encode is
+// while the rest streams in (with online fusion, each block also searches the fusion index;
+// server/store/fuser.h). With batch fusion the blocks are kept until the stream ended and the
+// whole put is encoded in one executor task, which then commits. The reactor finishes once the stream has ended and no encode is
 // pending; whichever thread sees that last calls Finish as its final action, so nothing touches
 // the reactor after Finish (OnDone may delete it at once).
 #include <algorithm>
@@ -57,19 +59,44 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   }
 
  private:
-  // Called once, when the stream is over and every encode is done: commit or report the error.
+  // Called when the stream is over and every encode is done: commit or report the error. With
+  // batch fusion, the first call hands the whole put to the executor, whose task calls again.
   void Complete() {
     absl::Status error;
     {
       absl::MutexLock lock(&mu_);
       error = error_;
     }
+    if (error.ok() && batch() && !batch_encoded_ && have_header_ && received_ == expected_bytes_) {
+      batch_encoded_ = true;
+      service_->codec_executor()->Schedule([this] {
+        std::vector<absl::Span<const uint16_t>> views;
+        const uint64_t n = spec_.BlockBytes() / 2;
+        for (const auto& b : batch_buffers_) views.push_back({b.get(), n});
+        auto blocks = EncodeBatch(Context(), views);
+        batch_buffers_.clear();
+        if (!blocks.ok()) {
+          FinishWith(Annotate(blocks.status(), "batch fusion"));
+          return;
+        }
+        blocks_ = std::move(*blocks);
+        Complete();  // Last action.
+      });
+      return;
+    }
     FinishWith(error.ok() ? Commit() : error);
+  }
+
+  bool batch() const { return fusion_.mode == FusionOptions::Mode::kBatch; }
+
+  EncodeContext Context() const {
+    return EncodeContext{spec_, codec_, fusion_, kernels::Path::kCpu};
   }
 
   void FinishWith(const absl::Status& status) {
     final_status_ = ToGrpcStatus(status);
     blocks_.clear();  // Release memory now, not when the client acknowledges.
+    batch_buffers_.clear();
     Finish(final_status_);
   }
 
@@ -98,6 +125,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     codec = kernels::NormalizeParams(*codec);
     if (!codec.ok()) return Annotate(codec.status(), "codec");
     codec_ = *codec;
+    fusion_ = service_->options().fusion.For(spec_.model_id);
     auto keys = service_->ParseKeys(header.keys());
     if (!keys.ok()) return keys.status();
     keys_ = std::move(*keys);
@@ -142,16 +170,21 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     return absl::OkStatus();
   }
 
-  // Hands the complete block in buffer_ to the encoder executor as blocks_[index].
+  // Hands the complete block in buffer_ to the encoder executor as blocks_[index] (batch
+  // fusion: keeps it for the batch).
   void ScheduleEncode(uint64_t index) {
+    if (batch()) {
+      batch_buffers_.push_back(std::move(buffer_));
+      return;
+    }
     {
       absl::MutexLock lock(&mu_);
       ++pending_;
     }
     std::shared_ptr<uint16_t[]> data = std::move(buffer_);
     service_->codec_executor()->Schedule([this, index, data] {
-      absl::StatusOr<StoredBlockPtr> block =
-          EncodeBlock({data.get(), static_cast<size_t>(spec_.BlockBytes() / 2)});
+      absl::StatusOr<std::shared_ptr<StoredBlock>> block =
+          EncodeOne({data.get(), static_cast<size_t>(spec_.BlockBytes() / 2)});
       bool finish_now;
       {
         absl::MutexLock lock(&mu_);
@@ -166,11 +199,18 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     });
   }
 
-  // Encodes one block into its 2 * layers segments: on the GPU when the daemon has one and the
-  // codec a CUDA encoder, else on the fast CPU path. Runs on the encoder executor.
-  absl::StatusOr<StoredBlockPtr> EncodeBlock(absl::Span<const uint16_t> buffer) const {
+  // Encodes one block into its 2 * layers segments: on the GPU when the daemon has one, the
+  // codec a CUDA encoder and fusion is off; else on the fast CPU path, with online fusion when
+  // configured. Runs on the encoder executor.
+  absl::StatusOr<std::shared_ptr<StoredBlock>> EncodeOne(absl::Span<const uint16_t> buffer) const {
     SegmentShape shape{spec_.tokens_per_block, spec_.num_kv_heads, spec_.head_dim, spec_.dtype};
-    const uint64_t elements = shape.Elements();
+    if (fusion_.mode == FusionOptions::Mode::kOnline) {
+      std::optional<NamespaceId> ns;
+      if (auto found = service_->store()->FindNamespace(spec_.model_id, spec_.tokens_per_block)) {
+        ns = found->first;
+      }
+      return EncodeBlock(Context(), service_->store(), ns, buffer);
+    }
     if (service_->options().gpu_encode &&
         kernels::GetCodecOps(codec_.codec).encode_cuda != nullptr) {
       std::vector<SegmentShape> shapes(spec_.SegmentsPerBlock(), shape);
@@ -179,18 +219,9 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
       }
       auto segments = kernels::EncodeSegmentsOnDevice(codec_, shapes, buffer);
       if (!segments.ok()) return Annotate(segments.status(), "encoding on the GPU");
-      return std::make_shared<const StoredBlock>(std::move(*segments), spec_.BlockBytes());
+      return StoredBlock::FromSegments(std::move(*segments), spec_.BlockBytes());
     }
-    std::vector<std::string> segments;
-    segments.reserve(spec_.SegmentsPerBlock());
-    for (uint64_t s = 0; s < spec_.SegmentsPerBlock(); ++s) {
-      shape.kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
-      auto encoded = kernels::EncodeSegment(codec_, shape, {buffer.data() + s * elements, elements},
-                                            kernels::Path::kCpu);
-      if (!encoded.ok()) return Annotate(encoded.status(), absl::StrCat("encoding segment ", s));
-      segments.push_back(std::move(*encoded));
-    }
-    return std::make_shared<const StoredBlock>(std::move(segments), spec_.BlockBytes());
+    return EncodeBlock(Context(), nullptr, std::nullopt, buffer);
   }
 
   absl::Status Commit() {
@@ -225,7 +256,10 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   uint64_t received_ = 0;
   CodecParams codec_;
   std::shared_ptr<uint16_t[]> buffer_;  // The block being received (elements of spec_.dtype).
-  std::vector<StoredBlockPtr> blocks_;  // Filled by the encodes, one slot per key.
+  std::vector<std::shared_ptr<StoredBlock>> blocks_;  // Filled by the encodes, one per key.
+  FusionOptions fusion_;
+  std::vector<std::shared_ptr<uint16_t[]>> batch_buffers_;  // Batch fusion: the put's blocks.
+  bool batch_encoded_ = false;  // Batch fusion: the put was handed to the encoder.
   absl::Mutex mu_;
   int pending_ ABSL_GUARDED_BY(mu_) = 0;      // Encodes scheduled and not yet done.
   bool stream_done_ ABSL_GUARDED_BY(mu_) = false;

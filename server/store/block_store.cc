@@ -1,28 +1,52 @@
 #include "server/store/block_store.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
+#include "common/checksum.h"
 
 namespace kvpool::server {
 
-StoredBlock::StoredBlock(std::vector<std::string> segments, uint64_t logical_bytes)
-    : segments_(std::move(segments)), logical_bytes_(logical_bytes) {
-  const uint64_t logical_per_segment = segments_.empty() ? 0 : logical_bytes_ / segments_.size();
-  for (const std::string& seg : segments_) {
-    stored_bytes_ += seg.size();
-    // Byte 5 of the header is the codec id (common/encoded_segment.h); the store only builds
-    // blocks from segments it encoded, so the id is valid.
-    const uint8_t codec = seg.size() > 5 ? static_cast<uint8_t>(seg[5]) : 0;
-    CodecTally& t = tallies_[codec < kNumCodecs ? codec : 0];
-    ++t.segments;
-    t.logical_bytes += logical_per_segment;
-    t.stored_bytes += seg.size();
+std::shared_ptr<const Segment> Segment::Make(std::string bytes, uint64_t logical_bytes) {
+  auto segment = std::make_shared<Segment>();
+  segment->digest = Digest128(bytes.data(), bytes.size());
+  segment->logical_bytes = logical_bytes;
+  // Byte 5 of the header is the codec id (common/encoded_segment.h).
+  const uint8_t codec = bytes.size() > 5 ? static_cast<uint8_t>(bytes[5]) : 0;
+  segment->codec = static_cast<CodecId>(codec < kNumCodecs ? codec : 0);
+  segment->bytes = std::move(bytes);
+  return segment;
+}
+
+StoredBlock::StoredBlock(std::vector<SegmentRef> refs, uint64_t logical_bytes)
+    : refs_(std::move(refs)), logical_bytes_(logical_bytes) {}
+
+std::shared_ptr<StoredBlock> StoredBlock::FromSegments(std::vector<std::string> segments,
+                                                       uint64_t logical_bytes) {
+  const uint64_t per_segment = segments.empty() ? 0 : logical_bytes / segments.size();
+  std::vector<SegmentRef> refs;
+  refs.reserve(segments.size());
+  for (std::string& s : segments) refs.push_back({Segment::Make(std::move(s), per_segment)});
+  return std::make_shared<StoredBlock>(std::move(refs), logical_bytes);
+}
+
+bool StoredBlock::scaled() const {
+  for (const SegmentRef& r : refs_) {
+    if (r.scale != 1.f) return true;
   }
+  return false;
+}
+
+uint64_t StoredBlock::referenced_bytes() const {
+  uint64_t n = 0;
+  for (const SegmentRef& r : refs_) n += r.segment->bytes.size();
+  return n;
 }
 
 absl::Status StoredBlock::Verify() const {
-  for (size_t s = 0; s < segments_.size(); ++s) {
+  for (size_t s = 0; s < refs_.size(); ++s) {
     absl::string_view payload;
-    auto header = ParseSegment(segments_[s], &payload);
+    auto header = ParseSegment(refs_[s].segment->bytes, &payload);
     if (!header.ok()) {
       return absl::DataLossError(absl::StrCat("segment ", s, " (layer ", s / 2,
                                               s % 2 == 0 ? " K" : " V", "): ",
@@ -77,72 +101,184 @@ std::vector<bool> BlockStore::Contains(NamespaceId ns, absl::Span<const BlockKey
   return present;
 }
 
-void BlockStore::CountLocked(const StoredBlock& block, int sign) {
-  stored_bytes_ += sign * static_cast<int64_t>(block.size());
-  logical_bytes_ += sign * static_cast<int64_t>(block.logical_bytes());
-  for (int c = 0; c < kNumCodecs; ++c) {
-    codecs_[c].segments += sign * static_cast<int64_t>(block.tallies()[c].segments);
-    codecs_[c].logical_bytes += sign * static_cast<int64_t>(block.tallies()[c].logical_bytes);
-    codecs_[c].stored_bytes += sign * static_cast<int64_t>(block.tallies()[c].stored_bytes);
+void BlockStore::CountSegmentLocked(const Segment& segment, int sign) {
+  const int64_t n = static_cast<int64_t>(segment.bytes.size());
+  stored_bytes_ += sign * n;
+  segment_count_ += sign;
+  StoredBlock::CodecTally& t = codecs_[static_cast<int>(segment.codec)];
+  t.segments += sign;
+  t.logical_bytes += sign * static_cast<int64_t>(segment.logical_bytes);
+  t.stored_bytes += sign * n;
+}
+
+BlockStore::SegmentEntry* BlockStore::FindSegmentLocked(const Segment& segment) {
+  auto it = segments_.find(segment.digest);
+  if (it == segments_.end()) return nullptr;
+  for (SegmentEntry& e : it->second) {
+    if (e.segment.get() == &segment || e.segment->bytes == segment.bytes) return &e;
+  }
+  return nullptr;
+}
+
+uint64_t BlockStore::IncomingBytesLocked(absl::Span<const std::shared_ptr<StoredBlock>> blocks) {
+  uint64_t n = 0;
+  absl::flat_hash_map<const Segment*, bool> seen;
+  absl::flat_hash_map<Digest, std::vector<const Segment*>> batch;
+  for (const auto& block : blocks) {
+    if (block == nullptr) continue;
+    for (const SegmentRef& r : block->refs_) {
+      if (!seen.emplace(r.segment.get(), true).second) continue;
+      if (FindSegmentLocked(*r.segment) != nullptr) continue;
+      std::vector<const Segment*>& same = batch[r.segment->digest];
+      bool dup = false;
+      for (const Segment* o : same) dup = dup || o->bytes == r.segment->bytes;
+      if (dup) continue;
+      same.push_back(r.segment.get());
+      n += r.segment->bytes.size();
+    }
+  }
+  return n;
+}
+
+void BlockStore::AddRefsLocked(NamespaceId ns, StoredBlock* block) {
+  for (SegmentRef& r : block->refs_) {
+    SegmentEntry* e = FindSegmentLocked(*r.segment);
+    if (e == nullptr) {
+      segments_[r.segment->digest].push_back(SegmentEntry{r.segment});
+      e = &segments_[r.segment->digest].back();
+      CountSegmentLocked(*r.segment, +1);
+    }
+    r.segment = e->segment;  // Share the stored copy.
+    ++e->refs;
+    ++segment_refs_;
+    if (r.fused) ++fused_refs_;
+  }
+  logical_bytes_ += block->logical_bytes_;
+  for (const StoredBlock::NewRepresentative& rep : block->new_representatives_) {
+    const size_t k = size_t{2} * rep.layer;
+    if (k + 1 >= block->refs_.size()) continue;
+    SegmentEntry* e = FindSegmentLocked(*block->refs_[k].segment);
+    if (e == nullptr || e->indexed) continue;
+    e->indexed = true;
+    e->ns = ns;
+    e->layer = rep.layer;
+    reps_[{ns, rep.layer}].push_back(
+        RepEntry{rep.sketch, e->segment, block->refs_[k + 1].segment});
+    ++representatives_;
+  }
+  block->new_representatives_.clear();
+}
+
+void BlockStore::DropRefsLocked(const StoredBlock& block) {
+  logical_bytes_ -= block.logical_bytes_;
+  for (const SegmentRef& r : block.refs_) {
+    --segment_refs_;
+    if (r.fused) --fused_refs_;
+    auto it = segments_.find(r.segment->digest);
+    if (it == segments_.end()) continue;  // Not reached: every reference was added.
+    SegmentBucket& bucket = it->second;
+    for (size_t i = 0; i < bucket.size(); ++i) {
+      SegmentEntry& e = bucket[i];
+      if (e.segment != r.segment) continue;
+      if (--e.refs > 0) break;
+      if (e.indexed) {
+        std::vector<RepEntry>& reps = reps_[{e.ns, e.layer}];
+        for (size_t j = 0; j < reps.size(); ++j) {
+          if (reps[j].key == e.segment) {
+            reps[j] = std::move(reps.back());
+            reps.pop_back();
+            --representatives_;
+            break;
+          }
+        }
+        if (reps.empty()) reps_.erase({e.ns, e.layer});
+      }
+      CountSegmentLocked(*e.segment, -1);
+      bucket.erase(bucket.begin() + i);
+      if (bucket.empty()) segments_.erase(it);
+      break;
+    }
   }
 }
 
 void BlockStore::EraseLocked(absl::flat_hash_map<IndexKey, Entry>::iterator it) {
-  CountLocked(*it->second.block, -1);
+  DropRefsLocked(*it->second.block);
   lru_.erase(it->second.lru_pos);
   index_.erase(it);
 }
 
-absl::StatusOr<BlockStore::InsertResult> BlockStore::Insert(NamespaceId ns,
-                                                            absl::Span<const BlockKey> keys,
-                                                            std::vector<StoredBlockPtr> blocks) {
+absl::StatusOr<BlockStore::InsertResult> BlockStore::Insert(
+    NamespaceId ns, absl::Span<const BlockKey> keys,
+    std::vector<std::shared_ptr<StoredBlock>> blocks) {
   if (keys.size() != blocks.size()) {
     return absl::InternalError("Insert: keys and blocks differ in count");
   }
   InsertResult result;
   absl::MutexLock lock(&mu_);
-  // Bytes the new keys need, and bytes of this batch's keys that are already stored (those stay:
-  // eviction must not take them). Keys repeated in the batch count once.
-  uint64_t incoming = 0;
+  // Keys repeated in the batch count once (their first block is the candidate); keys already
+  // stored keep their block. After evicting everything else the store would hold at most the
+  // kept blocks' referenced bytes plus the new blocks' distinct segments: if even that exceeds
+  // the capacity, refuse.
   uint64_t kept = 0;
   absl::flat_hash_map<IndexKey, bool> batch;
   for (size_t i = 0; i < keys.size(); ++i) {
     IndexKey k{ns, keys[i]};
-    if (!batch.emplace(k, true).second) continue;
+    if (!batch.emplace(k, true).second) {
+      blocks[i] = nullptr;
+      continue;
+    }
     auto it = index_.find(k);
     if (it != index_.end()) {
-      kept += it->second.block->size();
-    } else {
-      incoming += blocks[i]->size();
+      kept += it->second.block->referenced_bytes();
+      blocks[i] = nullptr;
     }
   }
-  if (kept + incoming > options_.capacity_bytes) {
+  uint64_t incoming_alone = 0;
+  absl::flat_hash_map<Digest, std::vector<const Segment*>> distinct;
+  for (const auto& b : blocks) {
+    if (b == nullptr) continue;
+    for (const SegmentRef& r : b->refs_) {
+      std::vector<const Segment*>& same = distinct[r.segment->digest];
+      bool dup = false;
+      for (const Segment* o : same) dup = dup || o->bytes == r.segment->bytes;
+      if (dup) continue;
+      same.push_back(r.segment.get());
+      incoming_alone += r.segment->bytes.size();
+    }
+  }
+  if (kept + incoming_alone > options_.capacity_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "put of ", incoming, " new bytes (plus ", kept,
+        "put of ", incoming_alone, " new bytes (plus ", kept,
         " bytes of its blocks already stored) exceeds the host tier capacity of ",
         options_.capacity_bytes, " bytes"));
   }
-  // Refresh the batch's stored keys to most recently used; eviction from the LRU end then stops
-  // before reaching them, because kept + incoming fits.
-  for (size_t i = 0; i < keys.size(); ++i) {
-    auto it = index_.find(IndexKey{ns, keys[i]});
-    if (it != index_.end()) lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
+  // Refresh the batch's stored keys to most recently used; eviction from the LRU end stops
+  // before reaching them.
+  size_t batch_stored = 0;  // Distinct keys of the batch that are stored.
+  for (const auto& [k, unused] : batch) {
+    auto it = index_.find(k);
+    if (it != index_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
+      ++batch_stored;
+    }
   }
-  while (stored_bytes_ + incoming > options_.capacity_bytes && !lru_.empty()) {
+  while (lru_.size() > batch_stored &&
+         stored_bytes_ + IncomingBytesLocked(blocks) > options_.capacity_bytes) {
     auto victim = index_.find(lru_.back());
-    result.evicted_bytes += victim->second.block->size();
-    ++result.evicted;
+    const uint64_t before = stored_bytes_;
     EraseLocked(victim);
+    result.evicted_bytes += before - stored_bytes_;
+    ++result.evicted;
   }
   evictions_ += result.evicted;
   for (size_t i = 0; i < keys.size(); ++i) {
     IndexKey k{ns, keys[i]};
-    if (index_.contains(k)) {
+    if (blocks[i] == nullptr || index_.contains(k)) {
       ++result.already_present;
       continue;
     }
     lru_.push_front(k);
-    CountLocked(*blocks[i], +1);
+    AddRefsLocked(ns, blocks[i].get());
     index_.emplace(k, Entry{std::move(blocks[i]), lru_.begin()});
     ++result.stored;
   }
@@ -159,6 +295,72 @@ std::vector<StoredBlockPtr> BlockStore::Get(NamespaceId ns, absl::Span<const Blo
     out[i] = it->second.block;
   }
   return out;
+}
+
+std::vector<BlockStore::Candidate> BlockStore::FusionCandidates(NamespaceId ns, uint32_t layer,
+                                                                const kernels::Sketch& sketch,
+                                                                int radius, size_t max) const {
+  std::vector<Candidate> out;
+  absl::MutexLock lock(&mu_);
+  auto it = reps_.find(RepKey{ns, layer});
+  if (it == reps_.end() || max == 0) return out;
+  std::vector<std::pair<int, const RepEntry*>> near;
+  for (const RepEntry& e : it->second) {
+    const int d = kernels::HammingDistance(sketch, e.sketch);
+    if (d <= radius) near.push_back({d, &e});
+  }
+  const size_t n = std::min(max, near.size());
+  std::partial_sort(near.begin(), near.begin() + n, near.end(),
+                    [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (size_t i = 0; i < n; ++i) {
+    out.push_back(Candidate{near[i].second->key, near[i].second->value.lock(), near[i].first});
+  }
+  return out;
+}
+
+absl::Status BlockStore::CheckInvariants() const {
+  absl::MutexLock lock(&mu_);
+  absl::flat_hash_map<const Segment*, uint64_t> refs;
+  uint64_t logical = 0, fused = 0, total_refs = 0;
+  for (const auto& [key, entry] : index_) {
+    logical += entry.block->logical_bytes_;
+    for (const SegmentRef& r : entry.block->refs_) {
+      ++refs[r.segment.get()];
+      ++total_refs;
+      if (r.fused) ++fused;
+    }
+  }
+  uint64_t stored = 0, count = 0, indexed = 0;
+  for (const auto& [digest, bucket] : segments_) {
+    for (const SegmentEntry& e : bucket) {
+      auto it = refs.find(e.segment.get());
+      const uint64_t want = it == refs.end() ? 0 : it->second;
+      if (e.refs != want || want == 0) {
+        return absl::InternalError(absl::StrCat("segment has ", e.refs, " references, manifests hold ", want));
+      }
+      stored += e.segment->bytes.size();
+      ++count;
+      if (e.indexed) ++indexed;
+      refs.erase(e.segment.get());
+    }
+  }
+  if (!refs.empty()) return absl::InternalError("a manifest references a segment the store lacks");
+  uint64_t rep_entries = 0;
+  for (const auto& [k, reps] : reps_) rep_entries += reps.size();
+  if (stored != stored_bytes_ || count != segment_count_ || logical != logical_bytes_ ||
+      fused != fused_refs_ || total_refs != segment_refs_ || indexed != representatives_ ||
+      rep_entries != representatives_) {
+    return absl::InternalError(absl::StrCat(
+        "accounting: stored ", stored_bytes_, " vs ", stored, ", segments ", segment_count_,
+        " vs ", count, ", logical ", logical_bytes_, " vs ", logical, ", fused ", fused_refs_,
+        " vs ", fused, ", refs ", segment_refs_, " vs ", total_refs, ", representatives ",
+        representatives_, " vs ", indexed, "/", rep_entries));
+  }
+  if (stored_bytes_ > options_.capacity_bytes) {
+    return absl::InternalError(absl::StrCat("stored ", stored_bytes_, " bytes exceed capacity ",
+                                            options_.capacity_bytes));
+  }
+  return absl::OkStatus();
 }
 
 void BlockStore::Drop(NamespaceId ns, const BlockKey& key, const StoredBlock* block) {
@@ -186,6 +388,10 @@ BlockStore::Stats BlockStore::GetStats() const {
   s.logical_bytes = logical_bytes_;
   s.stored_bytes = stored_bytes_;
   s.codecs = codecs_;
+  s.segments = segment_count_;
+  s.segment_refs = segment_refs_;
+  s.fused_refs = fused_refs_;
+  s.representatives = representatives_;
   s.capacity_bytes = options_.capacity_bytes;
   s.evictions = evictions_;
   s.namespaces = static_cast<uint32_t>(namespaces_.size());

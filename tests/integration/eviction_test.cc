@@ -1,6 +1,8 @@
 // Eviction under a small --host-memory: the least recently used blocks go first, what was
 // acknowledged stays readable until evicted, evictions are counted in stats and /metrics, and
 // a put larger than the whole tier is refused without evicting anything.
+#include <algorithm>
+#include <cstring>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -27,7 +29,17 @@ std::vector<BlockKey> Keys(int n) {
   return *ComputeBlockKeys(tokens, kSpec.tokens_per_block);
 }
 
-std::string Block(int i) { return std::string(kSpec.BlockBytes(), static_cast<char>('a' + i)); }
+// Block i: every segment holds its own byte value, so no two segments anywhere are equal (the
+// store keeps equal segments once).
+std::string Block(int i) {
+  std::string block(kSpec.BlockBytes(), '\0');
+  const uint64_t per_segment = kSpec.BlockBytes() / kSpec.SegmentsPerBlock();
+  for (uint64_t s = 0; s < kSpec.SegmentsPerBlock(); ++s) {
+    const uint16_t value = static_cast<uint16_t>(i * 32 + s + 1);
+    for (uint64_t b = 0; b < per_segment; b += 2) std::memcpy(&block[s * per_segment + b], &value, 2);
+  }
+  return block;
+}
 
 const client::PutOptions kRaw{CodecParams{CodecId::kRaw}};
 // A block as stored: 1 MiB plus 32 raw segment headers of 64 bytes.
@@ -82,7 +94,8 @@ TEST(EvictionTest, SmallHostMemoryEvictsLeastRecentlyUsed) {
   std::vector<uint32_t> tokens(9 * 16);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = 90000 + i;
   const std::vector<BlockKey> nine = *ComputeBlockKeys(tokens, 16);
-  const std::string nine_blocks(9 * kSpec.BlockBytes(), 'z');
+  std::string nine_blocks;  // Distinct segments: equal ones would be stored once and fit.
+  for (int i = 0; i < 9; ++i) nine_blocks += Block(100 + i);
   EXPECT_THAT(client->Put(kSpec, nine, Bytes(nine_blocks), kRaw),
               StatusIs(absl::StatusCode::kResourceExhausted));
   auto after = client->Stats();

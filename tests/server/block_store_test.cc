@@ -79,27 +79,30 @@ std::shared_ptr<StoredBlock> MakeBlock(const KvSpec& spec, const std::string& by
     EXPECT_TRUE(encoded.ok()) << encoded.status();
     segments.push_back(*encoded);
   }
-  return std::make_shared<StoredBlock>(std::move(segments), spec.BlockBytes());
+  return StoredBlock::FromSegments(std::move(segments), spec.BlockBytes());
 }
 
 // The canonical bytes of a stored block (its raw segments' payloads, back to back).
 std::string BytesOf(const StoredBlock& block) {
   std::string out;
-  for (const std::string& segment : block.segments()) out += segment.substr(kSegmentHeaderBytes);
+  for (size_t s = 0; s < block.num_segments(); ++s) {
+    out += std::string(block.segment(s).substr(kSegmentHeaderBytes));
+  }
   return out;
 }
 
 // Flips bits of byte `offset` of the block's canonical bytes, inside its stored segment.
 void Corrupt(const StoredBlock& block, uint64_t offset, uint8_t mask) {
-  auto& segments = const_cast<std::vector<std::string>&>(block.segments());
-  const uint64_t per_segment = segments[0].size() - kSegmentHeaderBytes;
-  segments[offset / per_segment][kSegmentHeaderBytes + offset % per_segment] ^= mask;
+  const uint64_t per_segment = block.segment(0).size() - kSegmentHeaderBytes;
+  auto& segment = const_cast<std::string&>(block.refs()[offset / per_segment].segment->bytes);
+  segment[kSegmentHeaderBytes + offset % per_segment] ^= mask;
 }
 
 // Blocks for `ids` with Content(id, version).
-std::vector<StoredBlockPtr> Blocks(const KvSpec& spec, std::initializer_list<uint32_t> ids,
-                                   uint32_t version = 0) {
-  std::vector<StoredBlockPtr> blocks;
+std::vector<std::shared_ptr<StoredBlock>> Blocks(const KvSpec& spec,
+                                                 std::initializer_list<uint32_t> ids,
+                                                 uint32_t version = 0) {
+  std::vector<std::shared_ptr<StoredBlock>> blocks;
   for (uint32_t i : ids) blocks.push_back(MakeBlock(spec, Content(spec, i, version)));
   return blocks;
 }
@@ -417,9 +420,11 @@ TEST_F(BlockStoreTest, GotBlockOutlivesEvictionAndDeletion) {
 TEST(StoredBlockTest, SizeAndSeal) {
   const KvSpec spec = SmallSpec();
   auto block = MakeBlock(spec, Content(spec, 1));
-  EXPECT_EQ(block->size(), kBlockBytes);
+  EXPECT_EQ(block->referenced_bytes(), kBlockBytes);
   EXPECT_EQ(block->logical_bytes(), spec.BlockBytes());
-  EXPECT_EQ(block->tallies()[static_cast<int>(CodecId::kRaw)].segments, 4u);
+  EXPECT_EQ(block->num_segments(), 4u);
+  EXPECT_FALSE(block->scaled());
+  for (const SegmentRef& r : block->refs()) EXPECT_EQ(r.segment->codec, CodecId::kRaw);
   EXPECT_THAT(block->Verify(), IsOk());
 }
 
@@ -612,7 +617,7 @@ void RunAgainstModel(uint32_t seed, int ops, uint32_t num_keys, uint32_t capacit
     SCOPED_TRACE(absl::StrCat("seed ", seed, " op ", op, " kind ", kind));
     if (kind < 4) {  // Insert, each block with fresh content.
       std::vector<std::string> bytes;
-      std::vector<StoredBlockPtr> blocks;
+      std::vector<std::shared_ptr<StoredBlock>> blocks;
       for (uint32_t id : ids) {
         bytes.push_back(Content(spec, id, ++version));
         blocks.push_back(MakeBlock(spec, bytes.back()));
@@ -708,7 +713,7 @@ TEST(BlockStoreConcurrencyTest, ConsistentUnderConcurrentUse) {
         }
         const uint32_t kind = uniform(0, 9);
         if (kind < 4) {
-          std::vector<StoredBlockPtr> blocks;
+          std::vector<std::shared_ptr<StoredBlock>> blocks;
           for (uint32_t id : ids) blocks.push_back(MakeBlock(spec, content[id]));
           if (!store->Insert(*ns, keys, std::move(blocks)).ok()) ++failed_ops[t];
         } else if (kind < 8) {

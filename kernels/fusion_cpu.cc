@@ -1,0 +1,121 @@
+// Fusion math, fast CPU path: AVX2/F16C when the CPU has them (kernels::CpuHasAvx2), else the
+// reference loops. Sums are double, accumulated per lane and combined at the end, so results
+// match the reference to rounding, not bit for bit.
+#include <cmath>
+
+#include "kernels/fusion.h"
+#include "kernels/fusion_internal.h"
+#include "kernels/simd_avx2.h"
+
+namespace kvpool::kernels::internal {
+namespace {
+
+KVPOOL_AVX2 inline double HSum(__m256d v) {
+  __m128d x = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(x, _mm_unpackhi_pd(x, x)));
+}
+
+// Adds the products of 8 floats to two double accumulators.
+KVPOOL_AVX2 inline void Fma8(__m256 a, __m256 b, __m256d* lo, __m256d* hi) {
+  *lo = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)),
+                        _mm256_cvtps_pd(_mm256_castps256_ps128(b)), *lo);
+  *hi = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)),
+                        _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1)), *hi);
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 Fit FitAvx2(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r) {
+  __m256d xr0 = _mm256_setzero_pd(), xr1 = xr0, rr0 = xr0, rr1 = xr0, xx0 = xr0, xx1 = xr0;
+  const size_t n = x.size(), n8 = n / 8 * 8;
+  for (size_t i = 0; i < n8; i += 8) {
+    const __m256 a = simd::Load8<kBf16>(x.data() + i), b = simd::Load8<kBf16>(r.data() + i);
+    Fma8(a, b, &xr0, &xr1);
+    Fma8(b, b, &rr0, &rr1);
+    Fma8(a, a, &xx0, &xx1);
+  }
+  double xr = HSum(_mm256_add_pd(xr0, xr1)), rr = HSum(_mm256_add_pd(rr0, rr1)),
+         xx = HSum(_mm256_add_pd(xx0, xx1));
+  for (size_t i = n8; i < n; ++i) {
+    const double a = ElementToFloat(dtype, x[i]), b = ElementToFloat(dtype, r[i]);
+    xr += a * b;
+    rr += b * b;
+    xx += a * a;
+  }
+  return FinishFit(dtype, x, r, xr, rr, xx, /*fast=*/true);
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 double ScaledErrorAvx2(DType dtype, absl::Span<const uint16_t> x,
+                                   absl::Span<const uint16_t> r, float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  __m256d e0 = _mm256_setzero_pd(), e1 = e0;
+  const size_t n = x.size(), n8 = n / 8 * 8;
+  alignas(32) uint16_t tmp[8];
+  for (size_t i = 0; i < n8; i += 8) {
+    const __m256 y = _mm256_mul_ps(s, simd::Load8<kBf16>(r.data() + i));
+    // Round to the element type and back: what a reader gets. Infinite products stay infinite.
+    simd::Store8<kBf16>(tmp, y);
+    const __m256 d = _mm256_sub_ps(simd::Load8<kBf16>(tmp), simd::Load8<kBf16>(x.data() + i));
+    Fma8(d, d, &e0, &e1);
+  }
+  double err = HSum(_mm256_add_pd(e0, e1));
+  if (n8 < n) err += ScaledErrorRef(dtype, x.subspan(n8), r.subspan(n8), scale);
+  return err;
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 void ScaleAvx2(DType dtype, absl::Span<uint16_t> x, float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  const size_t n = x.size(), n8 = n / 8 * 8;
+  for (size_t i = 0; i < n8; i += 8) {
+    simd::Store8<kBf16>(x.data() + i, _mm256_mul_ps(s, simd::Load8<kBf16>(x.data() + i)));
+  }
+  ScaleRef(dtype, x.subspan(n8), scale);
+}
+
+KVPOOL_AVX2 Sketch SketchAvx2(DType dtype, absl::Span<const uint16_t> x) {
+  const std::vector<float> sample = SampleSegment(dtype, x);
+  const std::vector<float>& g = SketchProjections();
+  const size_t n = sample.size(), n8 = n / 8 * 8;
+  Sketch s;
+  for (uint32_t b = 0; b < kSketchBits; ++b) {
+    const float* row = g.data() + uint64_t{b} * kSketchSamples;
+    __m256d lo = _mm256_setzero_pd(), hi = lo;
+    for (size_t k = 0; k < n8; k += 8) {
+      Fma8(_mm256_loadu_ps(row + k), _mm256_loadu_ps(sample.data() + k), &lo, &hi);
+    }
+    double y = HSum(_mm256_add_pd(lo, hi));
+    for (size_t k = n8; k < n; ++k) y += double(row[k]) * sample[k];
+    if (y > 0) s.bits[b / 64] |= uint64_t{1} << (b % 64);
+  }
+  return s;
+}
+
+}  // namespace
+
+Sketch SketchCpu(DType dtype, absl::Span<const uint16_t> x) {
+  return CpuHasAvx2() ? SketchAvx2(dtype, x) : SketchRef(dtype, x);
+}
+
+Fit FitCpu(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r) {
+  if (!CpuHasAvx2()) return FitRef(dtype, x, r);
+  return dtype == DType::kBf16 ? FitAvx2<true>(dtype, x, r) : FitAvx2<false>(dtype, x, r);
+}
+
+double ScaledErrorCpu(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r,
+                      float scale) {
+  if (!CpuHasAvx2()) return ScaledErrorRef(dtype, x, r, scale);
+  return dtype == DType::kBf16 ? ScaledErrorAvx2<true>(dtype, x, r, scale)
+                               : ScaledErrorAvx2<false>(dtype, x, r, scale);
+}
+
+void ScaleCpu(DType dtype, absl::Span<uint16_t> x, float scale) {
+  if (!CpuHasAvx2()) return ScaleRef(dtype, x, scale);
+  if (dtype == DType::kBf16) {
+    ScaleAvx2<true>(dtype, x, scale);
+  } else {
+    ScaleAvx2<false>(dtype, x, scale);
+  }
+}
+
+}  // namespace kvpool::kernels::internal

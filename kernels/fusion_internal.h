@@ -1,0 +1,40 @@
+// Internal to the fusion math: the pieces the reference (fusion_ref.cc) and the fast CPU path
+// (fusion_cpu.cc) share. Not a public API. Thread-safe (stateless).
+#ifndef KVPOOL_KERNELS_FUSION_INTERNAL_H_
+#define KVPOOL_KERNELS_FUSION_INTERNAL_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/types/span.h"
+#include "kernels/fusion.h"
+
+namespace kvpool::kernels::internal {
+
+float ElementToFloat(DType dtype, uint16_t h);
+uint16_t FloatToElement(DType dtype, float f);
+
+// The sketch's projections, [kSketchBits][kSketchSamples], row-major.
+const std::vector<float>& SketchProjections();
+uint64_t SampleCount(uint64_t n);
+uint64_t SamplePosition(uint64_t k, uint64_t n, uint64_t count);
+
+Sketch SketchRef(DType dtype, absl::Span<const uint16_t> x);
+Sketch SketchCpu(DType dtype, absl::Span<const uint16_t> x);
+Fit FitRef(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r);
+Fit FitCpu(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r);
+
+// Cosine, scale and error from the three sums; the error pass runs on the fast path if `fast`.
+Fit FinishFit(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r, double xr,
+              double rr, double xx, bool fast);
+// Sum over i of (to_dtype(scale * r[i]) - x[i])^2.
+double ScaledErrorRef(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r,
+                      float scale);
+double ScaledErrorCpu(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r,
+                      float scale);
+void ScaleRef(DType dtype, absl::Span<uint16_t> x, float scale);
+void ScaleCpu(DType dtype, absl::Span<uint16_t> x, float scale);
+
+}  // namespace kvpool::kernels::internal
+
+#endif  // KVPOOL_KERNELS_FUSION_INTERNAL_H_

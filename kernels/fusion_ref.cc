@@ -1,0 +1,248 @@
+// Fusion math, reference path (plain loops, double sums) and the path-independent parts.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "common/half.h"
+#include "kernels/fusion.h"
+#include "kernels/fusion_internal.h"
+
+namespace kvpool::kernels {
+namespace internal {
+
+float ElementToFloat(DType dtype, uint16_t h) {
+  return dtype == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h);
+}
+uint16_t FloatToElement(DType dtype, float f) {
+  return dtype == DType::kBf16 ? FloatToBf16(f) : FloatToFp16(f);
+}
+
+const std::vector<float>& SketchProjections() {
+  // kSketchBits x kSketchSamples standard normal values from splitmix64 and Box-Muller: fixed,
+  // independent of the C++ library's distributions.
+  static const std::vector<float>* const projections = [] {
+    auto* p = new std::vector<float>(uint64_t{kSketchBits} * kSketchSamples);
+    uint64_t state = 0x6b767030'6b767030ull;
+    auto next = [&state] {
+      uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+      return z ^ (z >> 31);
+    };
+    for (size_t i = 0; i < p->size(); i += 2) {
+      const double u1 = (double(next() >> 11) + 1.0) / 9007199254740993.0;  // (0, 1]
+      const double u2 = double(next() >> 11) / 9007199254740992.0;
+      const double r = std::sqrt(-2.0 * std::log(u1));
+      (*p)[i] = static_cast<float>(r * std::cos(2 * M_PI * u2));
+      if (i + 1 < p->size()) (*p)[i + 1] = static_cast<float>(r * std::sin(2 * M_PI * u2));
+    }
+    return p;
+  }();
+  return *projections;
+}
+
+uint64_t SampleCount(uint64_t n) { return std::min<uint64_t>(n, kSketchSamples); }
+uint64_t SamplePosition(uint64_t k, uint64_t n, uint64_t count) {
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(k) * n) / count);
+}
+
+Sketch SketchRef(DType dtype, absl::Span<const uint16_t> x) {
+  const std::vector<float> sample = SampleSegment(dtype, x);
+  const std::vector<float>& g = SketchProjections();
+  Sketch s;
+  for (uint32_t b = 0; b < kSketchBits; ++b) {
+    double y = 0;
+    for (size_t k = 0; k < sample.size(); ++k) {
+      y += double(g[uint64_t{b} * kSketchSamples + k]) * sample[k];
+    }
+    if (y > 0) s.bits[b / 64] |= uint64_t{1} << (b % 64);
+  }
+  return s;
+}
+
+Fit FitRef(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r) {
+  double xr = 0, rr = 0, xx = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double a = ElementToFloat(dtype, x[i]), b = ElementToFloat(dtype, r[i]);
+    xr += a * b;
+    rr += b * b;
+    xx += a * a;
+  }
+  return FinishFit(dtype, x, r, xr, rr, xx, /*fast=*/false);
+}
+
+Fit FinishFit(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r, double xr,
+              double rr, double xx, bool fast) {
+  Fit fit;
+  if (!std::isfinite(xr) || !std::isfinite(rr) || !std::isfinite(xx) || xx == 0 || rr == 0) {
+    return fit;
+  }
+  fit.cosine = xr / std::sqrt(xx * rr);
+  fit.scale = static_cast<float>(xr / rr);
+  if (!std::isfinite(fit.scale)) {
+    fit.scale = 0;
+    return fit;
+  }
+  const double err = fast ? ScaledErrorCpu(dtype, x, r, fit.scale) : ScaledErrorRef(dtype, x, r,
+                                                                                   fit.scale);
+  fit.rel_error = std::isfinite(err) ? std::sqrt(err / xx) : INFINITY;
+  return fit;
+}
+
+double ScaledErrorRef(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r,
+                      float scale) {
+  double err = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float y = ElementToFloat(dtype, FloatToElement(dtype, scale * ElementToFloat(dtype, r[i])));
+    const double d = double(y) - ElementToFloat(dtype, x[i]);
+    err += d * d;
+  }
+  return err;
+}
+
+void ScaleRef(DType dtype, absl::Span<uint16_t> x, float scale) {
+  for (uint16_t& h : x) h = FloatToElement(dtype, scale * ElementToFloat(dtype, h));
+}
+
+}  // namespace internal
+
+int HammingDistance(const Sketch& a, const Sketch& b) {
+  return __builtin_popcountll(a.bits[0] ^ b.bits[0]) + __builtin_popcountll(a.bits[1] ^ b.bits[1]);
+}
+
+int SketchRadius(double threshold) {
+  const double c = std::clamp(threshold, -1.0, 1.0);
+  const double p = std::acos(c) / M_PI;  // Chance that one bit differs.
+  const double radius = kSketchBits * p + 4 * std::sqrt(kSketchBits * p * (1 - p)) + 1;
+  return static_cast<int>(std::min<double>(kSketchBits, std::ceil(radius)));
+}
+
+std::vector<float> SampleSegment(DType dtype, absl::Span<const uint16_t> x) {
+  const uint64_t count = internal::SampleCount(x.size());
+  std::vector<float> sample(count);
+  for (uint64_t k = 0; k < count; ++k) {
+    sample[k] = internal::ElementToFloat(dtype, x[internal::SamplePosition(k, x.size(), count)]);
+  }
+  return sample;
+}
+
+Sketch SketchSegment(DType dtype, absl::Span<const uint16_t> x, Path path) {
+  return path == Path::kRef ? internal::SketchRef(dtype, x) : internal::SketchCpu(dtype, x);
+}
+
+Fit FitScaled(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r,
+              Path path) {
+  if (x.size() != r.size()) return Fit{};
+  return path == Path::kRef ? internal::FitRef(dtype, x, r) : internal::FitCpu(dtype, x, r);
+}
+
+void ScaleElements(DType dtype, absl::Span<uint16_t> x, float scale, Path path) {
+  if (scale == 1.f) return;  // to_dtype(1 * v) == v for every finite and infinite v.
+  if (path == Path::kRef) {
+    internal::ScaleRef(dtype, x, scale);
+  } else {
+    internal::ScaleCpu(dtype, x, scale);
+  }
+}
+
+std::vector<std::vector<uint32_t>> GroupByCosine(absl::Span<const std::vector<float>> samples,
+                                                 double threshold) {
+  const size_t n = samples.size();
+  // Unit vectors; a zero or non-finite sample stays alone.
+  std::vector<std::vector<double>> unit(n);
+  std::vector<bool> usable(n, false);
+  for (size_t i = 0; i < n; ++i) {
+    double norm = 0;
+    for (float v : samples[i]) norm += double(v) * v;
+    if (!(norm > 0) || !std::isfinite(norm)) continue;
+    usable[i] = true;
+    unit[i].resize(samples[i].size());
+    const double inv = 1 / std::sqrt(norm);
+    for (size_t k = 0; k < samples[i].size(); ++k) unit[i][k] = samples[i][k] * inv;
+  }
+  std::vector<std::vector<uint32_t>> groups(n);
+  std::vector<std::vector<double>> sum = unit;  // Sum of members' unit vectors per group.
+  for (size_t i = 0; i < n; ++i) groups[i] = {static_cast<uint32_t>(i)};
+  auto cosine = [&](size_t a, size_t b) {
+    double ab = 0, aa = 0, bb = 0;
+    for (size_t k = 0; k < sum[a].size(); ++k) {
+      ab += sum[a][k] * sum[b][k];
+      aa += sum[a][k] * sum[a][k];
+      bb += sum[b][k] * sum[b][k];
+    }
+    return aa > 0 && bb > 0 ? ab / std::sqrt(aa * bb) : -1.0;
+  };
+  std::vector<bool> alive = usable;
+  std::vector<std::vector<double>> cos(n, std::vector<double>(n, -2));
+  for (size_t a = 0; a < n; ++a) {
+    for (size_t b = a + 1; b < n; ++b) {
+      if (alive[a] && alive[b] && samples[a].size() == samples[b].size()) cos[a][b] = cosine(a, b);
+    }
+  }
+  while (true) {
+    size_t best_a = n, best_b = n;
+    double best = threshold;
+    for (size_t a = 0; a < n; ++a) {
+      if (!alive[a]) continue;
+      for (size_t b = a + 1; b < n; ++b) {
+        if (alive[b] && cos[a][b] >= best) {
+          best = cos[a][b];
+          best_a = a;
+          best_b = b;
+        }
+      }
+    }
+    if (best_a == n) break;
+    // Merge b into a; a's cosines to the others are recomputed.
+    for (size_t k = 0; k < sum[best_a].size(); ++k) sum[best_a][k] += sum[best_b][k];
+    groups[best_a].insert(groups[best_a].end(), groups[best_b].begin(), groups[best_b].end());
+    groups[best_b].clear();
+    alive[best_b] = false;
+    for (size_t o = 0; o < n; ++o) {
+      if (o == best_a || !alive[o] || samples[o].size() != samples[best_a].size()) continue;
+      const double c = cosine(best_a, o);
+      if (o < best_a) {
+        cos[o][best_a] = c;
+      } else {
+        cos[best_a][o] = c;
+      }
+    }
+  }
+  std::vector<std::vector<uint32_t>> out;
+  for (auto& g : groups) {
+    if (g.empty()) continue;
+    std::sort(g.begin(), g.end());
+    out.push_back(std::move(g));
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a[0] < b[0]; });
+  return out;
+}
+
+void Representative(DType dtype, absl::Span<const absl::Span<const uint16_t>> members,
+                    absl::Span<uint16_t> out) {
+  std::vector<double> sum(out.size(), 0.0);
+  double norm_sum = 0;
+  uint32_t count = 0;
+  for (absl::Span<const uint16_t> m : members) {
+    double norm = 0;
+    for (uint16_t h : m) {
+      const double v = internal::ElementToFloat(dtype, h);
+      norm += v * v;
+    }
+    if (!(norm > 0) || !std::isfinite(norm)) continue;
+    norm = std::sqrt(norm);
+    for (size_t i = 0; i < out.size(); ++i) sum[i] += internal::ElementToFloat(dtype, m[i]) / norm;
+    norm_sum += norm;
+    ++count;
+  }
+  double sum_norm = 0;
+  for (double v : sum) sum_norm += v * v;
+  sum_norm = std::sqrt(sum_norm);
+  const double target = count > 0 ? norm_sum / count : 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double v = sum_norm > 0 ? sum[i] / sum_norm * target : 0;
+    out[i] = internal::FloatToElement(dtype, static_cast<float>(v));
+  }
+}
+
+}  // namespace kvpool::kernels

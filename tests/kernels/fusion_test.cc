@@ -1,0 +1,202 @@
+// Tests for kernels/fusion.h: sketch, exact check, scaling and batch grouping, reference against
+// hand-computed cases and the fast CPU path against the reference.
+#include "kernels/fusion.h"
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "common/half.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kvpool::kernels {
+namespace {
+
+std::vector<uint16_t> ToHalf(const std::vector<float>& x, DType dtype = DType::kFp16) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    out[i] = dtype == DType::kBf16 ? FloatToBf16(x[i]) : FloatToFp16(x[i]);
+  }
+  return out;
+}
+
+std::vector<float> Gaussian(size_t n, uint64_t seed, float scale = 1.f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, scale);
+  std::vector<float> x(n);
+  for (float& v : x) v = normal(rng);
+  return x;
+}
+
+// x + noise * (a fresh Gaussian of the same per-element scale).
+std::vector<float> Perturb(const std::vector<float>& x, float noise, uint64_t seed) {
+  std::vector<float> n = Gaussian(x.size(), seed, noise);
+  std::vector<float> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = x[i] + n[i];
+  return out;
+}
+
+TEST(FusionTest, HammingAndRadius) {
+  Sketch a, b;
+  a.bits[0] = 0b1011;
+  b.bits[1] = 0b1;
+  EXPECT_EQ(HammingDistance(a, a), 0);
+  EXPECT_EQ(HammingDistance(a, b), 4);
+  EXPECT_LT(SketchRadius(0.99), SketchRadius(0.9));
+  EXPECT_LT(SketchRadius(0.9), SketchRadius(0.0));
+  EXPECT_LE(SketchRadius(-1.0), static_cast<int>(kSketchBits));
+}
+
+TEST(FusionTest, SketchIsScaleInvariantAndTracksAngle) {
+  for (Path path : {Path::kRef, Path::kCpu}) {
+    const std::vector<float> x = Gaussian(10000, 1);
+    std::vector<float> doubled(x.size()), negated(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      doubled[i] = 2 * x[i];
+      negated[i] = -x[i];
+    }
+    const Sketch s = SketchSegment(DType::kFp16, ToHalf(x), path);
+    EXPECT_EQ(s, SketchSegment(DType::kFp16, ToHalf(doubled), path));
+    EXPECT_EQ(HammingDistance(s, SketchSegment(DType::kFp16, ToHalf(negated), path)),
+              static_cast<int>(kSketchBits));
+    // Cosine ~0.995 (noise 0.1): a few bits; unrelated: about half.
+    const int near = HammingDistance(s, SketchSegment(DType::kFp16, ToHalf(Perturb(x, 0.1f, 2)), path));
+    const int far = HammingDistance(s, SketchSegment(DType::kFp16, ToHalf(Gaussian(10000, 3)), path));
+    EXPECT_LE(near, SketchRadius(0.99));
+    EXPECT_GT(far, SketchRadius(0.9));
+  }
+}
+
+TEST(FusionTest, SketchPathsAgree) {
+  for (uint64_t seed = 0; seed < 20; ++seed) {
+    for (size_t n : {1ul, 7ul, 100ul, 4096ul, 50000ul}) {
+      const std::vector<uint16_t> x = ToHalf(Gaussian(n, seed));
+      EXPECT_LE(HammingDistance(SketchSegment(DType::kFp16, x, Path::kRef),
+                                SketchSegment(DType::kFp16, x, Path::kCpu)),
+                1)
+          << "n " << n << " seed " << seed;
+    }
+  }
+}
+
+TEST(FusionTest, FitHandCases) {
+  for (Path path : {Path::kRef, Path::kCpu}) {
+    // x = 2 r exactly (powers of two keep fp16 exact): cosine 1, scale 2, no error.
+    const std::vector<float> r = {1, -2, 0.5f, 4, 0, 3, -1, 2, 1};
+    std::vector<float> x(r.size());
+    for (size_t i = 0; i < r.size(); ++i) x[i] = 2 * r[i];
+    Fit fit = FitScaled(DType::kFp16, ToHalf(x), ToHalf(r), path);
+    EXPECT_DOUBLE_EQ(fit.cosine, 1.0);
+    EXPECT_EQ(fit.scale, 2.f);
+    EXPECT_EQ(fit.rel_error, 0.0);
+    // x = (1, 1), r = (1, 0): cosine 1/sqrt 2, scale 1, error |(0, 1)| / |(1, 1)| = 1/sqrt 2.
+    fit = FitScaled(DType::kFp16, ToHalf({1, 1}), ToHalf({1, 0}), path);
+    EXPECT_NEAR(fit.cosine, 1 / std::sqrt(2.0), 1e-12);
+    EXPECT_EQ(fit.scale, 1.f);
+    EXPECT_NEAR(fit.rel_error, 1 / std::sqrt(2.0), 1e-12);
+    // Zero vectors, size mismatch and non-finite values never fuse.
+    EXPECT_TRUE(std::isinf(FitScaled(DType::kFp16, ToHalf({0, 0}), ToHalf({1, 0}), path).rel_error));
+    EXPECT_TRUE(std::isinf(FitScaled(DType::kFp16, ToHalf({1, 0}), ToHalf({0, 0}), path).rel_error));
+    EXPECT_TRUE(std::isinf(FitScaled(DType::kFp16, ToHalf({1, 0}), ToHalf({1}), path).rel_error));
+    EXPECT_TRUE(std::isinf(
+        FitScaled(DType::kFp16, ToHalf({1, NAN}), ToHalf({1, 1}), path).rel_error));
+    EXPECT_TRUE(std::isinf(
+        FitScaled(DType::kFp16, ToHalf({1, 1}), ToHalf({INFINITY, 1}), path).rel_error));
+    // Values that overflow fp16 on read-back never fuse: scale * 1.001 rounds to infinity.
+    EXPECT_TRUE(std::isinf(
+        FitScaled(DType::kFp16, ToHalf({65504, 65504}), ToHalf({1, 1.001f}), path).rel_error));
+  }
+}
+
+TEST(FusionTest, FitMeasuresWhatReadersGet) {
+  // The error is of to_dtype(scale * r), recomputed here by hand.
+  for (DType dtype : {DType::kFp16, DType::kBf16}) {
+    const std::vector<uint16_t> r = ToHalf(Gaussian(1000, 5), dtype);
+    const std::vector<uint16_t> x = ToHalf(Perturb(Gaussian(1000, 5, 1.7f), 0.05f, 6), dtype);
+    const Fit fit = FitScaled(dtype, x, r, Path::kRef);
+    std::vector<uint16_t> y = r;
+    ScaleElements(dtype, absl::MakeSpan(y), fit.scale, Path::kRef);
+    auto f = [dtype](uint16_t h) { return dtype == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h); };
+    double err = 0, ref = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      err += (double(f(y[i])) - f(x[i])) * (double(f(y[i])) - f(x[i]));
+      ref += double(f(x[i])) * f(x[i]);
+    }
+    EXPECT_NEAR(fit.rel_error, std::sqrt(err / ref), 1e-12);
+    EXPECT_GT(fit.cosine, 0.99);
+    EXPECT_NEAR(fit.scale, 1.7f, 0.05f);
+  }
+}
+
+TEST(FusionTest, FitPathsAgree) {
+  for (DType dtype : {DType::kFp16, DType::kBf16}) {
+    for (size_t n : {1ul, 9ul, 1000ul, 65537ul}) {
+      const std::vector<uint16_t> r = ToHalf(Gaussian(n, n), dtype);
+      const std::vector<uint16_t> x = ToHalf(Perturb(Gaussian(n, n, 0.8f), 0.3f, n + 1), dtype);
+      const Fit a = FitScaled(dtype, x, r, Path::kRef), b = FitScaled(dtype, x, r, Path::kCpu);
+      EXPECT_NEAR(a.cosine, b.cosine, 1e-9);
+      EXPECT_NEAR(a.scale, b.scale, 1e-6f * std::abs(a.scale));
+      EXPECT_NEAR(a.rel_error, b.rel_error, 1e-6 * a.rel_error + 1e-12);
+    }
+  }
+}
+
+TEST(FusionTest, ScalePathsAreBitExact) {
+  for (DType dtype : {DType::kFp16, DType::kBf16}) {
+    for (float scale : {1.f, 0.37f, -2.5f, 1e4f, 1e-6f}) {
+      std::vector<float> x = Gaussian(1027, 9, 100.f);
+      x[3] = INFINITY;
+      x[5] = 0.f;
+      x[7] = 65504.f;
+      std::vector<uint16_t> a = ToHalf(x, dtype), b = a;
+      ScaleElements(dtype, absl::MakeSpan(a), scale, Path::kRef);
+      ScaleElements(dtype, absl::MakeSpan(b), scale, Path::kCpu);
+      EXPECT_EQ(a, b) << "scale " << scale;
+    }
+  }
+  // Scale 1 changes nothing, not even a NaN's payload.
+  std::vector<uint16_t> nan = {0x7e01, 0x3c00};
+  ScaleElements(DType::kFp16, absl::MakeSpan(nan), 1.f, Path::kCpu);
+  EXPECT_THAT(nan, ::testing::ElementsAre(0x7e01, 0x3c00));
+}
+
+TEST(FusionTest, GroupByCosineFindsFamilies) {
+  // Three families of five noisy, differently scaled copies, plus two loners.
+  std::vector<std::vector<float>> samples;
+  for (int family = 0; family < 3; ++family) {
+    const std::vector<float> base = Gaussian(512, 100 + family);
+    for (int m = 0; m < 5; ++m) {
+      std::vector<float> v = Perturb(base, 0.05f, 1000 + 10 * family + m);
+      for (float& e : v) e *= 0.5f + m;
+      samples.push_back(v);
+    }
+  }
+  samples.push_back(Gaussian(512, 7));
+  samples.push_back(std::vector<float>(512, 0.f));  // Zero: always alone.
+  const auto groups = GroupByCosine(samples, 0.95);
+  ASSERT_EQ(groups.size(), 5u);
+  EXPECT_THAT(groups[0], ::testing::ElementsAre(0, 1, 2, 3, 4));
+  EXPECT_THAT(groups[1], ::testing::ElementsAre(5, 6, 7, 8, 9));
+  EXPECT_THAT(groups[2], ::testing::ElementsAre(10, 11, 12, 13, 14));
+  EXPECT_THAT(groups[3], ::testing::ElementsAre(15));
+  EXPECT_THAT(groups[4], ::testing::ElementsAre(16));
+  // Above any achievable cosine: singletons.
+  EXPECT_EQ(GroupByCosine(samples, 1.01).size(), samples.size());
+  EXPECT_TRUE(GroupByCosine({}, 0.9).empty());
+}
+
+TEST(FusionTest, RepresentativeIsTheNormalisedMeanAtTheMeanNorm) {
+  // Members 1 * u and 3 * u: the representative is u at norm 2 |u|.
+  const std::vector<float> u = {0.5f, -1, 0.25f, 2};
+  std::vector<float> three(u.size());
+  for (size_t i = 0; i < u.size(); ++i) three[i] = 3 * u[i];
+  const std::vector<uint16_t> a = ToHalf(u), b = ToHalf(three);
+  std::vector<absl::Span<const uint16_t>> members = {a, b};
+  std::vector<uint16_t> rep(u.size());
+  Representative(DType::kFp16, members, absl::MakeSpan(rep));
+  for (size_t i = 0; i < u.size(); ++i) EXPECT_FLOAT_EQ(Fp16ToFloat(rep[i]), 2 * u[i]);
+}
+
+}  // namespace
+}  // namespace kvpool::kernels
