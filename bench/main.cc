@@ -1,6 +1,7 @@
 // kvpool-bench: benchmarks that print each figure beside its anchor measured in the same run.
 //
 //   kvpool-bench codec [--json]
+//   kvpool-bench fusion [--json]   (ingest with fusion off / online / batch, in-process)
 //   kvpool-bench transfer [--server HOST:PORT] [--redis HOST:PORT] [--blocks N] [--batch B]
 //                         [--rounds R] [--json]
 //
@@ -13,6 +14,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "bench/codec_bench.h"
+#include "bench/fusion_bench.h"
 #include "bench/transfer_bench.h"
 #include "common/flag_names.h"
 
@@ -24,14 +26,24 @@ ABSL_FLAG(uint32_t, rounds, 3, "rounds (median reported)");
 ABSL_FLAG(bool, json, false, "print JSON");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("kvpool benchmarks. Subcommands: transfer, codec");
+  absl::SetProgramUsageMessage("kvpool benchmarks. Subcommands: transfer, codec, fusion");
   std::vector<std::string> args = kvpool::NormalizeFlagNames(argc, argv);
   std::vector<char*> ptrs = kvpool::ArgvPointers(args);
   std::vector<char*> positional = absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
   const std::string command = positional.size() > 1 ? positional[1] : "transfer";
-  if ((command != "transfer" && command != "codec") || positional.size() > 2) {
-    std::cerr << "kvpool-bench: expected one subcommand: transfer, codec\n";
+  if ((command != "transfer" && command != "codec" && command != "fusion") ||
+      positional.size() > 2) {
+    std::cerr << "kvpool-bench: expected one subcommand: transfer, codec, fusion\n";
     return 2;
+  }
+  if (command == "fusion") {
+    kvpool::bench::FusionBenchOptions fo;
+    fo.json = absl::GetFlag(FLAGS_json);
+    if (absl::Status s = kvpool::bench::RunFusionBench(fo); !s.ok()) {
+      std::cerr << "kvpool-bench fusion: " << s.message() << "\n";
+      return 1;
+    }
+    return 0;
   }
   if (command == "codec") {
     kvpool::bench::CodecBenchOptions co;

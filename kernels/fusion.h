@@ -25,7 +25,7 @@
 namespace kvpool::kernels {
 
 inline constexpr uint32_t kSketchBits = 128;
-inline constexpr uint32_t kSketchSamples = 4096;  // Elements a sketch looks at, evenly spaced.
+inline constexpr uint32_t kSketchSamples = 1024;  // Elements a sketch looks at, evenly spaced.
 
 // Sign bits of kSketchBits fixed Gaussian projections (seeded once, the same in every process)
 // of a segment's sample. Two segments at angle theta differ in about theta / pi of the bits.

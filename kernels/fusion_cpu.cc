@@ -78,14 +78,18 @@ KVPOOL_AVX2 Sketch SketchAvx2(DType dtype, absl::Span<const uint16_t> x) {
   const std::vector<float>& g = SketchProjections();
   const size_t n = sample.size(), n8 = n / 8 * 8;
   Sketch s;
+  // Float sums (8 lanes, then across): a sign can differ from the reference's double sum only
+  // when a projection is within rounding of zero.
   for (uint32_t b = 0; b < kSketchBits; ++b) {
     const float* row = g.data() + uint64_t{b} * kSketchSamples;
-    __m256d lo = _mm256_setzero_pd(), hi = lo;
+    __m256 acc = _mm256_setzero_ps();
     for (size_t k = 0; k < n8; k += 8) {
-      Fma8(_mm256_loadu_ps(row + k), _mm256_loadu_ps(sample.data() + k), &lo, &hi);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(row + k), _mm256_loadu_ps(sample.data() + k), acc);
     }
-    double y = HSum(_mm256_add_pd(lo, hi));
-    for (size_t k = n8; k < n; ++k) y += double(row[k]) * sample[k];
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    float y = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+    for (size_t k = n8; k < n; ++k) y += row[k] * sample[k];
     if (y > 0) s.bits[b / 64] |= uint64_t{1} << (b % 64);
   }
   return s;

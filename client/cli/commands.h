@@ -45,6 +45,15 @@ struct CliOptions {
   uint32_t requests = 0;
   uint32_t shared_blocks = 0;
   uint32_t unique_blocks = 0;
+  // fusion eval
+  uint32_t blocks = 0;
+  uint32_t families = 0;
+  float variation = 0;
+  std::string fusion_modes;
+  double fusion_threshold = 0;
+  double fusion_budget = 0;
+  std::string skip_layers;
+  uint32_t batch_blocks = 0;
 };
 
 // The codec the flags describe (--codec, --bits, --group, --budget), normalised; "" = kvpool.
@@ -60,6 +69,7 @@ absl::Status RunDemo(const CliOptions& o);
 absl::Status RunCodecEncode(const CliOptions& o);
 absl::Status RunCodecDecode(const CliOptions& o);
 absl::Status RunCodecEval(const CliOptions& o);
+absl::Status RunFusionEval(const CliOptions& o);
 
 }  // namespace kvpool::cli
 

@@ -12,6 +12,9 @@
 //                       --tokens-per-block N]
 //   kvpool codec decode --in X.kvz --out KV.npy
 //   kvpool codec eval   --in KV.npy [--codec C params... | --budgets 0.01,0.05] [--json]
+//   kvpool fusion eval  [--layers L --kv-heads H --head-dim D --tokens T --blocks N
+//                       --families F --variation V --fusion online,batch --fusion-threshold X
+//                       --fusion-budget E --skip-layers 0,1,-2,-1 --codec C params...] [--json]
 //
 // Exit 0 on success; 1 with a one-line reason on failure; 2 on a usage error.
 #include <iostream>
@@ -55,6 +58,14 @@ ABSL_FLAG(uint32_t, outlier_channels, 4, "gen: large-magnitude key channels per 
 ABSL_FLAG(uint32_t, requests, 24, "demo: requests");
 ABSL_FLAG(uint32_t, shared_blocks, 8, "demo: blocks of the shared system prompt");
 ABSL_FLAG(uint32_t, unique_blocks, 4, "demo: blocks of each request's own text");
+ABSL_FLAG(uint32_t, blocks, 64, "fusion eval: blocks in the corpus");
+ABSL_FLAG(uint32_t, families, 8, "fusion eval: families of similar blocks (= blocks: unrelated)");
+ABSL_FLAG(float, variation, 0.05f, "fusion eval: each member's own part, relative to its family");
+ABSL_FLAG(std::string, fusion, "online,batch", "fusion eval: fusion modes to compare with the codec alone");
+ABSL_FLAG(double, fusion_threshold, 0.95, "fusion eval: cosine threshold");
+ABSL_FLAG(double, fusion_budget, 0.05, "fusion eval: error budget (relative L2) of fused segments");
+ABSL_FLAG(std::string, skip_layers, "0,1,-2,-1", "fusion eval: layers never fused (negative from the end)");
+ABSL_FLAG(uint32_t, batch_blocks, 16, "fusion eval: blocks per put");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
@@ -70,13 +81,15 @@ int main(int argc, char** argv) {
       {"get", kvpool::cli::RunGet},     {"delete", kvpool::cli::RunDelete},
       {"stats", kvpool::cli::RunStats}, {"gen", kvpool::cli::RunGen},
       {"demo", kvpool::cli::RunDemo},   {"codec encode", kvpool::cli::RunCodecEncode},
-      {"codec decode", kvpool::cli::RunCodecDecode}, {"codec eval", kvpool::cli::RunCodecEval}};
+      {"codec decode", kvpool::cli::RunCodecDecode}, {"codec eval", kvpool::cli::RunCodecEval},
+      {"fusion eval", kvpool::cli::RunFusionEval}};
   std::string command = positional.size() > 1 ? positional[1] : "";
-  if (command == "codec" && positional.size() == 3) command += std::string(" ") + positional[2];
-  const size_t expected_args = command.rfind("codec", 0) == 0 ? 3 : 2;
+  const bool two_words = command == "codec" || command == "fusion";
+  if (two_words && positional.size() == 3) command += std::string(" ") + positional[2];
+  const size_t expected_args = two_words ? 3 : 2;
   if (positional.size() != expected_args || commands.count(command) == 0) {
     std::cerr << "kvpool: expected one subcommand: put, lookup, get, delete, stats, gen, demo, "
-                 "codec encode|decode|eval\n";
+                 "codec encode|decode|eval, fusion eval\n";
     return 2;
   }
   kvpool::cli::CliOptions o;
@@ -109,6 +122,14 @@ int main(int argc, char** argv) {
   o.requests = absl::GetFlag(FLAGS_requests);
   o.shared_blocks = absl::GetFlag(FLAGS_shared_blocks);
   o.unique_blocks = absl::GetFlag(FLAGS_unique_blocks);
+  o.blocks = absl::GetFlag(FLAGS_blocks);
+  o.families = absl::GetFlag(FLAGS_families);
+  o.variation = absl::GetFlag(FLAGS_variation);
+  o.fusion_modes = absl::GetFlag(FLAGS_fusion);
+  o.fusion_threshold = absl::GetFlag(FLAGS_fusion_threshold);
+  o.fusion_budget = absl::GetFlag(FLAGS_fusion_budget);
+  o.skip_layers = absl::GetFlag(FLAGS_skip_layers);
+  o.batch_blocks = absl::GetFlag(FLAGS_batch_blocks);
   if (absl::Status s = commands.at(command)(o); !s.ok()) {
     std::cerr << "kvpool " << command << ": " << s.message() << "\n";
     return 1;
