@@ -254,14 +254,13 @@ absl::StatusOr<BlockStore::InsertResult> BlockStore::Insert(
   }
   // Refresh the batch's stored keys to most recently used; eviction from the LRU end stops
   // before reaching them.
+  // In the batch's key order, so that its last key ends up most recent.
   size_t batch_stored = 0;  // Distinct keys of the batch that are stored.
-  for (const auto& [k, unused] : batch) {
-    auto it = index_.find(k);
-    if (it != index_.end()) {
-      lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
-      ++batch_stored;
-    }
+  for (size_t i = 0; i < keys.size(); ++i) {
+    auto it = index_.find(IndexKey{ns, keys[i]});
+    if (it != index_.end()) lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
   }
+  for (const auto& [k, unused] : batch) batch_stored += index_.contains(k) ? 1 : 0;
   while (lru_.size() > batch_stored &&
          stored_bytes_ + IncomingBytesLocked(blocks) > options_.capacity_bytes) {
     auto victim = index_.find(lru_.back());

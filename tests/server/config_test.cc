@@ -347,3 +347,45 @@ TEST(ConfigCodecTest, BadCodecsNameTheKeyAndChangeNothing) {
 
 }  // namespace codec_config
 }  // namespace kvpool::server
+
+namespace kvpool::server {
+namespace {
+
+TEST(FusionConfigTest, FusionAndPerModelFusion) {
+  DaemonOptions o;
+  ASSERT_THAT(ApplyConfigYaml(DefaultConfigYaml(), &o), ::kvpool::testing::IsOk());
+  EXPECT_EQ(o.service.fusion.default_options.mode, FusionOptions::Mode::kOff);  // YAML "off".
+  EXPECT_THAT(o.service.fusion.default_options.skip_layers, ::testing::ElementsAre(0, 1, -2, -1));
+  ASSERT_THAT(ApplyConfigYaml(R"(
+fusion: {mode: online, threshold: 0.9, budget: 0.03, skip_layers: [0]}
+model_fusion:
+  llama: {mode: batch}
+)",
+                              &o),
+              ::kvpool::testing::IsOk());
+  const FusionOptions& d = o.service.fusion.For("other");
+  EXPECT_EQ(d.mode, FusionOptions::Mode::kOnline);
+  EXPECT_DOUBLE_EQ(d.threshold, 0.9);
+  EXPECT_DOUBLE_EQ(d.budget, 0.03);
+  EXPECT_THAT(d.skip_layers, ::testing::ElementsAre(0));
+  const FusionOptions& llama = o.service.fusion.For("llama");
+  EXPECT_EQ(llama.mode, FusionOptions::Mode::kBatch);
+  EXPECT_DOUBLE_EQ(llama.budget, 0.03);  // Inherits the fusion section.
+}
+
+TEST(FusionConfigTest, BadFusionValuesAreRefusedAndChangeNothing) {
+  for (const char* yaml : {"fusion: {mode: sometimes}", "fusion: {budget: 0}",
+                           "fusion: {budget: 1.5}", "fusion: {threshold: 2}",
+                           "fusion: {skip_layers: 3}", "fusion: {colour: red}",
+                           "model_fusion: [a]", "model_fusion: {m: {mode: never}}"}) {
+    DaemonOptions o;
+    EXPECT_THAT(ApplyConfigYaml(yaml, &o),
+                ::kvpool::testing::StatusIs(absl::StatusCode::kInvalidArgument))
+        << yaml;
+    EXPECT_EQ(o.service.fusion.default_options.mode, FusionOptions::Mode::kOff) << yaml;
+    EXPECT_TRUE(o.service.fusion.per_model.empty()) << yaml;
+  }
+}
+
+}  // namespace
+}  // namespace kvpool::server
