@@ -62,10 +62,7 @@ absl::Status RunFusionBench(const FusionBenchOptions& o) {
   }
   for (const Corpus& corpus : corpora) {
     client::CorpusOptions co;
-    co.shape.num_layers = o.layers;
-    co.shape.num_kv_heads = o.kv_heads;
-    co.shape.head_dim = o.head_dim;
-    co.shape.tokens = o.tokens;
+    co.shape = client::SyntheticShape(spec);
     co.blocks = o.blocks;
     co.families = corpus.families;
     co.variation = 0.02f;

@@ -46,7 +46,7 @@ std::string SyntheticKv(const SyntheticOptions& o) {
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data());
   auto store = [&](uint64_t base) {
     for (uint64_t i = 0; i < per_kind; ++i) {
-      dst[base + i] = o.dtype == DType::kBf16 ? FloatToBf16(values[i]) : FloatToFp16(values[i]);
+      dst[base + i] = FloatToElement(o.dtype, values[i]);
     }
   };
   for (uint32_t l = 0; l < o.num_layers; ++l) {
@@ -71,15 +71,21 @@ std::string SyntheticKv(const SyntheticOptions& o) {
   return out;
 }
 
+SyntheticOptions SyntheticShape(const KvSpec& spec) {
+  SyntheticOptions o;
+  o.num_layers = spec.num_layers;
+  o.num_kv_heads = spec.num_kv_heads;
+  o.head_dim = spec.head_dim;
+  o.tokens = spec.tokens_per_block;
+  o.dtype = spec.dtype;
+  return o;
+}
+
 std::vector<std::string> SyntheticCorpus(const CorpusOptions& o) {
   const uint32_t families = std::max<uint32_t>(1, std::min(o.families, std::max(o.blocks, 1u)));
   auto as_float = [&o](const std::string& bytes) {
-    std::vector<float> v(bytes.size() / 2);
-    const uint16_t* h = reinterpret_cast<const uint16_t*>(bytes.data());
-    for (size_t i = 0; i < v.size(); ++i) {
-      v[i] = o.shape.dtype == DType::kBf16 ? Bf16ToFloat(h[i]) : Fp16ToFloat(h[i]);
-    }
-    return v;
+    return ElementsToFloats(o.shape.dtype,
+                            {reinterpret_cast<const uint16_t*>(bytes.data()), bytes.size() / 2});
   };
   std::vector<std::vector<float>> bases;
   for (uint32_t f = 0; f < families; ++f) {
@@ -105,7 +111,7 @@ std::vector<std::string> SyntheticCorpus(const CorpusOptions& o) {
       const float a = std::exp(log_scale(rng));
       for (uint64_t i = s * per_segment; i < (s + 1) * per_segment && i < base.size(); ++i) {
         const float v = a * (base[i] + (own.empty() ? 0.f : o.variation * own[i]));
-        dst[i] = o.shape.dtype == DType::kBf16 ? FloatToBf16(v) : FloatToFp16(v);
+        dst[i] = FloatToElement(o.shape.dtype, v);
       }
     }
     out.push_back(std::move(block));

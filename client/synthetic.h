@@ -38,6 +38,10 @@ struct SyntheticOptions {
 // [layers][2][tokens][kv_heads][head_dim] elements of options.dtype, little-endian.
 std::string SyntheticKv(const SyntheticOptions& options);
 
+// Options of `spec`'s shape: its layers, KV heads, head dim, dtype, and one block of tokens;
+// structure knobs at their defaults.
+SyntheticOptions SyntheticShape(const KvSpec& spec);
+
 // A corpus of blocks that share content to a chosen degree, for evaluating fusion. NOT real
 // model output. `families` base blocks are drawn with SyntheticKv (shape and structure from
 // `shape`, tokens = one block); block b belongs to family b * families / blocks (families are

@@ -42,4 +42,10 @@ uint16_t FloatToFp16(float f) {
   return sign | static_cast<uint16_t>(r >> 13);
 }
 
+std::vector<float> ElementsToFloats(DType dtype, absl::Span<const uint16_t> x) {
+  std::vector<float> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = ElementToFloat(dtype, x[i]);
+  return out;
+}
+
 }  // namespace kvpool

@@ -1,10 +1,14 @@
 // Scalar conversions between float and the 16-bit KV element types (fp16, bf16), round to
-// nearest even; NaN and infinities preserved. Thread-safe (stateless).
+// nearest even; NaN and infinities preserved; per element or by DType. Thread-safe (stateless).
 #ifndef KVPOOL_COMMON_HALF_H_
 #define KVPOOL_COMMON_HALF_H_
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include "absl/types/span.h"
+#include "common/kv_spec.h"
 
 namespace kvpool {
 
@@ -30,6 +34,17 @@ inline uint16_t FloatToBf16(float f) {
 
 float Fp16ToFloat(uint16_t h);
 uint16_t FloatToFp16(float f);
+
+// One element of `dtype` to float and back.
+inline float ElementToFloat(DType dtype, uint16_t h) {
+  return dtype == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h);
+}
+inline uint16_t FloatToElement(DType dtype, float f) {
+  return dtype == DType::kBf16 ? FloatToBf16(f) : FloatToFp16(f);
+}
+
+// Elements of `dtype` as floats.
+std::vector<float> ElementsToFloats(DType dtype, absl::Span<const uint16_t> x);
 
 }  // namespace kvpool
 

@@ -7,12 +7,10 @@
 #include <vector>
 
 #include "absl/types/span.h"
+#include "common/half.h"
 #include "kernels/fusion.h"
 
 namespace kvpool::kernels::internal {
-
-float ElementToFloat(DType dtype, uint16_t h);
-uint16_t FloatToElement(DType dtype, float f);
 
 // The sketch's projections, [kSketchBits][kSketchSamples], row-major.
 const std::vector<float>& SketchProjections();

@@ -10,13 +10,6 @@
 namespace kvpool::kernels {
 namespace internal {
 
-float ElementToFloat(DType dtype, uint16_t h) {
-  return dtype == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h);
-}
-uint16_t FloatToElement(DType dtype, float f) {
-  return dtype == DType::kBf16 ? FloatToBf16(f) : FloatToFp16(f);
-}
-
 const std::vector<float>& SketchProjections() {
   // kSketchBits x kSketchSamples standard normal values from splitmix64 and Box-Muller: fixed,
   // independent of the C++ library's distributions.
@@ -121,7 +114,7 @@ std::vector<float> SampleSegment(DType dtype, absl::Span<const uint16_t> x) {
   const uint64_t count = internal::SampleCount(x.size());
   std::vector<float> sample(count);
   for (uint64_t k = 0; k < count; ++k) {
-    sample[k] = internal::ElementToFloat(dtype, x[internal::SamplePosition(k, x.size(), count)]);
+    sample[k] = ElementToFloat(dtype, x[internal::SamplePosition(k, x.size(), count)]);
   }
   return sample;
 }
@@ -226,12 +219,12 @@ void Representative(DType dtype, absl::Span<const absl::Span<const uint16_t>> me
   for (absl::Span<const uint16_t> m : members) {
     double norm = 0;
     for (uint16_t h : m) {
-      const double v = internal::ElementToFloat(dtype, h);
+      const double v = ElementToFloat(dtype, h);
       norm += v * v;
     }
     if (!(norm > 0) || !std::isfinite(norm)) continue;
     norm = std::sqrt(norm);
-    for (size_t i = 0; i < out.size(); ++i) sum[i] += internal::ElementToFloat(dtype, m[i]) / norm;
+    for (size_t i = 0; i < out.size(); ++i) sum[i] += ElementToFloat(dtype, m[i]) / norm;
     norm_sum += norm;
     ++count;
   }
@@ -241,7 +234,7 @@ void Representative(DType dtype, absl::Span<const absl::Span<const uint16_t>> me
   const double target = count > 0 ? norm_sum / count : 0;
   for (size_t i = 0; i < out.size(); ++i) {
     const double v = sum_norm > 0 ? sum[i] / sum_norm * target : 0;
-    out[i] = internal::FloatToElement(dtype, static_cast<float>(v));
+    out[i] = FloatToElement(dtype, static_cast<float>(v));
   }
 }
 

@@ -81,10 +81,10 @@ GroupSpan SpanOf(const SegmentShape& shape, uint32_t group, uint64_t g) {
 }
 
 float ToFloat(uint16_t v, DType dtype) {
-  return dtype == DType::kBf16 ? Bf16ToFloat(v) : Fp16ToFloat(v);
+  return ElementToFloat(dtype, v);
 }
 uint16_t FromFloat(float f, DType dtype) {
-  return dtype == DType::kBf16 ? FloatToBf16(f) : FloatToFp16(f);
+  return FloatToElement(dtype, f);
 }
 
 bool Fp16IsFinite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }

@@ -320,10 +320,10 @@ uint64_t PackRef(const uint16_t* codes, uint64_t packs, uint8_t* out) {
 }  // namespace
 
 float ToFloat(DType dtype, uint16_t h) {
-  return dtype == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h);
+  return ElementToFloat(dtype, h);
 }
 uint16_t FromFloat(DType dtype, float f) {
-  return dtype == DType::kBf16 ? FloatToBf16(f) : FloatToFp16(f);
+  return FloatToElement(dtype, f);
 }
 
 uint64_t RawPayloadBytes(const SegmentShape& shape) { return kHeaderBytes + shape.Bytes(); }

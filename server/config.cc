@@ -180,7 +180,7 @@ absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
     }
   }
   if (const YAML::Node codec = root["codec"]) {
-    KVPOOL_ASSIGN_OR_RETURN(o.service.codecs.default_codec, CodecValue(codec, "codec"));
+    KVPOOL_ASSIGN_OR_RETURN(o.service.codecs.default_value, CodecValue(codec, "codec"));
   }
   if (const YAML::Node models = root["model_codecs"]) {
     if (!models.IsMap()) return absl::InvalidArgumentError("config key 'model_codecs' must be a map");
@@ -191,8 +191,8 @@ absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
     }
   }
   if (const YAML::Node fusion = root["fusion"]) {
-    KVPOOL_ASSIGN_OR_RETURN(o.service.fusion.default_options,
-                            FusionValue(fusion, "fusion", o.service.fusion.default_options));
+    KVPOOL_ASSIGN_OR_RETURN(o.service.fusion.default_value,
+                            FusionValue(fusion, "fusion", o.service.fusion.default_value));
   }
   if (const YAML::Node models = root["model_fusion"]) {
     if (!models.IsMap()) return absl::InvalidArgumentError("config key 'model_fusion' must be a map");
@@ -200,7 +200,7 @@ absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
       const std::string model = kv.first.Scalar();
       KVPOOL_ASSIGN_OR_RETURN(o.service.fusion.per_model[model],
                               FusionValue(kv.second, "model_fusion." + model,
-                                          o.service.fusion.default_options));
+                                          o.service.fusion.default_value));
     }
   }
   if (const YAML::Node limits = root["limits"]) {

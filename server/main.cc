@@ -49,7 +49,7 @@ int Fail(const std::string& message) {
 // --fusion, --fusion-threshold, --fusion-budget: override the config for every spec.
 absl::Status ApplyFusionFlags(kvpool::server::DaemonOptions* o) {
   kvpool::server::FusionPolicy& policy = o->service.fusion;
-  std::vector<kvpool::server::FusionOptions*> all = {&policy.default_options};
+  std::vector<kvpool::server::FusionOptions*> all = {&policy.default_value};
   for (auto& [model, f] : policy.per_model) all.push_back(&f);
   if (const std::string mode = absl::GetFlag(FLAGS_fusion); !mode.empty()) {
     auto m = kvpool::server::ParseFusionMode(mode);

@@ -46,13 +46,6 @@ uint32_t BlockTokens(const CliOptions& o, uint32_t tokens) {
   return std::max<uint32_t>(1, std::min(tpb, tokens));
 }
 
-std::vector<float> ToFloat(DType dtype, absl::Span<const uint16_t> x) {
-  std::vector<float> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    out[i] = dtype == DType::kBf16 ? Bf16ToFloat(x[i]) : Fp16ToFloat(x[i]);
-  }
-  return out;
-}
 
 std::string Describe(const CodecParams& p) {
   switch (p.codec) {
@@ -138,7 +131,7 @@ absl::Status RunCodecEval(const CliOptions& o) {
   const client::KvShape& shape = kv.first;
   const uint32_t tpb = BlockTokens(o, shape.tokens);
   KVPOOL_ASSIGN_OR_RETURN(std::vector<CodecParams> set, EvalSet(o));
-  const std::vector<float> original = ToFloat(shape.dtype, kv.second);
+  const std::vector<float> original = ElementsToFloats(shape.dtype, kv.second);
   const uint64_t in_bytes = kv.second.size() * 2;
   if (!o.json) {
     std::cout << absl::StrFormat(
@@ -156,7 +149,7 @@ absl::Status RunCodecEval(const CliOptions& o) {
     std::vector<uint16_t> decoded(kv.second.size());
     KVPOOL_RETURN_IF_ERROR(client::DecodeKv(encoded, absl::MakeSpan(decoded), kernels::Path::kCpu));
     const kernels::Quality q =
-        kernels::MeasureQuality(original, ToFloat(shape.dtype, decoded), shape.layers,
+        kernels::MeasureQuality(original, ElementsToFloats(shape.dtype, decoded), shape.layers,
                                 shape.tokens, shape.kv_heads, shape.head_dim);
     const double ratio = double(in_bytes) / encoded.EncodedBytes();
     const double bits = 8.0 * encoded.EncodedBytes() / kv.second.size();

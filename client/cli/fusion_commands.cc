@@ -58,11 +58,7 @@ absl::Status RunFusionEval(const CliOptions& o) {
   KVPOOL_ASSIGN_OR_RETURN(CodecParams codec, CodecFromFlags(codec_flags));
 
   client::CorpusOptions corpus;
-  corpus.shape.num_layers = spec.num_layers;
-  corpus.shape.num_kv_heads = spec.num_kv_heads;
-  corpus.shape.head_dim = spec.head_dim;
-  corpus.shape.tokens = spec.tokens_per_block;
-  corpus.shape.dtype = spec.dtype;
+  corpus.shape = client::SyntheticShape(spec);
   corpus.blocks = o.blocks;
   corpus.families = o.families;
   corpus.variation = o.variation;

@@ -23,21 +23,14 @@
 #include "common/executor.h"
 #include "kvpool/v1/kvpool.grpc.pb.h"
 #include "server/metrics.h"
+#include "server/model_policy.h"
 #include "server/store/block_store.h"
 #include "server/store/fuser.h"
 
 namespace kvpool::server {
 
 // Which codec stores a model's segments when a put does not say.
-struct CodecPolicy {
-  CodecParams default_codec{CodecId::kRaw};
-  absl::flat_hash_map<std::string, CodecParams> per_model;  // By model id.
-
-  const CodecParams& For(const std::string& model_id) const {
-    auto it = per_model.find(model_id);
-    return it == per_model.end() ? default_codec : it->second;
-  }
-};
+using CodecPolicy = PerModel<CodecParams>;
 
 struct ServiceOptions {
   CodecPolicy codecs;

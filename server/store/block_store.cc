@@ -120,25 +120,34 @@ BlockStore::SegmentEntry* BlockStore::FindSegmentLocked(const Segment& segment) 
   return nullptr;
 }
 
-uint64_t BlockStore::IncomingBytesLocked(absl::Span<const std::shared_ptr<StoredBlock>> blocks) {
-  uint64_t n = 0;
-  absl::flat_hash_map<const Segment*, bool> seen;
-  absl::flat_hash_map<Digest, std::vector<const Segment*>> batch;
-  for (const auto& block : blocks) {
-    if (block == nullptr) continue;
-    for (const SegmentRef& r : block->refs_) {
-      if (!seen.emplace(r.segment.get(), true).second) continue;
-      if (FindSegmentLocked(*r.segment) != nullptr) continue;
-      std::vector<const Segment*>& same = batch[r.segment->digest];
-      bool dup = false;
-      for (const Segment* o : same) dup = dup || o->bytes == r.segment->bytes;
-      if (dup) continue;
-      same.push_back(r.segment.get());
-      n += r.segment->bytes.size();
+namespace {
+
+// The distinct segments of `blocks` (equal bytes count once), by digest, and their bytes.
+struct DistinctSegments {
+  absl::flat_hash_map<std::array<uint64_t, 2>, std::vector<const Segment*>> by_digest;
+  uint64_t bytes = 0;
+
+  explicit DistinctSegments(absl::Span<const std::shared_ptr<StoredBlock>> blocks) {
+    for (const auto& block : blocks) {
+      if (block == nullptr) continue;
+      for (const SegmentRef& r : block->refs()) {
+        if (Find(*r.segment) != nullptr) continue;
+        by_digest[r.segment->digest].push_back(r.segment.get());
+        bytes += r.segment->bytes.size();
+      }
     }
   }
-  return n;
-}
+  const Segment* Find(const Segment& segment) const {
+    auto it = by_digest.find(segment.digest);
+    if (it == by_digest.end()) return nullptr;
+    for (const Segment* s : it->second) {
+      if (s == &segment || s->bytes == segment.bytes) return s;
+    }
+    return nullptr;
+  }
+};
+
+}  // namespace
 
 void BlockStore::AddRefsLocked(NamespaceId ns, StoredBlock* block) {
   for (SegmentRef& r : block->refs_) {
@@ -169,7 +178,7 @@ void BlockStore::AddRefsLocked(NamespaceId ns, StoredBlock* block) {
   block->new_representatives_.clear();
 }
 
-void BlockStore::DropRefsLocked(const StoredBlock& block) {
+void BlockStore::DropRefsLocked(const StoredBlock& block, std::vector<SegmentPtr>* freed) {
   logical_bytes_ -= block.logical_bytes_;
   for (const SegmentRef& r : block.refs_) {
     --segment_refs_;
@@ -194,6 +203,7 @@ void BlockStore::DropRefsLocked(const StoredBlock& block) {
         if (reps.empty()) reps_.erase({e.ns, e.layer});
       }
       CountSegmentLocked(*e.segment, -1);
+      if (freed != nullptr) freed->push_back(e.segment);
       bucket.erase(bucket.begin() + i);
       if (bucket.empty()) segments_.erase(it);
       break;
@@ -201,8 +211,9 @@ void BlockStore::DropRefsLocked(const StoredBlock& block) {
   }
 }
 
-void BlockStore::EraseLocked(absl::flat_hash_map<IndexKey, Entry>::iterator it) {
-  DropRefsLocked(*it->second.block);
+void BlockStore::EraseLocked(absl::flat_hash_map<IndexKey, Entry>::iterator it,
+                             std::vector<SegmentPtr>* freed) {
+  DropRefsLocked(*it->second.block, freed);
   lru_.erase(it->second.lru_pos);
   index_.erase(it);
 }
@@ -233,40 +244,36 @@ absl::StatusOr<BlockStore::InsertResult> BlockStore::Insert(
       blocks[i] = nullptr;
     }
   }
-  uint64_t incoming_alone = 0;
-  absl::flat_hash_map<Digest, std::vector<const Segment*>> distinct;
-  for (const auto& b : blocks) {
-    if (b == nullptr) continue;
-    for (const SegmentRef& r : b->refs_) {
-      std::vector<const Segment*>& same = distinct[r.segment->digest];
-      bool dup = false;
-      for (const Segment* o : same) dup = dup || o->bytes == r.segment->bytes;
-      if (dup) continue;
-      same.push_back(r.segment.get());
-      incoming_alone += r.segment->bytes.size();
-    }
-  }
-  if (kept + incoming_alone > options_.capacity_bytes) {
+  const DistinctSegments distinct(blocks);
+  if (kept + distinct.bytes > options_.capacity_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "put of ", incoming_alone, " new bytes (plus ", kept,
+        "put of ", distinct.bytes, " new bytes (plus ", kept,
         " bytes of its blocks already stored) exceeds the host tier capacity of ",
         options_.capacity_bytes, " bytes"));
   }
-  // Refresh the batch's stored keys to most recently used; eviction from the LRU end stops
-  // before reaching them.
-  // In the batch's key order, so that its last key ends up most recent.
+  // Refresh the batch's stored keys to most recently used, in key order (the last ends up most
+  // recent); eviction from the LRU end stops before reaching them.
   size_t batch_stored = 0;  // Distinct keys of the batch that are stored.
   for (size_t i = 0; i < keys.size(); ++i) {
     auto it = index_.find(IndexKey{ns, keys[i]});
     if (it != index_.end()) lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
   }
   for (const auto& [k, unused] : batch) batch_stored += index_.contains(k) ? 1 : 0;
-  while (lru_.size() > batch_stored &&
-         stored_bytes_ + IncomingBytesLocked(blocks) > options_.capacity_bytes) {
+  // Bytes the new blocks add: their distinct segments not stored yet. An eviction that frees a
+  // segment the batch uses adds it back.
+  uint64_t incoming = 0;
+  for (const auto& [digest, same] : distinct.by_digest) {
+    for (const Segment* seg : same) incoming += FindSegmentLocked(*seg) ? 0 : seg->bytes.size();
+  }
+  std::vector<SegmentPtr> freed;
+  while (lru_.size() > batch_stored && stored_bytes_ + incoming > options_.capacity_bytes) {
     auto victim = index_.find(lru_.back());
-    const uint64_t before = stored_bytes_;
-    EraseLocked(victim);
-    result.evicted_bytes += before - stored_bytes_;
+    freed.clear();
+    EraseLocked(victim, &freed);
+    for (const SegmentPtr& seg : freed) {
+      result.evicted_bytes += seg->bytes.size();
+      if (distinct.Find(*seg) != nullptr) incoming += seg->bytes.size();
+    }
     ++result.evicted;
   }
   evictions_ += result.evicted;

@@ -226,16 +226,16 @@ class BlockStore {
   using RepKey = std::pair<NamespaceId, uint32_t>;
 
   explicit BlockStore(const Options& options) : options_(options) {}
-  void EraseLocked(absl::flat_hash_map<IndexKey, Entry>::iterator it)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Removes a block from the index and drops its references; segments freed by that are
+  // appended to `freed` when given.
+  void EraseLocked(absl::flat_hash_map<IndexKey, Entry>::iterator it,
+                   std::vector<SegmentPtr>* freed = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SegmentEntry* FindSegmentLocked(const Segment& segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Bytes of the distinct segments of `blocks` that are not stored yet.
-  uint64_t IncomingBytesLocked(absl::Span<const std::shared_ptr<StoredBlock>> blocks)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Takes `block`'s references: shares stored segments, stores new ones, indexes new
   // representatives.
   void AddRefsLocked(NamespaceId ns, StoredBlock* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void DropRefsLocked(const StoredBlock& block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DropRefsLocked(const StoredBlock& block, std::vector<SegmentPtr>* freed)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CountSegmentLocked(const Segment& segment, int sign) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Options options_;

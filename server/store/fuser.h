@@ -40,6 +40,7 @@
 #include "common/encoded_segment.h"
 #include "common/kv_spec.h"
 #include "kernels/codec.h"
+#include "server/model_policy.h"
 #include "server/store/block_store.h"
 
 namespace kvpool::server {
@@ -64,15 +65,7 @@ absl::string_view FusionModeName(FusionOptions::Mode mode);
 absl::Status ValidateFusionOptions(const FusionOptions& options);
 
 // Which fusion options a model's puts get.
-struct FusionPolicy {
-  FusionOptions default_options;
-  absl::flat_hash_map<std::string, FusionOptions> per_model;  // By model id.
-
-  const FusionOptions& For(const std::string& model_id) const {
-    auto it = per_model.find(model_id);
-    return it == per_model.end() ? default_options : it->second;
-  }
-};
+using FusionPolicy = PerModel<FusionOptions>;
 
 // What a caller needs to encode one put's blocks.
 struct EncodeContext {

@@ -14,14 +14,6 @@
 namespace kvpool::server {
 namespace {
 
-std::vector<float> ToFloats(DType dtype, absl::Span<const uint16_t> x) {
-  std::vector<float> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    out[i] = dtype == DType::kBf16 ? Bf16ToFloat(x[i]) : Fp16ToFloat(x[i]);
-  }
-  return out;
-}
-
 absl::Span<const uint16_t> Elements(const std::string& block) {
   return {reinterpret_cast<const uint16_t*>(block.data()), block.size() / 2};
 }
@@ -93,8 +85,8 @@ absl::StatusOr<FusionEvalResult> EvaluateFusion(const EncodeContext& c,
       KVPOOL_RETURN_IF_ERROR(kernels::DecodeSegment(got->segment(seg), out, c.path, &shape));
       kernels::ScaleElements(spec.dtype, out, got->scale(seg), c.path);
     }
-    const std::vector<float> original = ToFloats(spec.dtype, Elements(blocks[b]));
-    const std::vector<float> decoded = ToFloats(spec.dtype, read);
+    const std::vector<float> original = ElementsToFloats(spec.dtype, Elements(blocks[b]));
+    const std::vector<float> decoded = ElementsToFloats(spec.dtype, read);
     const kernels::Quality q =
         kernels::MeasureQuality(original, decoded, spec.num_layers, spec.tokens_per_block,
                                 spec.num_kv_heads, spec.head_dim, kernels::QualityOptions{});

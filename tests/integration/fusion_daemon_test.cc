@@ -27,10 +27,7 @@ const KvSpec kSpec{"fusion-model", 6, 2, 32, DType::kFp16, 16};
 
 std::vector<std::string> Corpus(uint32_t blocks, uint32_t families, float variation) {
   client::CorpusOptions o;
-  o.shape.num_layers = kSpec.num_layers;
-  o.shape.num_kv_heads = kSpec.num_kv_heads;
-  o.shape.head_dim = kSpec.head_dim;
-  o.shape.tokens = kSpec.tokens_per_block;
+  o.shape = client::SyntheticShape(kSpec);
   o.blocks = blocks;
   o.families = families;
   o.variation = variation;

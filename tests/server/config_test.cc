@@ -336,11 +336,11 @@ TEST(ConfigCodecTest, BadCodecsNameTheKeyAndChangeNothing) {
   };
   for (const Case& c : cases) {
     DaemonOptions o;
-    o.service.codecs.default_codec = CodecParams{CodecId::kKivi, 8, 0, 16};
+    o.service.codecs.default_value = CodecParams{CodecId::kKivi, 8, 0, 16};
     EXPECT_THAT(ApplyConfigYaml(c.yaml, &o),
                 StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr(c.message)))
         << c.yaml;
-    EXPECT_EQ(o.service.codecs.default_codec.codec, CodecId::kKivi) << c.yaml;
+    EXPECT_EQ(o.service.codecs.default_value.codec, CodecId::kKivi) << c.yaml;
     EXPECT_TRUE(o.service.codecs.per_model.empty()) << c.yaml;
   }
 }
@@ -354,8 +354,8 @@ namespace {
 TEST(FusionConfigTest, FusionAndPerModelFusion) {
   DaemonOptions o;
   ASSERT_THAT(ApplyConfigYaml(DefaultConfigYaml(), &o), ::kvpool::testing::IsOk());
-  EXPECT_EQ(o.service.fusion.default_options.mode, FusionOptions::Mode::kOff);  // YAML "off".
-  EXPECT_THAT(o.service.fusion.default_options.skip_layers, ::testing::ElementsAre(0, 1, -2, -1));
+  EXPECT_EQ(o.service.fusion.default_value.mode, FusionOptions::Mode::kOff);  // YAML "off".
+  EXPECT_THAT(o.service.fusion.default_value.skip_layers, ::testing::ElementsAre(0, 1, -2, -1));
   ASSERT_THAT(ApplyConfigYaml(R"(
 fusion: {mode: online, threshold: 0.9, budget: 0.03, skip_layers: [0]}
 model_fusion:
@@ -382,7 +382,7 @@ TEST(FusionConfigTest, BadFusionValuesAreRefusedAndChangeNothing) {
     EXPECT_THAT(ApplyConfigYaml(yaml, &o),
                 ::kvpool::testing::StatusIs(absl::StatusCode::kInvalidArgument))
         << yaml;
-    EXPECT_EQ(o.service.fusion.default_options.mode, FusionOptions::Mode::kOff) << yaml;
+    EXPECT_EQ(o.service.fusion.default_value.mode, FusionOptions::Mode::kOff) << yaml;
     EXPECT_TRUE(o.service.fusion.per_model.empty()) << yaml;
   }
 }

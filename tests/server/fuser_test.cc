@@ -39,10 +39,7 @@ KvSpec Spec() {
 client::CorpusOptions Corpus(const KvSpec& spec, uint32_t blocks, uint32_t families,
                              float variation, uint64_t seed) {
   client::CorpusOptions o;
-  o.shape.num_layers = spec.num_layers;
-  o.shape.num_kv_heads = spec.num_kv_heads;
-  o.shape.head_dim = spec.head_dim;
-  o.shape.tokens = spec.tokens_per_block;
+  o.shape = client::SyntheticShape(spec);
   o.blocks = blocks;
   o.families = families;
   o.variation = variation;
