@@ -11,6 +11,7 @@
 #include "client/synthetic.h"
 #include "common/status_macros.h"
 #include "kernels/codec.h"
+#include "server/store/fuser.h"
 #include "server/store/fusion_eval.h"
 
 namespace kvpool::bench {
@@ -56,10 +57,14 @@ absl::Status RunFusionBench(const FusionBenchOptions& o) {
   if (!o.json) {
     std::cout << absl::StrFormat(
         "fusion ingest: %d blocks of [%d][2][%d][%d][%d] fp16 per corpus, one thread, best of %d\n"
-        "%-10s %-7s %-7s %10s %9s %9s\n",
+        "%-10s %-7s %-5s %-7s %10s %9s %9s\n",
         o.blocks, o.layers, o.tokens, o.kv_heads, o.head_dim, o.repeats, "corpus", "codec",
-        "fusion", "GB/s", "vs off", "ratio");
+        "path", "fusion", "GB/s", "vs off", "ratio");
   }
+  // The CPU, and the GPU (sketches, checks and encodes) when one is present and its fusion
+  // kernels pass their self-check; each against fusion off on the same path.
+  std::vector<bool> on_device = {false};
+  if (server::DeviceFusionUsable()) on_device.push_back(true);
   for (const Corpus& corpus : corpora) {
     client::CorpusOptions co;
     co.shape = client::SyntheticShape(spec);
@@ -70,35 +75,40 @@ absl::Status RunFusionBench(const FusionBenchOptions& o) {
     const double memcpy_gbps = MemcpyGbps(blocks);
     for (const CodecParams& codec : {kvpool_codec, CodecParams{CodecId::kRaw}}) {
       KVPOOL_ASSIGN_OR_RETURN(CodecParams normalized, kernels::NormalizeParams(codec));
-      double off_gbps = 0;
-      for (auto mode : {FusionOptions::Mode::kOff, FusionOptions::Mode::kOnline,
-                        FusionOptions::Mode::kBatch}) {
-        server::EncodeContext c{spec, normalized, FusionOptions{}, kernels::Path::kCpu};
-        c.fusion.mode = mode;
-        server::FusionEvalOptions eo;
-        eo.measure_quality = false;
-        eo.batch_blocks = mode == FusionOptions::Mode::kBatch ? 16 : 1;
-        double best = 0, ratio = 0;
-        for (uint32_t r = 0; r < std::max(1u, o.repeats); ++r) {
-          KVPOOL_ASSIGN_OR_RETURN(server::FusionEvalResult res,
-                                  server::EvaluateFusion(c, blocks, eo));
-          best = std::max(best, res.ingest_gbps());
-          ratio = res.compression_ratio();
-        }
-        if (mode == FusionOptions::Mode::kOff) off_gbps = best;
-        const double vs_off = off_gbps > 0 ? best / off_gbps : 0;
-        if (o.json) {
-          absl::StrAppend(&json, json.empty() ? "" : ", ",
-                          absl::StrFormat("{\"corpus\": \"%s\", \"codec\": \"%s\", \"fusion\": "
-                                          "\"%s\", \"ingest_gbps\": %.4f, \"vs_off\": %.4f, "
-                                          "\"compression_ratio\": %.4f, \"memcpy_gbps\": %.3f}",
-                                          corpus.name, CodecName(codec.codec),
-                                          server::FusionModeName(mode), best, vs_off, ratio,
-                                          memcpy_gbps));
-        } else {
-          std::cout << absl::StrFormat("%-10s %-7s %-7s %10.3f %8.2fx %8.2fx\n", corpus.name,
-                                       CodecName(codec.codec), server::FusionModeName(mode), best,
-                                       vs_off, ratio);
+      for (bool device : on_device) {
+        double off_gbps = 0;
+        for (auto mode : {FusionOptions::Mode::kOff, FusionOptions::Mode::kOnline,
+                          FusionOptions::Mode::kBatch}) {
+          server::EncodeContext c{spec, normalized, FusionOptions{}, kernels::Path::kCpu};
+          c.fusion.mode = mode;
+          c.device = device;
+          server::FusionEvalOptions eo;
+          eo.measure_quality = false;
+          eo.batch_blocks = mode == FusionOptions::Mode::kBatch ? 16 : 1;
+          double best = 0, ratio = 0;
+          for (uint32_t r = 0; r < std::max(1u, o.repeats); ++r) {
+            KVPOOL_ASSIGN_OR_RETURN(server::FusionEvalResult res,
+                                    server::EvaluateFusion(c, blocks, eo));
+            best = std::max(best, res.ingest_gbps());
+            ratio = res.compression_ratio();
+          }
+          if (mode == FusionOptions::Mode::kOff) off_gbps = best;
+          const double vs_off = off_gbps > 0 ? best / off_gbps : 0;
+          const char* path = device ? "cuda" : "cpu";
+          if (o.json) {
+            absl::StrAppend(&json, json.empty() ? "" : ", ",
+                            absl::StrFormat("{\"corpus\": \"%s\", \"codec\": \"%s\", \"path\": "
+                                            "\"%s\", \"fusion\": \"%s\", \"ingest_gbps\": %.4f, "
+                                            "\"vs_off\": %.4f, \"compression_ratio\": %.4f, "
+                                            "\"memcpy_gbps\": %.3f}",
+                                            corpus.name, CodecName(codec.codec), path,
+                                            server::FusionModeName(mode), best, vs_off, ratio,
+                                            memcpy_gbps));
+          } else {
+            std::cout << absl::StrFormat("%-10s %-7s %-5s %-7s %10.3f %8.2fx %8.2fx\n",
+                                         corpus.name, CodecName(codec.codec), path,
+                                         server::FusionModeName(mode), best, vs_off, ratio);
+          }
         }
       }
     }

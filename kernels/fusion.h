@@ -8,16 +8,20 @@
 // the error of exactly those values, so a member is accepted only on what readers will get.
 //
 // Paths: kRef (plain loops, double sums: the definition) and kCpu (AVX2/F16C when present,
-// double sums in another order: results agree with the reference to rounding). kCuda is not
-// built yet: the host paths serve.
+// double sums in another order: results agree with the reference to rounding). The CUDA path
+// (fusion.cu) works on many segments per call: SketchSegmentsOnDevice and FitEncodedOnDevice
+// below.
 //
-// Thread-safe (stateless).
+// Thread-safe (stateless; the CUDA path keeps one read-only copy of the projections per
+// process, on the device current at its first call).
 #ifndef KVPOOL_KERNELS_FUSION_H_
 #define KVPOOL_KERNELS_FUSION_H_
 
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "common/kv_spec.h"
 #include "kernels/codec.h"
@@ -72,6 +76,34 @@ std::vector<std::vector<uint32_t>> GroupByCosine(absl::Span<const std::vector<fl
 // member and `out` have the same size; at least one member is non-zero and finite.
 void Representative(DType dtype, absl::Span<const absl::Span<const uint16_t>> members,
                     absl::Span<uint16_t> out);
+
+// --- The CUDA path (fusion.cu). Host memory in and out, staged through one device allocation
+// per call; all work runs on `stream` (nullptr: a stream of the call's own) and the call
+// synchronises that stream before returning (blocks: run it on an executor). Unavailable
+// without CUDA or a device.
+
+// The sketches of many segments in one launch, each bit for bit SketchSegment(kRef)'s (the
+// products of float projections and float samples are exact in double and summed in the same
+// order). InvalidArgument when a segment is too large to sample (2^53 elements or more).
+absl::StatusOr<std::vector<Sketch>> SketchSegmentsOnDevice(
+    DType dtype, absl::Span<const absl::Span<const uint16_t>> segments,
+    cudaStream_t stream = nullptr);
+
+// One exact check for the device: host elements `x` against a stored representative, given as
+// its whole encoded segment, decoded on the device. x must outlive the call.
+struct FitRequest {
+  absl::Span<const uint16_t> x;
+  absl::string_view representative;  // Whole encoded segment (common/encoded_segment.h).
+  SegmentShape shape;                // What x is and the representative must be.
+};
+
+// FitScaled for every request, on the GPU: the same definition, sums in another order, so the
+// results equal the reference's to rounding. x spans and representatives that repeat (same
+// pointer and size) are copied and decoded once. Errors: InvalidArgument when x's size is not
+// shape's or the requests mix dtypes; DataLoss when a representative does not parse, fails its
+// checksum or has another shape; Unimplemented when its codec has no CUDA decoder.
+absl::StatusOr<std::vector<Fit>> FitEncodedOnDevice(absl::Span<const FitRequest> requests,
+                                                    cudaStream_t stream = nullptr);
 
 }  // namespace kvpool::kernels
 

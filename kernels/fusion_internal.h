@@ -22,6 +22,11 @@ Sketch SketchCpu(DType dtype, absl::Span<const uint16_t> x);
 Fit FitRef(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r);
 Fit FitCpu(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r);
 
+// Cosine and scale from the three sums (rel_error stays infinite). False when no error pass is
+// due: a sum is not finite or x or r is zero (the fit is then final).
+bool FitFromSums(double xr, double rr, double xx, Fit* fit);
+// rel_error from the error pass's sum of squares and <x, x>.
+double RelError(double err, double xx);
 // Cosine, scale and error from the three sums; the error pass runs on the fast path if `fast`.
 Fit FinishFit(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r, double xr,
               double rr, double xx, bool fast);

@@ -64,21 +64,29 @@ Fit FitRef(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t>
   return FinishFit(dtype, x, r, xr, rr, xx, /*fast=*/false);
 }
 
+bool FitFromSums(double xr, double rr, double xx, Fit* fit) {
+  *fit = Fit{};
+  if (!std::isfinite(xr) || !std::isfinite(rr) || !std::isfinite(xx) || xx == 0 || rr == 0) {
+    return false;
+  }
+  fit->cosine = xr / std::sqrt(xx * rr);
+  fit->scale = static_cast<float>(xr / rr);
+  if (!std::isfinite(fit->scale)) {
+    fit->scale = 0;
+    return false;
+  }
+  return true;
+}
+
+double RelError(double err, double xx) { return std::isfinite(err) ? std::sqrt(err / xx) : INFINITY; }
+
 Fit FinishFit(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r, double xr,
               double rr, double xx, bool fast) {
   Fit fit;
-  if (!std::isfinite(xr) || !std::isfinite(rr) || !std::isfinite(xx) || xx == 0 || rr == 0) {
-    return fit;
-  }
-  fit.cosine = xr / std::sqrt(xx * rr);
-  fit.scale = static_cast<float>(xr / rr);
-  if (!std::isfinite(fit.scale)) {
-    fit.scale = 0;
-    return fit;
-  }
+  if (!FitFromSums(xr, rr, xx, &fit)) return fit;
   const double err = fast ? ScaledErrorCpu(dtype, x, r, fit.scale) : ScaledErrorRef(dtype, x, r,
                                                                                    fit.scale);
-  fit.rel_error = std::isfinite(err) ? std::sqrt(err / xx) : INFINITY;
+  fit.rel_error = RelError(err, xx);
   return fit;
 }
 

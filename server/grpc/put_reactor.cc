@@ -20,7 +20,6 @@
 #include "absl/time/clock.h"
 #include "common/status_util.h"
 #include "kernels/codec.h"
-#include "kernels/device_codec.h"
 #include "proto/convert.h"
 #include "server/grpc/kvpool_service.h"
 
@@ -90,7 +89,9 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   bool batch() const { return fusion_.mode == FusionOptions::Mode::kBatch; }
 
   EncodeContext Context() const {
-    return EncodeContext{spec_, codec_, fusion_, kernels::Path::kCpu};
+    EncodeContext c{spec_, codec_, fusion_, kernels::Path::kCpu};
+    c.device = service_->options().gpu_encode;
+    return c;
   }
 
   void FinishWith(const absl::Status& status) {
@@ -199,29 +200,19 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
     });
   }
 
-  // Encodes one block into its 2 * layers segments: on the GPU when the daemon has one, the
-  // codec a CUDA encoder and fusion is off; else on the fast CPU path, with online fusion when
-  // configured. Runs on the encoder executor.
+  // Encodes one block into its 2 * layers segments, with online fusion when configured: on the
+  // GPU when the daemon has one (sketches and checks when their kernels passed their self-check,
+  // encodes when the codec has a CUDA encoder), else on the fast CPU path. Runs on the encoder
+  // executor.
   absl::StatusOr<std::shared_ptr<StoredBlock>> EncodeOne(absl::Span<const uint16_t> buffer) const {
-    SegmentShape shape{spec_.tokens_per_block, spec_.num_kv_heads, spec_.head_dim, spec_.dtype};
-    if (fusion_.mode == FusionOptions::Mode::kOnline) {
-      std::optional<NamespaceId> ns;
-      if (auto found = service_->store()->FindNamespace(spec_.model_id, spec_.tokens_per_block)) {
-        ns = found->first;
-      }
-      return EncodeBlock(Context(), service_->store(), ns, buffer);
+    if (fusion_.mode != FusionOptions::Mode::kOnline) {
+      return EncodeBlock(Context(), nullptr, std::nullopt, buffer);
     }
-    if (service_->options().gpu_encode &&
-        kernels::GetCodecOps(codec_.codec).encode_cuda != nullptr) {
-      std::vector<SegmentShape> shapes(spec_.SegmentsPerBlock(), shape);
-      for (size_t s = 0; s < shapes.size(); ++s) {
-        shapes[s].kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
-      }
-      auto segments = kernels::EncodeSegmentsOnDevice(codec_, shapes, buffer);
-      if (!segments.ok()) return Annotate(segments.status(), "encoding on the GPU");
-      return StoredBlock::FromSegments(std::move(*segments), spec_.BlockBytes());
+    std::optional<NamespaceId> ns;
+    if (auto found = service_->store()->FindNamespace(spec_.model_id, spec_.tokens_per_block)) {
+      ns = found->first;
     }
-    return EncodeBlock(Context(), nullptr, std::nullopt, buffer);
+    return EncodeBlock(Context(), service_->store(), ns, buffer);
   }
 
   absl::Status Commit() {

@@ -5,6 +5,10 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "common/status_util.h"
+#include "common/half.h"
+#include "common/logging.h"
+#include "kernels/device.h"
+#include "kernels/device_codec.h"
 #include "kernels/fusion.h"
 
 namespace kvpool::server {
@@ -90,6 +94,174 @@ absl::Status ValidateFusionOptions(const FusionOptions& o) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// The layers of one block that online fusion looks at, with their index candidates.
+struct LayerPlan {
+  uint32_t layer = 0;
+  kernels::Sketch sketch;
+  std::vector<BlockStore::Candidate> candidates;
+};
+
+// The sketches of `keys`: on the GPU when the context asks for it and it works, else the host.
+std::vector<kernels::Sketch> Sketches(const EncodeContext& c,
+                                      absl::Span<const absl::Span<const uint16_t>> keys) {
+  if (c.device && DeviceFusionUsable()) {
+    auto sketches = kernels::SketchSegmentsOnDevice(c.spec.dtype, keys);
+    if (sketches.ok()) return *std::move(sketches);
+    KVPOOL_LOG(WARNING) << "fusion sketch on the GPU failed, using the CPU: " << sketches.status();
+  }
+  std::vector<kernels::Sketch> out;
+  for (absl::Span<const uint16_t> k : keys) out.push_back(kernels::SketchSegment(c.spec.dtype, k, c.path));
+  return out;
+}
+
+// The exact checks of a block's candidates. On the GPU every candidate's key and value partner
+// are checked in one call up front; on the host each check runs when first asked for, so the
+// search stops at the first accepted candidate. nullopt: the representative cannot be used
+// (it is corrupt).
+class Checks {
+ public:
+  Checks(const EncodeContext& c, absl::Span<const uint16_t> block,
+         const std::vector<LayerPlan>& plans)
+      : c_(c), block_(block), plans_(plans) {
+    if (c.device && DeviceFusionUsable()) RunOnDevice();
+  }
+
+  std::optional<Fit> Get(size_t plan, size_t cand, SegmentKind kind) {
+    const LayerPlan& p = plans_[plan];
+    const bool key = kind == SegmentKind::kKey;
+    if (device_ok_) {
+      const auto& fits = device_[plan][cand];
+      return key ? fits.first : fits.second;
+    }
+    const SegmentPtr& rep = key ? p.candidates[cand].key : p.candidates[cand].value;
+    if (rep == nullptr) return std::nullopt;
+    auto decoded = Decode(c_, *rep, kind);
+    if (!decoded.ok()) return std::nullopt;
+    const uint64_t s = uint64_t{2} * p.layer + (key ? 0 : 1);
+    return kernels::FitScaled(c_.spec.dtype, SegmentOf(c_.spec, block_, s), *decoded, c_.path);
+  }
+
+ private:
+  void RunOnDevice() {
+    std::vector<kernels::FitRequest> requests;
+    for (const LayerPlan& p : plans_) {
+      for (const BlockStore::Candidate& cand : p.candidates) {
+        requests.push_back({SegmentOf(c_.spec, block_, 2 * uint64_t{p.layer}), cand.key->bytes,
+                            ShapeOf(c_.spec, SegmentKind::kKey)});
+        if (cand.value != nullptr) {
+          requests.push_back({SegmentOf(c_.spec, block_, 2 * uint64_t{p.layer} + 1),
+                              cand.value->bytes, ShapeOf(c_.spec, SegmentKind::kValue)});
+        }
+      }
+    }
+    if (requests.empty()) return;
+    auto fits = kernels::FitEncodedOnDevice(requests);
+    if (!fits.ok()) {
+      // A corrupt representative fails the whole call: the host path skips just that one.
+      KVPOOL_LOG(WARNING) << "fusion checks on the GPU failed, using the CPU: " << fits.status();
+      return;
+    }
+    size_t next = 0;
+    device_.resize(plans_.size());
+    for (size_t i = 0; i < plans_.size(); ++i) {
+      for (const BlockStore::Candidate& cand : plans_[i].candidates) {
+        std::pair<std::optional<Fit>, std::optional<Fit>> f;
+        f.first = (*fits)[next++];
+        if (cand.value != nullptr) f.second = (*fits)[next++];
+        device_[i].push_back(f);
+      }
+    }
+    device_ok_ = true;
+  }
+
+  const EncodeContext& c_;
+  const absl::Span<const uint16_t> block_;
+  const std::vector<LayerPlan>& plans_;
+  bool device_ok_ = false;
+  std::vector<std::vector<std::pair<std::optional<Fit>, std::optional<Fit>>>> device_;
+};
+
+// Encodes the segments of `block` whose refs are still empty: on the GPU when the context asks
+// for it and the codec has a CUDA encoder (falling back to the host on a device error).
+absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> block,
+                             std::vector<SegmentRef>* refs) {
+  std::vector<uint64_t> todo;
+  for (uint64_t s = 0; s < refs->size(); ++s) {
+    if ((*refs)[s].segment == nullptr) todo.push_back(s);
+  }
+  auto kind_of = [](uint64_t s) { return s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue; };
+  if (c.device && !todo.empty() && kernels::DeviceCount() > 0 &&
+      kernels::GetCodecOps(c.codec.codec).encode_cuda != nullptr) {
+    std::vector<SegmentShape> shapes;
+    std::vector<uint16_t> gathered;  // The segments to encode, back to back, unless all are.
+    for (uint64_t s : todo) {
+      shapes.push_back(ShapeOf(c.spec, kind_of(s)));
+      if (todo.size() == refs->size()) continue;
+      absl::Span<const uint16_t> x = SegmentOf(c.spec, block, s);
+      gathered.insert(gathered.end(), x.begin(), x.end());
+    }
+    auto encoded = kernels::EncodeSegmentsOnDevice(
+        c.codec, shapes, todo.size() == refs->size() ? block : absl::MakeConstSpan(gathered));
+    if (encoded.ok()) {
+      for (size_t i = 0; i < todo.size(); ++i) {
+        (*refs)[todo[i]].segment =
+            Segment::Make(std::move((*encoded)[i]), SegmentElements(c.spec) * 2);
+      }
+      return absl::OkStatus();
+    }
+    KVPOOL_LOG(WARNING) << "encoding on the GPU failed, using the CPU: " << encoded.status();
+  }
+  for (uint64_t s : todo) {
+    KVPOOL_ASSIGN_OR_RETURN((*refs)[s].segment, Encode(c, kind_of(s), SegmentOf(c.spec, block, s)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool DeviceFusionUsable() {
+  static const bool usable = [] {
+    if (kernels::DeviceCount() == 0) return false;
+    // The CUDA checks are compared once with the host's on a fixed case before the daemon
+    // trusts them: a disagreement (a driver or kernel bug) keeps fusion on the CPU.
+    constexpr uint32_t kTokens = 16, kHeads = 2, kDim = 64;
+    const SegmentShape shape{kTokens, kHeads, kDim, DType::kFp16, SegmentKind::kKey};
+    std::vector<uint16_t> x(shape.Elements()), r(shape.Elements());
+    uint64_t state = 12345;
+    for (size_t i = 0; i < x.size(); ++i) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      const float a = float(int64_t(state >> 40) % 2001 - 1000) / 500.f;
+      x[i] = FloatToElement(DType::kFp16, a);
+      r[i] = FloatToElement(DType::kFp16, 0.5f * a + (i % 7 == 0 ? 0.01f : 0.f));
+    }
+    auto encoded = kernels::EncodeSegment(CodecParams{CodecId::kRaw}, shape, r, kernels::Path::kRef);
+    const absl::Span<const uint16_t> xs[] = {x};
+    auto sketches = kernels::SketchSegmentsOnDevice(DType::kFp16, xs);
+    if (!encoded.ok() || !sketches.ok()) {
+      KVPOOL_LOG(WARNING) << "fusion on the GPU is unusable, fusion runs on the CPU: "
+                          << (encoded.ok() ? sketches.status() : encoded.status());
+      return false;
+    }
+    const kernels::FitRequest request{x, *encoded, shape};
+    auto fits = kernels::FitEncodedOnDevice({&request, 1});
+    const Fit host = kernels::FitScaled(DType::kFp16, x, r, kernels::Path::kRef);
+    const bool agree =
+        fits.ok() && (*sketches)[0] == kernels::SketchSegment(DType::kFp16, x, kernels::Path::kRef) &&
+        std::abs((*fits)[0].cosine - host.cosine) < 1e-9 &&
+        std::abs((*fits)[0].scale - host.scale) <= 1e-6f * std::abs(host.scale) &&
+        std::abs((*fits)[0].rel_error - host.rel_error) <= 1e-6 * host.rel_error + 1e-12;
+    if (!agree) {
+      KVPOOL_LOG(ERROR) << "fusion checks on the GPU disagree with the CPU reference ("
+                        << (fits.ok() ? "different values" : fits.status().ToString())
+                        << "): fusion runs on the CPU";
+    }
+    return agree;
+  }();
+  return usable;
+}
+
 absl::StatusOr<std::shared_ptr<StoredBlock>> EncodeBlock(const EncodeContext& c,
                                                          const BlockStore* store,
                                                          std::optional<NamespaceId> ns,
@@ -98,55 +270,73 @@ absl::StatusOr<std::shared_ptr<StoredBlock>> EncodeBlock(const EncodeContext& c,
   if (block.size() * 2 != spec.BlockBytes()) {
     return absl::InvalidArgumentError("EncodeBlock: block size does not match the spec");
   }
-  const bool online = c.fusion.mode == FusionOptions::Mode::kOnline && store != nullptr;
-  const int radius = kernels::SketchRadius(c.fusion.threshold);
   std::vector<SegmentRef> refs(spec.SegmentsPerBlock());
   std::vector<StoredBlock::NewRepresentative> reps;
-  for (uint32_t layer = 0; layer < spec.num_layers; ++layer) {
-    const uint64_t k = uint64_t{2} * layer;
-    absl::Span<const uint16_t> key = SegmentOf(spec, block, k);
-    absl::Span<const uint16_t> value = SegmentOf(spec, block, k + 1);
-    bool fused = false;
-    kernels::Sketch sketch;
-    if (online && !c.fusion.Skips(layer, spec.num_layers)) {
-      sketch = kernels::SketchSegment(spec.dtype, key, c.path);
-      std::vector<BlockStore::Candidate> candidates;
+  if (c.fusion.mode == FusionOptions::Mode::kOnline && store != nullptr) {
+    // Sketch every fused layer's key, ask the index, check the candidates.
+    std::vector<LayerPlan> plans;
+    std::vector<absl::Span<const uint16_t>> keys;
+    for (uint32_t layer = 0; layer < spec.num_layers; ++layer) {
+      if (c.fusion.Skips(layer, spec.num_layers)) continue;
+      plans.push_back({layer, {}, {}});
+      keys.push_back(SegmentOf(spec, block, 2 * uint64_t{layer}));
+    }
+    const std::vector<kernels::Sketch> sketches = Sketches(c, keys);
+    const int radius = kernels::SketchRadius(c.fusion.threshold);
+    for (size_t i = 0; i < plans.size(); ++i) {
+      plans[i].sketch = sketches[i];
       if (ns.has_value()) {
-        candidates = store->FusionCandidates(*ns, layer, sketch, radius, c.fusion.max_candidates);
+        plans[i].candidates = store->FusionCandidates(*ns, plans[i].layer, sketches[i], radius,
+                                                      c.fusion.max_candidates);
       }
-      for (const BlockStore::Candidate& cand : candidates) {
-        auto rep = Decode(c, *cand.key, SegmentKind::kKey);
-        if (!rep.ok()) continue;  // A corrupt representative is never used.
-        const Fit fit = kernels::FitScaled(spec.dtype, key, *rep, c.path);
-        if (!Accepts(c.fusion, fit, /*check_cosine=*/true)) continue;
-        refs[k] = SegmentRef{cand.key, fit.scale, true};
+    }
+    Checks checks(c, block, plans);
+    for (size_t i = 0; i < plans.size(); ++i) {
+      const uint64_t k = 2 * uint64_t{plans[i].layer};
+      bool fused = false;
+      for (size_t j = 0; j < plans[i].candidates.size() && !fused; ++j) {
+        const std::optional<Fit> fit = checks.Get(i, j, SegmentKind::kKey);
+        if (!fit.has_value() || !Accepts(c.fusion, *fit, /*check_cosine=*/true)) continue;
         fused = true;
-        if (cand.value != nullptr) {
-          auto rep_value = Decode(c, *cand.value, SegmentKind::kValue);
-          if (rep_value.ok()) {
-            const Fit vfit = kernels::FitScaled(spec.dtype, value, *rep_value, c.path);
-            if (Accepts(c.fusion, vfit, /*check_cosine=*/false)) {
-              refs[k + 1] = SegmentRef{cand.value, vfit.scale, true};
-            }
-          }
+        refs[k] = SegmentRef{plans[i].candidates[j].key, fit->scale, true};
+        // Values follow their keys, under their own error check.
+        const std::optional<Fit> vfit = checks.Get(i, j, SegmentKind::kValue);
+        if (vfit.has_value() && Accepts(c.fusion, *vfit, /*check_cosine=*/false)) {
+          refs[k + 1] = SegmentRef{plans[i].candidates[j].value, vfit->scale, true};
         }
-        break;
       }
-      if (!fused) reps.push_back({layer, sketch});
-    }
-    if (!fused) {
-      KVPOOL_ASSIGN_OR_RETURN(refs[k].segment, Encode(c, SegmentKind::kKey, key));
-    }
-    if (refs[k + 1].segment == nullptr) {
-      KVPOOL_ASSIGN_OR_RETURN(refs[k + 1].segment, Encode(c, SegmentKind::kValue, value));
+      if (!fused) reps.push_back({plans[i].layer, plans[i].sketch});
     }
   }
+  KVPOOL_RETURN_IF_ERROR(EncodeRemaining(c, block, &refs));
   auto out = std::make_shared<StoredBlock>(std::move(refs), spec.BlockBytes());
   out->new_representatives() = std::move(reps);
   return out;
 }
 
 namespace {
+
+// The exact checks of `xs` against one encoded representative: on the GPU in one call when the
+// context asks for it (falling back to the host on a device error), else on the host.
+absl::StatusOr<std::vector<Fit>> FitMembers(const EncodeContext& c, SegmentKind kind,
+                                            absl::Span<const absl::Span<const uint16_t>> xs,
+                                            const Segment& representative) {
+  if (c.device && DeviceFusionUsable()) {
+    std::vector<kernels::FitRequest> requests;
+    for (absl::Span<const uint16_t> x : xs) {
+      requests.push_back({x, representative.bytes, ShapeOf(c.spec, kind)});
+    }
+    auto fits = kernels::FitEncodedOnDevice(requests);
+    if (fits.ok()) return fits;
+    KVPOOL_LOG(WARNING) << "fusion checks on the GPU failed, using the CPU: " << fits.status();
+  }
+  KVPOOL_ASSIGN_OR_RETURN(std::vector<uint16_t> decoded, Decode(c, representative, kind));
+  std::vector<Fit> fits;
+  for (absl::Span<const uint16_t> x : xs) {
+    fits.push_back(kernels::FitScaled(c.spec.dtype, x, decoded, c.path));
+  }
+  return fits;
+}
 
 // Batch fusion of one layer's segments of one kind over `members` (block indices): encodes
 // the group's representative and sets refs for the members that pass their check. Returns the
@@ -162,11 +352,11 @@ absl::StatusOr<std::vector<uint32_t>> FuseGroup(
   std::vector<uint16_t> rep(SegmentElements(spec));
   kernels::Representative(spec.dtype, xs, absl::MakeSpan(rep));
   KVPOOL_ASSIGN_OR_RETURN(SegmentPtr encoded, Encode(c, kind, rep));
-  KVPOOL_ASSIGN_OR_RETURN(std::vector<uint16_t> decoded, Decode(c, *encoded, kind));
+  KVPOOL_ASSIGN_OR_RETURN(std::vector<Fit> fits, FitMembers(c, kind, xs, *encoded));
   std::vector<uint32_t> joined;
   std::vector<float> scales;
   for (size_t i = 0; i < members.size(); ++i) {
-    const Fit fit = kernels::FitScaled(spec.dtype, xs[i], decoded, c.path);
+    const Fit& fit = fits[i];
     if (!Accepts(c.fusion, fit, check_cosine)) continue;
     joined.push_back(members[i]);
     scales.push_back(fit.scale);
@@ -216,12 +406,7 @@ absl::StatusOr<std::vector<std::shared_ptr<StoredBlock>>> EncodeBatch(
     }
   }
   for (size_t i = 0; i < blocks.size(); ++i) {
-    for (uint64_t s = 0; s < spec.SegmentsPerBlock(); ++s) {
-      if (refs[i][s].segment != nullptr) continue;
-      KVPOOL_ASSIGN_OR_RETURN(
-          refs[i][s].segment,
-          Encode(c, s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue, SegmentOf(spec, blocks[i], s)));
-    }
+    KVPOOL_RETURN_IF_ERROR(EncodeRemaining(c, blocks[i], &refs[i]));
     out.push_back(std::make_shared<StoredBlock>(std::move(refs[i]), spec.BlockBytes()));
   }
   return out;

@@ -73,7 +73,15 @@ struct EncodeContext {
   CodecParams codec;            // Normalised (kernels::NormalizeParams).
   FusionOptions fusion;
   kernels::Path path = kernels::Path::kCpu;  // Host path for encode, decode and checks.
+  // Sketches, exact checks and encodes on the GPU (kernels' CUDA path) when DeviceFusionUsable();
+  // a device error falls back to the host path for that step, never to a wrong result.
+  bool device = false;
 };
+
+// True when this process has a GPU whose fusion kernels agreed with the CPU reference on a fixed
+// case (checked once, on the first call; a disagreement is logged and keeps fusion on the CPU).
+// Blocks on the first call (a few small device calls).
+bool DeviceFusionUsable();
 
 // Encodes one block (canonical layout, spec.BlockElements() elements) with fusion off or online.
 // Online, `store` and `ns` give the fusion index to search (ns nullopt: the namespace has no

@@ -3,12 +3,14 @@
 #include "kernels/fusion.h"
 
 #include <cmath>
+#include <string>
 #include <random>
 #include <vector>
 
 #include "common/half.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/device.h"
 
 namespace kvpool::kernels {
 namespace {
@@ -196,6 +198,109 @@ TEST(FusionTest, RepresentativeIsTheNormalisedMeanAtTheMeanNorm) {
   std::vector<uint16_t> rep(u.size());
   Representative(DType::kFp16, members, absl::MakeSpan(rep));
   for (size_t i = 0; i < u.size(); ++i) EXPECT_FLOAT_EQ(Fp16ToFloat(rep[i]), 2 * u[i]);
+}
+
+// --- The CUDA path (tests named Cuda* carry the ctest label gpu and skip without a device).
+
+TEST(FusionTest, DevicePathSaysUnavailableWithoutADevice) {
+  if (DeviceCount() > 0) GTEST_SKIP() << "a device is present";
+  const std::vector<uint16_t> x = ToHalf(Gaussian(64, 1));
+  const absl::Span<const uint16_t> segs[] = {x};
+  EXPECT_EQ(SketchSegmentsOnDevice(DType::kFp16, segs).status().code(),
+            absl::StatusCode::kUnavailable);
+  const FitRequest request{x, "", SegmentShape{4, 1, 16, DType::kFp16, SegmentKind::kKey}};
+  EXPECT_EQ(FitEncodedOnDevice({&request, 1}).status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(FusionTest, CudaSketchIsTheReferenceBitForBit) {
+  if (DeviceCount() == 0) GTEST_SKIP() << DescribeDevices();
+  for (DType dtype : {DType::kFp16, DType::kBf16}) {
+    std::vector<std::vector<uint16_t>> data;
+    for (size_t n : {1ul, 7ul, 1023ul, 1024ul, 5000ul, 262144ul}) {
+      data.push_back(ToHalf(Gaussian(n, n, 3.f), dtype));
+    }
+    data.push_back(std::vector<uint16_t>(300, 0));  // Zero: no bit set.
+    std::vector<absl::Span<const uint16_t>> segs(data.begin(), data.end());
+    auto sketches = SketchSegmentsOnDevice(dtype, segs);
+    ASSERT_TRUE(sketches.ok()) << sketches.status();
+    ASSERT_EQ(sketches->size(), segs.size());
+    for (size_t i = 0; i < segs.size(); ++i) {
+      EXPECT_EQ((*sketches)[i], SketchSegment(dtype, segs[i], Path::kRef)) << "segment " << i;
+    }
+  }
+  auto none = SketchSegmentsOnDevice(DType::kFp16, {});
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+}
+
+TEST(FusionTest, CudaFitAgreesWithTheReference) {
+  if (DeviceCount() == 0) GTEST_SKIP() << DescribeDevices();
+  for (DType dtype : {DType::kFp16, DType::kBf16}) {
+    const SegmentShape shape{256, 8, 128, dtype, SegmentKind::kKey};
+    const uint64_t n = shape.Elements();
+    const std::vector<uint16_t> r = ToHalf(Gaussian(n, 1), dtype);
+    const std::vector<uint16_t> close = ToHalf(Perturb(Gaussian(n, 1, 0.8f), 0.3f, 2), dtype);
+    const std::vector<uint16_t> unrelated = ToHalf(Gaussian(n, 3), dtype);
+    const std::vector<uint16_t> zero(n, 0);
+    std::vector<uint16_t> with_nan = close;
+    with_nan[17] = dtype == DType::kBf16 ? 0x7fc0 : 0x7e00;
+    // The representative under two codecs: raw (exact) and kvpool (lossy: the check runs on
+    // what readers decode).
+    std::vector<std::string> encoded;
+    for (CodecId codec : {CodecId::kRaw, CodecId::kKvpool}) {
+      CodecParams p{codec};
+      p.budget = 0.05f;
+      auto e = EncodeSegment(p, shape, r, Path::kCpu);
+      ASSERT_TRUE(e.ok()) << e.status();
+      encoded.push_back(*e);
+    }
+    std::vector<FitRequest> requests;
+    for (const std::string& e : encoded) {
+      for (const std::vector<uint16_t>* x :
+           std::vector<const std::vector<uint16_t>*>{&close, &unrelated, &zero, &with_nan, &close}) {
+        requests.push_back({*x, e, shape});
+      }
+    }
+    auto fits = FitEncodedOnDevice(requests);
+    ASSERT_TRUE(fits.ok()) << fits.status();
+    ASSERT_EQ(fits->size(), requests.size());
+    for (size_t i = 0; i < requests.size(); ++i) {
+      std::vector<uint16_t> decoded(n);
+      ASSERT_TRUE(DecodeSegment(requests[i].representative, absl::MakeSpan(decoded), Path::kRef,
+                                &shape)
+                      .ok());
+      const Fit want = FitScaled(dtype, requests[i].x, decoded, Path::kRef);
+      const Fit& got = (*fits)[i];
+      EXPECT_NEAR(got.cosine, want.cosine, 1e-9) << "request " << i;
+      EXPECT_NEAR(got.scale, want.scale, 1e-6f * std::abs(want.scale)) << "request " << i;
+      if (std::isinf(want.rel_error)) {
+        EXPECT_TRUE(std::isinf(got.rel_error)) << "request " << i;
+      } else {
+        EXPECT_NEAR(got.rel_error, want.rel_error, 1e-6 * want.rel_error + 1e-12) << "request " << i;
+      }
+    }
+  }
+}
+
+TEST(FusionTest, CudaFitRejectsBadRequests) {
+  if (DeviceCount() == 0) GTEST_SKIP() << DescribeDevices();
+  const SegmentShape shape{16, 2, 64, DType::kFp16, SegmentKind::kKey};
+  const std::vector<uint16_t> x = ToHalf(Gaussian(shape.Elements(), 4));
+  auto e = EncodeSegment(CodecParams{CodecId::kRaw}, shape, x, Path::kCpu);
+  ASSERT_TRUE(e.ok());
+  std::string corrupt = *e;
+  corrupt[corrupt.size() - 3] ^= 0x40;
+  FitRequest bad{x, corrupt, shape};
+  EXPECT_EQ(FitEncodedOnDevice({&bad, 1}).status().code(), absl::StatusCode::kDataLoss);
+  FitRequest truncated{x, absl::string_view(*e).substr(0, 40), shape};
+  EXPECT_EQ(FitEncodedOnDevice({&truncated, 1}).status().code(), absl::StatusCode::kDataLoss);
+  SegmentShape other = shape;
+  other.tokens = 8;
+  FitRequest short_x{absl::MakeConstSpan(x).subspan(0, other.Elements()), *e, other};
+  EXPECT_FALSE(FitEncodedOnDevice({&short_x, 1}).ok());  // Representative of another shape.
+  FitRequest wrong_size{absl::MakeConstSpan(x).subspan(1), *e, shape};
+  EXPECT_EQ(FitEncodedOnDevice({&wrong_size, 1}).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

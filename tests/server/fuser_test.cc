@@ -16,6 +16,7 @@
 #include "common/half.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/device.h"
 #include "kernels/fusion.h"
 #include "tests/util/status_matchers.h"
 
@@ -208,6 +209,48 @@ TEST(FuserTest, FusionOnTopOfALossyCodecStaysWithinBudget) {
     EXPECT_EQ(check.violations, 0);
     EXPECT_GT(check.fused, 0);
   }
+}
+
+// Which segments of every block are fused, as a string per block (for comparing two runs).
+std::vector<std::string> FusedPattern(BlockStore* store, NamespaceId ns, size_t blocks) {
+  std::vector<std::string> out;
+  for (uint32_t b = 0; b < blocks; ++b) {
+    const BlockKey key = Key(b);
+    StoredBlockPtr got = store->Get(ns, {&key, 1})[0];
+    std::string pattern;
+    for (size_t s = 0; got != nullptr && s < got->num_segments(); ++s) {
+      pattern += got->refs()[s].fused ? 'f' : '.';
+    }
+    out.push_back(pattern);
+  }
+  return out;
+}
+
+// With `device` set, the fuser runs sketches, checks and encodes on the GPU; without one (or
+// when the GPU's self-check fails) it falls back to the host and decides exactly as the host.
+TEST(FuserTest, DeviceContextDecidesAsTheHost) {
+  for (auto mode : {FusionOptions::Mode::kOnline, FusionOptions::Mode::kBatch}) {
+    CodecParams kvpool{CodecId::kKvpool};
+    kvpool.budget = 0.02f;
+    const EncodeContext host = Context(mode, kvpool);
+    EncodeContext device = host;
+    device.device = true;
+    // Families well inside or well outside the threshold, so that rounding differences between
+    // paths cannot flip a decision.
+    std::vector<std::string> blocks = client::SyntheticCorpus(Corpus(host.spec, 48, 6, 0.01f, 21));
+    for (auto& b : client::SyntheticCorpus(Corpus(host.spec, 16, 16, 0, 22))) blocks.push_back(b);
+    Ingested a = Ingest(host, blocks, 4), b = Ingest(device, blocks, 4);
+    EXPECT_EQ(FusedPattern(a.store.get(), a.ns, blocks.size()),
+              FusedPattern(b.store.get(), b.ns, blocks.size()));
+    const Check check = ReadBack(host.spec, b.store.get(), b.ns, blocks, host.fusion.budget, 0.02);
+    EXPECT_EQ(check.violations, 0);
+    EXPECT_GT(check.fused, 0);
+  }
+}
+
+TEST(FuserTest, CudaFusionKernelsPassTheirSelfCheck) {
+  if (kernels::DeviceCount() == 0) GTEST_SKIP() << kernels::DescribeDevices();
+  EXPECT_TRUE(DeviceFusionUsable());
 }
 
 TEST(FuserTest, UnrelatedBlocksShareNothing) {

@@ -1,0 +1,112 @@
+// Runs CUDA kernel source on the host, for tests of kernels on machines without a GPU: the
+// built-ins a kernel header uses (threadIdx, blockIdx, blockDim, gridDim, __syncthreads,
+// __shared__, the fp16/bf16 conversions) mapped onto host threads. Launch() runs a grid with one
+// host thread per CUDA thread of a block; the threads walk the blocks in order together, so
+// __shared__ variables (function statics here) belong to one block at a time. Include it
+// before the kernel header, in one test file only. Emulates semantics, not timing or the
+// memory model beyond __syncthreads; no warp intrinsics.
+#ifndef KVPOOL_TESTS_UTIL_CUDA_EMULATION_H_
+#define KVPOOL_TESTS_UTIL_CUDA_EMULATION_H_
+
+#if defined(__CUDACC__)
+#error "cuda_emulation.h is for host compilers"
+#endif
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "common/half.h"
+
+namespace kvpool::testing::cuda_emulation {
+
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+// A reusable barrier for the threads of one emulated block (spins with yield: far cheaper than
+// a condition variable when hundreds of threads share two cores).
+class Barrier {
+ public:
+  explicit Barrier(unsigned count) : count_(count) {}
+  void Wait() {
+    const uint64_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == count_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_acq_rel);
+      return;
+    }
+    while (generation_.load(std::memory_order_acquire) == generation) std::this_thread::yield();
+  }
+
+ private:
+  const unsigned count_;
+  std::atomic<unsigned> arrived_{0};
+  std::atomic<uint64_t> generation_{0};
+};
+
+inline thread_local Dim3 thread_idx, block_idx;
+inline Dim3 block_dim, grid_dim;
+inline Barrier* barrier = nullptr;
+
+// Runs `kernel` (a lambda calling the __global__ function) over grid (gx, gy) x `threads`.
+inline void Launch(unsigned gx, unsigned gy, unsigned threads, const std::function<void()>& kernel) {
+  grid_dim = {gx, gy, 1};
+  block_dim = {threads, 1, 1};
+  Barrier b(threads);
+  barrier = &b;
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      thread_idx = {t, 0, 0};
+      for (unsigned y = 0; y < gy; ++y) {
+        for (unsigned x = 0; x < gx; ++x) {
+          block_idx = {x, y, 0};
+          kernel();
+          b.Wait();  // The block is done before its shared memory is reused.
+        }
+      }
+    });
+  }
+  for (std::thread& t : pool) t.join();
+  barrier = nullptr;
+}
+
+struct Half {
+  uint16_t bits;
+};
+struct Bf16 {
+  uint16_t bits;
+};
+
+}  // namespace kvpool::testing::cuda_emulation
+
+#define threadIdx ::kvpool::testing::cuda_emulation::thread_idx
+#define blockIdx ::kvpool::testing::cuda_emulation::block_idx
+#define blockDim ::kvpool::testing::cuda_emulation::block_dim
+#define gridDim ::kvpool::testing::cuda_emulation::grid_dim
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+
+inline void __syncthreads() { ::kvpool::testing::cuda_emulation::barrier->Wait(); }
+inline ::kvpool::testing::cuda_emulation::Half __ushort_as_half(uint16_t h) { return {h}; }
+inline ::kvpool::testing::cuda_emulation::Bf16 __ushort_as_bfloat16(uint16_t h) { return {h}; }
+inline float __half2float(::kvpool::testing::cuda_emulation::Half h) {
+  return ::kvpool::Fp16ToFloat(h.bits);
+}
+inline float __bfloat162float(::kvpool::testing::cuda_emulation::Bf16 h) {
+  return ::kvpool::Bf16ToFloat(h.bits);
+}
+inline ::kvpool::testing::cuda_emulation::Half __float2half_rn(float f) {
+  return {::kvpool::FloatToFp16(f)};
+}
+inline ::kvpool::testing::cuda_emulation::Bf16 __float2bfloat16_rn(float f) {
+  return {::kvpool::FloatToBf16(f)};
+}
+
+#endif  // KVPOOL_TESTS_UTIL_CUDA_EMULATION_H_
