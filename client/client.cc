@@ -110,6 +110,11 @@ absl::Status DecodeBlocksToDevice(const KvSpec& spec, uint64_t blocks,
     offset += n;
   }
   if (offset != wire.size()) return absl::DataLossError("Get: trailing bytes after the segments");
+  if (absl::Status check = kernels::SelfCheckCudaCodecs(); !check.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "decoding into device memory: the CUDA codecs failed their self-check (", check.message(),
+        "); pass a host buffer"));
+  }
   return kernels::DecodeSegmentsToDevice(encoded, shapes, d_out, scales);
 }
 

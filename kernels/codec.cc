@@ -3,11 +3,15 @@
 #include <cpuid.h>
 
 #include <cmath>
+#include <random>
 #include <vector>
 
 #include "absl/strings/internal/resize_uninitialized.h"
 #include "absl/strings/str_cat.h"
+#include "common/half.h"
+#include "common/status_macros.h"
 #include "kernels/codec_staging.h"
+#include "kernels/device.h"
 #include "kernels/kivi.h"
 #include "kernels/kvpool.h"
 #include "kernels/packkv.h"
@@ -188,6 +192,70 @@ absl::Status DecodeSegment(absl::string_view encoded, absl::Span<uint16_t> out, 
       return DecodeOnDevice(ops, shape, header->params, p, payload.size(), out.data());
   }
   return absl::InternalError("unknown path");
+}
+
+namespace {
+
+double RelL2(DType dtype, absl::Span<const uint16_t> got, absl::Span<const uint16_t> want) {
+  double err = 0, ref = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double a = ElementToFloat(dtype, got[i]), b = ElementToFloat(dtype, want[i]);
+    err += (a - b) * (a - b);
+    ref += b * b;
+  }
+  return ref > 0 ? std::sqrt(err / ref) : std::sqrt(err);
+}
+
+absl::Status CheckOneCodec(CodecId codec, DType dtype) {
+  // 64 tokens x 2 heads x 64 dims: Gaussian with one large channel (a key outlier).
+  const SegmentShape shape{64, 2, 64, dtype, SegmentKind::kKey};
+  std::vector<uint16_t> x(shape.Elements());
+  std::mt19937_64 rng(17);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = FloatToElement(dtype, normal(rng) * (i % shape.head_dim == 5 ? 20.f : 1.f));
+  }
+  const std::string what = absl::StrCat("codec ", CodecName(codec), " ", DTypeName(dtype), ": ");
+  const CodecParams params{codec};
+  auto host = EncodeSegment(params, shape, x, Path::kCpu);
+  if (!host.ok()) return absl::InternalError(what + host.status().ToString());
+  std::vector<uint16_t> host_decoded(x.size()), device_decoded(x.size());
+  KVPOOL_RETURN_IF_ERROR(DecodeSegment(*host, absl::MakeSpan(host_decoded), Path::kCpu, &shape));
+  absl::Status s = DecodeSegment(*host, absl::MakeSpan(device_decoded), Path::kCuda, &shape);
+  if (!s.ok()) return absl::InternalError(what + "CUDA decode: " + s.ToString());
+  if (device_decoded != host_decoded) {
+    return absl::InternalError(what + "CUDA decode differs from the CPU's");
+  }
+  auto device = EncodeSegment(params, shape, x, Path::kCuda);
+  if (!device.ok()) return absl::InternalError(what + "CUDA encode: " + device.status().ToString());
+  s = DecodeSegment(*device, absl::MakeSpan(device_decoded), Path::kCpu, &shape);
+  if (!s.ok()) return absl::InternalError(what + "CUDA-encoded segment: " + s.ToString());
+  const double host_err = RelL2(dtype, host_decoded, x);
+  const double device_err = RelL2(dtype, device_decoded, x);
+  if (!(device_err <= 1.05 * host_err + 1e-6)) {
+    return absl::InternalError(absl::StrCat(what, "CUDA encode error ", device_err,
+                                            " against the CPU's ", host_err));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status SelfCheckCudaCodecs() {
+  static const absl::Status* const result = [] {
+    if (DeviceCount() == 0) return new absl::Status(absl::UnavailableError(DescribeDevices()));
+    for (CodecId codec : {CodecId::kRaw, CodecId::kKivi, CodecId::kPackKv, CodecId::kKvpool}) {
+      if (GetCodecOps(codec).decode_cuda == nullptr || GetCodecOps(codec).encode_cuda == nullptr) {
+        continue;
+      }
+      for (DType dtype : {DType::kFp16, DType::kBf16}) {
+        absl::Status s = CheckOneCodec(codec, dtype);
+        if (!s.ok()) return new absl::Status(std::move(s));
+      }
+    }
+    return new absl::Status();
+  }();
+  return *result;
 }
 
 }  // namespace kvpool::kernels

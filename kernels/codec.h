@@ -75,6 +75,14 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
 absl::Status DecodeSegment(absl::string_view encoded, absl::Span<uint16_t> out, Path path,
                            const SegmentShape* expected = nullptr);
 
+// Checks this process's CUDA codec kernels against the host paths once, on a fixed segment per
+// codec and dtype: decoding on the GPU must give the CPU's values bit for bit, and a GPU-encoded
+// segment decoded on the CPU must be as close to the input as the CPU's own encoding (within 5%
+// of its error). The first call runs the check (blocks: tens of milliseconds) and later calls
+// return its result. OK when they agree; Unavailable without CUDA or a device; Internal naming
+// the codec, dtype and disagreement otherwise (callers then keep to the host paths or refuse).
+absl::Status SelfCheckCudaCodecs();
+
 // True when any element is NaN or Inf (such segments are stored raw by lossy codecs).
 bool HasNonFinite(DType dtype, absl::Span<const uint16_t> elements);
 

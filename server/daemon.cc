@@ -74,7 +74,14 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
   if (!encoder.ok()) return Annotate(encoder.status(), "encode_threads");
   d->codec_executor_ = std::move(*encoder);
   ServiceOptions service_options = options.service;
-  service_options.gpu_encode = kernels::DeviceCount() > 0;
+  if (kernels::DeviceCount() > 0) {
+    // Kernels that disagree with the host paths never touch stored data.
+    const absl::Status check = kernels::SelfCheckCudaCodecs();
+    service_options.gpu_encode = check.ok();
+    if (!check.ok()) {
+      KVPOOL_LOG(ERROR) << "CUDA codecs failed their self-check, encoding on the CPU: " << check;
+    }
+  }
   d->service_ = std::make_unique<KvPoolService>(service_options, d->store_.get(),
                                                 d->metrics_.get(), d->codec_executor_.get());
   grpc::EnableDefaultHealthCheckService(true);

@@ -224,6 +224,8 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
 bool DeviceFusionUsable() {
   static const bool usable = [] {
     if (kernels::DeviceCount() == 0) return false;
+    // The checks decode representatives with the codecs' CUDA decoders.
+    if (!kernels::SelfCheckCudaCodecs().ok()) return false;
     // The CUDA checks are compared once with the host's on a fixed case before the daemon
     // trusts them: a disagreement (a driver or kernel bug) keeps fusion on the CPU.
     constexpr uint32_t kTokens = 16, kHeads = 2, kDim = 64;

@@ -422,5 +422,15 @@ TEST(KvpoolCodec, QualityAgainstKivi) {
               kivi4.ratio, kivi4.attn, kivi2.ratio, kivi2.attn, a.ratio, a.attn, b.ratio, b.attn);
 }
 
+TEST(CodecSelfCheck, UnavailableWithoutADevice) {
+  if (DeviceCount() > 0) GTEST_SKIP() << "a device is present";
+  EXPECT_EQ(SelfCheckCudaCodecs().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(CodecSelfCheck, CudaCodecsAgreeWithTheHost) {
+  if (DeviceCount() == 0) GTEST_SKIP() << DescribeDevices();
+  EXPECT_TRUE(SelfCheckCudaCodecs().ok()) << SelfCheckCudaCodecs();
+}
+
 }  // namespace
 }  // namespace kvpool::kernels
