@@ -60,6 +60,20 @@ struct Fit {
 // The exact check of x against a representative's decoded values r (same size and dtype).
 Fit FitScaled(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r, Path path);
 
+// FitScaled for a decision against `budget`, cheaper: the same cosine and scale, and a
+// rel_error on the same side of `budget` as FitScaled's (<= budget exactly when FitScaled's
+// is). When the error of the unrounded scale * r, plus a bound on what rounding to the element
+// type can add or take away, already decides, rel_error is that upper (accept) or lower
+// (reject) bound and the read-back pass is skipped; else it is FitScaled's exact value.
+Fit FitWithin(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r,
+              double budget, Path path);
+
+// SketchSegment of each segment (same bits as one call per segment on the same path), with
+// the projection rows loaded once for several segments: what the fuser uses per block.
+std::vector<Sketch> SketchSegments(DType dtype,
+                                   absl::Span<const absl::Span<const uint16_t>> segments,
+                                   Path path);
+
 // x[i] = to_dtype(scale * x[i]): how a reader turns a representative into a member.
 void ScaleElements(DType dtype, absl::Span<uint16_t> x, float scale, Path path);
 

@@ -19,8 +19,15 @@ uint64_t SamplePosition(uint64_t k, uint64_t n, uint64_t count);
 
 Sketch SketchRef(DType dtype, absl::Span<const uint16_t> x);
 Sketch SketchCpu(DType dtype, absl::Span<const uint16_t> x);
-Fit FitRef(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r);
-Fit FitCpu(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r);
+// The first pass of a fit: <x, r>, <r, r>, <x, x> and max |r[i]|.
+struct Sums {
+  double xr = 0, rr = 0, xx = 0, rmax = 0;
+};
+Sums SumsRef(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r);
+Sums SumsCpu(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r);
+// Sketches of several segments at once (the projection rows are loaded once per group).
+void SketchManyCpu(DType dtype, absl::Span<const absl::Span<const uint16_t>> segments,
+                   Sketch* out);
 
 // Cosine and scale from the three sums (rel_error stays infinite). False when no error pass is
 // due: a sum is not finite or x or r is zero (the fit is then final).

@@ -53,15 +53,16 @@ Sketch SketchRef(DType dtype, absl::Span<const uint16_t> x) {
   return s;
 }
 
-Fit FitRef(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r) {
-  double xr = 0, rr = 0, xx = 0;
+Sums SumsRef(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r) {
+  Sums s;
   for (size_t i = 0; i < x.size(); ++i) {
     const double a = ElementToFloat(dtype, x[i]), b = ElementToFloat(dtype, r[i]);
-    xr += a * b;
-    rr += b * b;
-    xx += a * a;
+    s.xr += a * b;
+    s.rr += b * b;
+    s.xx += a * a;
+    s.rmax = std::max(s.rmax, std::abs(b));
   }
-  return FinishFit(dtype, x, r, xr, rr, xx, /*fast=*/false);
+  return s;
 }
 
 bool FitFromSums(double xr, double rr, double xx, Fit* fit) {
@@ -134,7 +135,62 @@ Sketch SketchSegment(DType dtype, absl::Span<const uint16_t> x, Path path) {
 Fit FitScaled(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r,
               Path path) {
   if (x.size() != r.size()) return Fit{};
-  return path == Path::kRef ? internal::FitRef(dtype, x, r) : internal::FitCpu(dtype, x, r);
+  const bool ref = path == Path::kRef;
+  const internal::Sums s = ref ? internal::SumsRef(dtype, x, r) : internal::SumsCpu(dtype, x, r);
+  return internal::FinishFit(dtype, x, r, s.xr, s.rr, s.xx, /*fast=*/!ref);
+}
+
+Fit FitWithin(DType dtype, absl::Span<const uint16_t> x, absl::Span<const uint16_t> r,
+              double budget, Path path) {
+  if (x.size() != r.size()) return Fit{};
+  const bool ref = path == Path::kRef;
+  const internal::Sums s = ref ? internal::SumsRef(dtype, x, r) : internal::SumsCpu(dtype, x, r);
+  Fit fit;
+  if (!internal::FitFromSums(s.xr, s.rr, s.xx, &fit)) return fit;
+  const double scale = fit.scale;
+  const bool bf16 = dtype == DType::kBf16;
+  // |scale * r| stays below the largest finite element (no infinity), with room for the
+  // float product's rounding: the bound below holds element by element.
+  const double max_finite = bf16 ? 3.3895313892515355e38 : 65504.0;
+  if (std::abs(scale) * s.rmax < max_finite * (1 - 1e-6)) {
+    // Reader's value y = to_dtype(float(scale * r)) against p = scale * r, exactly:
+    // |y - p| <= u |p| + a, with u the float product's and the element's rounding (half an
+    // ulp, relative) and a the element's subnormal spacing. So | |y - x| - |p - x| | <= B.
+    const double u = (bf16 ? 0x1p-8 : 0x1p-11) + 0x1p-24 + 0x1p-30;
+    const double a = bf16 ? 0x1p-130 : 0x1p-24;
+    const double n = static_cast<double>(x.size());
+    // |p - x|^2 from the sums; its rounding (far below 1e-9 <x, x>) is covered by the slack.
+    const double d2 = s.xx - 2 * scale * s.xr + scale * scale * s.rr;
+    const double d = std::sqrt(std::max(0.0, d2));
+    const double bound = u * std::abs(scale) * std::sqrt(s.rr) + a * std::sqrt(n) +
+                         std::sqrt(1e-9 * s.xx);
+    const double norm = std::sqrt(s.xx);
+    const double hi = (d + bound) / norm, lo = std::max(0.0, d - bound) / norm;
+    if (hi <= budget) {
+      fit.rel_error = hi;
+      return fit;
+    }
+    if (lo > budget) {
+      fit.rel_error = lo;
+      return fit;
+    }
+  }
+  const double err = ref ? internal::ScaledErrorRef(dtype, x, r, fit.scale)
+                         : internal::ScaledErrorCpu(dtype, x, r, fit.scale);
+  fit.rel_error = internal::RelError(err, s.xx);
+  return fit;
+}
+
+std::vector<Sketch> SketchSegments(DType dtype,
+                                   absl::Span<const absl::Span<const uint16_t>> segments,
+                                   Path path) {
+  std::vector<Sketch> out(segments.size());
+  if (path == Path::kRef) {
+    for (size_t i = 0; i < segments.size(); ++i) out[i] = internal::SketchRef(dtype, segments[i]);
+  } else {
+    internal::SketchManyCpu(dtype, segments, out.data());
+  }
+  return out;
 }
 
 void ScaleElements(DType dtype, absl::Span<uint16_t> x, float scale, Path path) {

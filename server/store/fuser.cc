@@ -111,9 +111,7 @@ std::vector<kernels::Sketch> Sketches(const EncodeContext& c,
     if (sketches.ok()) return *std::move(sketches);
     KVPOOL_LOG(WARNING) << "fusion sketch on the GPU failed, using the CPU: " << sketches.status();
   }
-  std::vector<kernels::Sketch> out;
-  for (absl::Span<const uint16_t> k : keys) out.push_back(kernels::SketchSegment(c.spec.dtype, k, c.path));
-  return out;
+  return kernels::SketchSegments(c.spec.dtype, keys, c.path);
 }
 
 // The exact checks of a block's candidates. On the GPU every candidate's key and value partner
@@ -140,7 +138,8 @@ class Checks {
     auto decoded = Decode(c_, *rep, kind);
     if (!decoded.ok()) return std::nullopt;
     const uint64_t s = uint64_t{2} * p.layer + (key ? 0 : 1);
-    return kernels::FitScaled(c_.spec.dtype, SegmentOf(c_.spec, block_, s), *decoded, c_.path);
+    return kernels::FitWithin(c_.spec.dtype, SegmentOf(c_.spec, block_, s), *decoded,
+                              c_.fusion.budget, c_.path);
   }
 
  private:
@@ -335,7 +334,7 @@ absl::StatusOr<std::vector<Fit>> FitMembers(const EncodeContext& c, SegmentKind 
   KVPOOL_ASSIGN_OR_RETURN(std::vector<uint16_t> decoded, Decode(c, representative, kind));
   std::vector<Fit> fits;
   for (absl::Span<const uint16_t> x : xs) {
-    fits.push_back(kernels::FitScaled(c.spec.dtype, x, decoded, c.path));
+    fits.push_back(kernels::FitWithin(c.spec.dtype, x, decoded, c.fusion.budget, c.path));
   }
   return fits;
 }

@@ -144,6 +144,65 @@ TEST(FusionTest, FitPathsAgree) {
   }
 }
 
+TEST(FusionTest, FitWithinDecidesAsTheExactCheck) {
+  // Pairs whose exact error lies near and far from the budgets, in both dtypes; FitWithin must
+  // land on the same side of every budget as FitScaled, with the same cosine and scale.
+  int decided_by_bound = 0, total = 0;
+  for (DType dtype : {DType::kFp16, DType::kBf16}) {
+    for (float noise : {0.f, 0.001f, 0.01f, 0.03f, 0.05f, 0.2f}) {
+      for (size_t n : {1ul, 9ul, 4096ul}) {
+        const std::vector<uint16_t> r = ToHalf(Gaussian(n, n), dtype);
+        const std::vector<uint16_t> x =
+            ToHalf(Perturb(Gaussian(n, n, 0.7f), noise * 0.7f, n + 7), dtype);
+        for (Path path : {Path::kRef, Path::kCpu}) {
+          const Fit exact = FitScaled(dtype, x, r, path);
+          for (double budget : {0.001, 0.01, 0.02, 0.03, 0.05, exact.rel_error * (1 - 1e-4),
+                                exact.rel_error, exact.rel_error * (1 + 1e-4)}) {
+            const Fit within = FitWithin(dtype, x, r, budget, path);
+            ++total;
+            EXPECT_EQ(within.rel_error <= budget, exact.rel_error <= budget)
+                << "noise " << noise << " n " << n << " budget " << budget << " exact "
+                << exact.rel_error << " within " << within.rel_error;
+            EXPECT_EQ(within.cosine, exact.cosine);
+            EXPECT_EQ(within.scale, exact.scale);
+            if (within.rel_error != exact.rel_error) ++decided_by_bound;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(decided_by_bound, total / 3);  // The bound does spare the read-back pass.
+  // Overflow to infinity and subnormals are left to the exact pass or bounded correctly.
+  const std::vector<uint16_t> big = ToHalf({60000.f, -50000.f, 1.f});
+  const std::vector<uint16_t> bigger = ToHalf({65504.f, -60000.f, 1.2f});
+  for (double budget : {0.01, 0.5}) {
+    EXPECT_EQ(FitWithin(DType::kFp16, bigger, big, budget, Path::kCpu).rel_error <= budget,
+              FitScaled(DType::kFp16, bigger, big, Path::kCpu).rel_error <= budget);
+  }
+  const std::vector<uint16_t> tiny = ToHalf({3e-7f, -1e-7f, 6e-8f, 2e-7f});
+  const std::vector<uint16_t> tiny2 = ToHalf({2e-7f, -1e-7f, 1e-7f, 1e-7f});
+  for (double budget : {0.05, 0.3, 0.6}) {
+    EXPECT_EQ(FitWithin(DType::kFp16, tiny, tiny2, budget, Path::kRef).rel_error <= budget,
+              FitScaled(DType::kFp16, tiny, tiny2, Path::kRef).rel_error <= budget);
+  }
+}
+
+TEST(FusionTest, SketchSegmentsIsOneSketchPerSegment) {
+  for (Path path : {Path::kRef, Path::kCpu}) {
+    std::vector<std::vector<uint16_t>> data;
+    for (size_t n : {5000ul, 5000ul, 7ul, 5000ul, 1024ul, 3000ul, 5000ul, 5000ul, 5000ul}) {
+      data.push_back(ToHalf(Gaussian(n, data.size() + 40)));
+    }
+    const std::vector<absl::Span<const uint16_t>> segments(data.begin(), data.end());
+    const std::vector<Sketch> many = SketchSegments(DType::kFp16, segments, path);
+    ASSERT_EQ(many.size(), segments.size());
+    for (size_t i = 0; i < segments.size(); ++i) {
+      EXPECT_EQ(many[i], SketchSegment(DType::kFp16, segments[i], path)) << "segment " << i;
+    }
+  }
+  EXPECT_TRUE(SketchSegments(DType::kFp16, {}, Path::kCpu).empty());
+}
+
 TEST(FusionTest, ScalePathsAreBitExact) {
   for (DType dtype : {DType::kFp16, DType::kBf16}) {
     for (float scale : {1.f, 0.37f, -2.5f, 1e4f, 1e-6f}) {
