@@ -8,22 +8,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kernels/cuda_scratch.h"
 #include "kernels/cuda_status.h"
 #include "kernels/device.h"
 #include "kernels/device_codec.h"
 
 namespace kvpool::kernels {
 namespace {
-
-// One device allocation, freed on scope exit; an owned stream when the caller gave none.
-struct Staging {
-  void* base = nullptr;
-  cudaStream_t own = nullptr;
-  ~Staging() {
-    if (own) cudaStreamDestroy(own);
-    cudaFree(base);
-  }
-};
 
 uint64_t Align(uint64_t n) { return (n + 255) & ~uint64_t{255}; }
 
@@ -83,12 +74,10 @@ absl::StatusOr<std::vector<std::string>> EncodeSegmentsOnDevice(
   if (total_elements != elements.size()) {
     return absl::InvalidArgumentError("elements do not match the shapes");
   }
-  Staging st;
-  if (stream == nullptr) KVPOOL_RETURN_IF_CUDA_ERROR(cudaStreamCreate(&st.own));
-  cudaStream_t s = stream ? stream : st.own;
+  CudaScratch st;
+  KVPOOL_ASSIGN_OR_RETURN(cudaStream_t s, st.Stream(stream));
   const uint64_t sizes_bytes = Align(sizeof(uint64_t) * shapes.size());
-  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMalloc(&st.base, in_bytes + out_bytes + sizes_bytes));
-  auto* in = static_cast<uint8_t*>(st.base);
+  KVPOOL_ASSIGN_OR_RETURN(uint8_t* in, st.Alloc<uint8_t>(in_bytes + out_bytes + sizes_bytes));
   auto* out = in + in_bytes;
   auto* d_sizes = reinterpret_cast<uint64_t*>(out + out_bytes);
   uint64_t in_off = 0, out_off = 0, elem_off = 0;
@@ -157,11 +146,9 @@ absl::Status DecodeSegmentsToDevice(absl::Span<const absl::string_view> encoded,
     headers.push_back(h);
     payloads.push_back(payload);
   }
-  Staging st;
-  if (stream == nullptr) KVPOOL_RETURN_IF_CUDA_ERROR(cudaStreamCreate(&st.own));
-  cudaStream_t s = stream ? stream : st.own;
-  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMalloc(&st.base, staging + 1));
-  auto* base = static_cast<uint8_t*>(st.base);
+  CudaScratch st;
+  KVPOOL_ASSIGN_OR_RETURN(cudaStream_t s, st.Stream(stream));
+  KVPOOL_ASSIGN_OR_RETURN(uint8_t* base, st.Alloc<uint8_t>(staging));
   uint64_t off = 0, elem_off = 0;
   for (size_t i = 0; i < headers.size(); ++i) {
     KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(base + off, payloads[i].data(), payloads[i].size(),

@@ -9,6 +9,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kernels/cuda_scratch.h"
 #include "kernels/cuda_status.h"
 #include "kernels/device.h"
 #include "kernels/device_codec.h"
@@ -43,28 +44,6 @@ absl::StatusOr<const float*> DeviceProjections() {
   return d_projections;
 }
 
-// Device allocations and an owned stream, released on scope exit.
-struct Scratch {
-  std::vector<void*> blocks;
-  cudaStream_t own = nullptr;
-  ~Scratch() {
-    if (own) cudaStreamDestroy(own);
-    for (void* p : blocks) cudaFree(p);
-  }
-  template <typename T>
-  absl::StatusOr<T*> Alloc(uint64_t count) {
-    void* p = nullptr;
-    KVPOOL_RETURN_IF_CUDA_ERROR(cudaMalloc(&p, std::max<uint64_t>(count, 1) * sizeof(T)));
-    blocks.push_back(p);
-    return static_cast<T*>(p);
-  }
-  absl::StatusOr<cudaStream_t> Stream(cudaStream_t given) {
-    if (given != nullptr) return given;
-    KVPOOL_RETURN_IF_CUDA_ERROR(cudaStreamCreate(&own));
-    return own;
-  }
-};
-
 unsigned Grid(uint64_t n) { return static_cast<unsigned>(n); }
 
 }  // namespace
@@ -80,7 +59,7 @@ absl::StatusOr<std::vector<Sketch>> SketchSegmentsOnDevice(
   std::vector<uint32_t> counts;
   KVPOOL_RETURN_IF_ERROR(internal::GatherSamples(segments, &samples, &counts));
   KVPOOL_ASSIGN_OR_RETURN(const float* d_projections, DeviceProjections());
-  Scratch scratch;
+  CudaScratch scratch;
   KVPOOL_ASSIGN_OR_RETURN(cudaStream_t st, scratch.Stream(stream));
   KVPOOL_ASSIGN_OR_RETURN(uint16_t* d_samples, scratch.Alloc<uint16_t>(samples.size()));
   KVPOOL_ASSIGN_OR_RETURN(uint32_t* d_counts, scratch.Alloc<uint32_t>(counts.size()));
@@ -158,7 +137,7 @@ absl::StatusOr<std::vector<Fit>> FitEncodedOnDevice(absl::Span<const FitRequest>
     }
     pairs[i] = PairRef{x_offsets[xit->second], r_offsets[rit->second], q.x.size()};
   }
-  Scratch scratch;
+  CudaScratch scratch;
   KVPOOL_ASSIGN_OR_RETURN(cudaStream_t st, scratch.Stream(stream));
   KVPOOL_ASSIGN_OR_RETURN(uint16_t* d_x, scratch.Alloc<uint16_t>(x_total));
   KVPOOL_ASSIGN_OR_RETURN(uint16_t* d_r, scratch.Alloc<uint16_t>(r_total));

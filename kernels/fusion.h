@@ -119,6 +119,12 @@ struct FitRequest {
 absl::StatusOr<std::vector<Fit>> FitEncodedOnDevice(absl::Span<const FitRequest> requests,
                                                     cudaStream_t stream = nullptr);
 
+// Checks the CUDA fusion kernels (and first the codecs': SelfCheckCudaCodecs) against the host
+// paths once, on a fixed case: the sketch must be the reference's bit for bit, the fit equal
+// to rounding. The first call runs it (blocks: milliseconds), later calls return its result.
+// OK when they agree; Unavailable without CUDA or a device; Internal otherwise.
+absl::Status SelfCheckCudaFusion();
+
 }  // namespace kvpool::kernels
 
 #endif  // KVPOOL_KERNELS_FUSION_H_

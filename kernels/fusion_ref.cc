@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <random>
 
 #include "common/half.h"
 #include "kernels/fusion.h"
@@ -300,6 +301,43 @@ void Representative(DType dtype, absl::Span<const absl::Span<const uint16_t>> me
     const double v = sum_norm > 0 ? sum[i] / sum_norm * target : 0;
     out[i] = FloatToElement(dtype, static_cast<float>(v));
   }
+}
+
+absl::Status SelfCheckCudaFusion() {
+  static const absl::Status* const result = [] {
+    absl::Status codecs = SelfCheckCudaCodecs();
+    if (!codecs.ok()) return new absl::Status(std::move(codecs));
+    // x and a representative r = 0.5 x + a little: a fit well inside any budget.
+    const SegmentShape shape{16, 2, 64, DType::kFp16, SegmentKind::kKey};
+    std::vector<uint16_t> x(shape.Elements()), r(shape.Elements());
+    std::mt19937_64 rng(23);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float a = normal(rng);
+      x[i] = FloatToElement(DType::kFp16, a);
+      r[i] = FloatToElement(DType::kFp16, 0.5f * a + (i % 7 == 0 ? 0.01f : 0.f));
+    }
+    auto encoded = EncodeSegment(CodecParams{CodecId::kRaw}, shape, r, Path::kRef);
+    if (!encoded.ok()) return new absl::Status(encoded.status());
+    const absl::Span<const uint16_t> segments[] = {x};
+    auto sketches = SketchSegmentsOnDevice(DType::kFp16, segments);
+    const FitRequest request{x, *encoded, shape};
+    auto fits = FitEncodedOnDevice({&request, 1});
+    if (!sketches.ok()) return new absl::Status(sketches.status());
+    if (!fits.ok()) return new absl::Status(fits.status());
+    if (!((*sketches)[0] == SketchSegment(DType::kFp16, x, Path::kRef))) {
+      return new absl::Status(absl::InternalError("CUDA sketch differs from the reference"));
+    }
+    const Fit want = FitScaled(DType::kFp16, x, r, Path::kRef);
+    const Fit& got = (*fits)[0];
+    if (!(std::abs(got.cosine - want.cosine) < 1e-9 &&
+          std::abs(got.scale - want.scale) <= 1e-6f * std::abs(want.scale) &&
+          std::abs(got.rel_error - want.rel_error) <= 1e-6 * want.rel_error + 1e-12)) {
+      return new absl::Status(absl::InternalError("CUDA fit differs from the reference"));
+    }
+    return new absl::Status();
+  }();
+  return *result;
 }
 
 }  // namespace kvpool::kernels

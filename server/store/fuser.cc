@@ -3,10 +3,9 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/status_macros.h"
 #include "common/status_util.h"
-#include "common/half.h"
-#include "common/logging.h"
 #include "kernels/device.h"
 #include "kernels/device_codec.h"
 #include "kernels/fusion.h"
@@ -19,6 +18,9 @@ using kernels::Fit;
 SegmentShape ShapeOf(const KvSpec& spec, SegmentKind kind) {
   return SegmentShape{spec.tokens_per_block, spec.num_kv_heads, spec.head_dim, spec.dtype, kind};
 }
+
+// Segment s of a block is layer s / 2's key when s is even, its value when odd.
+SegmentKind KindOf(uint64_t s) { return s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue; }
 
 uint64_t SegmentElements(const KvSpec& spec) {
   return uint64_t{spec.tokens_per_block} * spec.num_kv_heads * spec.head_dim;
@@ -190,13 +192,12 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
   for (uint64_t s = 0; s < refs->size(); ++s) {
     if ((*refs)[s].segment == nullptr) todo.push_back(s);
   }
-  auto kind_of = [](uint64_t s) { return s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue; };
   if (c.device && !todo.empty() && kernels::DeviceCount() > 0 &&
       kernels::GetCodecOps(c.codec.codec).encode_cuda != nullptr) {
     std::vector<SegmentShape> shapes;
     std::vector<uint16_t> gathered;  // The segments to encode, back to back, unless all are.
     for (uint64_t s : todo) {
-      shapes.push_back(ShapeOf(c.spec, kind_of(s)));
+      shapes.push_back(ShapeOf(c.spec, KindOf(s)));
       if (todo.size() == refs->size()) continue;
       absl::Span<const uint16_t> x = SegmentOf(c.spec, block, s);
       gathered.insert(gathered.end(), x.begin(), x.end());
@@ -213,7 +214,7 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
     KVPOOL_LOG(WARNING) << "encoding on the GPU failed, using the CPU: " << encoded.status();
   }
   for (uint64_t s : todo) {
-    KVPOOL_ASSIGN_OR_RETURN((*refs)[s].segment, Encode(c, kind_of(s), SegmentOf(c.spec, block, s)));
+    KVPOOL_ASSIGN_OR_RETURN((*refs)[s].segment, Encode(c, KindOf(s), SegmentOf(c.spec, block, s)));
   }
   return absl::OkStatus();
 }
@@ -222,43 +223,12 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
 
 bool DeviceFusionUsable() {
   static const bool usable = [] {
-    if (kernels::DeviceCount() == 0) return false;
-    // The checks decode representatives with the codecs' CUDA decoders.
-    if (!kernels::SelfCheckCudaCodecs().ok()) return false;
-    // The CUDA checks are compared once with the host's on a fixed case before the daemon
-    // trusts them: a disagreement (a driver or kernel bug) keeps fusion on the CPU.
-    constexpr uint32_t kTokens = 16, kHeads = 2, kDim = 64;
-    const SegmentShape shape{kTokens, kHeads, kDim, DType::kFp16, SegmentKind::kKey};
-    std::vector<uint16_t> x(shape.Elements()), r(shape.Elements());
-    uint64_t state = 12345;
-    for (size_t i = 0; i < x.size(); ++i) {
-      state = state * 6364136223846793005ull + 1442695040888963407ull;
-      const float a = float(int64_t(state >> 40) % 2001 - 1000) / 500.f;
-      x[i] = FloatToElement(DType::kFp16, a);
-      r[i] = FloatToElement(DType::kFp16, 0.5f * a + (i % 7 == 0 ? 0.01f : 0.f));
+    const absl::Status check = kernels::SelfCheckCudaFusion();
+    if (!check.ok() && !absl::IsUnavailable(check)) {
+      KVPOOL_LOG(ERROR) << "fusion on the GPU failed its self-check, fusion runs on the CPU: "
+                        << check;
     }
-    auto encoded = kernels::EncodeSegment(CodecParams{CodecId::kRaw}, shape, r, kernels::Path::kRef);
-    const absl::Span<const uint16_t> xs[] = {x};
-    auto sketches = kernels::SketchSegmentsOnDevice(DType::kFp16, xs);
-    if (!encoded.ok() || !sketches.ok()) {
-      KVPOOL_LOG(WARNING) << "fusion on the GPU is unusable, fusion runs on the CPU: "
-                          << (encoded.ok() ? sketches.status() : encoded.status());
-      return false;
-    }
-    const kernels::FitRequest request{x, *encoded, shape};
-    auto fits = kernels::FitEncodedOnDevice({&request, 1});
-    const Fit host = kernels::FitScaled(DType::kFp16, x, r, kernels::Path::kRef);
-    const bool agree =
-        fits.ok() && (*sketches)[0] == kernels::SketchSegment(DType::kFp16, x, kernels::Path::kRef) &&
-        std::abs((*fits)[0].cosine - host.cosine) < 1e-9 &&
-        std::abs((*fits)[0].scale - host.scale) <= 1e-6f * std::abs(host.scale) &&
-        std::abs((*fits)[0].rel_error - host.rel_error) <= 1e-6 * host.rel_error + 1e-12;
-    if (!agree) {
-      KVPOOL_LOG(ERROR) << "fusion checks on the GPU disagree with the CPU reference ("
-                        << (fits.ok() ? "different values" : fits.status().ToString())
-                        << "): fusion runs on the CPU";
-    }
-    return agree;
+    return check.ok();
   }();
   return usable;
 }
@@ -347,7 +317,7 @@ absl::StatusOr<std::vector<uint32_t>> FuseGroup(
     const std::vector<uint32_t>& members, bool check_cosine,
     std::vector<std::vector<SegmentRef>>* refs) {
   const KvSpec& spec = c.spec;
-  const SegmentKind kind = s % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
+  const SegmentKind kind = KindOf(s);
   std::vector<absl::Span<const uint16_t>> xs;
   for (uint32_t m : members) xs.push_back(SegmentOf(spec, blocks[m], s));
   std::vector<uint16_t> rep(SegmentElements(spec));

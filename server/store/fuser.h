@@ -78,8 +78,8 @@ struct EncodeContext {
   bool device = false;
 };
 
-// True when this process has a GPU whose fusion kernels agreed with the CPU reference on a fixed
-// case (checked once, on the first call; a disagreement is logged and keeps fusion on the CPU).
+// True when this process has a GPU whose codec and fusion kernels passed their self-checks
+// (kernels::SelfCheckCudaFusion, run once; a failure is logged and keeps fusion on the CPU).
 // Blocks on the first call (a few small device calls).
 bool DeviceFusionUsable();
 

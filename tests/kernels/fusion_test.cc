@@ -269,6 +269,7 @@ TEST(FusionTest, DevicePathSaysUnavailableWithoutADevice) {
             absl::StatusCode::kUnavailable);
   const FitRequest request{x, "", SegmentShape{4, 1, 16, DType::kFp16, SegmentKind::kKey}};
   EXPECT_EQ(FitEncodedOnDevice({&request, 1}).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(SelfCheckCudaFusion().code(), absl::StatusCode::kUnavailable);
 }
 
 TEST(FusionTest, CudaSketchIsTheReferenceBitForBit) {

@@ -1,0 +1,62 @@
+// Device allocations, events and a stream owned by one call, released on scope exit (.cu files
+// only): the staging the CUDA launchers' host wrappers share. Confined to one thread.
+#ifndef KVPOOL_KERNELS_CUDA_SCRATCH_H_
+#define KVPOOL_KERNELS_CUDA_SCRATCH_H_
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/cuda_status.h"
+
+namespace kvpool::kernels {
+
+class CudaScratch {
+ public:
+  CudaScratch() = default;
+  CudaScratch(const CudaScratch&) = delete;
+  CudaScratch& operator=(const CudaScratch&) = delete;
+  // Destroys the owned stream (after its queued work) and events, then frees the memory
+  // (cudaFree waits for the device).
+  ~CudaScratch() {
+    if (own_ != nullptr) cudaStreamDestroy(own_);
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    for (void* p : blocks_) cudaFree(p);
+  }
+
+  // `count` elements of T (at least one byte is allocated); ResourceExhausted when the device
+  // is full.
+  template <typename T>
+  absl::StatusOr<T*> Alloc(uint64_t count) {
+    void* p = nullptr;
+    KVPOOL_RETURN_IF_CUDA_ERROR(cudaMalloc(&p, std::max<uint64_t>(count * sizeof(T), 1)));
+    blocks_.push_back(p);
+    return static_cast<T*>(p);
+  }
+
+  // `given` when not null, else a stream of this scratch's own (created on the first call).
+  absl::StatusOr<cudaStream_t> Stream(cudaStream_t given = nullptr) {
+    if (given != nullptr) return given;
+    if (own_ == nullptr) KVPOOL_RETURN_IF_CUDA_ERROR(cudaStreamCreate(&own_));
+    return own_;
+  }
+
+  absl::StatusOr<cudaEvent_t> Event() {
+    cudaEvent_t e = nullptr;
+    KVPOOL_RETURN_IF_CUDA_ERROR(cudaEventCreate(&e));
+    events_.push_back(e);
+    return e;
+  }
+
+ private:
+  std::vector<void*> blocks_;
+  std::vector<cudaEvent_t> events_;
+  cudaStream_t own_ = nullptr;
+};
+
+}  // namespace kvpool::kernels
+
+#endif  // KVPOOL_KERNELS_CUDA_SCRATCH_H_
