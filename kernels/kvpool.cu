@@ -1,12 +1,15 @@
-// The kvpool codec on the GPU: decode kernels bit-identical to DecodeRef, and an encoder that
-// writes a simpler valid payload (coded with rank 0 everywhere: per-channel means plus the
-// quantised residual; raw when coding does not pay).
+// The kvpool codec on the GPU: decode kernels bit-identical to DecodeRef (modes 0, 1 and 2),
+// and an encoder that writes a simpler valid payload (mode 1 with rank 0 everywhere:
+// per-channel means plus the quantised residual in packs; raw when coding does not pay).
 //
 // Decoding. The launcher has only a device pointer to the payload, so validation runs on the
 // device, before any read that depends on the payload's contents:
 //   1. ParseKernel (one block) checks the header, ranks, basis steps and both pack streams
 //      against `size` exactly as ParsePayload does, and writes a DecodeLayout (ok flag and
 //      section offsets) plus the per-group byte offsets of both pack streams to device scratch.
+//      Mode 2 (entropy-coded): thread 0 checks both streams with the host's CheckStream;
+//      EntropyTablesKernel builds their tables and EntropyLanesKernel decodes a lane per
+//      thread with the host's DecodeLane into code scratch (a corrupt lane clears ok).
 //   2. DecodeKernel (a block per 16-token group) reads the layout; when it is not ok it writes
 //      the sentinel kInvalidOutput (0xffff, a NaN in fp16 and bf16) to every output element
 //      and reads nothing else, else it decodes the coefficients of its group, then its
@@ -85,11 +88,12 @@ __global__ void StoreSize(uint64_t* d_size, uint64_t size) { *d_size = size; }
 // ---- Decoding ---------------------------------------------------------------------------
 
 struct DecodeLayout {
-  uint32_t ok;  // 1 when the payload passed every check.
+  uint32_t ok;  // 1 when the payload passed every check (and, mode 2, every lane decoded).
   uint32_t mode;
   uint32_t coef_cols;
   float step;
   uint64_t means, directions, coef_widths, coef_data, res_widths, res_data;  // Offsets.
+  Stream coef_stream, res_stream;  // Mode 2.
 };
 
 struct DecodeScratch {
@@ -98,6 +102,9 @@ struct DecodeScratch {
   uint64_t* coef_group;  // [G + 1] byte offset of group g's packs in the coefficient data
   uint64_t* res_group;   // [G + 1] the same for the residual data
   float* coefficients;   // [G * 16][coef_cols], room for coef_cols = 8 * H
+  DecodeTable* tables;   // Mode 2: [2][kMaxTables], coefficient stream's then residual's
+  int32_t* coef_codes;   // Mode 2: [G * 16][coef_cols], room for coef_cols = 8 * H
+  int32_t* res_codes;    // Mode 2: [G * 16][HD]
 };
 
 // Thread 0: the header up to the coefficient widths. Returns 0 invalid, 1 go on, 2 done (raw).
@@ -111,7 +118,9 @@ __device__ int ParseHead(const uint8_t* p, uint64_t size, const Dims& dm, Decode
     L->ok = size == kHeaderBytes + 2 * dm.N;
     return 2;
   }
-  if (p[0] != kModeCoded || !isfinite(L->step) || !(L->step > 0)) return 0;
+  if ((p[0] != kModeCoded && p[0] != kModeEntropy) || !isfinite(L->step) || !(L->step > 0)) {
+    return 0;
+  }
   if (size - kHeaderBytes < dm.H + 2 * dm.HD) return 0;
   uint32_t R = 0;
   for (uint32_t h = 0; h < dm.H; ++h) {
@@ -132,6 +141,12 @@ __device__ int ParseHead(const uint8_t* p, uint64_t size, const Dims& dm, Decode
     if (!isfinite(LoadF32Dev(q)) || !isfinite(LoadF32Dev(q + 4))) return 0;
   }
   at += dir_bytes;
+  if (p[0] == kModeEntropy) {  // Both streams checked here; their lanes decode later.
+    L->ok = CheckStream(p, size, dm.T, R, &at, &L->coef_stream) == StreamError::kOk &&
+            CheckStream(p, size, dm.T, uint32_t(dm.HD), &at, &L->res_stream) == StreamError::kOk &&
+            at == size;
+    return 2;
+  }
   const uint64_t width_bytes = (uint64_t{dm.G} * R + 1) / 2;
   if (size - at < width_bytes) return 0;
   L->coef_widths = at;
@@ -219,10 +234,10 @@ __device__ void DecodeCoefficients(const uint8_t* p, const DecodeLayout& L, cons
   }
 }
 
-// One residual column c of group g (n tokens), its packs at `data` with width w.
+// One residual column c of group g (n tokens) with residual codes q.
 __device__ void DecodeColumn(const uint8_t* p, const DecodeLayout& L, const Dims& dm,
                              DecodeScratch s, uint32_t g, uint32_t n, uint64_t c,
-                             const uint8_t* data, uint32_t w, uint16_t* out) {
+                             const int32_t* q, uint16_t* out) {
   const uint32_t h = uint32_t(c / dm.D), d = uint32_t(c - uint64_t{h} * dm.D);
   const uint32_t r = p[kHeaderBytes + h], first = s.first_col[h], R = L.coef_cols;
   float basis[kMaxRank];
@@ -235,8 +250,6 @@ __device__ void DecodeColumn(const uint8_t* p, const DecodeLayout& L, const Dims
     }
   }
   const float mean = ToFloatDev(dm.bf16, Load16Dev(p + L.means + 2 * c));
-  uint32_t u[kPack];
-  UnpackPlanes(data, w, u);
   const float* coef = s.coefficients + uint64_t{g} * kPack * R + first;
 #pragma unroll
   for (uint32_t i = 0; i < kPack; ++i) {
@@ -246,7 +259,7 @@ __device__ void DecodeColumn(const uint8_t* p, const DecodeLayout& L, const Dims
     for (uint32_t j = 0; j < kMaxRank; ++j) {
       if (j < r) v = Add(v, Mul(coef[i * R + j], basis[j]));
     }
-    const float y = Add(v, Mul(float(UnZigZagDev(u[i])), L.step));
+    const float y = Add(v, Mul(float(q[i]), L.step));
     out[(uint64_t{g} * kPack + i) * dm.HD + c] = FromFloatDev(dm.bf16, y);
   }
 }
@@ -267,6 +280,25 @@ __global__ void __launch_bounds__(kThreads)
     }
     return;
   }
+  if (L.mode == kModeEntropy) {  // Codes from EntropyLanesKernel.
+    const uint32_t R = L.coef_cols;
+    float* coef = s.coefficients + uint64_t{g} * kPack * R;
+    for (uint32_t k = threadIdx.x; k < n * R; k += kThreads) {
+      const uint32_t i = k / R, c = k - i * R;
+      const float cs = LoadF32Dev(p + L.directions + uint64_t{c} * (kDirectionBytes + dm.D));
+      coef[i * R + c] = Mul(float(s.coef_codes[(uint64_t{g} * kPack + i) * R + c]), cs);
+    }
+    __syncthreads();  // The group's coefficients are in scratch.
+    for (uint64_t c = threadIdx.x; c < dm.HD; c += kThreads) {
+      int32_t q[kPack];
+#pragma unroll
+      for (uint32_t i = 0; i < kPack; ++i) {
+        q[i] = i < n ? s.res_codes[(uint64_t{g} * kPack + i) * dm.HD + c] : 0;
+      }
+      DecodeColumn(p, L, dm, s, g, n, c, q, out);
+    }
+    return;
+  }
   DecodeCoefficients(p, L, dm, s, g, warp_sums);
   __syncthreads();  // The group's coefficients are in scratch.
   const uint8_t* data = p + L.res_data + s.res_group[g];
@@ -277,7 +309,50 @@ __global__ void __launch_bounds__(kThreads)
     uint32_t total;
     const uint32_t off = carry + BlockExclusiveScan<uint32_t>(2 * w, warp_sums, &total);
     carry += total;
-    if (c < dm.HD) DecodeColumn(p, L, dm, s, g, n, c, data + off, w, out);
+    if (c < dm.HD) {
+      uint32_t u[kPack];
+      UnpackPlanes(data + off, w, u);
+      int32_t q[kPack];
+#pragma unroll
+      for (uint32_t i = 0; i < kPack; ++i) q[i] = UnZigZagDev(u[i]);
+      DecodeColumn(p, L, dm, s, g, n, c, q, out);
+    }
+  }
+}
+
+// Mode 2: block b builds table b % kMaxTables of stream b / kMaxTables (0 coefficients, 1
+// residual) when the payload passed its checks and the table exists.
+__global__ void EntropyTablesKernel(DecodeScratch s) {
+  const DecodeLayout& L = *s.layout;
+  if (!L.ok || L.mode != kModeEntropy || threadIdx.x != 0) return;
+  const Stream& st = blockIdx.x < kMaxTables ? L.coef_stream : L.res_stream;
+  const uint32_t k = blockIdx.x % kMaxTables;
+  if (k < st.tables) BuildTable(st, k, &s.tables[blockIdx.x]);
+}
+
+// Mode 2: a thread per lane (the coefficient stream's lanes, then the residual's) decodes its
+// codes into scratch with the host decoders' DecodeLane; a corrupt lane clears layout->ok, so
+// DecodeKernel writes the sentinel.
+__global__ void EntropyLanesKernel(Dims dm, DecodeScratch s) {
+  const DecodeLayout& L = *s.layout;
+  if (!L.ok || L.mode != kModeEntropy) return;
+  uint32_t lane = blockIdx.x * blockDim.x + threadIdx.x;
+  const Stream* st = &L.coef_stream;
+  const DecodeTable* tables = s.tables;
+  int32_t* codes = s.coef_codes;
+  uint64_t ld = L.coef_cols;
+  if (lane >= st->lanes) {
+    lane -= st->lanes;
+    st = &L.res_stream;
+    tables += kMaxTables;
+    codes = s.res_codes;
+    ld = dm.HD;
+    if (lane >= st->lanes) return;
+  }
+  const uint8_t* e = st->lane_dir + uint64_t{lane} * kLaneEntryBytes;
+  if (!DecodeLane(tables, st->column_tables, st->rows, st->cols, lane, LoadU32(e),
+                  st->data + LaneOffset(*st, lane), LoadU32(e + 4), codes, ld)) {
+    atomicExch(&s.layout->ok, 0u);
   }
 }
 
@@ -548,15 +623,26 @@ absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams&, const uin
   if (dm.N == 0) return absl::OkStatus();  // Nothing to write (the payload is not read).
   DecodeScratch s;
   Scratch scratch(stream);
+  const uint64_t coef_bytes = uint64_t{4} * dm.G * kPack * kMaxRank * dm.H;
+  const uint64_t table_bytes = 2 * kMaxTables * sizeof(DecodeTable);
+  const uint64_t res_code_bytes = uint64_t{4} * dm.G * kPack * dm.HD;
   KVPOOL_RETURN_IF_ERROR(scratch.Allocate(
       Align(sizeof(DecodeLayout)) + Align(4 * (dm.H + 1)) + 2 * Align(8 * (dm.G + 1)) +
-      Align(uint64_t{4} * dm.G * kPack * kMaxRank * dm.H)));
+      2 * Align(coef_bytes) + Align(table_bytes) + Align(res_code_bytes)));
   s.layout = scratch.Take<DecodeLayout>(sizeof(DecodeLayout));
   s.first_col = scratch.Take<uint32_t>(4 * (dm.H + 1));
   s.coef_group = scratch.Take<uint64_t>(8 * (dm.G + 1));
   s.res_group = scratch.Take<uint64_t>(8 * (dm.G + 1));
-  s.coefficients = scratch.Take<float>(uint64_t{4} * dm.G * kPack * kMaxRank * dm.H);
+  s.coefficients = scratch.Take<float>(coef_bytes);
+  s.tables = scratch.Take<DecodeTable>(table_bytes);
+  s.coef_codes = scratch.Take<int32_t>(coef_bytes);
+  s.res_codes = scratch.Take<int32_t>(res_code_bytes);
+  // Mode 2 lanes, at most: the coefficient stream's (R <= 8 H columns) and the residual's.
+  const uint32_t lanes = uint32_t((kMaxRank * dm.H + kLaneCols - 1) / kLaneCols +
+                                  (dm.HD + kLaneCols - 1) / kLaneCols);
   ParseKernel<<<1, kThreads, 0, stream>>>(d_payload, size, dm, s);
+  EntropyTablesKernel<<<2 * kMaxTables, 32, 0, stream>>>(s);
+  EntropyLanesKernel<<<(lanes + 63) / 64, 64, 0, stream>>>(dm, s);
   DecodeKernel<<<dm.G, kThreads, 0, stream>>>(d_payload, dm, s, d_out);
   return FromCuda(cudaGetLastError(), "kvpool decode");
 }

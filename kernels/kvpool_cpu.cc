@@ -279,8 +279,8 @@ const internal::EncodeKernels& CpuKernels() {
   return k;
 }
 
-// Decodes a coded payload whose head_dim is a multiple of 8.
-__attribute__((target("avx2,fma,f16c"))) void DecodeAvx2(const SegmentShape& shape,
+// Decodes a coded payload (mode 1 or 2) whose head_dim is a multiple of 8.
+__attribute__((target("avx2,fma,f16c"))) absl::Status DecodeAvx2(const SegmentShape& shape,
                                                          const internal::Parsed& parsed,
                                                          uint16_t* out) {
   using internal::kPack;
@@ -288,7 +288,11 @@ __attribute__((target("avx2,fma,f16c"))) void DecodeAvx2(const SegmentShape& sha
   const uint32_t G = internal::Groups(T), R = parsed.coef_cols;
   const uint64_t HD = uint64_t{H} * D;
   internal::LowRank lr;
-  internal::DecodeLowRank(shape, parsed, &lr);
+  absl::Status status = internal::DecodeLowRank(shape, parsed, &lr);
+  const bool entropy = parsed.mode == internal::kModeEntropy;
+  std::vector<int32_t> codes;  // Mode 2: the residual codes, decoded up front.
+  if (status.ok() && entropy) status = internal::DecodeResidualCodes(shape, parsed, &codes);
+  if (!status.ok()) return status;
   std::vector<float> means(HD);
   for (uint64_t c = 0; c < HD; ++c) {
     means[c] = internal::ToFloat(shape.dtype, internal::Load16(parsed.means + 2 * c));
@@ -305,7 +309,7 @@ __attribute__((target("avx2,fma,f16c"))) void DecodeAvx2(const SegmentShape& sha
         const uint64_t c0 = uint64_t{h} * D + d0;
         alignas(32) int32_t planes[internal::kMaxWidth][8] = {};
         uint32_t wmax = 0;
-        for (uint32_t l = 0; l < 8; ++l) {
+        for (uint32_t l = 0; l < 8 && !entropy; ++l) {
           const uint64_t k = uint64_t{g} * HD + c0 + l;
           const uint32_t w = (parsed.res_widths[k / 2] >> (4 * (k & 1))) & 15;
           for (uint32_t b = 0; b < w; ++b) planes[b][l] = internal::Load16(data + 2 * b);
@@ -323,8 +327,11 @@ __attribute__((target("avx2,fma,f16c"))) void DecodeAvx2(const SegmentShape& sha
             u = _mm256_or_si256(u, _mm256_slli_epi32(_mm256_and_si256(pv[b], one), int(b)));
             pv[b] = _mm256_srli_epi32(pv[b], 1);
           }
-          const __m256i q = _mm256_xor_si256(_mm256_srli_epi32(u, 1),
-                                             _mm256_sub_epi32(zero, _mm256_and_si256(u, one)));
+          const __m256i q =
+              entropy ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                            &codes[(uint64_t{g} * kPack + i) * HD + c0]))
+                      : _mm256_xor_si256(_mm256_srli_epi32(u, 1),
+                                         _mm256_sub_epi32(zero, _mm256_and_si256(u, one)));
           __m256 p = mean;
           const float* ct = coef + uint64_t{i} * R;
           for (uint32_t j = 0; j < r; ++j) {
@@ -337,6 +344,7 @@ __attribute__((target("avx2,fma,f16c"))) void DecodeAvx2(const SegmentShape& sha
       }
     }
   }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -364,8 +372,7 @@ absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
     std::memcpy(out, parsed.raw, shape.Bytes());  // Little-endian host.
     return absl::OkStatus();
   }
-  DecodeAvx2(shape, parsed, out);
-  return absl::OkStatus();
+  return DecodeAvx2(shape, parsed, out);
 }
 
 }  // namespace kvpool::kernels::kvpool

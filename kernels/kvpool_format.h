@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/encoded_segment.h"
+#include "kernels/kvpool_entropy.h"
 
 namespace kvpool::kernels::kvpool::internal {
 
@@ -19,7 +20,9 @@ inline constexpr uint32_t kMaxWidth = 15;       // Bits per zigzag code, at most
 inline constexpr uint32_t kHeaderBytes = 8;     // mode, 3 reserved, f32 step.
 inline constexpr uint32_t kDirectionBytes = 8;  // f32 coefficient step, f32 basis scale.
 inline constexpr uint8_t kModeRaw = 0;
-inline constexpr uint8_t kModeCoded = 1;
+inline constexpr uint8_t kModeCoded = 1;    // Pack streams (bit planes).
+inline constexpr uint8_t kModeEntropy = 2;  // Entropy-coded streams (kvpool_entropy.h).
+inline constexpr uint8_t kFlagPacked = 4;   // CodecParams::flags: write mode 1, not mode 2.
 inline constexpr float kCoefStepFactor = 4.f;  // Coefficient step / first residual step.
 inline constexpr double kRankThreshold = 4.0;  // Keep a direction above 4x mean variance.
 
@@ -36,11 +39,17 @@ struct Parsed {
   const uint8_t* means = nullptr;         // [kv_heads * head_dim] u16 elements
   const uint8_t* directions = nullptr;    // per head, per direction: 8 + head_dim bytes
   uint32_t coef_cols = 0;                 // Sum of ranks.
-  const uint8_t* coef_widths = nullptr;   // Nibbles [groups][coef_cols]
+  const uint8_t* coef_widths = nullptr;   // Mode 1: nibbles [groups][coef_cols]
   const uint8_t* coef_data = nullptr;
-  const uint8_t* res_widths = nullptr;    // Nibbles [groups][kv_heads * head_dim]
+  const uint8_t* res_widths = nullptr;    // Mode 1: nibbles [groups][kv_heads * head_dim]
   const uint8_t* res_data = nullptr;
+  Stream coef_stream, res_stream;         // Mode 2.
 };
+
+// The residual codes of a coded payload (mode 1 or 2), codes[t * H * D + c] for t < G * 16
+// (tokens >= T are 0). DataLoss when an entropy-coded lane is corrupt.
+absl::Status DecodeResidualCodes(const SegmentShape& shape, const Parsed& parsed,
+                                 std::vector<int32_t>* codes);
 
 // Validates every field against `size`: DataLoss on any inconsistency.
 absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
@@ -53,14 +62,16 @@ struct LowRank {
   std::vector<float> coefficients;  // Groups(tokens) * kPack * coef_cols
   std::vector<uint32_t> first_col;  // kv_heads + 1
 };
-void DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowRank* low_rank);
+absl::Status DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowRank* low_rank);
 
 // The encoder's analysis: means, low-rank basis and coefficients written into `head` (the
 // payload up to the coefficient pack stream) and the prediction every decoder will form.
 // "Pack-major" arrays hold element (token 16 * g + i, column c) at ((g * H * D) + c) * 16 + i,
 // tokens >= T as 0: pack k = g * H * D + c is 16 contiguous values.
 struct Analysis {
-  std::vector<uint8_t> head;        // Payload bytes up to and including the coefficient packs.
+  std::vector<uint8_t> head;        // Payload bytes up to and including the basis.
+  std::vector<int32_t> coef_codes;  // [G * 16][coef_cols] (tokens >= T: 0).
+  uint32_t coef_cols = 0;
   std::vector<float> x;             // The input as float, [tokens][kv_heads][head_dim].
   std::vector<float> xp;            // The input as float, pack-major.
   std::vector<float> prediction;    // Pack-major.
@@ -68,7 +79,7 @@ struct Analysis {
   bool finite = true;
   float first_step = 0;
   // Scratch of FinishEncode, kept so that a reused Analysis allocates nothing.
-  std::vector<uint16_t> codes, best_codes;
+  std::vector<uint16_t> codes, best_codes, zz;
   std::vector<uint8_t> payload;
 };
 

@@ -9,28 +9,46 @@
 // left is the residual's rounding plus the output rounding to fp16/bf16. The encoder measures
 // that error on the decoded values and shrinks the step until ||x' - x|| / ||x|| <= budget;
 // if no step meets it (non-finite input, codes too wide) it stores the elements raw.
-// Codes are zigzag integers in packs of 16 tokens of one column, each pack with its own bit
-// width (a nibble), stored as bit planes. Keys' budget can be tightened by `extra`.
+// Codes are zigzag integers. Mode 2 (the default) entropy-codes them (rANS, tables per group of
+// similar columns); mode 1 (CodecParams::flags bit 2, and the GPU encoder) stores them in packs
+// of 16 tokens of one column, each pack with its own bit width (a nibble), as bit planes:
+// about a quarter larger, simpler to decode. Keys' budget can be tightened by `extra`.
 //
 // Parameters: budget (relative L2 per segment, (0, 1)); extra bits 0-7: key budget scale in
-// 1/64 (0 means 64/64: keys use the whole budget); flags and bits unused.
+// 1/64 (0 means 64/64: keys use the whole budget); flags bit 2: write mode 1; bits unused.
 //
 // Payload (little-endian; H = kv_heads, D = head_dim, T = tokens, G = ceil(T / 16)):
-//   0  1  mode: 0 raw, 1 coded
+//   0  1  mode: 0 raw, 1 coded with packs, 2 coded with entropy-coded streams
 //   1  3  reserved, 0
-//   4  4  f32 residual step (mode 1: finite, > 0; mode 0: 0)
+//   4  4  f32 residual step (modes 1, 2: finite, > 0; mode 0: 0)
 // mode 0: T*H*D elements, 2 bytes each (the segment's dtype); nothing else.
-// mode 1:
+// modes 1 and 2:
 //   H bytes          rank r_h of each head, <= 8
 //   H*D*2 bytes      mean m[h][d], one element of the segment's dtype
 //   per head h, per direction j < r_h (8 + D bytes each):
 //      f32 coefficient step cs, f32 basis scale bs (both finite), D int8 basis codes
-//   coefficient packs (cols R = sum of r_h; column of (h, j) = r_0 + .. + r_{h-1} + j)
-//   residual packs    (cols H*D; column of (h, d) = h*D + d)
+//   coefficients     [T][R] codes (R = sum of r_h; column of (h, j) = r_0 + .. + r_{h-1} + j)
+//   residual         [T][H*D] codes (column of (h, d) = h*D + d)
+// as two pack streams (mode 1) or two entropy streams (mode 2). The payload ends exactly after
+// the residual's stream.
 // A pack stream with C columns: ceil(G*C/2) bytes of widths (nibble k = pack k = g*C + c, low
 // nibble first, each 0..15), then for each pack in that order 2*w bytes: w u16 bit planes,
 // bit i of plane b = bit b of the zigzag code of token 16*g + i (zigzag: 0,-1,1,-2,..). Codes
-// of tokens >= T are 0. The payload ends exactly after the residual packs.
+// of tokens >= T are 0.
+// An entropy stream of a [T][C] matrix (nothing at all when T or C is 0; kvpool_entropy.h):
+//   1 byte           K, tables (1..16)
+//   K * 65 bytes     per table: shift s (0..12), then 32 u16 frequencies summing to 4096
+//   ceil(C/2) bytes  table of column c: nibble c (low nibble first; < K; padding 0)
+//   L * 8 bytes      per lane (L = ceil(C/16), lane l = columns 16l .. 16l+15): u32 final rANS
+//                    state (>= 2^16), u32 byte length of its data (even)
+//   lane data        lane after lane, u16 words
+// A zigzag code u of column c (table k, shift s) is hi = u >> s, then s low bits. Each lane
+// decodes its codes token by token, columns in order: symbol = the table's symbol of slot
+// x mod 4096 (symbols take consecutive slots in order, as many as their frequency), then
+// x = freq * (x >> 12) + slot - start of the symbol; when x < 2^16: x = x << 16 | next word.
+// Symbol 31 is an escape: hi = 31 + b0 + 256 * b1, two uniform bytes; a uniform value of n
+// bits is slot >> (12 - n) with frequency 2^(12-n); the s low bits are one uniform value.
+// After the last code x is 2^16 and every word is read. Codes above 32766 are invalid.
 //
 // Decoding (float32, no fused multiply-add, round to nearest even):
 //   B[h][j][d] = float(int8 code) * bs;   c[t][h][j] = float(coefficient) * cs
@@ -351,7 +369,9 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
     parsed->raw = payload + kHeaderBytes;
     return absl::OkStatus();
   }
-  if (parsed->mode != kModeCoded) return absl::DataLossError("kvpool: unknown payload mode");
+  if (parsed->mode != kModeCoded && parsed->mode != kModeEntropy) {
+    return absl::DataLossError("kvpool: unknown payload mode");
+  }
   if (!std::isfinite(parsed->step) || !(parsed->step > 0)) {
     return absl::DataLossError("kvpool: residual step is not a positive finite number");
   }
@@ -377,16 +397,23 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
     }
   }
   pos += dir_bytes;
-  absl::Status s = ParsePacks(payload, size, G, parsed->coef_cols, &pos, &parsed->coef_widths,
-                              &parsed->coef_data);
-  if (!s.ok()) return s;
-  s = ParsePacks(payload, size, G, H * D, &pos, &parsed->res_widths, &parsed->res_data);
-  if (!s.ok()) return s;
+  absl::Status s;
+  if (parsed->mode == kModeEntropy) {
+    s = ParseStream(payload, size, shape.tokens, parsed->coef_cols, &pos, &parsed->coef_stream);
+    if (s.ok()) s = ParseStream(payload, size, shape.tokens, H * D, &pos, &parsed->res_stream);
+    if (!s.ok()) return s;
+  } else {
+    s = ParsePacks(payload, size, G, parsed->coef_cols, &pos, &parsed->coef_widths,
+                   &parsed->coef_data);
+    if (!s.ok()) return s;
+    s = ParsePacks(payload, size, G, H * D, &pos, &parsed->res_widths, &parsed->res_data);
+    if (!s.ok()) return s;
+  }
   if (pos != size) return absl::DataLossError("kvpool: bytes after the residual packs");
   return absl::OkStatus();
 }
 
-void DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowRank* lr) {
+absl::Status DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowRank* lr) {
   const uint32_t H = shape.kv_heads, D = shape.head_dim, G = Groups(shape.tokens);
   const uint32_t R = parsed.coef_cols;
   lr->basis.assign(uint64_t{H} * kMaxRank * D, 0.f);
@@ -405,9 +432,28 @@ void DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowRank* lr)
   }
   lr->first_col[H] = R;
   std::vector<int32_t> codes;
-  DecodePacks(parsed.coef_widths, parsed.coef_data, G, R, &codes);
+  if (parsed.mode == kModeEntropy) {
+    codes.assign(uint64_t{G} * kPack * R, 0);
+    absl::Status s = DecodeStream(parsed.coef_stream, codes.data(), R);
+    if (!s.ok()) return s;
+  } else {
+    DecodePacks(parsed.coef_widths, parsed.coef_data, G, R, &codes);
+  }
   lr->coefficients.resize(codes.size());
   for (uint64_t i = 0; i < codes.size(); ++i) lr->coefficients[i] = float(codes[i]) * cstep[i % R];
+  return absl::OkStatus();
+}
+
+absl::Status DecodeResidualCodes(const SegmentShape& shape, const Parsed& parsed,
+                                 std::vector<int32_t>* codes) {
+  const uint64_t HD = uint64_t{shape.kv_heads} * shape.head_dim;
+  const uint32_t G = Groups(shape.tokens);
+  if (parsed.mode == kModeEntropy) {
+    codes->assign(uint64_t{G} * kPack * HD, 0);
+    return DecodeStream(parsed.res_stream, codes->data(), HD);
+  }
+  DecodePacks(parsed.res_widths, parsed.res_data, G, uint32_t(HD), codes);
+  return absl::OkStatus();
 }
 
 bool AppendPacks(const std::vector<int32_t>& codes, uint32_t groups, uint32_t cols,
@@ -556,7 +602,8 @@ void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_
   a->head = ranks;
   a->head.insert(a->head.end(), means.begin(), means.end());
   a->head.insert(a->head.end(), dirs.begin(), dirs.end());
-  AppendPacks(all, G, R, &a->head);  // Coefficient codes are below 16001: always fits.
+  a->coef_codes.swap(all);
+  a->coef_cols = R;
 }
 
 const EncodeKernels& RefKernels() {
@@ -645,13 +692,30 @@ absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecPara
       step = next;
     }
     if (best_step > 0) {
-      const uint64_t head = kHeaderBytes + a->head.size(), bound = head + PackBound(packs);
-      if (payload.size() < bound) payload.resize(bound);  // Never shrinks: no refill.
-      std::memset(payload.data(), 0, kHeaderBytes);
-      payload[0] = kModeCoded;
+      payload.assign(kHeaderBytes, 0);
+      payload[0] = (params.flags & kFlagPacked) ? kModeCoded : kModeEntropy;
       std::memcpy(&payload[4], &best_step, 4);
-      std::memcpy(&payload[kHeaderBytes], a->head.data(), a->head.size());
-      size = head + kn.pack(best_codes.data(), packs, payload.data() + head);
+      payload.insert(payload.end(), a->head.begin(), a->head.end());
+      const uint32_t T = shape.tokens, G = Groups(T), R = a->coef_cols;
+      const uint64_t HD = uint64_t{shape.kv_heads} * shape.head_dim;
+      if (payload[0] == kModeCoded) {
+        AppendPacks(a->coef_codes, G, R, &payload);  // Coefficient codes are below 16001.
+        const uint64_t head = payload.size();
+        payload.resize(head + PackBound(packs));
+        size = head + kn.pack(best_codes.data(), packs, payload.data() + head);
+      } else {
+        std::vector<uint16_t>& zz = a->zz;  // Row-major zigzag codes, coefficients then residual.
+        zz.resize(uint64_t{T} * R);
+        for (uint64_t i = 0; i < zz.size(); ++i) zz[i] = uint16_t(ZigZag(a->coef_codes[i]));
+        AppendStream(zz.data(), T, R, &payload);
+        zz.resize(uint64_t{T} * HD);
+        for (uint32_t g = 0; g < G; ++g)
+          for (uint64_t c = 0; c < HD; ++c)
+            for (uint32_t i = 0; i < kPack && g * kPack + i < T; ++i)
+              zz[uint64_t{g * kPack + i} * HD + c] = best_codes[(g * HD + c) * kPack + i];
+        AppendStream(zz.data(), T, uint32_t(HD), &payload);
+        size = payload.size();
+      }
       if (size >= raw_bytes) size = 0;
     }
   }
@@ -696,12 +760,13 @@ absl::Status DecodeRef(const SegmentShape& shape, const CodecParams& params,
     for (uint64_t i = 0; i < N; ++i) out[i] = Load16(parsed.raw + 2 * i);
     return absl::OkStatus();
   }
-  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
   const uint64_t HD = uint64_t{H} * D;
   LowRank lr;
-  DecodeLowRank(shape, parsed, &lr);
+  s = DecodeLowRank(shape, parsed, &lr);
   std::vector<int32_t> codes;
-  DecodePacks(parsed.res_widths, parsed.res_data, G, uint32_t(HD), &codes);
+  if (s.ok()) s = DecodeResidualCodes(shape, parsed, &codes);
+  if (!s.ok()) return s;
   const uint32_t R = parsed.coef_cols;
   for (uint32_t t = 0; t < T; ++t) {
     for (uint32_t h = 0; h < H; ++h) {

@@ -33,13 +33,15 @@ SegmentShape Shape(uint32_t t, uint32_t h, uint32_t d, DType dt = DType::kFp16,
   return s;
 }
 
-CodecParams Params(float budget, uint64_t extra = 0) {
+CodecParams Params(float budget, uint64_t extra = 0, uint8_t flags = 0) {
   CodecParams p;
   p.codec = CodecId::kKvpool;
   p.budget = budget;
   p.extra = extra;
+  p.flags = flags;
   return p;
 }
+constexpr uint8_t kPacked = kvpool::internal::kFlagPacked;
 
 float ToF(DType dt, uint16_t h) { return dt == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h); }
 uint16_t FromF(DType dt, float f) { return dt == DType::kBf16 ? FloatToBf16(f) : FloatToFp16(f); }
@@ -106,7 +108,7 @@ std::vector<uint16_t> Decode(const std::string& enc, const SegmentShape& s, Path
 TEST(KvpoolCodec, ZeroSegmentIsCodedExactlyWithRankZero) {
   const SegmentShape s = Shape(16, 1, 2);
   std::vector<uint16_t> v(32, 0);
-  const std::string enc = Encode(Params(0.1f), s, v);
+  const std::string enc = Encode(Params(0.1f, 0, kPacked), s, v);
   // Hand-computed: 8 header, 1 rank (0), 2 means * 2 bytes, 0 coefficient widths, residual
   // widths ceil(1 group * 2 columns / 2) = 1 byte, all widths 0 -> no data: 14 bytes.
   ASSERT_EQ(enc.size(), kSegmentHeaderBytes + 14);
@@ -115,6 +117,61 @@ TEST(KvpoolCodec, ZeroSegmentIsCodedExactlyWithRankZero) {
   EXPECT_EQ(p[8], 0);      // rank
   EXPECT_EQ(p[13], 0);     // widths
   EXPECT_EQ(Decode(enc, s), v);
+}
+
+TEST(KvpoolCodec, ZeroSegmentEntropyCoded) {
+  const SegmentShape s = Shape(64, 1, 2);
+  std::vector<uint16_t> v(128, 0);
+  const std::string enc = Encode(Params(0.1f), s, v);
+  // Hand-computed: 8 header, 1 rank (0), 2 means * 2 bytes, no coefficient stream (0 columns);
+  // residual stream: 1 table count, 65 table (shift 0, symbol 0 takes all 4096 slots), 1 byte
+  // of column tables, 8 lane entry (state 2^16: a symbol of frequency 4096 leaves the state
+  // as it is, so no words): 88 bytes (raw would be 8 + 256).
+  ASSERT_EQ(enc.size(), kSegmentHeaderBytes + 88);
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(enc.data()) + kSegmentHeaderBytes;
+  EXPECT_EQ(p[0], 2);                       // entropy-coded
+  EXPECT_EQ(p[8], 0);                       // rank
+  EXPECT_EQ(p[13], 1);                      // one table
+  EXPECT_EQ(p[14], 0);                      // shift
+  EXPECT_EQ(p[15] | p[16] << 8, 4096);      // frequency of symbol 0
+  for (int i = 17; i < 79; ++i) EXPECT_EQ(p[i], 0) << i;
+  EXPECT_EQ(p[79], 0);                      // column tables
+  EXPECT_EQ(kvpool::internal::LoadU32(p + 80), 65536u);  // lane state
+  EXPECT_EQ(kvpool::internal::LoadU32(p + 84), 0u);      // lane bytes
+  EXPECT_EQ(Decode(enc, s), v);
+  EXPECT_EQ(Decode(enc, s, Path::kCpu), v);
+}
+
+// The entropy stream alone: any matrix of valid zigzag codes comes back exactly, whatever its
+// shape and magnitudes (escapes, shifts, odd column counts, one row), and the parser consumes
+// exactly the stream.
+TEST(KvpoolCodec, EntropyStreamsRoundTrip) {
+  using namespace kvpool::internal;  // NOLINT: the format's own helpers.
+  std::mt19937_64 rng(23);
+  for (int n = 0; n < 300; ++n) {
+    const uint32_t rows = 1 + rng() % 40, cols = 1 + rng() % 70;
+    std::vector<uint16_t> zz(uint64_t{rows} * cols);
+    std::vector<double> sigma(cols);
+    for (double& sg : sigma) sg = std::exp2(double(rng() % 160) / 10.0 - 2.0);  // 0.25 .. 16000
+    for (uint32_t t = 0; t < rows; ++t)
+      for (uint32_t c = 0; c < cols; ++c) {
+        double x = std::normal_distribution<double>(0, sigma[c])(rng);
+        if (n % 5 == 0 && rng() % 50 == 0) x = (rng() & 1 ? 1 : -1) * 16383.0;  // extremes
+        const int32_t q = int32_t(std::max(-16383.0, std::min(16383.0, std::nearbyint(x))));
+        zz[uint64_t{t} * cols + c] = uint16_t(ZigZag(q));
+      }
+    std::vector<uint8_t> bytes = {0xab};  // The stream starts after other payload bytes.
+    AppendStream(zz.data(), rows, cols, &bytes);
+    ASSERT_LE(bytes.size() - 1, StreamBound(rows, cols));
+    uint64_t pos = 1;
+    Stream st;
+    ASSERT_TRUE(ParseStream(bytes.data(), bytes.size(), rows, cols, &pos, &st).ok()) << n;
+    EXPECT_EQ(pos, bytes.size());
+    std::vector<int32_t> out(uint64_t{rows} * cols + 3, 77);
+    ASSERT_TRUE(DecodeStream(st, out.data(), cols).ok()) << n;
+    for (uint64_t i = 0; i < zz.size(); ++i) ASSERT_EQ(out[i], UnZigZag(zz[i])) << n << " " << i;
+    EXPECT_EQ(out[zz.size()], 77);  // Nothing written beyond the matrix.
+  }
 }
 
 TEST(KvpoolCodec, HandBuiltPayloadDecodes) {
@@ -160,8 +217,9 @@ TEST(KvpoolCodec, BudgetHoldsOverRandomSegmentsAndCpuMatchesReference) {
     const SegmentShape s = Shape(tokens[rng() % 6], 1 + rng() % 3, dims[rng() % 4], dt, kind);
     const float budget = budgets[rng() % 6];
     const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 6), rng);
-    const std::string ref = Encode(Params(budget), s, v, Path::kRef);
-    const std::string cpu = Encode(Params(budget), s, v, Path::kCpu);
+    const CodecParams p = Params(budget, 0, n % 3 == 0 ? kPacked : 0);  // Both coded modes.
+    const std::string ref = Encode(p, s, v, Path::kRef);
+    const std::string cpu = Encode(p, s, v, Path::kCpu);
     ASSERT_EQ(ref, cpu) << "segment " << n;
     const std::vector<uint16_t> a = Decode(ref, s, Path::kRef), b = Decode(ref, s, Path::kCpu);
     ASSERT_EQ(a, b) << "segment " << n;
@@ -222,11 +280,14 @@ TEST(KvpoolCodec, BadParamsAreInvalidArgument) {
             absl::StatusCode::kInvalidArgument);
 }
 
-TEST(KvpoolCodec, CorruptPayloadsFailCleanly) {
+class KvpoolCorrupt : public ::testing::TestWithParam<uint8_t> {};
+
+TEST_P(KvpoolCorrupt, PayloadsFailCleanly) {
   std::mt19937_64 rng(11);
   const SegmentShape s = Shape(40, 2, 16, DType::kFp16, SegmentKind::kValue);
   const std::vector<uint16_t> v = RandomSegment(s, 0, rng);
-  const std::string enc = Encode(Params(0.05f), s, v);
+  const std::string enc = Encode(Params(0.05f, 0, GetParam()), s, v);
+  ASSERT_EQ(uint8_t(enc[kSegmentHeaderBytes]), GetParam() == kPacked ? 1 : 2);
   const std::string payload = enc.substr(kSegmentHeaderBytes);
   std::vector<uint16_t> out(s.Elements());
   auto decode = [&](const std::string& p, Path path) {
@@ -255,6 +316,7 @@ TEST(KvpoolCodec, CorruptPayloadsFailCleanly) {
   bad[kSegmentHeaderBytes + 9] ^= 1;
   EXPECT_EQ(DecodeSegment(bad, absl::MakeSpan(out), Path::kRef).code(), absl::StatusCode::kDataLoss);
 }
+INSTANTIATE_TEST_SUITE_P(BothModes, KvpoolCorrupt, ::testing::Values(uint8_t{0}, kPacked));
 
 // CUDA decode == reference decode, bit for bit, on reference and CPU payloads of many random
 // segments; CUDA-encoded payloads (a simpler encoding: rank 0) decode on every path to the same

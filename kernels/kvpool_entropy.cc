@@ -1,0 +1,200 @@
+#include "kernels/kvpool_entropy.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvpool::kernels::kvpool::internal {
+namespace {
+
+void PutU16(uint8_t* p, uint32_t v) {
+  p[0] = uint8_t(v);
+  p[1] = uint8_t(v >> 8);
+}
+void PutU32(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = uint8_t(v >> (8 * i));
+}
+
+// Frequencies summing to kProbScale, every counted symbol at least 1, from counts.
+void Normalise(const uint64_t* counts, uint16_t* freq) {
+  uint64_t total = 0;
+  for (uint32_t s = 0; s < kSymbols; ++s) total += counts[s];
+  int64_t sum = 0;
+  for (uint32_t s = 0; s < kSymbols; ++s) {
+    freq[s] = counts[s] == 0 ? 0
+                             : uint16_t(std::max<uint64_t>(1, counts[s] * kProbScale / total));
+    sum += freq[s];
+  }
+  int64_t diff = int64_t{kProbScale} - sum;
+  while (diff != 0) {  // Give or take from the largest (at most 32 rounds: each ends a deficit).
+    uint32_t big = 0;
+    for (uint32_t s = 1; s < kSymbols; ++s) big = freq[s] > freq[big] ? s : big;
+    const int64_t change = diff > 0 ? diff : -std::min<int64_t>(-diff, freq[big] - 1);
+    freq[big] = uint16_t(freq[big] + change);
+    diff -= change;
+  }
+}
+
+// The rANS encoder of one lane: symbols are put in reverse decoding order; words come out in
+// reverse reading order.
+class LaneEncoder {
+ public:
+  explicit LaneEncoder(std::vector<uint16_t>* words) : words_(words) { words_->clear(); }
+  void Put(uint32_t start, uint32_t freq) {
+    const uint64_t x_max = uint64_t{kStateLow >> kProbBits} << 16;  // Renormalised: x < x_max.
+    if (x_ >= x_max * freq) {
+      words_->push_back(uint16_t(x_));
+      x_ >>= 16;
+    }
+    x_ = ((x_ / freq) << kProbBits) + (x_ % freq) + start;
+  }
+  void Uniform(uint32_t value, uint32_t bits) {
+    const uint32_t f = kProbScale >> bits;
+    Put(value * f, f);
+  }
+  uint32_t state() const { return x_; }
+
+ private:
+  uint32_t x_ = kStateLow;
+  std::vector<uint16_t>* words_;
+};
+
+}  // namespace
+
+uint64_t StreamBound(uint32_t rows, uint32_t cols) {
+  if (rows == 0 || cols == 0) return 0;
+  const uint64_t lanes = (cols + kLaneCols - 1) / kLaneCols;
+  // At most 12 + 16 + 12 bits of information per code: under 3 words, plus a word per lane.
+  return 1 + kMaxTables * kTableBytes + (cols + 1) / 2 + lanes * (kLaneEntryBytes + 2) +
+         uint64_t{rows} * cols * 6;
+}
+
+void AppendStream(const uint16_t* zz, uint32_t rows, uint32_t cols, std::vector<uint8_t>* out) {
+  if (rows == 0 || cols == 0) return;
+  // Columns are grouped by magnitude: bucket = floor(2 log2(1 + mean code)), coarsened until
+  // at most kMaxTables buckets remain.
+  std::vector<double> mean(cols, 0.0);
+  for (uint32_t t = 0; t < rows; ++t)
+    for (uint32_t c = 0; c < cols; ++c) mean[c] += zz[uint64_t{t} * cols + c];
+  std::vector<uint32_t> bucket(cols);
+  for (uint32_t c = 0; c < cols; ++c) {
+    mean[c] /= rows;
+    bucket[c] = uint32_t(std::floor(2 * std::log2(1 + mean[c])));
+  }
+  std::vector<uint32_t> distinct;
+  for (;;) {
+    distinct = bucket;
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    if (distinct.size() <= kMaxTables) break;
+    for (uint32_t& b : bucket) b /= 2;
+  }
+  const uint32_t K = uint32_t(distinct.size());
+  std::vector<uint8_t> table_of(cols);
+  std::vector<double> table_sum(K, 0.0), table_cols(K, 0.0);
+  for (uint32_t c = 0; c < cols; ++c) {
+    table_of[c] = uint8_t(std::lower_bound(distinct.begin(), distinct.end(), bucket[c]) -
+                          distinct.begin());
+    table_sum[table_of[c]] += mean[c];
+    table_cols[table_of[c]] += 1;
+  }
+  // Shift: the low bits that are close to uniform, so the table sees a mean of 2 to 4.
+  std::vector<uint32_t> shift(K);
+  for (uint32_t k = 0; k < K; ++k) {
+    const double m = table_sum[k] / table_cols[k];
+    shift[k] = m < 4 ? 0 : std::min<uint32_t>(kMaxShift, uint32_t(std::floor(std::log2(m))) - 1);
+  }
+  std::vector<uint64_t> counts(uint64_t{K} * kSymbols, 0);
+  for (uint32_t t = 0; t < rows; ++t)
+    for (uint32_t c = 0; c < cols; ++c) {
+      const uint32_t hi = zz[uint64_t{t} * cols + c] >> shift[table_of[c]];
+      ++counts[uint64_t{table_of[c]} * kSymbols + std::min(hi, kEscape)];
+    }
+  std::vector<uint16_t> freq(uint64_t{K} * kSymbols), start(uint64_t{K} * kSymbols);
+  const uint64_t lanes = (cols + kLaneCols - 1) / kLaneCols;
+  const uint64_t at = out->size();
+  out->resize(at + 1 + K * kTableBytes + (cols + 1) / 2 + lanes * kLaneEntryBytes, 0);
+  uint8_t* p = out->data() + at;
+  *p++ = uint8_t(K);
+  for (uint32_t k = 0; k < K; ++k) {
+    Normalise(&counts[uint64_t{k} * kSymbols], &freq[uint64_t{k} * kSymbols]);
+    *p++ = uint8_t(shift[k]);
+    uint32_t cum = 0;
+    for (uint32_t s = 0; s < kSymbols; ++s) {
+      start[uint64_t{k} * kSymbols + s] = uint16_t(cum);
+      cum += freq[uint64_t{k} * kSymbols + s];
+      PutU16(p + 2 * s, freq[uint64_t{k} * kSymbols + s]);
+    }
+    p += 2 * kSymbols;
+  }
+  for (uint32_t c = 0; c < cols; ++c) p[c / 2] |= uint8_t(table_of[c] << (4 * (c & 1)));
+  const uint64_t dir_at = at + 1 + K * kTableBytes + (cols + 1) / 2;
+  std::vector<uint16_t> words;
+  for (uint32_t lane = 0; lane < lanes; ++lane) {
+    const uint32_t c0 = lane * kLaneCols, c1 = std::min(cols, c0 + kLaneCols);
+    LaneEncoder enc(&words);
+    for (uint32_t t = rows; t-- > 0;) {
+      for (uint32_t c = c1; c-- > c0;) {
+        const uint32_t k = table_of[c], sh = shift[k];
+        const uint32_t u = zz[uint64_t{t} * cols + c], hi = u >> sh;
+        if (sh != 0) enc.Uniform(u & ((1u << sh) - 1), sh);
+        uint32_t sym = hi;
+        if (hi >= kEscape) {
+          enc.Uniform((hi - kEscape) >> 8, 8);
+          enc.Uniform((hi - kEscape) & 255, 8);
+          sym = kEscape;
+        }
+        enc.Put(start[uint64_t{k} * kSymbols + sym], freq[uint64_t{k} * kSymbols + sym]);
+      }
+    }
+    uint8_t* entry = out->data() + dir_at + uint64_t{lane} * kLaneEntryBytes;
+    PutU32(entry, enc.state());
+    PutU32(entry + 4, uint32_t(2 * words.size()));
+    const uint64_t data_at = out->size();
+    out->resize(data_at + 2 * words.size());
+    for (uint64_t i = 0; i < words.size(); ++i) {
+      PutU16(out->data() + data_at + 2 * i, words[words.size() - 1 - i]);
+    }
+  }
+}
+
+absl::Status ParseStream(const uint8_t* payload, uint64_t size, uint32_t rows, uint32_t cols,
+                         uint64_t* pos, Stream* s) {
+  switch (CheckStream(payload, size, rows, cols, pos, s)) {
+    case StreamError::kOk: return absl::OkStatus();
+    case StreamError::kTruncated: return absl::DataLossError("kvpool: entropy stream truncated");
+    case StreamError::kTableCount:
+      return absl::DataLossError("kvpool: entropy stream has 0 or more than 16 tables");
+    case StreamError::kShift: return absl::DataLossError("kvpool: entropy table shift above 12");
+    case StreamError::kFrequencies:
+      return absl::DataLossError("kvpool: entropy table frequencies do not sum to 4096");
+    case StreamError::kColumnTable:
+      return absl::DataLossError("kvpool: column refers to a missing entropy table");
+    case StreamError::kPadding:
+      return absl::DataLossError("kvpool: padding nibble of the column tables is not zero");
+    case StreamError::kLaneDirectory:
+      return absl::DataLossError("kvpool: entropy lane directory is corrupt");
+    case StreamError::kLaneData: return absl::DataLossError("kvpool: entropy lane data truncated");
+  }
+  return absl::DataLossError("kvpool: entropy stream is corrupt");
+}
+
+absl::Status DecodeStream(const Stream& s, int32_t* codes, uint64_t ld) {
+  if (s.rows == 0 || s.cols == 0) return absl::OkStatus();
+  std::vector<DecodeTable> tables(s.tables);
+  for (uint32_t k = 0; k < s.tables; ++k) BuildTable(s, k, &tables[k]);
+  const uint8_t* data = s.data;
+  for (uint32_t l = 0; l < s.lanes; ++l) {
+    const uint8_t* e = s.lane_dir + uint64_t{l} * kLaneEntryBytes;
+    const uint32_t bytes = LoadU32(e + 4);
+    if (!DecodeLane(tables.data(), s.column_tables, s.rows, s.cols, l, LoadU32(e), data, bytes,
+                    codes, ld)) {
+      return absl::DataLossError(absl::StrCat("kvpool: entropy lane ", l, " is corrupt"));
+    }
+    data += bytes;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvpool::kernels::kvpool::internal
