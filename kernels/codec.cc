@@ -98,8 +98,9 @@ absl::StatusOr<CodecParams> NormalizeParams(CodecParams p) {
     case CodecId::kKvpool:
       if (p.budget == 0) p.budget = 0.05f;
       // Keys' share of the budget, in 1/64 (kvpool_ref.cc): key errors move the attention
-      // output about twice as much as value errors, so by default keys get 40/64 of it.
-      if ((p.extra & 0xff) == 0) p.extra = (p.extra & ~uint64_t{0xff}) | 40;
+      // output more than value errors; 24/64 gave the highest ratio at a given attention error
+      // on `kvpool gen` data (README, Quality).
+      if ((p.extra & 0xff) == 0) p.extra = (p.extra & ~uint64_t{0xff}) | 24;
       break;
   }
   if (!(p.budget > 0 && p.budget < 1) || std::isnan(p.budget)) {

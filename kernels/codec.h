@@ -59,7 +59,7 @@ struct CodecOps {
 const CodecOps& GetCodecOps(CodecId codec);
 
 // Fills in defaults for unset fields (kivi: 4 bits, group 32; packkv: budget 0.02, pack 16,
-// 8 max bits; kvpool: budget 0.05, keys held to 40/64 of it) and checks the rest. InvalidArgument naming the field.
+// 8 max bits; kvpool: budget 0.05, keys held to 24/64 of it) and checks the rest. InvalidArgument naming the field.
 absl::StatusOr<CodecParams> NormalizeParams(CodecParams params);
 
 // Encodes `elements` (shape.Elements() elements of shape.dtype) into a whole encoded segment on

@@ -291,7 +291,7 @@ TEST(ConfigCodecTest, EmbeddedDefaultIsKvpoolWithASmallBudget) {
   const CodecParams& c = o.service.codecs.For("any-model");
   EXPECT_EQ(c.codec, CodecId::kKvpool);
   EXPECT_FLOAT_EQ(c.budget, 0.02f);
-  EXPECT_EQ(c.extra & 0xff, 40u);  // Normalised: keys get 40/64 of the budget.
+  EXPECT_EQ(c.extra & 0xff, 24u);  // Normalised: keys get 24/64 of the budget.
   EXPECT_EQ(o.encode_threads, 0);
 }
 
