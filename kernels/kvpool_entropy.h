@@ -36,12 +36,11 @@ inline constexpr uint32_t kTableBytes = 1 + 2 * kSymbols;
 inline constexpr uint32_t kLaneEntryBytes = 8;       // u32 final state, u32 data bytes.
 inline constexpr uint32_t kMaxZigZagCode = 32766;    // Zigzag of +-16383 (kMaxCode).
 
-// One table, ready for decoding: the slot -> symbol map of its frequencies.
+// One table, ready for decoding: per slot, its symbol (bits 0-4), the symbol's frequency
+// (bits 5-17) and the slot's offset from the symbol's first slot (bits 18-29): one load per code.
 struct DecodeTable {
   uint32_t shift = 0;
-  uint16_t freq[kSymbols] = {};
-  uint16_t start[kSymbols] = {};
-  uint8_t symbol[kProbScale] = {};
+  uint32_t slot[kProbScale] = {};
 };
 
 // A validated stream: pointers into the payload.
@@ -121,10 +120,9 @@ KVPOOL_ENTROPY_HD void BuildTable(const Stream& s, uint32_t k, DecodeTable* d) {
   d->shift = tb[0];
   uint32_t cum = 0;
   for (uint32_t i = 0; i < kSymbols; ++i) {
-    d->freq[i] = uint16_t(tb[1 + 2 * i] | tb[2 + 2 * i] << 8);
-    d->start[i] = uint16_t(cum);
-    for (uint32_t n = 0; n < d->freq[i]; ++n) d->symbol[cum + n] = uint8_t(i);
-    cum += d->freq[i];
+    const uint32_t freq = uint32_t(tb[1 + 2 * i]) | uint32_t(tb[2 + 2 * i]) << 8;
+    for (uint32_t n = 0; n < freq; ++n) d->slot[cum + n] = i | freq << 5 | n << 18;
+    cum += freq;
   }
 }
 
@@ -135,53 +133,73 @@ KVPOOL_ENTROPY_HD uint64_t LaneOffset(const Stream& s, uint32_t l) {
   return off;
 }
 
-// Decodes lane `lane` of `s` into codes[t * ld + c] (signed, un-zigzagged) for its columns and
-// every row. `data` is the lane's own words (`bytes` of them, from the lane directory). False
-// when the lane is inconsistent (it reads nothing beyond `bytes` either way).
+// Where a lane's decoder stands.
+struct LaneCursor {
+  uint32_t x = 0, pos = 0, bytes = 0;
+  const uint8_t* data = nullptr;
+  bool ok = true;
+};
+
+// Takes the symbol at slot range [start, start + freq) out of the state, then refills.
+KVPOOL_ENTROPY_HD void Advance(LaneCursor* l, uint32_t freq, uint32_t slot_minus_start) {
+  l->x = freq * (l->x >> kProbBits) + slot_minus_start;
+  if (l->x < kStateLow) {
+    if (l->pos + 2 <= l->bytes) {
+      l->x = (l->x << 16) | uint32_t(l->data[l->pos]) | uint32_t(l->data[l->pos + 1]) << 8;
+      l->pos += 2;
+    } else {
+      l->ok = false;
+    }
+  }
+}
+
+// A value of `bits` bits, each equally likely.
+KVPOOL_ENTROPY_HD uint32_t DecodeUniform(LaneCursor* l, uint32_t bits) {
+  const uint32_t slot = l->x & (kProbScale - 1), f = kProbScale >> bits;
+  Advance(l, f, slot & (f - 1));
+  return slot >> (kProbBits - bits);
+}
+
+// The next code of a lane, signed (un-zigzagged). Clears l->ok when it is invalid.
+KVPOOL_ENTROPY_HD int32_t DecodeCode(const DecodeTable& tb, LaneCursor* l) {
+  const uint32_t e = tb.slot[l->x & (kProbScale - 1)];
+  const uint32_t sym = e & 31;
+  Advance(l, (e >> 5) & 0x1fff, e >> 18);
+  uint32_t hi = sym;
+  if (sym == kEscape) {
+    const uint32_t lo_byte = DecodeUniform(l, 8);
+    hi = kEscape + lo_byte + (DecodeUniform(l, 8) << 8);
+  }
+  if (hi > (kMaxZigZagCode >> tb.shift)) {
+    l->ok = false;
+    hi = 0;
+  }
+  uint32_t u = hi << tb.shift;
+  if (tb.shift != 0) u |= DecodeUniform(l, tb.shift);
+  if (u > kMaxZigZagCode) l->ok = false;
+  return int32_t(u >> 1) ^ -int32_t(u & 1);
+}
+
+// Decodes lane `lane` of a stream into codes[t * ld + c] for its columns and every row. `data`
+// is the lane's own words (`bytes` of them, from the lane directory). False when the lane is
+// inconsistent (it reads nothing beyond `bytes` either way). The definition of decoding.
 KVPOOL_ENTROPY_HD bool DecodeLane(const DecodeTable* tables, const uint8_t* column_tables,
                                   uint32_t rows, uint32_t cols, uint32_t lane, uint32_t state,
                                   const uint8_t* data, uint32_t bytes, int32_t* codes,
                                   uint64_t ld) {
   const uint32_t c0 = lane * kLaneCols;
   const uint32_t c1 = c0 + kLaneCols < cols ? c0 + kLaneCols : cols;
-  uint32_t x = state, pos = 0;
-  bool ok = x >= kStateLow;
-  // Takes the symbol at slot range [start, start + freq) out of the state, then refills.
-  auto advance = [&](uint32_t freq, uint32_t slot_minus_start) {
-    x = freq * (x >> kProbBits) + slot_minus_start;
-    if (x < kStateLow) {
-      if (pos + 2 <= bytes) {
-        x = (x << 16) | uint32_t(data[pos]) | uint32_t(data[pos + 1]) << 8;
-        pos += 2;
-      } else {
-        ok = false;
-      }
-    }
-  };
-  auto uniform = [&](uint32_t bits) {  // A value of `bits` bits, each equally likely.
-    const uint32_t slot = x & (kProbScale - 1), f = kProbScale >> bits;
-    advance(f, slot & (f - 1));
-    return slot >> (kProbBits - bits);
-  };
-  for (uint32_t t = 0; t < rows && ok; ++t) {
-    for (uint32_t c = c0; c < c1 && ok; ++c) {
-      const DecodeTable& tb = tables[ColumnTable(column_tables, c)];
-      const uint32_t slot = x & (kProbScale - 1);
-      const uint32_t sym = tb.symbol[slot];
-      advance(tb.freq[sym], slot - tb.start[sym]);
-      uint32_t hi = sym;
-      if (sym == kEscape) {
-        const uint32_t lo_byte = uniform(8);
-        hi = kEscape + lo_byte + (uniform(8) << 8);
-      }
-      if (hi > (kMaxZigZagCode >> tb.shift)) ok = false;
-      uint32_t u = hi << tb.shift;
-      if (tb.shift != 0) u |= uniform(tb.shift);
-      if (u > kMaxZigZagCode) ok = false;
-      codes[uint64_t{t} * ld + c] = int32_t(u >> 1) ^ -int32_t(u & 1);
+  LaneCursor l;
+  l.x = state;
+  l.data = data;
+  l.bytes = bytes;
+  l.ok = state >= kStateLow;
+  for (uint32_t t = 0; t < rows && l.ok; ++t) {
+    for (uint32_t c = c0; c < c1 && l.ok; ++c) {
+      codes[uint64_t{t} * ld + c] = DecodeCode(tables[ColumnTable(column_tables, c)], &l);
     }
   }
-  return ok && pos == bytes && x == kStateLow;
+  return l.ok && l.pos == bytes && l.x == kStateLow;
 }
 
 // Size bound of an encoded stream of a [rows][cols] matrix.
@@ -195,8 +213,10 @@ void AppendStream(const uint16_t* zz, uint32_t rows, uint32_t cols, std::vector<
 absl::Status ParseStream(const uint8_t* payload, uint64_t size, uint32_t rows, uint32_t cols,
                          uint64_t* pos, Stream* stream);
 
-// Decodes a parsed stream into codes[t * ld + c] (t < rows, c < cols). DataLoss when a lane is
-// corrupt (checksums catch that first for stored segments; this guards crafted payloads).
+// Decodes a parsed stream into codes[t * ld + c] (t < rows, c < cols): the same codes as
+// DecodeLane lane by lane, with four full lanes interleaved (their state chains are
+// independent, so the core overlaps them). DataLoss when a lane is corrupt (checksums catch
+// that first for stored segments; this guards crafted payloads).
 absl::Status DecodeStream(const Stream& s, int32_t* codes, uint64_t ld);
 
 }  // namespace kvpool::kernels::kvpool::internal
