@@ -184,27 +184,23 @@ absl::Status DecodeStream(const Stream& s, int32_t* codes, uint64_t ld) {
   if (s.rows == 0 || s.cols == 0) return absl::OkStatus();
   std::vector<DecodeTable> tables(s.tables);
   for (uint32_t k = 0; k < s.tables; ++k) BuildTable(s, k, &tables[k]);
-  constexpr uint32_t kWays = 4;  // Lanes decoded together (the code below names four).
   const uint32_t full = s.cols / kLaneCols;  // Lanes of 16 columns.
   uint64_t offset = 0;
+  auto open = [&](uint32_t lane) {
+    const uint8_t* e = s.lane_dir + uint64_t{lane} * kLaneEntryBytes;
+    const LaneCursor cur = OpenLane(LoadU32(e), s.data + offset, LoadU32(e + 4));
+    offset += cur.bytes;
+    return cur;
+  };
   uint32_t l = 0;
-  for (; l + kWays <= full; l += kWays) {
-    LaneCursor cur[kWays];
-    const DecodeTable* tab[kWays][kLaneCols];
-    for (uint32_t k = 0; k < kWays; ++k) {
-      const uint8_t* e = s.lane_dir + uint64_t{l + k} * kLaneEntryBytes;
-      cur[k].x = LoadU32(e);
-      cur[k].bytes = LoadU32(e + 4);
-      cur[k].data = s.data + offset;
-      offset += cur[k].bytes;
+  for (; l + 4 <= full; l += 4) {  // Four lanes together, in named cursors (registers).
+    LaneCursor a = open(l), b = open(l + 1), c = open(l + 2), d = open(l + 3);
+    const DecodeTable* tab[4][kLaneCols];
+    for (uint32_t k = 0; k < 4; ++k)
       for (uint32_t j = 0; j < kLaneCols; ++j) {
         tab[k][j] = &tables[ColumnTable(s.column_tables, (l + k) * kLaneCols + j)];
       }
-    }
-    bool ok = true;
-    // Four named cursors (not an array) so that each stays in registers.
-    LaneCursor a = cur[0], b = cur[1], c = cur[2], d = cur[3];
-    for (uint32_t t = 0; t < s.rows && ok; ++t) {
+    for (uint32_t t = 0; t < s.rows && a.ok && b.ok && c.ok && d.ok; ++t) {
       int32_t* row = codes + uint64_t{t} * ld + uint64_t{l} * kLaneCols;
       for (uint32_t j = 0; j < kLaneCols; ++j) {
         row[j] = DecodeCode(*tab[0][j], &a);
@@ -212,14 +208,10 @@ absl::Status DecodeStream(const Stream& s, int32_t* codes, uint64_t ld) {
         row[2 * kLaneCols + j] = DecodeCode(*tab[2][j], &c);
         row[3 * kLaneCols + j] = DecodeCode(*tab[3][j], &d);
       }
-      ok = a.ok && b.ok && c.ok && d.ok;
     }
-    cur[0] = a;
-    cur[1] = b;
-    cur[2] = c;
-    cur[3] = d;
-    for (uint32_t k = 0; k < kWays; ++k) {
-      if (!ok || cur[k].pos != cur[k].bytes || cur[k].x != kStateLow) {
+    const LaneCursor* lanes[4] = {&a, &b, &c, &d};
+    for (uint32_t k = 0; k < 4; ++k) {
+      if (!LaneFinished(*lanes[k])) {
         return absl::DataLossError(absl::StrCat("kvpool: entropy lane ", l + k, " is corrupt"));
       }
     }

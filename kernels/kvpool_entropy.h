@@ -50,7 +50,6 @@ struct Stream {
   const uint8_t* column_tables = nullptr;  // Nibbles, column c at c / 2 (low nibble first).
   const uint8_t* lane_dir = nullptr;       // lanes * kLaneEntryBytes
   const uint8_t* data = nullptr;           // Lane data, lane after lane.
-  uint64_t bytes = 0;                      // Of the whole stream.
 };
 
 KVPOOL_ENTROPY_HD uint32_t LoadU32(const uint8_t* p) {
@@ -74,8 +73,7 @@ KVPOOL_ENTROPY_HD StreamError CheckStream(const uint8_t* payload, uint64_t size,
   s->rows = rows;
   s->cols = cols;
   if (rows == 0 || cols == 0) return StreamError::kOk;
-  const uint64_t begin = *pos;
-  uint64_t p = begin;
+  uint64_t p = *pos;
   if (size - p < 1) return StreamError::kTruncated;
   s->tables = payload[p++];
   if (s->tables == 0 || s->tables > kMaxTables) return StreamError::kTableCount;
@@ -110,7 +108,6 @@ KVPOOL_ENTROPY_HD StreamError CheckStream(const uint8_t* payload, uint64_t size,
   if (size - p < data_bytes) return StreamError::kLaneData;
   s->data = payload + p;
   *pos = p + data_bytes;
-  s->bytes = *pos - begin;
   return StreamError::kOk;
 }
 
@@ -139,6 +136,21 @@ struct LaneCursor {
   const uint8_t* data = nullptr;
   bool ok = true;
 };
+
+// A lane's cursor before its first code: its final encoder state and its words.
+KVPOOL_ENTROPY_HD LaneCursor OpenLane(uint32_t state, const uint8_t* data, uint32_t bytes) {
+  LaneCursor l;
+  l.x = state;
+  l.data = data;
+  l.bytes = bytes;
+  l.ok = state >= kStateLow;
+  return l;
+}
+
+// True when a lane decoded consistently: every word read and the state back at its start.
+KVPOOL_ENTROPY_HD bool LaneFinished(const LaneCursor& l) {
+  return l.ok && l.pos == l.bytes && l.x == kStateLow;
+}
 
 // Takes the symbol at slot range [start, start + freq) out of the state, then refills.
 KVPOOL_ENTROPY_HD void Advance(LaneCursor* l, uint32_t freq, uint32_t slot_minus_start) {
@@ -189,17 +201,13 @@ KVPOOL_ENTROPY_HD bool DecodeLane(const DecodeTable* tables, const uint8_t* colu
                                   uint64_t ld) {
   const uint32_t c0 = lane * kLaneCols;
   const uint32_t c1 = c0 + kLaneCols < cols ? c0 + kLaneCols : cols;
-  LaneCursor l;
-  l.x = state;
-  l.data = data;
-  l.bytes = bytes;
-  l.ok = state >= kStateLow;
+  LaneCursor l = OpenLane(state, data, bytes);
   for (uint32_t t = 0; t < rows && l.ok; ++t) {
     for (uint32_t c = c0; c < c1 && l.ok; ++c) {
       codes[uint64_t{t} * ld + c] = DecodeCode(tables[ColumnTable(column_tables, c)], &l);
     }
   }
-  return l.ok && l.pos == bytes && l.x == kStateLow;
+  return LaneFinished(l);
 }
 
 // Size bound of an encoded stream of a [rows][cols] matrix.

@@ -129,6 +129,7 @@ bool AppendPacks(const std::vector<int32_t>& codes, uint32_t groups, uint32_t co
                  std::vector<uint8_t>* out);
 
 inline constexpr float kMaxCode = 16383.f;  // |code| that still fits kMaxWidth bits.
+static_assert(kMaxZigZagCode == 2 * uint32_t(kMaxCode), "entropy streams hold every code");
 inline constexpr int kMaxSearch = 12;         // Full quantisation passes before falling back to raw.
 
 // The step search and the payload: a step whose measured error meets the target (chosen with
