@@ -1,4 +1,4 @@
-// The kvpool codec on the GPU: decode kernels bit-identical to DecodeRef (modes 0, 1 and 2),
+// The kvpool codec on the GPU: decode kernels bit-identical to DecodeRef (modes 0, 1 and 3),
 // and an encoder that writes a simpler valid payload (mode 1 with rank 0 everywhere:
 // per-channel means plus the quantised residual in packs; raw when coding does not pay).
 //
@@ -7,9 +7,10 @@
 //   1. ParseKernel (one block) checks the header, ranks, basis steps and both pack streams
 //      against `size` exactly as ParsePayload does, and writes a DecodeLayout (ok flag and
 //      section offsets) plus the per-group byte offsets of both pack streams to device scratch.
-//      Mode 2 (entropy-coded): thread 0 checks both streams with the host's CheckStream;
-//      EntropyTablesKernel builds their tables and EntropyLanesKernel decodes a lane per
-//      thread with the host's DecodeLane into code scratch (a corrupt lane clears ok).
+//      Mode 3 (entropy-coded): thread 0 checks the three streams (means and basis,
+//      coefficients, residual) with the host's CheckStream; EntropyTablesKernel builds their
+//      tables and EntropyLanesKernel decodes a lane per thread with the host's DecodeLane into
+//      code scratch (a corrupt lane clears ok).
 //   2. DecodeKernel (a block per 16-token group) reads the layout; when it is not ok it writes
 //      the sentinel kInvalidOutput (0xffff, a NaN in fp16 and bf16) to every output element
 //      and reads nothing else, else it decodes the coefficients of its group, then its
@@ -88,12 +89,14 @@ __global__ void StoreSize(uint64_t* d_size, uint64_t size) { *d_size = size; }
 // ---- Decoding ---------------------------------------------------------------------------
 
 struct DecodeLayout {
-  uint32_t ok;  // 1 when the payload passed every check (and, mode 2, every lane decoded).
+  uint32_t ok;  // 1 when the payload passed every check (and, mode 3, every lane decoded).
   uint32_t mode;
   uint32_t coef_cols;
   float step;
+  float mean_step;  // Mode 3.
+  uint64_t dir_stride;  // Bytes per direction entry.
   uint64_t means, directions, coef_widths, coef_data, res_widths, res_data;  // Offsets.
-  Stream coef_stream, res_stream;  // Mode 2.
+  Stream streams[3];  // Mode 3: means and basis, coefficients, residual.
 };
 
 struct DecodeScratch {
@@ -102,10 +105,26 @@ struct DecodeScratch {
   uint64_t* coef_group;  // [G + 1] byte offset of group g's packs in the coefficient data
   uint64_t* res_group;   // [G + 1] the same for the residual data
   float* coefficients;   // [G * 16][coef_cols], room for coef_cols = 8 * H
-  DecodeTable* tables;   // Mode 2: [2][kMaxTables], coefficient stream's then residual's
-  int32_t* coef_codes;   // Mode 2: [G * 16][coef_cols], room for coef_cols = 8 * H
-  int32_t* res_codes;    // Mode 2: [G * 16][HD]
+  DecodeTable* tables;   // Mode 3: [3][kMaxTables], one row per stream
+  int32_t* side_codes;   // Mode 3: [D][H + coef_cols], room for coef_cols = 8 * H
+  int32_t* coef_codes;   // Mode 3: [G * 16][coef_cols], room for coef_cols = 8 * H
+  int32_t* res_codes;    // Mode 3: [G * 16][HD]
 };
+
+// Mode 3: where stream k's lanes decode to, and their row pitch.
+__device__ void StreamTarget(const DecodeLayout& L, const Dims& dm, const DecodeScratch& s,
+                             uint32_t k, int32_t** codes, uint64_t* ld) {
+  if (k == 0) {
+    *codes = s.side_codes;
+    *ld = dm.H + L.coef_cols;
+  } else if (k == 1) {
+    *codes = s.coef_codes;
+    *ld = L.coef_cols;
+  } else {
+    *codes = s.res_codes;
+    *ld = dm.HD;
+  }
+}
 
 // Thread 0: the header up to the coefficient widths. Returns 0 invalid, 1 go on, 2 done (raw).
 __device__ int ParseHead(const uint8_t* p, uint64_t size, const Dims& dm, DecodeScratch s,
@@ -121,7 +140,9 @@ __device__ int ParseHead(const uint8_t* p, uint64_t size, const Dims& dm, Decode
   if ((p[0] != kModeCoded && p[0] != kModeEntropy) || !isfinite(L->step) || !(L->step > 0)) {
     return 0;
   }
-  if (size - kHeaderBytes < dm.H + 2 * dm.HD) return 0;
+  const bool side = p[0] == kModeEntropy;
+  const uint64_t means_bytes = side ? 4 : 2 * dm.HD;
+  if (size - kHeaderBytes < dm.H + means_bytes) return 0;
   uint32_t R = 0;
   for (uint32_t h = 0; h < dm.H; ++h) {
     const uint32_t r = p[kHeaderBytes + h];
@@ -132,18 +153,22 @@ __device__ int ParseHead(const uint8_t* p, uint64_t size, const Dims& dm, Decode
   s.first_col[dm.H] = R;
   L->coef_cols = R;
   L->means = kHeaderBytes + dm.H;
-  uint64_t at = L->means + 2 * dm.HD;
-  const uint64_t dir_bytes = uint64_t{R} * (kDirectionBytes + dm.D);
+  L->mean_step = side ? LoadF32Dev(p + L->means) : 0.f;
+  if (side && (!isfinite(L->mean_step) || !(L->mean_step > 0))) return 0;
+  uint64_t at = L->means + means_bytes;
+  L->dir_stride = side ? kDirectionBytes : kDirectionBytes + dm.D;
+  const uint64_t dir_bytes = uint64_t{R} * L->dir_stride;
   if (size - at < dir_bytes) return 0;
   L->directions = at;
   for (uint32_t j = 0; j < R; ++j) {
-    const uint8_t* q = p + at + uint64_t{j} * (kDirectionBytes + dm.D);
+    const uint8_t* q = p + at + uint64_t{j} * L->dir_stride;
     if (!isfinite(LoadF32Dev(q)) || !isfinite(LoadF32Dev(q + 4))) return 0;
   }
   at += dir_bytes;
-  if (p[0] == kModeEntropy) {  // Both streams checked here; their lanes decode later.
-    L->ok = CheckStream(p, size, dm.T, R, &at, &L->coef_stream) == StreamError::kOk &&
-            CheckStream(p, size, dm.T, uint32_t(dm.HD), &at, &L->res_stream) == StreamError::kOk &&
+  if (side) {  // The three streams checked here; their lanes decode later.
+    L->ok = CheckStream(p, size, dm.D, dm.H + R, &at, &L->streams[0]) == StreamError::kOk &&
+            CheckStream(p, size, dm.T, R, &at, &L->streams[1]) == StreamError::kOk &&
+            CheckStream(p, size, dm.T, uint32_t(dm.HD), &at, &L->streams[2]) == StreamError::kOk &&
             at == size;
     return 2;
   }
@@ -228,7 +253,7 @@ __device__ void DecodeCoefficients(const uint8_t* p, const DecodeLayout& L, cons
     if (c >= R) continue;
     uint32_t u[kPack];
     UnpackPlanes(data + off, w, u);
-    const float cs = LoadF32Dev(p + L.directions + uint64_t{c} * (kDirectionBytes + dm.D));
+    const float cs = LoadF32Dev(p + L.directions + uint64_t{c} * L.dir_stride);
 #pragma unroll
     for (uint32_t i = 0; i < kPack; ++i) coef[i * R + c] = Mul(float(UnZigZagDev(u[i])), cs);
   }
@@ -240,16 +265,20 @@ __device__ void DecodeColumn(const uint8_t* p, const DecodeLayout& L, const Dims
                              const int32_t* q, uint16_t* out) {
   const uint32_t h = uint32_t(c / dm.D), d = uint32_t(c - uint64_t{h} * dm.D);
   const uint32_t r = p[kHeaderBytes + h], first = s.first_col[h], R = L.coef_cols;
+  const bool side = L.mode == kModeEntropy;
+  const int32_t* side_row = s.side_codes + uint64_t{d} * (dm.H + R);  // Mode 3.
   float basis[kMaxRank];
 #pragma unroll
   for (uint32_t j = 0; j < kMaxRank; ++j) {
     basis[j] = 0.f;
     if (j < r) {
-      const uint8_t* q = p + L.directions + uint64_t{first + j} * (kDirectionBytes + dm.D);
-      basis[j] = Mul(float(int8_t(q[kDirectionBytes + d])), LoadF32Dev(q + 4));
+      const uint8_t* q = p + L.directions + uint64_t{first + j} * L.dir_stride;
+      const int32_t code = side ? side_row[dm.H + first + j] : int32_t(int8_t(q[kDirectionBytes + d]));
+      basis[j] = Mul(float(code), LoadF32Dev(q + 4));
     }
   }
-  const float mean = ToFloatDev(dm.bf16, Load16Dev(p + L.means + 2 * c));
+  const float mean = side ? Mul(float(side_row[h]), L.mean_step)
+                          : ToFloatDev(dm.bf16, Load16Dev(p + L.means + 2 * c));
   const float* coef = s.coefficients + uint64_t{g} * kPack * R + first;
 #pragma unroll
   for (uint32_t i = 0; i < kPack; ++i) {
@@ -285,7 +314,7 @@ __global__ void __launch_bounds__(kThreads)
     float* coef = s.coefficients + uint64_t{g} * kPack * R;
     for (uint32_t k = threadIdx.x; k < n * R; k += kThreads) {
       const uint32_t i = k / R, c = k - i * R;
-      const float cs = LoadF32Dev(p + L.directions + uint64_t{c} * (kDirectionBytes + dm.D));
+      const float cs = LoadF32Dev(p + L.directions + uint64_t{c} * L.dir_stride);
       coef[i * R + c] = Mul(float(s.coef_codes[(uint64_t{g} * kPack + i) * R + c]), cs);
     }
     __syncthreads();  // The group's coefficients are in scratch.
@@ -320,38 +349,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Mode 2: block b builds table b % kMaxTables of stream b / kMaxTables (0 coefficients, 1
-// residual) when the payload passed its checks and the table exists.
+// Mode 3: block b builds table b % kMaxTables of stream b / kMaxTables when the payload passed
+// its checks and the table exists.
 __global__ void EntropyTablesKernel(DecodeScratch s) {
   const DecodeLayout& L = *s.layout;
   if (!L.ok || L.mode != kModeEntropy || threadIdx.x != 0) return;
-  const Stream& st = blockIdx.x < kMaxTables ? L.coef_stream : L.res_stream;
+  const Stream& st = L.streams[blockIdx.x / kMaxTables];
   const uint32_t k = blockIdx.x % kMaxTables;
   if (k < st.tables) BuildTable(st, k, &s.tables[blockIdx.x]);
 }
 
-// Mode 2: a thread per lane (the coefficient stream's lanes, then the residual's) decodes its
-// codes into scratch with the host decoders' DecodeLane; a corrupt lane clears layout->ok, so
-// DecodeKernel writes the sentinel.
+// Mode 3: a thread per lane (the three streams' lanes in order) decodes its codes into scratch
+// with the host decoders' DecodeLane; a corrupt lane clears layout->ok, so DecodeKernel writes
+// the sentinel.
 __global__ void EntropyLanesKernel(Dims dm, DecodeScratch s) {
   const DecodeLayout& L = *s.layout;
   if (!L.ok || L.mode != kModeEntropy) return;
-  uint32_t lane = blockIdx.x * blockDim.x + threadIdx.x;
-  const Stream* st = &L.coef_stream;
-  const DecodeTable* tables = s.tables;
-  int32_t* codes = s.coef_codes;
-  uint64_t ld = L.coef_cols;
-  if (lane >= st->lanes) {
-    lane -= st->lanes;
-    st = &L.res_stream;
-    tables += kMaxTables;
-    codes = s.res_codes;
-    ld = dm.HD;
-    if (lane >= st->lanes) return;
-  }
-  const uint8_t* e = st->lane_dir + uint64_t{lane} * kLaneEntryBytes;
-  if (!DecodeLane(tables, st->column_tables, st->rows, st->cols, lane, LoadU32(e),
-                  st->data + LaneOffset(*st, lane), LoadU32(e + 4), codes, ld)) {
+  uint32_t lane = blockIdx.x * blockDim.x + threadIdx.x, k = 0;
+  while (k < 3 && lane >= L.streams[k].lanes) lane -= L.streams[k++].lanes;
+  if (k == 3) return;
+  const Stream& st = L.streams[k];
+  int32_t* codes;
+  uint64_t ld;
+  StreamTarget(L, dm, s, k, &codes, &ld);
+  const uint8_t* e = st.lane_dir + uint64_t{lane} * kLaneEntryBytes;
+  if (!DecodeLane(s.tables + k * kMaxTables, st.column_tables, st.rows, st.cols, lane,
+                  LoadU32(e), st.data + LaneOffset(st, lane), LoadU32(e + 4), codes, ld)) {
     atomicExch(&s.layout->ok, 0u);
   }
 }
@@ -624,24 +647,28 @@ absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams&, const uin
   DecodeScratch s;
   Scratch scratch(stream);
   const uint64_t coef_bytes = uint64_t{4} * dm.G * kPack * kMaxRank * dm.H;
-  const uint64_t table_bytes = 2 * kMaxTables * sizeof(DecodeTable);
+  const uint64_t table_bytes = 3 * kMaxTables * sizeof(DecodeTable);
+  const uint64_t side_bytes = uint64_t{4} * dm.D * (kMaxRank + 1) * dm.H;
   const uint64_t res_code_bytes = uint64_t{4} * dm.G * kPack * dm.HD;
   KVPOOL_RETURN_IF_ERROR(scratch.Allocate(
       Align(sizeof(DecodeLayout)) + Align(4 * (dm.H + 1)) + 2 * Align(8 * (dm.G + 1)) +
-      2 * Align(coef_bytes) + Align(table_bytes) + Align(res_code_bytes)));
+      2 * Align(coef_bytes) + Align(table_bytes) + Align(side_bytes) + Align(res_code_bytes)));
   s.layout = scratch.Take<DecodeLayout>(sizeof(DecodeLayout));
   s.first_col = scratch.Take<uint32_t>(4 * (dm.H + 1));
   s.coef_group = scratch.Take<uint64_t>(8 * (dm.G + 1));
   s.res_group = scratch.Take<uint64_t>(8 * (dm.G + 1));
   s.coefficients = scratch.Take<float>(coef_bytes);
   s.tables = scratch.Take<DecodeTable>(table_bytes);
+  s.side_codes = scratch.Take<int32_t>(side_bytes);
   s.coef_codes = scratch.Take<int32_t>(coef_bytes);
   s.res_codes = scratch.Take<int32_t>(res_code_bytes);
-  // Mode 2 lanes, at most: the coefficient stream's (R <= 8 H columns) and the residual's.
-  const uint32_t lanes = uint32_t((kMaxRank * dm.H + kLaneCols - 1) / kLaneCols +
+  // Mode 3 lanes, at most: the means and basis stream's (9 H columns), the coefficient
+  // stream's (R <= 8 H columns) and the residual's.
+  const uint32_t lanes = uint32_t(((kMaxRank + 1) * dm.H + kLaneCols - 1) / kLaneCols +
+                                  (kMaxRank * dm.H + kLaneCols - 1) / kLaneCols +
                                   (dm.HD + kLaneCols - 1) / kLaneCols);
   ParseKernel<<<1, kThreads, 0, stream>>>(d_payload, size, dm, s);
-  EntropyTablesKernel<<<2 * kMaxTables, 32, 0, stream>>>(s);
+  EntropyTablesKernel<<<3 * kMaxTables, 32, 0, stream>>>(s);
   EntropyLanesKernel<<<(lanes + 63) / 64, 64, 0, stream>>>(dm, s);
   DecodeKernel<<<dm.G, kThreads, 0, stream>>>(d_payload, dm, s, d_out);
   return FromCuda(cudaGetLastError(), "kvpool decode");

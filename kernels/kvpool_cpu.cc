@@ -290,13 +290,10 @@ __attribute__((target("avx2,fma,f16c"))) absl::Status DecodeAvx2(const SegmentSh
   internal::LowRank lr;
   absl::Status status = internal::DecodeLowRank(shape, parsed, &lr);
   const bool entropy = parsed.mode == internal::kModeEntropy;
-  std::vector<int32_t> codes;  // Mode 2: the residual codes, decoded up front.
+  std::vector<int32_t> codes;  // Mode 3: the residual codes, decoded up front.
   if (status.ok() && entropy) status = internal::DecodeResidualCodes(shape, parsed, &codes);
   if (!status.ok()) return status;
-  std::vector<float> means(HD);
-  for (uint64_t c = 0; c < HD; ++c) {
-    means[c] = internal::ToFloat(shape.dtype, internal::Load16(parsed.means + 2 * c));
-  }
+  const std::vector<float>& means = lr.means;
   const __m256 vstep = _mm256_set1_ps(parsed.step);
   const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
   const uint8_t* data = parsed.res_data;

@@ -1,4 +1,4 @@
-// Entropy-coded code matrices of the kvpool codec's payload mode 2 (the stream format is
+// Entropy-coded code matrices of the kvpool codec's payload mode 3 (the stream format is
 // documented at the top of kvpool_ref.cc). A stream holds a [rows][cols] matrix of zigzag
 // codes. Columns share up to 16 frequency tables (the encoder groups columns of similar
 // magnitude); each code is coded as its high part (a table symbol, 31 = escape followed by two

@@ -21,10 +21,19 @@ inline constexpr uint32_t kHeaderBytes = 8;     // mode, 3 reserved, f32 step.
 inline constexpr uint32_t kDirectionBytes = 8;  // f32 coefficient step, f32 basis scale.
 inline constexpr uint8_t kModeRaw = 0;
 inline constexpr uint8_t kModeCoded = 1;    // Pack streams (bit planes).
-inline constexpr uint8_t kModeEntropy = 2;  // Entropy-coded streams (kvpool_entropy.h).
-inline constexpr uint8_t kFlagPacked = 4;   // CodecParams::flags: write mode 1, not mode 2.
-inline constexpr float kCoefStepFactor = 4.f;  // Coefficient step / first residual step.
+// Entropy-coded streams (kvpool_entropy.h), means and basis too. Mode 2 (means and basis as
+// fixed-width numbers) is retired: decoders reject it like any unknown mode.
+inline constexpr uint8_t kModeEntropy = 3;
+inline constexpr uint8_t kFlagPacked = 4;   // CodecParams::flags: write mode 1, not mode 3.
+inline constexpr float kCoefStepFactor = 3.f;  // Coefficient step / first residual step.
+// Mode 3: residual variance assumed by the mean and basis steps, in first steps^2 / 12.
+inline constexpr double kSideVariance = 8.0;
 inline constexpr double kRankThreshold = 4.0;  // Keep a direction above 4x mean variance.
+
+// Bytes of one direction's entry: mode 1 holds its int8 basis codes there too.
+inline uint64_t DirectionBytes(uint8_t mode, uint32_t head_dim) {
+  return kDirectionBytes + (mode == kModeCoded ? head_dim : 0);
+}
 
 inline uint32_t Groups(uint32_t tokens) { return (tokens + kPack - 1) / kPack; }
 inline uint32_t ZigZag(int32_t q) { return (uint32_t(q) << 1) ^ uint32_t(q >> 31); }
@@ -36,14 +45,15 @@ struct Parsed {
   float step = 0;
   const uint8_t* raw = nullptr;           // kModeRaw: the elements.
   const uint8_t* ranks = nullptr;         // [kv_heads]
-  const uint8_t* means = nullptr;         // [kv_heads * head_dim] u16 elements
-  const uint8_t* directions = nullptr;    // per head, per direction: 8 + head_dim bytes
+  const uint8_t* means = nullptr;         // Mode 1: [kv_heads * head_dim] u16 elements
+  float mean_step = 0;                    // Mode 3.
+  const uint8_t* directions = nullptr;    // per direction: DirectionBytes(mode, head_dim)
   uint32_t coef_cols = 0;                 // Sum of ranks.
   const uint8_t* coef_widths = nullptr;   // Mode 1: nibbles [groups][coef_cols]
   const uint8_t* coef_data = nullptr;
   const uint8_t* res_widths = nullptr;    // Mode 1: nibbles [groups][kv_heads * head_dim]
   const uint8_t* res_data = nullptr;
-  Stream coef_stream, res_stream;         // Mode 2.
+  Stream side_stream, coef_stream, res_stream;  // Mode 3.
 };
 
 // The residual codes of a coded payload (mode 1 or 2), codes[t * H * D + c] for t < G * 16
@@ -55,9 +65,11 @@ absl::Status DecodeResidualCodes(const SegmentShape& shape, const Parsed& parsed
 absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
                           Parsed* parsed);
 
-// Dequantised low-rank parts, exactly as every decoder computes them: basis[h][j][d] and
-// coefficients[t][col] (col = first column of head h + j), and the first column per head.
+// Dequantised means and low-rank parts, exactly as every decoder computes them: means[c],
+// basis[h][j][d] and coefficients[t][col] (col = first column of head h + j), and the first
+// column per head.
 struct LowRank {
+  std::vector<float> means;         // kv_heads * head_dim
   std::vector<float> basis;         // kv_heads * kMaxRank * head_dim
   std::vector<float> coefficients;  // Groups(tokens) * kPack * coef_cols
   std::vector<uint32_t> first_col;  // kv_heads + 1

@@ -9,28 +9,39 @@
 // left is the residual's rounding plus the output rounding to fp16/bf16. The encoder measures
 // that error on the decoded values and shrinks the step until ||x' - x|| / ||x|| <= budget;
 // if no step meets it (non-finite input, codes too wide) it stores the elements raw.
-// Codes are zigzag integers. Mode 2 (the default) entropy-codes them (rANS, tables per group of
-// similar columns); mode 1 (CodecParams::flags bit 2, and the GPU encoder) stores them in packs
-// of 16 tokens of one column, each pack with its own bit width (a nibble), as bit planes:
-// about a quarter larger, simpler to decode. Keys' budget can be tightened by `extra`.
+// Codes are zigzag integers. Mode 3 (the default) entropy-codes them (rANS, tables per group of
+// similar columns), the means and the basis too, with steps tied to the residual's (their
+// rounding lands in the residual); mode 1 (CodecParams::flags bit 2, and the GPU encoder) stores
+// means as the dtype, the basis as int8 and the codes in packs of 16 tokens of one column, each
+// pack with its own bit width (a nibble), as bit planes: about 40% larger, simpler to decode.
+// Mode 2 (mode 3 with mode 1's means and basis) is retired and rejected. Keys' budget can be
+// tightened by `extra`.
 //
 // Parameters: budget (relative L2 per segment, (0, 1)); extra bits 0-7: key budget scale in
 // 1/64 (0 means 64/64: keys use the whole budget); flags bit 2: write mode 1; bits unused.
 //
 // Payload (little-endian; H = kv_heads, D = head_dim, T = tokens, G = ceil(T / 16)):
-//   0  1  mode: 0 raw, 1 coded with packs, 2 coded with entropy-coded streams
+//   0  1  mode: 0 raw, 1 coded with packs, 3 coded with entropy-coded streams
 //   1  3  reserved, 0
 //   4  4  f32 residual step (modes 1, 2: finite, > 0; mode 0: 0)
 // mode 0: T*H*D elements, 2 bytes each (the segment's dtype); nothing else.
-// modes 1 and 2:
+// mode 1:
 //   H bytes          rank r_h of each head, <= 8
 //   H*D*2 bytes      mean m[h][d], one element of the segment's dtype
 //   per head h, per direction j < r_h (8 + D bytes each):
-//      f32 coefficient step cs, f32 basis scale bs (both finite), D int8 basis codes
+//      f32 coefficient step cs, f32 basis scale bs (both finite), D int8 basis codes b
 //   coefficients     [T][R] codes (R = sum of r_h; column of (h, j) = r_0 + .. + r_{h-1} + j)
 //   residual         [T][H*D] codes (column of (h, d) = h*D + d)
-// as two pack streams (mode 1) or two entropy streams (mode 2). The payload ends exactly after
-// the residual's stream.
+// the last two as pack streams.
+// mode 3:
+//   H bytes          rank r_h of each head, <= 8
+//   4 bytes          f32 mean step ms (finite, > 0)
+//   per direction, in mode 1's order (8 bytes each): f32 cs, f32 bs (both finite)
+//   means and basis  [D][H + R] codes: column h < H the mean codes of head h (m[h][d] =
+//                    code * ms), column H + col the basis codes b of direction col
+//   coefficients, residual as in mode 1
+// the last three as entropy streams.
+// The payload ends exactly after the residual's stream.
 // A pack stream with C columns: ceil(G*C/2) bytes of widths (nibble k = pack k = g*C + c, low
 // nibble first, each 0..15), then for each pack in that order 2*w bytes: w u16 bit planes,
 // bit i of plane b = bit b of the zigzag code of token 16*g + i (zigzag: 0,-1,1,-2,..). Codes
@@ -51,8 +62,9 @@
 // After the last code x is 2^16 and every word is read. Codes above 32766 are invalid.
 //
 // Decoding (float32, no fused multiply-add, round to nearest even):
-//   B[h][j][d] = float(int8 code) * bs;   c[t][h][j] = float(coefficient) * cs
-//   p = float(m[h][d]); for j = 0 .. r_h - 1: p = p + c[t][h][j] * B[h][j][d]
+//   B[h][j][d] = float(b) * bs;   c[t][h][j] = float(coefficient) * cs
+//   mean: float(m[h][d]) (mode 1) or float(mean code) * ms (mode 3)
+//   p = mean; for j = 0 .. r_h - 1: p = p + c[t][h][j] * B[h][j][d]
 //   x'[t][h][d] = to_dtype(p + float(residual code) * step)
 #include <algorithm>
 #include <cmath>
@@ -376,8 +388,10 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
     return absl::DataLossError("kvpool: residual step is not a positive finite number");
   }
   const uint64_t H = shape.kv_heads, D = shape.head_dim, G = Groups(shape.tokens);
+  const bool side = parsed->mode == kModeEntropy;
   uint64_t pos = kHeaderBytes;
-  if (size - pos < H + H * D * 2) return absl::DataLossError("kvpool: payload truncated");
+  const uint64_t means_bytes = side ? 4 : H * D * 2;
+  if (size - pos < H + means_bytes) return absl::DataLossError("kvpool: payload truncated");
   parsed->ranks = payload + pos;
   pos += H;
   parsed->coef_cols = 0;
@@ -385,21 +399,33 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
     if (parsed->ranks[h] > kMaxRank) return absl::DataLossError("kvpool: rank above 8");
     parsed->coef_cols += parsed->ranks[h];
   }
-  parsed->means = payload + pos;
-  pos += H * D * 2;
-  const uint64_t dir_bytes = uint64_t{parsed->coef_cols} * (kDirectionBytes + D);
+  if (side) {
+    parsed->mean_step = LoadF32(payload + pos);
+    if (!std::isfinite(parsed->mean_step) || !(parsed->mean_step > 0)) {
+      return absl::DataLossError("kvpool: mean step is not a positive finite number");
+    }
+  } else {
+    parsed->means = payload + pos;
+  }
+  pos += means_bytes;
+  const uint64_t stride = DirectionBytes(parsed->mode, shape.head_dim);
+  const uint64_t dir_bytes = uint64_t{parsed->coef_cols} * stride;
   if (size - pos < dir_bytes) return absl::DataLossError("kvpool: basis truncated");
   parsed->directions = payload + pos;
   for (uint64_t j = 0; j < parsed->coef_cols; ++j) {
-    const uint8_t* p = parsed->directions + j * (kDirectionBytes + D);
+    const uint8_t* p = parsed->directions + j * stride;
     if (!std::isfinite(LoadF32(p)) || !std::isfinite(LoadF32(p + 4))) {
       return absl::DataLossError("kvpool: basis or coefficient step is not finite");
     }
   }
   pos += dir_bytes;
   absl::Status s;
-  if (parsed->mode == kModeEntropy) {
-    s = ParseStream(payload, size, shape.tokens, parsed->coef_cols, &pos, &parsed->coef_stream);
+  if (side) {
+    s = ParseStream(payload, size, shape.head_dim, shape.kv_heads + parsed->coef_cols, &pos,
+                    &parsed->side_stream);
+    if (s.ok()) {
+      s = ParseStream(payload, size, shape.tokens, parsed->coef_cols, &pos, &parsed->coef_stream);
+    }
     if (s.ok()) s = ParseStream(payload, size, shape.tokens, H * D, &pos, &parsed->res_stream);
     if (!s.ok()) return s;
   } else {
@@ -416,23 +442,40 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
 absl::Status DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowRank* lr) {
   const uint32_t H = shape.kv_heads, D = shape.head_dim, G = Groups(shape.tokens);
   const uint32_t R = parsed.coef_cols;
+  const bool side = parsed.mode == kModeEntropy;
+  const uint64_t stride = DirectionBytes(parsed.mode, D);
+  std::vector<int32_t> side_codes;  // Mode 3: [D][H + R]
+  if (side) {
+    side_codes.assign(uint64_t{D} * (H + R), 0);
+    absl::Status s = DecodeStream(parsed.side_stream, side_codes.data(), H + R);
+    if (!s.ok()) return s;
+  }
+  lr->means.resize(uint64_t{H} * D);
+  for (uint32_t h = 0; h < H; ++h)
+    for (uint32_t d = 0; d < D; ++d) {
+      const uint64_t c = uint64_t{h} * D + d;
+      lr->means[c] = side ? float(side_codes[uint64_t{d} * (H + R) + h]) * parsed.mean_step
+                          : ToFloat(shape.dtype, Load16(parsed.means + 2 * c));
+    }
   lr->basis.assign(uint64_t{H} * kMaxRank * D, 0.f);
   lr->first_col.assign(H + 1, 0);
   std::vector<float> cstep(R);
   for (uint32_t h = 0, col = 0; h < H; ++h) {
     lr->first_col[h] = col;
     for (uint32_t j = 0; j < parsed.ranks[h]; ++j, ++col) {
-      const uint8_t* p = parsed.directions + uint64_t{col} * (kDirectionBytes + D);
+      const uint8_t* p = parsed.directions + col * stride;
       cstep[col] = LoadF32(p);
       const float bs = LoadF32(p + 4);
       for (uint32_t d = 0; d < D; ++d) {
-        lr->basis[(uint64_t{h} * kMaxRank + j) * D + d] = float(int8_t(p[kDirectionBytes + d])) * bs;
+        const int32_t code = side ? side_codes[uint64_t{d} * (H + R) + H + col]
+                                  : int32_t(int8_t(p[kDirectionBytes + d]));
+        lr->basis[(uint64_t{h} * kMaxRank + j) * D + d] = float(code) * bs;
       }
     }
   }
   lr->first_col[H] = R;
   std::vector<int32_t> codes;
-  if (parsed.mode == kModeEntropy) {
+  if (side) {
     codes.assign(uint64_t{G} * kPack * R, 0);
     absl::Status s = DecodeStream(parsed.coef_stream, codes.data(), R);
     if (!s.ok()) return s;
@@ -487,30 +530,48 @@ bool AppendPacks(const std::vector<int32_t>& codes, uint32_t groups, uint32_t co
 namespace {
 
 // Quantises the r directions of one head (basis `dirs`, r x D; coefficients coef[t][j], T x r)
-// and appends them to `dirs_out`: int8 basis codes, coefficient codes codes[t][kept] (G * 16
-// rows), the decoder's basis bhat[j][d] and coefficients cf[j][G * 16]. Returns the number kept.
+// and appends them to `dirs_out`: the steps, then (mode 1) the int8 basis codes; basis codes
+// bcodes[j][d], coefficient codes codes[t][kept] (G * 16 rows), the decoder's basis
+// bhat[j][d] and coefficients cf[j][G * 16]. Returns the number kept.
+// Mode 1 stores the basis as int8 over its range. Mode 3 entropy-codes it, so its step is
+// chosen for the residual: rounding the basis adds about E[c_j^2] * bs^2 / 12 to the variance
+// of every residual element, and the step that balances that against the basis' own bits is
+// bs^2 = 12 s^2 / (T E[c_j^2]), s^2 the residual's variance (kSideVariance first steps^2 / 12).
 uint32_t QuantizeDirections(const std::vector<float>& dirs, const std::vector<float>& coef,
-                            uint32_t T, uint32_t D, uint32_t r, double step0,
-                            std::vector<uint8_t>* dirs_out, std::vector<int32_t>* codes,
-                            std::vector<float>* bhat, std::vector<float>* cf) {
+                            uint32_t T, uint32_t D, uint32_t r, double step0, bool side,
+                            std::vector<uint8_t>* dirs_out, std::vector<int32_t>* bcodes,
+                            std::vector<int32_t>* codes, std::vector<float>* bhat,
+                            std::vector<float>* cf) {
   const uint64_t rows = uint64_t{Groups(T)} * kPack;
   bhat->assign(r * D, 0.f);
+  bcodes->assign(r * D, 0);
   cf->assign(r * rows, 0.f);
   std::vector<int32_t> q(r * rows, 0);
   uint32_t kept = 0;
   for (uint32_t j = 0; j < r; ++j) {
     float bmax = 0, cmax = 0;
+    double c2 = 0;
     for (uint32_t d = 0; d < D; ++d) bmax = std::max(bmax, std::fabs(dirs[j * D + d]));
-    for (uint32_t t = 0; t < T; ++t) cmax = std::max(cmax, std::fabs(coef[uint64_t{t} * r + j]));
-    const float bs = bmax / 127.f;
+    for (uint32_t t = 0; t < T; ++t) {
+      const float c = coef[uint64_t{t} * r + j];
+      cmax = std::max(cmax, std::fabs(c));
+      c2 += double(c) * c;
+    }
+    float bs = bmax / 127.f, limit = 127.f;
+    if (side) {
+      const double fit = step0 * std::sqrt(kSideVariance / (double(T) * (c2 / T)));
+      bs = float(std::min(double(bmax) / 8, std::max(fit, double(bmax) / kMaxCode)));
+      limit = kMaxCode;
+    }
     const float cs = float(std::max(double(kCoefStepFactor) * step0, double(cmax) / 16000.0));
-    if (!(bs > 1e-30f) || !std::isfinite(cs) || !(cs > 1e-30f)) break;
+    if (!(bs > 1e-30f) || !std::isfinite(bs) || !std::isfinite(cs) || !(cs > 1e-30f)) break;
     PutF32(dirs_out, cs);
     PutF32(dirs_out, bs);
     for (uint32_t d = 0; d < D; ++d) {
-      const int code = int(std::max(-127.f, std::min(127.f, std::nearbyint(dirs[j * D + d] / bs))));
-      dirs_out->push_back(uint8_t(int8_t(code)));
-      (*bhat)[j * D + d] = float(code) * bs;
+      const int code = int(std::max(-limit, std::min(limit, std::nearbyint(dirs[j * D + d] / bs))));
+      if (!side) dirs_out->push_back(uint8_t(int8_t(code)));
+      (*bcodes)[kept * D + d] = code;
+      (*bhat)[kept * D + d] = float(code) * bs;
     }
     for (uint32_t t = 0; t < T; ++t) {
       const int32_t c = int32_t(std::nearbyint(coef[uint64_t{t} * r + j] / cs));
@@ -519,21 +580,38 @@ uint32_t QuantizeDirections(const std::vector<float>& dirs, const std::vector<fl
     }
     ++kept;
   }
+  bcodes->resize(kept * D);
   codes->assign(rows * kept, 0);
   for (uint64_t t = 0; t < rows; ++t)
     for (uint32_t j = 0; j < kept; ++j) (*codes)[t * kept + j] = q[j * rows + t];
   return kept;
 }
 
-// Means per channel (column sums in float, token by token), stored as the dtype.
-void Means(const SegmentShape& shape, const std::vector<float>& x, std::vector<uint8_t>* bytes,
-           std::vector<float>* m) {
+// Means per channel (column sums in float, token by token). Mode 1 stores them as the dtype;
+// mode 3 as codes of one step, mean_codes[c] (chosen like the basis step: rounding a mean adds
+// step^2 / 12 to its column's T elements, against the mean's bits).
+void Means(const SegmentShape& shape, const std::vector<float>& x, double step0, bool side,
+           std::vector<uint8_t>* bytes, std::vector<int32_t>* mean_codes, std::vector<float>* m) {
   const uint64_t HD = uint64_t{shape.kv_heads} * shape.head_dim;
   std::vector<float> sum(HD, 0.f);
   for (uint32_t t = 0; t < shape.tokens; ++t)
     for (uint64_t c = 0; c < HD; ++c) sum[c] = sum[c] + x[t * HD + c];
-  bytes->resize(HD * 2);
   m->resize(HD);
+  if (side) {
+    float top = 0;
+    for (uint64_t c = 0; c < HD; ++c) top = std::max(top, std::fabs(sum[c] / float(shape.tokens)));
+    const float ms = float(std::max(step0 * std::sqrt(kSideVariance / shape.tokens),
+                                    double(top) / kMaxCode));
+    bytes->resize(4);
+    std::memcpy(bytes->data(), &ms, 4);
+    mean_codes->resize(HD);
+    for (uint64_t c = 0; c < HD; ++c) {
+      (*mean_codes)[c] = int32_t(std::nearbyint(sum[c] / float(shape.tokens) / ms));
+      (*m)[c] = float((*mean_codes)[c]) * ms;
+    }
+    return;
+  }
+  bytes->resize(HD * 2);
   for (uint64_t c = 0; c < HD; ++c) {
     const uint16_t e = FromFloat(shape.dtype, sum[c] / float(shape.tokens));
     (*bytes)[2 * c] = uint8_t(e);
@@ -573,10 +651,12 @@ void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_
   double step0 = std::sqrt(12.0 * a->energy / double(N)) * TargetError(shape, params);
   if (!(step0 >= 1e-30) || !std::isfinite(step0)) step0 = 1.0;
   a->first_step = float(step0);
+  const bool side = !(params.flags & kFlagPacked);
   std::vector<uint8_t> ranks(H, 0), means, dirs;
+  std::vector<int32_t> mean_codes;
   std::vector<float> m;
-  Means(shape, a->x, &means, &m);
-  std::vector<std::vector<int32_t>> head_codes(H);  // [t][j] per head
+  Means(shape, a->x, step0, side, &means, &mean_codes, &m);
+  std::vector<std::vector<int32_t>> head_codes(H), basis_codes(H);  // [t][j], [j][d] per head
   a->prediction.resize(uint64_t{G} * kPack * HD);
   std::vector<float> xc, basis, coef, bhat, cf;
   for (uint32_t h = 0; h < H; ++h) {
@@ -586,8 +666,8 @@ void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_
     const uint32_t r = kmax ? LowRankDirections(kn, xc, T, D, kmax, threshold, &basis) : 0;
     coef.resize(uint64_t{T} * r);
     if (r > 0) kn.dot(xc.data(), D, T, 1, basis.data(), r, D, coef.data());
-    ranks[h] = uint8_t(QuantizeDirections(basis, coef, T, D, r, step0, &dirs, &head_codes[h],
-                                          &bhat, &cf));
+    ranks[h] = uint8_t(QuantizeDirections(basis, coef, T, D, r, step0, side, &dirs,
+                                          &basis_codes[h], &head_codes[h], &bhat, &cf));
     kn.predict(T, HD, D, ranks[h], &m[h * D], cf.data(), bhat.data(),
                &a->prediction[uint64_t{h} * D * kPack]);
   }
@@ -602,6 +682,18 @@ void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_
   a->head = ranks;
   a->head.insert(a->head.end(), means.begin(), means.end());
   a->head.insert(a->head.end(), dirs.begin(), dirs.end());
+  if (side) {  // [D][H + R]: column h the means of head h, column H + col the basis codes.
+    const uint32_t cols = H + R;
+    std::vector<uint16_t> zz(uint64_t{D} * cols);
+    for (uint32_t d = 0; d < D; ++d) {
+      for (uint32_t h = 0; h < H; ++h) zz[d * cols + h] = uint16_t(ZigZag(mean_codes[h * D + d]));
+      for (uint32_t h = 0, col = H; h < H; ++h)
+        for (uint32_t j = 0; j < ranks[h]; ++j, ++col) {
+          zz[d * cols + col] = uint16_t(ZigZag(basis_codes[h][j * D + d]));
+        }
+    }
+    AppendStream(zz.data(), D, cols, &a->head);
+  }
   a->coef_codes.swap(all);
   a->coef_cols = R;
 }
@@ -772,7 +864,7 @@ absl::Status DecodeRef(const SegmentShape& shape, const CodecParams& params,
     for (uint32_t h = 0; h < H; ++h) {
       for (uint32_t d = 0; d < D; ++d) {
         const uint64_t c = uint64_t{h} * D + d;
-        float p = ToFloat(shape.dtype, Load16(parsed.means + 2 * c));
+        float p = lr.means[c];
         for (uint32_t j = 0; j < parsed.ranks[h]; ++j) {
           p = p + lr.coefficients[uint64_t{t} * R + lr.first_col[h] + j] *
                       lr.basis[(uint64_t{h} * kMaxRank + j) * D + d];

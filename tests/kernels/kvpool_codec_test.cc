@@ -123,21 +123,28 @@ TEST(KvpoolCodec, ZeroSegmentEntropyCoded) {
   const SegmentShape s = Shape(64, 1, 2);
   std::vector<uint16_t> v(128, 0);
   const std::string enc = Encode(Params(0.1f), s, v);
-  // Hand-computed: 8 header, 1 rank (0), 2 means * 2 bytes, no coefficient stream (0 columns);
-  // residual stream: 1 table count, 65 table (shift 0, symbol 0 takes all 4096 slots), 1 byte
-  // of column tables, 8 lane entry (state 2^16: a symbol of frequency 4096 leaves the state
-  // as it is, so no words): 88 bytes (raw would be 8 + 256).
-  ASSERT_EQ(enc.size(), kSegmentHeaderBytes + 88);
+  // Hand-computed: 8 header, 1 rank (0), 4 mean step (no energy: first step 1, so the mean
+  // step is sqrt(8 / 64)), no directions; two streams of all-zero codes, the means' ([2][1]) and
+  // the residual's ([64][2]), each 1 table count, 65 table (shift 0, symbol 0 takes all 4096
+  // slots), 1 byte of column tables, 8 lane entry (state 2^16: a symbol of frequency 4096
+  // leaves the state as it is, so no words); no coefficient stream (0 columns): 163 bytes
+  // (raw would be 8 + 256).
+  ASSERT_EQ(enc.size(), kSegmentHeaderBytes + 163);
   const uint8_t* p = reinterpret_cast<const uint8_t*>(enc.data()) + kSegmentHeaderBytes;
-  EXPECT_EQ(p[0], 2);                       // entropy-coded
+  EXPECT_EQ(p[0], 3);                       // entropy-coded
   EXPECT_EQ(p[8], 0);                       // rank
-  EXPECT_EQ(p[13], 1);                      // one table
-  EXPECT_EQ(p[14], 0);                      // shift
-  EXPECT_EQ(p[15] | p[16] << 8, 4096);      // frequency of symbol 0
-  for (int i = 17; i < 79; ++i) EXPECT_EQ(p[i], 0) << i;
-  EXPECT_EQ(p[79], 0);                      // column tables
-  EXPECT_EQ(kvpool::internal::LoadU32(p + 80), 65536u);  // lane state
-  EXPECT_EQ(kvpool::internal::LoadU32(p + 84), 0u);      // lane bytes
+  float mean_step;
+  std::memcpy(&mean_step, p + 9, 4);
+  EXPECT_EQ(mean_step, float(std::sqrt(8.0 / 64)));
+  for (const int at : {13, 88}) {           // the means' stream, then the residual's
+    EXPECT_EQ(p[at], 1);                    // one table
+    EXPECT_EQ(p[at + 1], 0);                // shift
+    EXPECT_EQ(p[at + 2] | p[at + 3] << 8, 4096);  // frequency of symbol 0
+    for (int i = at + 4; i < at + 66; ++i) EXPECT_EQ(p[i], 0) << i;
+    EXPECT_EQ(p[at + 66], 0);               // column tables
+    EXPECT_EQ(kvpool::internal::LoadU32(p + at + 67), 65536u);  // lane state
+    EXPECT_EQ(kvpool::internal::LoadU32(p + at + 71), 0u);      // lane bytes
+  }
   EXPECT_EQ(Decode(enc, s), v);
   EXPECT_EQ(Decode(enc, s, Path::kCpu), v);
 }
@@ -249,6 +256,45 @@ TEST(KvpoolCodec, LargeSegmentsMeetBudgetAndRatioGrowsWithBudget) {
   }
 }
 
+// Mode 3 codes means and basis with steps tied to the residual's; when a step would need codes
+// beyond the format's range (a near-constant key segment at the tightest key budget) it widens,
+// and the budget still holds on every path.
+TEST(KvpoolCodec, MeanAndBasisStepsStayInRange) {
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> n(0.f, 1.f);
+  for (uint32_t tokens : {64u, 256u, 1024u}) {
+    const SegmentShape s = Shape(tokens, 2, 16, DType::kFp16, SegmentKind::kKey);
+    std::vector<uint16_t> v(s.Elements());
+    for (uint64_t i = 0; i < v.size(); ++i) v[i] = FromF(s.dtype, 1000.f + 0.5f * n(rng));
+    const CodecParams p = Params(0.005f, 1);  // Keys get 1/64 of the budget.
+    const std::string enc = Encode(p, s, v, Path::kCpu);
+    EXPECT_EQ(enc, Encode(p, s, v, Path::kRef));
+    EXPECT_LE(RelL2(s, v, Decode(enc, s)), 0.005 / 64) << tokens;
+    EXPECT_EQ(Decode(enc, s, Path::kCpu), Decode(enc, s)) << tokens;
+  }
+}
+
+// Mode 2 (means and basis as fixed-width numbers) is retired: its payloads are rejected, not
+// misread as mode 3.
+TEST(KvpoolCodec, RetiredModeTwoIsRejected) {
+  std::mt19937_64 rng(9);
+  const SegmentShape s = Shape(64, 2, 16);
+  const std::vector<uint16_t> v = RandomSegment(s, 0, rng);
+  const std::string enc = Encode(Params(0.05f), s, v);
+  std::string payload = enc.substr(kSegmentHeaderBytes);
+  ASSERT_EQ(payload[0], 3);
+  payload[0] = 2;
+  std::vector<uint16_t> out(s.Elements());
+  for (Path path : {Path::kRef, Path::kCpu}) {
+    const uint8_t* d = reinterpret_cast<const uint8_t*>(payload.data());
+    const absl::Status st =
+        path == Path::kRef ? kvpool::DecodeRef(s, Params(0.05f), d, payload.size(), out.data())
+                           : kvpool::DecodeCpu(s, Params(0.05f), d, payload.size(), out.data());
+    EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(st.message(), ::testing::HasSubstr("unknown payload mode"));
+  }
+}
+
 TEST(KvpoolCodec, EmptyAndOddShapes) {
   std::mt19937_64 rng(5);
   for (const SegmentShape& s : {Shape(0, 2, 8), Shape(1, 1, 1), Shape(17, 3, 33), Shape(5, 1, 1)}) {
@@ -287,7 +333,7 @@ TEST_P(KvpoolCorrupt, PayloadsFailCleanly) {
   const SegmentShape s = Shape(40, 2, 16, DType::kFp16, SegmentKind::kValue);
   const std::vector<uint16_t> v = RandomSegment(s, 0, rng);
   const std::string enc = Encode(Params(0.05f, 0, GetParam()), s, v);
-  ASSERT_EQ(uint8_t(enc[kSegmentHeaderBytes]), GetParam() == kPacked ? 1 : 2);
+  ASSERT_EQ(uint8_t(enc[kSegmentHeaderBytes]), GetParam() == kPacked ? 1 : 3);
   const std::string payload = enc.substr(kSegmentHeaderBytes);
   std::vector<uint16_t> out(s.Elements());
   auto decode = [&](const std::string& p, Path path) {
