@@ -5,6 +5,7 @@
 #define KVPOOL_KERNELS_KVPOOL_FORMAT_H_
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -152,6 +153,11 @@ absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecPara
                                       Analysis* a, uint8_t* out, uint64_t capacity);
 
 uint16_t Load16(const uint8_t* p);
+inline void PutF32(std::vector<uint8_t>* out, float f) {
+  uint8_t b[4];
+  std::memcpy(b, &f, 4);
+  out->insert(out->end(), b, b + 4);
+}
 
 // Size of a raw-mode payload.
 uint64_t RawPayloadBytes(const SegmentShape& shape);
