@@ -28,13 +28,17 @@ namespace {
 
 const CodecOps kOps[kNumCodecs] = {
     {&raw::MaxPayloadBytes, &raw::Encode, &raw::Decode, &raw::Encode, &raw::Decode,
-     KVPOOL_CUDA_OP(raw, EncodeCuda), KVPOOL_CUDA_OP(raw, DecodeCuda)},
+     KVPOOL_CUDA_OP(raw, EncodeCuda), KVPOOL_CUDA_OP(raw, DecodeCuda),
+     nullptr, nullptr},
     {&kivi::MaxPayloadBytes, &kivi::EncodeRef, &kivi::DecodeRef, &kivi::EncodeCpu,
-     &kivi::DecodeCpu, KVPOOL_CUDA_OP(kivi, EncodeCuda), KVPOOL_CUDA_OP(kivi, DecodeCuda)},
+     &kivi::DecodeCpu, KVPOOL_CUDA_OP(kivi, EncodeCuda), KVPOOL_CUDA_OP(kivi, DecodeCuda),
+     nullptr, nullptr},
     {&packkv::MaxPayloadBytes, &packkv::EncodeRef, &packkv::DecodeRef, &packkv::EncodeCpu,
-     &packkv::DecodeCpu, KVPOOL_CUDA_OP(packkv, EncodeCuda), KVPOOL_CUDA_OP(packkv, DecodeCuda)},
+     &packkv::DecodeCpu, KVPOOL_CUDA_OP(packkv, EncodeCuda), KVPOOL_CUDA_OP(packkv, DecodeCuda),
+     nullptr, nullptr},
     {&kvpool::MaxPayloadBytes, &kvpool::EncodeRef, &kvpool::DecodeRef, &kvpool::EncodeCpu,
-     &kvpool::DecodeCpu, KVPOOL_CUDA_OP(kvpool, EncodeCuda), KVPOOL_CUDA_OP(kvpool, DecodeCuda)},
+     &kvpool::DecodeCpu, KVPOOL_CUDA_OP(kvpool, EncodeCuda), KVPOOL_CUDA_OP(kvpool, DecodeCuda),
+     &kvpool::EncodeRef, &kvpool::EncodeCpu},
 };
 
 
@@ -114,12 +118,19 @@ absl::StatusOr<CodecParams> NormalizeParams(CodecParams p) {
 }
 
 absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const SegmentShape& shape,
-                                          absl::Span<const uint16_t> elements, Path path) {
+                                          absl::Span<const uint16_t> elements, Path path,
+                                          absl::Span<const uint16_t> keys) {
   if (elements.size() != shape.Elements()) {
     return absl::InvalidArgumentError(absl::StrCat("segment has ", elements.size(),
                                                    " elements, the shape needs ",
                                                    shape.Elements()));
   }
+  if (!keys.empty() && keys.size() != elements.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("keys have ", keys.size(),
+                                                   " elements, the segment has ", elements.size()));
+  }
+  const uint16_t* key_data =
+      shape.kind == SegmentKind::kValue && !keys.empty() ? keys.data() : nullptr;
   auto normalized = NormalizeParams(params);
   if (!normalized.ok()) return normalized.status();
   // Lossy codecs quantise finite values; a segment holding NaN or Inf is stored raw.
@@ -140,10 +151,14 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
   uint8_t* out = reinterpret_cast<uint8_t*>(segment.data()) + kSegmentHeaderBytes;
   switch (path) {
     case Path::kRef:
-      size = ops.encode_ref(shape, *normalized, elements.data(), out, capacity);
+      size = key_data != nullptr && ops.encode_ref_keyed != nullptr
+                 ? ops.encode_ref_keyed(shape, *normalized, elements.data(), key_data, out, capacity)
+                 : ops.encode_ref(shape, *normalized, elements.data(), out, capacity);
       break;
     case Path::kCpu:
-      size = ops.encode_cpu(shape, *normalized, elements.data(), out, capacity);
+      size = key_data != nullptr && ops.encode_cpu_keyed != nullptr
+                 ? ops.encode_cpu_keyed(shape, *normalized, elements.data(), key_data, out, capacity)
+                 : ops.encode_cpu(shape, *normalized, elements.data(), out, capacity);
       break;
     case Path::kCuda:
       size = EncodeOnDevice(ops, shape, *normalized, elements.data(), out, capacity);

@@ -54,6 +54,15 @@ struct CodecOps {
                               cudaStream_t stream);
   absl::Status (*decode_cuda)(const SegmentShape&, const CodecParams&, const uint8_t* d_payload,
                               uint64_t size, uint16_t* d_out, cudaStream_t stream);
+  // The host encoders given `keys`, for a value segment its layer's key segment of the same
+  // tokens (codecs that spend more bits on tokens queries are likely to attend to, by their
+  // keys); null for codecs that do not use them.
+  absl::StatusOr<uint64_t> (*encode_ref_keyed)(const SegmentShape&, const CodecParams&,
+                                               const uint16_t* in, const uint16_t* keys,
+                                               uint8_t* out, uint64_t capacity);
+  absl::StatusOr<uint64_t> (*encode_cpu_keyed)(const SegmentShape&, const CodecParams&,
+                                               const uint16_t* in, const uint16_t* keys,
+                                               uint8_t* out, uint64_t capacity);
 };
 
 const CodecOps& GetCodecOps(CodecId codec);
@@ -66,8 +75,12 @@ absl::StatusOr<CodecParams> NormalizeParams(CodecParams params);
 // a host path. A lossy codec given NaN or Inf elements, or values its format cannot represent,
 // stores the segment raw instead (the header says which codec was used) (kRef or kCpu; kCuda stages through device memory and synchronises: tools and
 // tests only). InvalidArgument for a size mismatch or bad params.
+// `keys` (optional, value segments): the key segment of the same layer and tokens, which
+// kvpool uses to spend more bits on the tokens queries are likely to attend to; ignored for
+// key segments, other codecs and kCuda. InvalidArgument when its size differs from elements'.
 absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const SegmentShape& shape,
-                                          absl::Span<const uint16_t> elements, Path path);
+                                          absl::Span<const uint16_t> elements, Path path,
+                                          absl::Span<const uint16_t> keys = {});
 
 // Parses, verifies and decodes a whole encoded segment into `out` (exactly Elements() elements).
 // DataLoss / InvalidArgument from ParseSegment and the codec; InvalidArgument when `out` has

@@ -96,6 +96,7 @@ struct DecodeLayout {
   float mean_step;  // Mode 3.
   uint64_t dir_stride;  // Bytes per direction entry.
   uint64_t means, directions, coef_widths, coef_data, res_widths, res_data;  // Offsets.
+  uint64_t classes;  // Mode 3: offset of the token class nibbles, 0 when there are none.
   Stream streams[3];  // Mode 3: means and basis, coefficients, residual.
 };
 
@@ -130,8 +131,10 @@ __device__ void StreamTarget(const DecodeLayout& L, const Dims& dm, const Decode
 __device__ int ParseHead(const uint8_t* p, uint64_t size, const Dims& dm, DecodeScratch s,
                          uint64_t* pos, uint32_t* cols) {
   DecodeLayout* L = s.layout;
-  if (size < kHeaderBytes || (p[1] | p[2] | p[3]) != 0) return 0;
+  if (size < kHeaderBytes || (p[2] | p[3]) != 0) return 0;
+  if ((p[1] & ~(p[0] == kModeEntropy ? kHeadClasses : 0)) != 0) return 0;
   L->mode = p[0];
+  L->classes = 0;
   L->step = LoadF32Dev(p + 4);
   if (p[0] == kModeRaw) {
     L->ok = size == kHeaderBytes + 2 * dm.N;
@@ -165,6 +168,12 @@ __device__ int ParseHead(const uint8_t* p, uint64_t size, const Dims& dm, Decode
     if (!isfinite(LoadF32Dev(q)) || !isfinite(LoadF32Dev(q + 4))) return 0;
   }
   at += dir_bytes;
+  if (p[1] & kHeadClasses) {
+    const uint64_t n = uint64_t{dm.T} * dm.H, bytes = (n + 1) / 2;
+    if (size - at < bytes || ((n & 1) && (p[at + bytes - 1] >> 4) != 0)) return 0;
+    L->classes = at;
+    at += bytes;
+  }
   if (side) {  // The three streams checked here; their lanes decode later.
     L->ok = CheckStream(p, size, dm.D, dm.H + R, &at, &L->streams[0]) == StreamError::kOk &&
             CheckStream(p, size, dm.T, R, &at, &L->streams[1]) == StreamError::kOk &&
@@ -288,8 +297,11 @@ __device__ void DecodeColumn(const uint8_t* p, const DecodeLayout& L, const Dims
     for (uint32_t j = 0; j < kMaxRank; ++j) {
       if (j < r) v = Add(v, Mul(coef[i * R + j], basis[j]));
     }
-    const float y = Add(v, Mul(float(q[i]), L.step));
-    out[(uint64_t{g} * kPack + i) * dm.HD + c] = FromFloatDev(dm.bf16, y);
+    const uint64_t t = uint64_t{g} * kPack + i;
+    const float step =
+        L.classes ? Mul(L.step, ClassScale(NibbleDev(p + L.classes, t * dm.H + h))) : L.step;
+    const float y = Add(v, Mul(float(q[i]), step));
+    out[t * dm.HD + c] = FromFloatDev(dm.bf16, y);
   }
 }
 

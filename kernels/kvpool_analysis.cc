@@ -237,10 +237,64 @@ double Centre(const SegmentShape& shape, const std::vector<float>& x, const floa
 
 }  // namespace
 
+std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const uint16_t* keys) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
+  const uint64_t HD = uint64_t{H} * D;
+  std::vector<uint8_t> classes(uint64_t{T} * H, 0);
+  if (T < 2 || D == 0) return {};
+  std::vector<double> mean(D), dist(T);
+  bool varied = false;
+  for (uint32_t h = 0; h < H; ++h) {
+    std::fill(mean.begin(), mean.end(), 0.0);
+    for (uint32_t t = 0; t < T; ++t)
+      for (uint32_t d = 0; d < D; ++d) mean[d] += ToFloat(shape.dtype, keys[t * HD + h * D + d]);
+    for (double& m : mean) m /= T;
+    double total = 0;
+    for (uint32_t t = 0; t < T; ++t) {
+      double sq = 0;
+      for (uint32_t d = 0; d < D; ++d) {
+        const double v = ToFloat(shape.dtype, keys[t * HD + h * D + d]) - mean[d];
+        sq += v * v;
+      }
+      dist[t] = sq;
+      total += sq;
+    }
+    if (!(total > 0) || !std::isfinite(total)) continue;  // This head's tokens stay class 0.
+    // Logits q.k of random queries spread by |k - mean|: a token z times the mean squared
+    // distance out draws exp(~z)-fold attention; its error counts that much more.
+    const double per_z = 2 * kTokenWeighting / std::log(2.0) * T / total;
+    for (uint32_t t = 0; t < T; ++t) {
+      const double k = std::nearbyint(dist[t] * per_z);
+      classes[uint64_t{t} * H + h] = uint8_t(std::min<double>(kClasses - 1, k));
+      varied = varied || classes[uint64_t{t} * H + h] != classes[h];
+    }
+  }
+  if (!varied) return {};
+  return classes;
+}
+
+std::vector<uint8_t> EncoderClasses(const SegmentShape& shape, const CodecParams& params,
+                                    const uint16_t* in, const uint16_t* keys) {
+  if (params.flags & (kFlagPacked | kFlagEqualTokens)) return {};
+  const uint16_t* source = shape.kind == SegmentKind::kKey ? in : keys;
+  return source == nullptr ? std::vector<uint8_t>{} : TokenClasses(shape, source);
+}
+
 void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_t* in,
-             const EncodeKernels& kn, Analysis* a) {
+             std::vector<uint8_t> classes, const EncodeKernels& kn, Analysis* a) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
   const uint64_t HD = uint64_t{H} * D, N = shape.Elements();
+  const bool side = !(params.flags & kFlagPacked);
+  a->classes = side ? std::move(classes) : std::vector<uint8_t>{};
+  a->head_dim = D;
+  a->scale.assign(uint64_t{G} * H * kPack, 1.f);
+  if (!a->classes.empty()) {
+    for (uint32_t t = 0; t < T; ++t)
+      for (uint32_t h = 0; h < H; ++h) {
+        a->scale[(uint64_t{t / kPack} * H + h) * kPack + t % kPack] =
+            ClassScale(a->classes[uint64_t{t} * H + h]);
+      }
+  }
   a->x.resize(N);
   a->finite = N > 0 && kn.load(shape.dtype, in, N, a->x.data(), &a->energy) &&
               std::isfinite(a->energy);
@@ -248,7 +302,6 @@ void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_
   double step0 = std::sqrt(12.0 * a->energy / double(N)) * TargetError(shape, params);
   if (!(step0 >= 1e-30) || !std::isfinite(step0)) step0 = 1.0;
   a->first_step = float(step0);
-  const bool side = !(params.flags & kFlagPacked);
   std::vector<uint8_t> ranks(H, 0), means, dirs;
   std::vector<int32_t> mean_codes;
   std::vector<float> m;
@@ -279,6 +332,13 @@ void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_
   a->head = ranks;
   a->head.insert(a->head.end(), means.begin(), means.end());
   a->head.insert(a->head.end(), dirs.begin(), dirs.end());
+  if (!a->classes.empty()) {  // Nibble t * H + h, low nibble first.
+    const uint64_t at = a->head.size();
+    a->head.resize(at + (a->classes.size() + 1) / 2, 0);
+    for (uint64_t i = 0; i < a->classes.size(); ++i) {
+      a->head[at + i / 2] |= uint8_t(a->classes[i] << (4 * (i & 1)));
+    }
+  }
   if (side) {  // [D][H + R]: column h the means of head h, column H + col the basis codes.
     const uint32_t cols = H + R;
     std::vector<uint16_t> zz(uint64_t{D} * cols);

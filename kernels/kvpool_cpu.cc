@@ -200,15 +200,18 @@ template <bool kBf16>
 KVPOOL_AVX2 bool QuantizeT(const Analysis& a, uint64_t packs, uint32_t stride, float step,
                            uint16_t* codes, double* err) {
   const DType dtype = kBf16 ? DType::kBf16 : DType::kFp16;
-  const __m256 vstep = _mm256_set1_ps(step), vinv = _mm256_set1_ps(1.f / step);
+  const __m256 vstep = _mm256_set1_ps(step), one = _mm256_set1_ps(1.f);
   const __m256 vmax = _mm256_set1_ps(internal::kMaxCode), sign = _mm256_set1_ps(-0.f);
   __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
   const float* xp = a.xp.data();
   const float* pp = a.prediction.data();
   for (uint64_t k = 0; k < packs; k += stride) {
     __m256i z[2];
+    const float* scale = a.scale.data() + k / a.head_dim * 16;
     for (int h = 0; h < 2; ++h) {
       const __m256 x = _mm256_loadu_ps(xp + k * 16 + 8 * h), p = _mm256_loadu_ps(pp + k * 16 + 8 * h);
+      const __m256 s = _mm256_mul_ps(vstep, _mm256_loadu_ps(scale + 8 * h));
+      const __m256 vinv = _mm256_div_ps(one, s);
       const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x, p), vinv),
                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v), vmax, _CMP_LE_OQ)) != 0xff) {
@@ -216,7 +219,7 @@ KVPOOL_AVX2 bool QuantizeT(const Analysis& a, uint64_t packs, uint32_t stride, f
       }
       const __m256i q = _mm256_cvtps_epi32(v);
       z[h] = _mm256_xor_si256(_mm256_slli_epi32(q, 1), _mm256_srai_epi32(q, 31));
-      const __m256 y = RoundTrip(dtype, _mm256_add_ps(p, _mm256_mul_ps(_mm256_cvtepi32_ps(q), vstep)));
+      const __m256 y = RoundTrip(dtype, _mm256_add_ps(p, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s)));
       const __m256 diff = _mm256_sub_ps(y, x);
       const __m256d d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(diff));
       const __m256d d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(diff, 1));
@@ -294,7 +297,8 @@ __attribute__((target("avx2,fma,f16c"))) absl::Status DecodeAvx2(const SegmentSh
   if (status.ok() && entropy) status = internal::DecodeResidualCodes(shape, parsed, &codes);
   if (!status.ok()) return status;
   const std::vector<float>& means = lr.means;
-  const __m256 vstep = _mm256_set1_ps(parsed.step);
+  std::vector<float> steps;
+  internal::TokenSteps(shape, parsed, &steps);
   const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
   const uint8_t* data = parsed.res_data;
   for (uint32_t g = 0; g < G; ++g) {
@@ -335,6 +339,7 @@ __attribute__((target("avx2,fma,f16c"))) absl::Status DecodeAvx2(const SegmentSh
             const __m256 b = _mm256_loadu_ps(&lr.basis[(uint64_t{h} * internal::kMaxRank + j) * D + d0]);
             p = _mm256_add_ps(p, _mm256_mul_ps(_mm256_set1_ps(ct[j]), b));
           }
+          const __m256 vstep = _mm256_set1_ps(steps[(uint64_t{g} * kPack + i) * H + h]);
           const __m256 y = _mm256_add_ps(p, _mm256_mul_ps(_mm256_cvtepi32_ps(q), vstep));
           Store8(shape.dtype, y, out + (uint64_t{g} * kPack + i) * HD + c0);
         }
@@ -348,12 +353,19 @@ __attribute__((target("avx2,fma,f16c"))) absl::Status DecodeAvx2(const SegmentSh
 
 absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams& params,
                                    const uint16_t* in, uint8_t* out, uint64_t capacity) {
-  if (!CpuHasAvx2()) return EncodeRef(shape, params, in, out, capacity);
+  return EncodeCpu(shape, params, in, nullptr, out, capacity);
+}
+
+absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams& params,
+                                   const uint16_t* in, const uint16_t* keys, uint8_t* out,
+                                   uint64_t capacity) {
+  if (!CpuHasAvx2()) return EncodeRef(shape, params, in, keys, out, capacity);
   if (!(params.budget > 0 && params.budget < 1)) {
     return absl::InvalidArgumentError("kvpool: budget must be in (0, 1)");
   }
   thread_local Analysis a;  // Scratch reused by this thread's encodes (a few MiB at most).
-  internal::Analyze(shape, params, in, CpuKernels(), &a);
+  internal::Analyze(shape, params, in, internal::EncoderClasses(shape, params, in, keys),
+                    CpuKernels(), &a);
   return internal::FinishEncode(shape, params, in, CpuKernels(), &a, out, capacity);
 }
 

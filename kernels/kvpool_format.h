@@ -18,7 +18,7 @@ namespace kvpool::kernels::kvpool::internal {
 inline constexpr uint32_t kPack = 16;           // Tokens per pack (one column, one width).
 inline constexpr uint32_t kMaxRank = 8;         // Low-rank directions per head, at most.
 inline constexpr uint32_t kMaxWidth = 15;       // Bits per zigzag code, at most (a nibble).
-inline constexpr uint32_t kHeaderBytes = 8;     // mode, 3 reserved, f32 step.
+inline constexpr uint32_t kHeaderBytes = 8;     // mode, flags, 2 reserved, f32 step.
 inline constexpr uint32_t kDirectionBytes = 8;  // f32 coefficient step, f32 basis scale.
 inline constexpr uint8_t kModeRaw = 0;
 inline constexpr uint8_t kModeCoded = 1;    // Pack streams (bit planes).
@@ -26,6 +26,24 @@ inline constexpr uint8_t kModeCoded = 1;    // Pack streams (bit planes).
 // fixed-width numbers) is retired: decoders reject it like any unknown mode.
 inline constexpr uint8_t kModeEntropy = 3;
 inline constexpr uint8_t kFlagPacked = 4;   // CodecParams::flags: write mode 1, not mode 3.
+// CodecParams::flags: weight every token equally (no token classes).
+inline constexpr uint8_t kFlagEqualTokens = 8;
+// Header byte 1 (mode 3): a token class map follows the direction entries.
+inline constexpr uint8_t kHeadClasses = 1;
+// Token weighting strength: a token whose key lies z times the head's mean squared distance
+// from the keys' mean gets class round(2 * kTokenWeighting * z / ln 2), i.e. a residual step
+// exp(-kTokenWeighting * z / 2) relative to z = 0 (kvpool_analysis.cc, TokenClasses).
+inline constexpr double kTokenWeighting = 0.7;
+inline constexpr uint32_t kClasses = 16;
+
+// The residual step multiplier of token class k < 16: 2^(-k / 4), exact in float (a quarter
+// power of two times a power of two), so that every path computes the same steps.
+constexpr float ClassScale(uint32_t k) {
+  constexpr float kQuarter[4] = {1.0f, 0.840896415f, 0.707106781f, 0.594603557f};
+  float s = kQuarter[k & 3];
+  for (uint32_t i = 0; i < (k >> 2); ++i) s *= 0.5f;
+  return s;
+}
 inline constexpr float kCoefStepFactor = 3.f;  // Coefficient step / first residual step.
 // Mode 3: residual variance assumed by the mean and basis steps, in first steps^2 / 12.
 inline constexpr double kSideVariance = 8.0;
@@ -49,6 +67,7 @@ struct Parsed {
   const uint8_t* means = nullptr;         // Mode 1: [kv_heads * head_dim] u16 elements
   float mean_step = 0;                    // Mode 3.
   const uint8_t* directions = nullptr;    // per direction: DirectionBytes(mode, head_dim)
+  const uint8_t* classes = nullptr;       // Mode 3 with kHeadClasses: nibbles [tokens][kv_heads]
   uint32_t coef_cols = 0;                 // Sum of ranks.
   const uint8_t* coef_widths = nullptr;   // Mode 1: nibbles [groups][coef_cols]
   const uint8_t* coef_data = nullptr;
@@ -77,6 +96,21 @@ struct LowRank {
 };
 absl::Status DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowRank* low_rank);
 
+// The residual step of every token and head, steps[t * kv_heads + h]: step * ClassScale(class)
+// (one float multiplication), or the step itself without a class map.
+void TokenSteps(const SegmentShape& shape, const Parsed& parsed, std::vector<float>* steps);
+
+// The encoder's token classes (nibbles' values, [tokens][kv_heads]) from a key segment of
+// `shape` (its kind aside): by how far each token's key lies from the head's mean key, the
+// tokens a query is likely to attend to. Empty when every token would get the same class
+// (e.g. one token, constant or non-finite keys).
+std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const uint16_t* keys);
+
+// The classes an encoder uses: TokenClasses of the key segment (`in` itself for keys, `keys`
+// for values, none when null), none for mode 1 or with kFlagEqualTokens.
+std::vector<uint8_t> EncoderClasses(const SegmentShape& shape, const CodecParams& params,
+                                    const uint16_t* in, const uint16_t* keys);
+
 // The encoder's analysis: means, low-rank basis and coefficients written into `head` (the
 // payload up to the coefficient pack stream) and the prediction every decoder will form.
 // "Pack-major" arrays hold element (token 16 * g + i, column c) at ((g * H * D) + c) * 16 + i,
@@ -88,6 +122,9 @@ struct Analysis {
   std::vector<float> x;             // The input as float, [tokens][kv_heads][head_dim].
   std::vector<float> xp;            // The input as float, pack-major.
   std::vector<float> prediction;    // Pack-major.
+  std::vector<uint8_t> classes;     // Token classes [T][H]; empty: all class 0, no map.
+  std::vector<float> scale;         // ClassScale per token and head: [G][H][16] (16 tokens).
+  uint32_t head_dim = 0;            // Pack k's scales: scale[(k / head_dim) * 16 ..].
   double energy = 0;                // Sum of x^2.
   bool finite = true;
   float first_step = 0;
@@ -118,8 +155,9 @@ struct EncodeKernels {
                   const float* cf, const float* basis, float* pred);
   // xp = x pack-major.
   void (*to_packs)(const float* x, uint32_t T, uint64_t HD, float* xp);
-  // One quantisation pass over packs k = 0, stride, 2 * stride, .. < packs at `step`: code
-  // q = nearbyint((xp - p) * (1 / step)), zigzag u16 codes written pack-major when `codes` is
+  // One quantisation pass over packs k = 0, stride, 2 * stride, .. < packs at `step`: with
+  // s = step * scale of the element's token and head, code q = nearbyint((xp - p) * (1 / s)),
+  // decoded p + q * s; zigzag u16 codes written pack-major when `codes` is
   // not null, and the squared error of the decoded elements in 8 partial sums (token mod 8),
   // combined as above. False when a code exceeds kMaxCode or the error is not finite.
   QuantizeFnPtr quantize;
@@ -130,8 +168,10 @@ struct EncodeKernels {
 const EncodeKernels& RefKernels();
 inline uint64_t PackBound(uint64_t packs) { return (packs + 1) / 2 + packs * 32 + 32; }
 
+// `classes`: TokenClasses of the segment's keys, or empty (tokens weighted equally); ignored
+// for mode 1.
 void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_t* in,
-             const EncodeKernels& kernels, Analysis* analysis);
+             std::vector<uint8_t> classes, const EncodeKernels& kernels, Analysis* analysis);
 
 // The target relative L2 error for this kind (the budget, scaled for keys by `extra`).
 double TargetError(const SegmentShape& shape, const CodecParams& params);

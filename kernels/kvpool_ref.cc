@@ -3,7 +3,8 @@
 // Idea. Per head, a segment is centred (a mean per channel), its dominant low-rank structure
 // across head_dim is taken out (a rank r <= 8 basis found by a sketched subspace iteration and
 // a small eigen-decomposition), and the residual is quantised with one uniform step for the
-// whole segment (equal error per element minimises the relative L2 error for its bytes). The
+// whole segment (equal error per element minimises the relative L2 error for its bytes), in
+// mode 3 scaled down per token and head where attention is likely to look (below). The
 // prediction (mean + low-rank) is formed from the quantised basis and coefficients with the
 // decoder's own arithmetic, so its quantisation error lands in the residual and the only error
 // left is the residual's rounding plus the output rounding to fp16/bf16. The encoder measures
@@ -17,13 +18,26 @@
 // Mode 2 (mode 3 with mode 1's means and basis) is retired and rejected. Keys' budget can be
 // tightened by `extra`.
 //
+// Token weighting (mode 3). The residual step may differ per token and head: a query attends
+// mostly to the tokens whose keys lie far from the head's mean key (their logits q.k spread
+// the most), so their errors, in keys and in values, move the attention output far more than
+// the others'. The encoder puts each (token, head) in a class by its key's squared distance
+// from the mean, in units of the mean such distance (TokenClasses in kvpool_analysis.cc);
+// class k quantises with step * 2^(-k/4). A value segment takes its classes from its layer's
+// keys when the caller passes them (EncodeSegment's `keys`), else every token is class 0. The
+// relative L2 budget still holds (the step search measures it); the bytes go where attention
+// looks.
+//
 // Parameters: budget (relative L2 per segment, (0, 1)); extra bits 0-7: key budget scale in
-// 1/64 (0 means 64/64: keys use the whole budget); flags bit 2: write mode 1; bits unused.
+// 1/64 (0 means 64/64: keys use the whole budget); flags bit 2: write mode 1; flags bit 3:
+// weight every token equally (no class map); other bits unused.
 //
 // Payload (little-endian; H = kv_heads, D = head_dim, T = tokens, G = ceil(T / 16)):
 //   0  1  mode: 0 raw, 1 coded with packs, 3 coded with entropy-coded streams
-//   1  3  reserved, 0
-//   4  4  f32 residual step (modes 1, 2: finite, > 0; mode 0: 0)
+//   1  1  flags: bit 0 (mode 3 only) a token class map follows the direction entries; other
+//         bits 0
+//   2  2  reserved, 0
+//   4  4  f32 residual step (modes 1, 3: finite, > 0; mode 0: 0)
 // mode 0: T*H*D elements, 2 bytes each (the segment's dtype); nothing else.
 // mode 1:
 //   H bytes          rank r_h of each head, <= 8
@@ -37,6 +51,8 @@
 //   H bytes          rank r_h of each head, <= 8
 //   4 bytes          f32 mean step ms (finite, > 0)
 //   per direction, in mode 1's order (8 bytes each): f32 cs, f32 bs (both finite)
+//   with flags bit 0: ceil(T*H/2) bytes, the class k of token t, head h in nibble t*H + h
+//                    (low nibble first; padding 0)
 //   means and basis  [D][H + R] codes: column h < H the mean codes of head h (m[h][d] =
 //                    code * ms), column H + col the basis codes b of direction col
 //   coefficients, residual as in mode 1
@@ -65,7 +81,9 @@
 //   B[h][j][d] = float(b) * bs;   c[t][h][j] = float(coefficient) * cs
 //   mean: float(m[h][d]) (mode 1) or float(mean code) * ms (mode 3)
 //   p = mean; for j = 0 .. r_h - 1: p = p + c[t][h][j] * B[h][j][d]
-//   x'[t][h][d] = to_dtype(p + float(residual code) * step)
+//   s = step, or with a class map step * ClassScale(k) (2^(-k/4) as kvpool_format.h's
+//   literals give it; one float multiplication)
+//   x'[t][h][d] = to_dtype(p + float(residual code) * s)
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -185,17 +203,18 @@ void ToPacksRef(const float* x, uint32_t T, uint64_t HD, float* xp) {
 
 bool QuantizeRef(const Analysis& a, DType dtype, uint64_t packs, uint32_t stride, float step,
                  uint16_t* codes, double* err) {
-  const float inv = 1.f / step;
   double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (uint64_t k = 0; k < packs; k += stride) {
+    const float* scale = &a.scale[k / a.head_dim * kPack];
     for (uint32_t i = 0; i < kPack; ++i) {
       const uint64_t e = k * kPack + i;
       const float x = a.xp[e], p = a.prediction[e];
+      const float s = step * scale[i], inv = 1.f / s;
       const float v = std::nearbyint((x - p) * inv);
       if (!(std::fabs(v) <= kMaxCode)) return false;
       const int32_t q = int32_t(v);
       if (codes != nullptr) codes[e] = uint16_t(ZigZag(q));
-      const float y = ToFloat(dtype, FromFloat(dtype, p + float(q) * step));
+      const float y = ToFloat(dtype, FromFloat(dtype, p + float(q) * s));
       const float diff = y - x;
       sums[i % 8] += double(diff) * double(diff);
     }
@@ -246,10 +265,14 @@ double TargetError(const SegmentShape& shape, const CodecParams& params) {
 absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
                           Parsed* parsed) {
   if (size < kHeaderBytes) return absl::DataLossError("kvpool: payload shorter than its header");
-  if (payload[1] != 0 || payload[2] != 0 || payload[3] != 0) {
-    return absl::DataLossError("kvpool: reserved header bytes are not zero");
-  }
   parsed->mode = payload[0];
+  if (parsed->mode != kModeRaw && parsed->mode != kModeCoded && parsed->mode != kModeEntropy) {
+    return absl::DataLossError("kvpool: unknown payload mode");
+  }
+  const uint8_t head_flags = parsed->mode == kModeEntropy ? kHeadClasses : 0;
+  if ((payload[1] & ~head_flags) != 0 || payload[2] != 0 || payload[3] != 0) {
+    return absl::DataLossError("kvpool: reserved header bits are not zero");
+  }
   parsed->step = LoadF32(payload + 4);
   if (parsed->mode == kModeRaw) {
     if (size != RawPayloadBytes(shape)) {
@@ -258,9 +281,6 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
     }
     parsed->raw = payload + kHeaderBytes;
     return absl::OkStatus();
-  }
-  if (parsed->mode != kModeCoded && parsed->mode != kModeEntropy) {
-    return absl::DataLossError("kvpool: unknown payload mode");
   }
   if (!std::isfinite(parsed->step) || !(parsed->step > 0)) {
     return absl::DataLossError("kvpool: residual step is not a positive finite number");
@@ -297,6 +317,15 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
     }
   }
   pos += dir_bytes;
+  if (payload[1] & kHeadClasses) {
+    const uint64_t n = uint64_t{shape.tokens} * H, bytes = (n + 1) / 2;
+    if (size - pos < bytes) return absl::DataLossError("kvpool: token classes truncated");
+    parsed->classes = payload + pos;
+    if ((n & 1) && (parsed->classes[bytes - 1] >> 4) != 0) {
+      return absl::DataLossError("kvpool: token class padding is not zero");
+    }
+    pos += bytes;
+  }
   absl::Status s;
   if (side) {
     s = ParseStream(payload, size, shape.head_dim, shape.kv_heads + parsed->coef_cols, &pos,
@@ -363,6 +392,13 @@ absl::Status DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowR
   lr->coefficients.resize(codes.size());
   for (uint64_t i = 0; i < codes.size(); ++i) lr->coefficients[i] = float(codes[i]) * cstep[i % R];
   return absl::OkStatus();
+}
+
+void TokenSteps(const SegmentShape& shape, const Parsed& parsed, std::vector<float>* steps) {
+  const uint64_t n = uint64_t{shape.tokens} * shape.kv_heads;
+  steps->assign(n, parsed.step);
+  if (parsed.classes == nullptr) return;
+  for (uint64_t i = 0; i < n; ++i) (*steps)[i] = parsed.step * ClassScale(Nibble(parsed.classes, i));
 }
 
 absl::Status DecodeResidualCodes(const SegmentShape& shape, const Parsed& parsed,
@@ -493,6 +529,7 @@ absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecPara
     if (best_step > 0) {
       payload.assign(kHeaderBytes, 0);
       payload[0] = (params.flags & kFlagPacked) ? kModeCoded : kModeEntropy;
+      payload[1] = a->classes.empty() ? 0 : kHeadClasses;
       std::memcpy(&payload[4], &best_step, 4);
       payload.insert(payload.end(), a->head.begin(), a->head.end());
       const uint32_t T = shape.tokens, G = Groups(T), R = a->coef_cols;
@@ -540,11 +577,18 @@ uint64_t MaxPayloadBytes(const SegmentShape& shape, const CodecParams&) {
 
 absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams& params,
                                    const uint16_t* in, uint8_t* out, uint64_t capacity) {
+  return EncodeRef(shape, params, in, nullptr, out, capacity);
+}
+
+absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams& params,
+                                   const uint16_t* in, const uint16_t* keys, uint8_t* out,
+                                   uint64_t capacity) {
   if (!(params.budget > 0 && params.budget < 1)) {
     return absl::InvalidArgumentError("kvpool: budget must be in (0, 1)");
   }
   internal::Analysis a;
-  internal::Analyze(shape, params, in, internal::RefKernels(), &a);
+  internal::Analyze(shape, params, in, internal::EncoderClasses(shape, params, in, keys),
+                    internal::RefKernels(), &a);
   return internal::FinishEncode(shape, params, in, internal::RefKernels(), &a, out, capacity);
 }
 
@@ -567,8 +611,11 @@ absl::Status DecodeRef(const SegmentShape& shape, const CodecParams& params,
   if (s.ok()) s = DecodeResidualCodes(shape, parsed, &codes);
   if (!s.ok()) return s;
   const uint32_t R = parsed.coef_cols;
+  std::vector<float> steps;
+  TokenSteps(shape, parsed, &steps);
   for (uint32_t t = 0; t < T; ++t) {
     for (uint32_t h = 0; h < H; ++h) {
+      const float step = steps[uint64_t{t} * H + h];
       for (uint32_t d = 0; d < D; ++d) {
         const uint64_t c = uint64_t{h} * D + d;
         float p = lr.means[c];
@@ -576,7 +623,7 @@ absl::Status DecodeRef(const SegmentShape& shape, const CodecParams& params,
           p = p + lr.coefficients[uint64_t{t} * R + lr.first_col[h] + j] *
                       lr.basis[(uint64_t{h} * kMaxRank + j) * D + d];
         }
-        out[t * HD + c] = FromFloat(shape.dtype, p + float(codes[t * HD + c]) * parsed.step);
+        out[t * HD + c] = FromFloat(shape.dtype, p + float(codes[t * HD + c]) * step);
       }
     }
   }

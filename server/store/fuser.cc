@@ -33,10 +33,12 @@ absl::Span<const uint16_t> SegmentOf(const KvSpec& spec, absl::Span<const uint16
   return block.subspan(s * n, n);
 }
 
+// `keys`: for a value segment, its layer's keys (the codec weights tokens by them), or empty.
 absl::StatusOr<SegmentPtr> Encode(const EncodeContext& c, SegmentKind kind,
-                                  absl::Span<const uint16_t> x) {
+                                  absl::Span<const uint16_t> x,
+                                  absl::Span<const uint16_t> keys = {}) {
   KVPOOL_ASSIGN_OR_RETURN(std::string bytes,
-                          kernels::EncodeSegment(c.codec, ShapeOf(c.spec, kind), x, c.path));
+                          kernels::EncodeSegment(c.codec, ShapeOf(c.spec, kind), x, c.path, keys));
   return Segment::Make(std::move(bytes), x.size() * 2);
 }
 
@@ -214,7 +216,11 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
     KVPOOL_LOG(WARNING) << "encoding on the GPU failed, using the CPU: " << encoded.status();
   }
   for (uint64_t s : todo) {
-    KVPOOL_ASSIGN_OR_RETURN((*refs)[s].segment, Encode(c, KindOf(s), SegmentOf(c.spec, block, s)));
+    const absl::Span<const uint16_t> keys =
+        KindOf(s) == SegmentKind::kValue ? SegmentOf(c.spec, block, s - 1)
+                                         : absl::Span<const uint16_t>();
+    KVPOOL_ASSIGN_OR_RETURN((*refs)[s].segment,
+                            Encode(c, KindOf(s), SegmentOf(c.spec, block, s), keys));
   }
   return absl::OkStatus();
 }
