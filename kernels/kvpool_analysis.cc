@@ -237,7 +237,7 @@ double Centre(const SegmentShape& shape, const std::vector<float>& x, const floa
 
 }  // namespace
 
-std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const uint16_t* keys) {
+std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const float* keys) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
   const uint64_t HD = uint64_t{H} * D;
   std::vector<uint8_t> classes(uint64_t{T} * H, 0);
@@ -247,13 +247,13 @@ std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const uint16_t* key
   for (uint32_t h = 0; h < H; ++h) {
     std::fill(mean.begin(), mean.end(), 0.0);
     for (uint32_t t = 0; t < T; ++t)
-      for (uint32_t d = 0; d < D; ++d) mean[d] += ToFloat(shape.dtype, keys[t * HD + h * D + d]);
+      for (uint32_t d = 0; d < D; ++d) mean[d] += keys[t * HD + h * D + d];
     for (double& m : mean) m /= T;
     double total = 0;
     for (uint32_t t = 0; t < T; ++t) {
       double sq = 0;
       for (uint32_t d = 0; d < D; ++d) {
-        const double v = ToFloat(shape.dtype, keys[t * HD + h * D + d]) - mean[d];
+        const double v = keys[t * HD + h * D + d] - mean[d];
         sq += v * v;
       }
       dist[t] = sq;
@@ -273,31 +273,31 @@ std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const uint16_t* key
   return classes;
 }
 
-std::vector<uint8_t> EncoderClasses(const SegmentShape& shape, const CodecParams& params,
-                                    const uint16_t* in, const uint16_t* keys) {
-  if (params.flags & (kFlagPacked | kFlagEqualTokens)) return {};
-  const uint16_t* source = shape.kind == SegmentKind::kKey ? in : keys;
-  return source == nullptr ? std::vector<uint8_t>{} : TokenClasses(shape, source);
-}
-
 void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_t* in,
-             std::vector<uint8_t> classes, const EncodeKernels& kn, Analysis* a) {
+             const uint16_t* keys, const EncodeKernels& kn, Analysis* a) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
   const uint64_t HD = uint64_t{H} * D, N = shape.Elements();
   const bool side = !(params.flags & kFlagPacked);
-  a->classes = side ? std::move(classes) : std::vector<uint8_t>{};
-  a->head_dim = D;
-  a->scale.assign(uint64_t{G} * H * kPack, 1.f);
-  if (!a->classes.empty()) {
-    for (uint32_t t = 0; t < T; ++t)
-      for (uint32_t h = 0; h < H; ++h) {
-        a->scale[(uint64_t{t / kPack} * H + h) * kPack + t % kPack] =
-            ClassScale(a->classes[uint64_t{t} * H + h]);
-      }
-  }
   a->x.resize(N);
   a->finite = N > 0 && kn.load(shape.dtype, in, N, a->x.data(), &a->energy) &&
               std::isfinite(a->energy);
+  a->classes.clear();
+  if (side && !(params.flags & kFlagEqualTokens) && a->finite) {
+    if (shape.kind == SegmentKind::kKey) {
+      a->classes = TokenClasses(shape, a->x.data());
+    } else if (keys != nullptr) {
+      double unused;
+      a->kx.resize(N);
+      kn.load(shape.dtype, keys, N, a->kx.data(), &unused);
+      a->classes = TokenClasses(shape, a->kx.data());
+    }
+  }
+  a->head_dim = D;
+  a->scale.assign(uint64_t{G} * H * kPack, 1.f);
+  for (uint64_t i = 0; i < a->classes.size(); ++i) {
+    const uint64_t t = i / H, h = i % H;
+    a->scale[((t / kPack) * H + h) * kPack + t % kPack] = ClassScale(a->classes[i]);
+  }
   if (!a->finite) return;
   double step0 = std::sqrt(12.0 * a->energy / double(N)) * TargetError(shape, params);
   if (!(step0 >= 1e-30) || !std::isfinite(step0)) step0 = 1.0;

@@ -200,18 +200,26 @@ template <bool kBf16>
 KVPOOL_AVX2 bool QuantizeT(const Analysis& a, uint64_t packs, uint32_t stride, float step,
                            uint16_t* codes, double* err) {
   const DType dtype = kBf16 ? DType::kBf16 : DType::kFp16;
-  const __m256 vstep = _mm256_set1_ps(step), one = _mm256_set1_ps(1.f);
+  // The steps and their inverses per token and head for this pass (the reference's
+  // step * scale and 1 / that, computed once instead of per element).
+  thread_local std::vector<float> steps, invs;
+  steps.resize(a.scale.size());
+  invs.resize(a.scale.size());
+  for (uint64_t i = 0; i < a.scale.size(); ++i) {
+    steps[i] = step * a.scale[i];
+    invs[i] = 1.f / steps[i];
+  }
   const __m256 vmax = _mm256_set1_ps(internal::kMaxCode), sign = _mm256_set1_ps(-0.f);
   __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
   const float* xp = a.xp.data();
   const float* pp = a.prediction.data();
   for (uint64_t k = 0; k < packs; k += stride) {
     __m256i z[2];
-    const float* scale = a.scale.data() + k / a.head_dim * 16;
+    const uint64_t at = k / a.head_dim * 16;
     for (int h = 0; h < 2; ++h) {
       const __m256 x = _mm256_loadu_ps(xp + k * 16 + 8 * h), p = _mm256_loadu_ps(pp + k * 16 + 8 * h);
-      const __m256 s = _mm256_mul_ps(vstep, _mm256_loadu_ps(scale + 8 * h));
-      const __m256 vinv = _mm256_div_ps(one, s);
+      const __m256 s = _mm256_loadu_ps(&steps[at + 8 * h]);
+      const __m256 vinv = _mm256_loadu_ps(&invs[at + 8 * h]);
       const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x, p), vinv),
                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v), vmax, _CMP_LE_OQ)) != 0xff) {
@@ -364,7 +372,7 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
     return absl::InvalidArgumentError("kvpool: budget must be in (0, 1)");
   }
   thread_local Analysis a;  // Scratch reused by this thread's encodes (a few MiB at most).
-  internal::Analyze(shape, params, in, internal::EncoderClasses(shape, params, in, keys),
+  internal::Analyze(shape, params, in, keys,
                     CpuKernels(), &a);
   return internal::FinishEncode(shape, params, in, CpuKernels(), &a, out, capacity);
 }

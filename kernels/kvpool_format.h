@@ -101,15 +101,10 @@ absl::Status DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowR
 void TokenSteps(const SegmentShape& shape, const Parsed& parsed, std::vector<float>* steps);
 
 // The encoder's token classes (nibbles' values, [tokens][kv_heads]) from a key segment of
-// `shape` (its kind aside): by how far each token's key lies from the head's mean key, the
-// tokens a query is likely to attend to. Empty when every token would get the same class
-// (e.g. one token, constant or non-finite keys).
-std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const uint16_t* keys);
-
-// The classes an encoder uses: TokenClasses of the key segment (`in` itself for keys, `keys`
-// for values, none when null), none for mode 1 or with kFlagEqualTokens.
-std::vector<uint8_t> EncoderClasses(const SegmentShape& shape, const CodecParams& params,
-                                    const uint16_t* in, const uint16_t* keys);
+// `shape` (its kind aside) as float: by how far each token's key lies from the head's mean
+// key, the tokens a query is likely to attend to. Empty when every token would get the same
+// class (e.g. one token, constant or non-finite keys).
+std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const float* keys);
 
 // The encoder's analysis: means, low-rank basis and coefficients written into `head` (the
 // payload up to the coefficient pack stream) and the prediction every decoder will form.
@@ -121,6 +116,7 @@ struct Analysis {
   uint32_t coef_cols = 0;
   std::vector<float> x;             // The input as float, [tokens][kv_heads][head_dim].
   std::vector<float> xp;            // The input as float, pack-major.
+  std::vector<float> kx;            // A value segment's keys as float (for its classes).
   std::vector<float> prediction;    // Pack-major.
   std::vector<uint8_t> classes;     // Token classes [T][H]; empty: all class 0, no map.
   std::vector<float> scale;         // ClassScale per token and head: [G][H][16] (16 tokens).
@@ -168,10 +164,10 @@ struct EncodeKernels {
 const EncodeKernels& RefKernels();
 inline uint64_t PackBound(uint64_t packs) { return (packs + 1) / 2 + packs * 32 + 32; }
 
-// `classes`: TokenClasses of the segment's keys, or empty (tokens weighted equally); ignored
-// for mode 1.
+// Token classes (mode 3 without kFlagEqualTokens): TokenClasses of the segment itself for
+// keys, of `keys` for values (none when null).
 void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_t* in,
-             std::vector<uint8_t> classes, const EncodeKernels& kernels, Analysis* analysis);
+             const uint16_t* keys, const EncodeKernels& kernels, Analysis* analysis);
 
 // The target relative L2 error for this kind (the budget, scaled for keys by `extra`).
 double TargetError(const SegmentShape& shape, const CodecParams& params);

@@ -587,7 +587,7 @@ absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams&
     return absl::InvalidArgumentError("kvpool: budget must be in (0, 1)");
   }
   internal::Analysis a;
-  internal::Analyze(shape, params, in, internal::EncoderClasses(shape, params, in, keys),
+  internal::Analyze(shape, params, in, keys,
                     internal::RefKernels(), &a);
   return internal::FinishEncode(shape, params, in, internal::RefKernels(), &a, out, capacity);
 }

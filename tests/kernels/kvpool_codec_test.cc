@@ -312,16 +312,14 @@ TEST(KvpoolCodec, ClassScalesArePowersOfTwoToTheMinusQuarter) {
 TEST(KvpoolCodec, TokenClassesHandComputed) {
   using kvpool::internal::TokenClasses;
   const SegmentShape s = Shape(4, 2, 1);
-  const std::vector<uint16_t> keys = {FromF(s.dtype, 0), FromF(s.dtype, 2), FromF(s.dtype, 0),
-                                      FromF(s.dtype, 2), FromF(s.dtype, 0), FromF(s.dtype, 2),
-                                      FromF(s.dtype, 4), FromF(s.dtype, 2)};
+  const std::vector<float> keys = {0, 2, 0, 2, 0, 2, 4, 2};
   const double per_z = 2 * kvpool::internal::kTokenWeighting / std::log(2.0);
   const uint8_t low = uint8_t(std::nearbyint(per_z / 3)), high = uint8_t(std::nearbyint(per_z * 3));
   EXPECT_EQ(TokenClasses(s, keys.data()), (std::vector<uint8_t>{low, 0, low, 0, low, 0, high, 0}));
   if (kvpool::internal::kTokenWeighting == 0.7) EXPECT_EQ(high, 6);
   // One token, or keys all alike: no classes (no map in the payload).
   EXPECT_TRUE(TokenClasses(Shape(1, 2, 1), keys.data()).empty());
-  const std::vector<uint16_t> same(8, FromF(s.dtype, 3));
+  const std::vector<float> same(8, 3.f);
   EXPECT_TRUE(TokenClasses(s, same.data()).empty());
 }
 
@@ -365,7 +363,9 @@ TEST(KvpoolCodec, ValueSegmentsTakeClassesFromTheirKeys) {
   SegmentShape vs = ks;
   vs.kind = SegmentKind::kValue;
   const std::vector<uint16_t> keys = RandomSegment(ks, 5, rng), values = RandomSegment(vs, 0, rng);
-  const std::vector<uint8_t> classes = kvpool::internal::TokenClasses(ks, keys.data());
+  std::vector<float> key_floats;
+  for (uint16_t k : keys) key_floats.push_back(ToF(ks.dtype, k));
+  const std::vector<uint8_t> classes = kvpool::internal::TokenClasses(ks, key_floats.data());
   ASSERT_FALSE(classes.empty());
   for (Path path : {Path::kRef, Path::kCpu}) {
     const std::string with = Encode(Params(0.05f), vs, values, path, keys);
