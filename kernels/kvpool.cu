@@ -14,7 +14,8 @@
 //   2. DecodeKernel (a block per 16-token group) reads the layout; when it is not ok it writes
 //      the sentinel kInvalidOutput (0xffff, a NaN in fp16 and bf16) to every output element
 //      and reads nothing else, else it decodes the coefficients of its group, then its
-//      residual packs, and forms the elements with DecodeRef's operation order.
+//      residual packs, and forms the elements with DecodeRef's operation order (mode 3 with a
+//      token class map: each token and head's step is step * ClassScale(class), as on the host).
 // So a payload that DecodeRef rejects with DataLoss leaves every output element 0xffff (the
 // launcher itself returns OK: it cannot see the verdict without synchronising). Callers that
 // hold the payload on the host can run ParsePayload first for a Status. Sizes the host knows

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "client/kv_codec.h"
 #include "client/synthetic.h"
 #include "common/half.h"
 #include "gmock/gmock.h"
@@ -387,6 +388,34 @@ TEST(KvpoolCodec, ValueSegmentsTakeClassesFromTheirKeys) {
   const std::vector<uint16_t> short_keys(keys.begin(), keys.end() - 1);
   EXPECT_EQ(EncodeSegment(Params(0.05f), vs, values, Path::kCpu, short_keys).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// EncodeKv (what `kvpool codec encode / eval` use) hands each value segment the keys of its
+// layer and tokens: [layers][2][tokens][heads][dim], blocks of 32 of 80 tokens (the last short).
+TEST(KvpoolCodec, EncodeKvGivesValuesTheirKeys) {
+  std::mt19937_64 rng(43);
+  const client::KvShape shape{2, 80, 2, 16, DType::kFp16};
+  std::vector<uint16_t> kv;
+  for (uint32_t part = 0; part < 4; ++part) {  // layer 0 K, V, layer 1 K, V
+    const std::vector<uint16_t> x = RandomSegment(Shape(80, 2, 16), part % 2 ? 0 : 5, rng);
+    kv.insert(kv.end(), x.begin(), x.end());
+  }
+  auto enc = client::EncodeKv(shape, kv, 32, Params(0.05f), Path::kCpu);
+  ASSERT_TRUE(enc.ok()) << enc.status();
+  ASSERT_EQ(enc->segments.size(), 12u);  // 3 blocks x 2 layers x K, V
+  const uint64_t row = 2 * 16;
+  int weighted = 0;
+  for (uint32_t b = 0, i = 0; b < 3; ++b)
+    for (uint32_t l = 0; l < 2; ++l, i += 2) {
+      const uint32_t tokens = b < 2 ? 32 : 16;
+      const SegmentShape vs = Shape(tokens, 2, 16, DType::kFp16, SegmentKind::kValue);
+      const uint64_t k_at = (uint64_t{l} * 2 * 80 + b * 32) * row, v_at = k_at + 80 * row;
+      const auto keys = absl::MakeConstSpan(kv).subspan(k_at, tokens * row);
+      const auto values = absl::MakeConstSpan(kv).subspan(v_at, tokens * row);
+      EXPECT_EQ(enc->segments[i + 1], *EncodeSegment(Params(0.05f), vs, values, Path::kCpu, keys));
+      weighted += enc->segments[i + 1][kSegmentHeaderBytes + 1] == 1;
+    }
+  EXPECT_GT(weighted, 0);
 }
 
 // The class map's flag only on mode 3, no other flag bits, zero padding: else DataLoss.

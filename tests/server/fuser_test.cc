@@ -211,6 +211,35 @@ TEST(FuserTest, FusionOnTopOfALossyCodecStaysWithinBudget) {
   }
 }
 
+// The put path hands each value segment its layer's keys, so the kvpool codec weights the
+// value's tokens by them (a class map in the payload): the stored bytes are exactly
+// EncodeSegment's with those keys.
+TEST(FuserTest, ValueSegmentsAreEncodedWithTheirKeys) {
+  CodecParams kvpool{CodecId::kKvpool};
+  kvpool.budget = 0.05f;
+  const EncodeContext c = Context(FusionOptions::Mode::kOff, kvpool);
+  const std::vector<std::string> blocks = client::SyntheticCorpus(Corpus(c.spec, 4, 4, 0, 7));
+  Ingested in = Ingest(c, blocks, 1);
+  const uint64_t n = uint64_t{c.spec.tokens_per_block} * c.spec.num_kv_heads * c.spec.head_dim;
+  const SegmentShape shape{c.spec.tokens_per_block, c.spec.num_kv_heads, c.spec.head_dim,
+                           c.spec.dtype, SegmentKind::kValue};
+  int weighted = 0;
+  for (uint32_t b = 0; b < blocks.size(); ++b) {
+    const BlockKey key = Key(b);
+    StoredBlockPtr got = in.store->Get(in.ns, {&key, 1})[0];
+    ASSERT_NE(got, nullptr);
+    for (size_t s = 1; s < got->num_segments(); s += 2) {
+      const absl::Span<const uint16_t> block = Elements(blocks[b]);
+      auto want = kernels::EncodeSegment(c.codec, shape, block.subspan(s * n, n), c.path,
+                                         block.subspan((s - 1) * n, n));
+      ASSERT_THAT(want, IsOk());
+      EXPECT_EQ(got->segment(s), *want) << "block " << b << " segment " << s;
+      weighted += got->segment(s)[kSegmentHeaderBytes + 1] == 1;  // The class map's flag.
+    }
+  }
+  EXPECT_GT(weighted, 0);
+}
+
 // Which segments of every block are fused, as a string per block (for comparing two runs).
 std::vector<std::string> FusedPattern(BlockStore* store, NamespaceId ns, size_t blocks) {
   std::vector<std::string> out;
