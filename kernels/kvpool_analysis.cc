@@ -240,8 +240,8 @@ double Centre(const SegmentShape& shape, const std::vector<float>& x, const floa
 std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const float* keys) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
   const uint64_t HD = uint64_t{H} * D;
-  std::vector<uint8_t> classes(uint64_t{T} * H, 0);
   if (T < 2 || D == 0) return {};
+  std::vector<uint8_t> classes(uint64_t{T} * H, 0);
   std::vector<double> mean(D), dist(T);
   bool varied = false;
   for (uint32_t h = 0; h < H; ++h) {
@@ -266,7 +266,7 @@ std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const float* keys) 
     for (uint32_t t = 0; t < T; ++t) {
       const double k = std::nearbyint(dist[t] * per_z);
       classes[uint64_t{t} * H + h] = uint8_t(std::min<double>(kClasses - 1, k));
-      varied = varied || classes[uint64_t{t} * H + h] != classes[h];
+      varied = varied || classes[uint64_t{t} * H + h] != classes[0];
     }
   }
   if (!varied) return {};
