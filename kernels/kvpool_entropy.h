@@ -15,12 +15,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-
-#if defined(__CUDACC__)
-#define KVPOOL_ENTROPY_HD __host__ __device__ inline
-#else
-#define KVPOOL_ENTROPY_HD inline
-#endif
+#include "kernels/host_device.h"
 
 namespace kvpool::kernels::kvpool::internal {
 
@@ -52,10 +47,10 @@ struct Stream {
   const uint8_t* data = nullptr;           // Lane data, lane after lane.
 };
 
-KVPOOL_ENTROPY_HD uint32_t LoadU32(const uint8_t* p) {
+KVPOOL_HD uint32_t LoadU32(const uint8_t* p) {
   return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
 }
-KVPOOL_ENTROPY_HD uint32_t ColumnTable(const uint8_t* nibbles, uint32_t c) {
+KVPOOL_HD uint32_t ColumnTable(const uint8_t* nibbles, uint32_t c) {
   return (nibbles[c / 2] >> (4 * (c & 1))) & 15;
 }
 
@@ -67,8 +62,8 @@ enum class StreamError : int { kOk = 0, kTruncated, kTableCount, kShift, kFreque
 // 4096, shifts <= 12), column tables, lane directory (states, even lengths within `size`). On
 // success fills *s and advances *pos past the stream. The one definition of the checks, for
 // the host parser and the CUDA parse kernel.
-KVPOOL_ENTROPY_HD StreamError CheckStream(const uint8_t* payload, uint64_t size, uint32_t rows,
-                                          uint32_t cols, uint64_t* pos, Stream* s) {
+KVPOOL_HD StreamError CheckStream(const uint8_t* payload, uint64_t size, uint32_t rows,
+                                  uint32_t cols, uint64_t* pos, Stream* s) {
   *s = Stream();
   s->rows = rows;
   s->cols = cols;
@@ -112,7 +107,7 @@ KVPOOL_ENTROPY_HD StreamError CheckStream(const uint8_t* payload, uint64_t size,
 }
 
 // Table k of a checked stream, ready for DecodeLane.
-KVPOOL_ENTROPY_HD void BuildTable(const Stream& s, uint32_t k, DecodeTable* d) {
+KVPOOL_HD void BuildTable(const Stream& s, uint32_t k, DecodeTable* d) {
   const uint8_t* tb = s.table_bytes + uint64_t{k} * kTableBytes;
   d->shift = tb[0];
   uint32_t cum = 0;
@@ -124,7 +119,7 @@ KVPOOL_ENTROPY_HD void BuildTable(const Stream& s, uint32_t k, DecodeTable* d) {
 }
 
 // Byte offset of lane l's data from s.data (the lengths of the lanes before it).
-KVPOOL_ENTROPY_HD uint64_t LaneOffset(const Stream& s, uint32_t l) {
+KVPOOL_HD uint64_t LaneOffset(const Stream& s, uint32_t l) {
   uint64_t off = 0;
   for (uint32_t i = 0; i < l; ++i) off += LoadU32(s.lane_dir + uint64_t{i} * kLaneEntryBytes + 4);
   return off;
@@ -138,7 +133,7 @@ struct LaneCursor {
 };
 
 // A lane's cursor before its first code: its final encoder state and its words.
-KVPOOL_ENTROPY_HD LaneCursor OpenLane(uint32_t state, const uint8_t* data, uint32_t bytes) {
+KVPOOL_HD LaneCursor OpenLane(uint32_t state, const uint8_t* data, uint32_t bytes) {
   LaneCursor l;
   l.x = state;
   l.data = data;
@@ -148,12 +143,12 @@ KVPOOL_ENTROPY_HD LaneCursor OpenLane(uint32_t state, const uint8_t* data, uint3
 }
 
 // True when a lane decoded consistently: every word read and the state back at its start.
-KVPOOL_ENTROPY_HD bool LaneFinished(const LaneCursor& l) {
+KVPOOL_HD bool LaneFinished(const LaneCursor& l) {
   return l.ok && l.pos == l.bytes && l.x == kStateLow;
 }
 
 // Takes the symbol at slot range [start, start + freq) out of the state, then refills.
-KVPOOL_ENTROPY_HD void Advance(LaneCursor* l, uint32_t freq, uint32_t slot_minus_start) {
+KVPOOL_HD void Advance(LaneCursor* l, uint32_t freq, uint32_t slot_minus_start) {
   l->x = freq * (l->x >> kProbBits) + slot_minus_start;
   if (l->x < kStateLow) {
     if (l->pos + 2 <= l->bytes) {
@@ -166,14 +161,14 @@ KVPOOL_ENTROPY_HD void Advance(LaneCursor* l, uint32_t freq, uint32_t slot_minus
 }
 
 // A value of `bits` bits, each equally likely.
-KVPOOL_ENTROPY_HD uint32_t DecodeUniform(LaneCursor* l, uint32_t bits) {
+KVPOOL_HD uint32_t DecodeUniform(LaneCursor* l, uint32_t bits) {
   const uint32_t slot = l->x & (kProbScale - 1), f = kProbScale >> bits;
   Advance(l, f, slot & (f - 1));
   return slot >> (kProbBits - bits);
 }
 
 // The next code of a lane, signed (un-zigzagged). Clears l->ok when it is invalid.
-KVPOOL_ENTROPY_HD int32_t DecodeCode(const DecodeTable& tb, LaneCursor* l) {
+KVPOOL_HD int32_t DecodeCode(const DecodeTable& tb, LaneCursor* l) {
   const uint32_t e = tb.slot[l->x & (kProbScale - 1)];
   const uint32_t sym = e & 31;
   Advance(l, (e >> 5) & 0x1fff, e >> 18);
@@ -195,10 +190,10 @@ KVPOOL_ENTROPY_HD int32_t DecodeCode(const DecodeTable& tb, LaneCursor* l) {
 // Decodes lane `lane` of a stream into codes[t * ld + c] for its columns and every row. `data`
 // is the lane's own words (`bytes` of them, from the lane directory). False when the lane is
 // inconsistent (it reads nothing beyond `bytes` either way). The definition of decoding.
-KVPOOL_ENTROPY_HD bool DecodeLane(const DecodeTable* tables, const uint8_t* column_tables,
-                                  uint32_t rows, uint32_t cols, uint32_t lane, uint32_t state,
-                                  const uint8_t* data, uint32_t bytes, int32_t* codes,
-                                  uint64_t ld) {
+KVPOOL_HD bool DecodeLane(const DecodeTable* tables, const uint8_t* column_tables,
+                          uint32_t rows, uint32_t cols, uint32_t lane, uint32_t state,
+                          const uint8_t* data, uint32_t bytes, int32_t* codes,
+                          uint64_t ld) {
   const uint32_t c0 = lane * kLaneCols;
   const uint32_t c1 = c0 + kLaneCols < cols ? c0 + kLaneCols : cols;
   LaneCursor l = OpenLane(state, data, bytes);

@@ -38,9 +38,10 @@ inline constexpr uint32_t kClasses = 16;
 
 // The residual step multiplier of token class k < 16: 2^(-k / 4), exact in float (a quarter
 // power of two times a power of two), so that every path computes the same steps.
+// No table, so that device code keeps it in registers.
 constexpr float ClassScale(uint32_t k) {
-  constexpr float kQuarter[4] = {1.0f, 0.840896415f, 0.707106781f, 0.594603557f};
-  float s = kQuarter[k & 3];
+  const uint32_t q = k & 3;
+  float s = q == 0 ? 1.0f : q == 1 ? 0.840896415f : q == 2 ? 0.707106781f : 0.594603557f;
   for (uint32_t i = 0; i < (k >> 2); ++i) s *= 0.5f;
   return s;
 }

@@ -11,13 +11,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "kernels/host_device.h"
 #include "kernels/packkv.h"
-
-#if defined(__CUDACC__)
-#define KVPOOL_PACKKV_HD __host__ __device__ inline
-#else
-#define KVPOOL_PACKKV_HD inline
-#endif
 
 namespace kvpool::kernels::packkv::internal {
 
@@ -45,8 +40,8 @@ struct Layout {
 };
 
 // REQUIRES: bits in [2, 16], group > 0, tokens * heads * dim > 0.
-KVPOOL_PACKKV_HD Layout MakeLayout(uint32_t tokens, uint32_t heads, uint32_t dim, uint32_t group,
-                                   int bits, bool reorder) {
+KVPOOL_HD Layout MakeLayout(uint32_t tokens, uint32_t heads, uint32_t dim, uint32_t group,
+                            int bits, bool reorder) {
   Layout l;
   l.tokens = tokens;
   l.heads = heads;
@@ -66,19 +61,19 @@ KVPOOL_PACKKV_HD Layout MakeLayout(uint32_t tokens, uint32_t heads, uint32_t dim
 }
 
 // Tokens in pack p of a head (group, or fewer in the last pack).
-KVPOOL_PACKKV_HD uint32_t PackTokens(const Layout& l, uint32_t p) {
+KVPOOL_HD uint32_t PackTokens(const Layout& l, uint32_t p) {
   const uint32_t rest = l.tokens - p * l.group;
   return rest < l.group ? rest : l.group;
 }
 
-KVPOOL_PACKKV_HD int WidthFromCode(int code, int bits) {
+KVPOOL_HD int WidthFromCode(int code, int bits) {
   return code == kFullWidthCode ? bits : code;
 }
 // The width code for a column whose codes span `w` bits (REQUIRES w <= bits).
-KVPOOL_PACKKV_HD int CodeForWidth(int w) { return w >= kFullWidthCode ? kFullWidthCode : w; }
+KVPOOL_HD int CodeForWidth(int w) { return w >= kFullWidthCode ? kFullWidthCode : w; }
 
 // Bits needed to write v (0 for 0).
-KVPOOL_PACKKV_HD int BitLength(uint32_t v) {
+KVPOOL_HD int BitLength(uint32_t v) {
   int n = 0;
   while (v != 0) {
     ++n;
@@ -87,15 +82,15 @@ KVPOOL_PACKKV_HD int BitLength(uint32_t v) {
   return n;
 }
 
-KVPOOL_PACKKV_HD uint64_t BitBytes(uint64_t count, int width) { return (count * width + 7) / 8; }
+KVPOOL_HD uint64_t BitBytes(uint64_t count, int width) { return (count * width + 7) / 8; }
 
 // The combination order of a row's 8 lane sums (the order of an AVX2 horizontal add).
-KVPOOL_PACKKV_HD double CombineRowLanes(const double* a) {
+KVPOOL_HD double CombineRowLanes(const double* a) {
   return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
 // Pairwise tree over the kSegmentLanes lane sums, in place; returns the total.
-KVPOOL_PACKKV_HD double TreeReduce(double* p) {
+KVPOOL_HD double TreeReduce(double* p) {
   for (int stride = kSegmentLanes / 2; stride > 0; stride /= 2) {
     for (int i = 0; i < stride; ++i) p[i] = p[i] + p[i + stride];
   }
@@ -104,8 +99,8 @@ KVPOOL_PACKKV_HD double TreeReduce(double* p) {
 
 // e, the step relative to a row's range: budget_q * sqrt(12 * sum(x^2) / (dim * sum(R^2))),
 // clamped to [1 / qmax, 1].
-KVPOOL_PACKKV_HD float ScaleFromSums(double sum_sq, double sum_range_sq, uint32_t dim,
-                                     double budget_q, uint32_t qmax) {
+KVPOOL_HD float ScaleFromSums(double sum_sq, double sum_range_sq, uint32_t dim,
+                              double budget_q, uint32_t qmax) {
   const float lo = 1.0f / static_cast<float>(qmax);
   if (!(sum_range_sq > 0)) return 1.0f;
   const double e = budget_q * sqrt(12.0 * sum_sq / (static_cast<double>(dim) * sum_range_sq));
@@ -131,7 +126,7 @@ struct RowQuant {
 //   kExponent (the exponent mask: inf bits) and kMinStep (the smallest step, with a finite
 //   reciprocal).
 template <typename Conv>
-KVPOOL_PACKKV_HD uint16_t StepBitsWith(float s) {
+KVPOOL_HD uint16_t StepBitsWith(float s) {
   uint16_t h = s <= FLT_MAX ? Conv::FromFloat(s) : Conv::kExponent;
   if (h >= Conv::kExponent) {
     h = Conv::kExponent - 1;
@@ -143,7 +138,7 @@ KVPOOL_PACKKV_HD uint16_t StepBitsWith(float s) {
 
 // REQUIRES: mn <= mx, both finite dtype values (+0 for a zero); e in [1/qmax, 1].
 template <typename Conv>
-KVPOOL_PACKKV_HD RowQuant QuantizeRowWith(float mn, float mx, float e, uint32_t qmax) {
+KVPOOL_HD RowQuant QuantizeRowWith(float mn, float mx, float e, uint32_t qmax) {
   RowQuant q;
   q.min_bits = Conv::FromFloat(mn);
   q.mn = mn;
