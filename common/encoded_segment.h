@@ -43,10 +43,14 @@ absl::string_view CodecName(CodecId codec);
 
 // Codec parameters, 16 bytes on the wire:
 //   0 1 bits (kivi: 2, 4 or 8; packkv: max bits; others 0)
-//   1 1 flags (bit 0: packkv token re-ordering; bit 1: kvpool Hadamard rotation)
+//   1 1 flags (bit 0: packkv token re-ordering; kvpool: bit 2 packed mode, bit 3 equal token
+//       weights, bit 4 the fast profile; kernels/kvpool_ref.cc)
 //   2 2 group size (kivi: G, default 32; packkv: pack size, 16)
 //   4 4 error budget, float32 (packkv, kvpool: relative L2 per segment)
 //   8 8 reserved, 0 (codec-specific extensions)
+// CodecParams::flags of kvpool's fast profile (kernels/kvpool_fast.cc).
+inline constexpr uint8_t kKvpoolFastProfile = 16;
+
 struct CodecParams {
   CodecId codec = CodecId::kRaw;
   uint8_t bits = 0;

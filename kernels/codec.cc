@@ -77,6 +77,20 @@ bool CpuHasAvx2() {
   return has;
 }
 
+bool CpuHasAvx512() {
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    if (!CpuHasAvx2() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool isa = (b & bit_AVX512F) && (b & bit_AVX512BW) && (b & bit_AVX512VL) &&
+                     (c & bit_AVX512VBMI) && (c & bit_GFNI);
+    if (!isa) return false;
+    uint32_t lo, hi;
+    __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 0xe6) == 0xe6;  // XMM, YMM, opmask and ZMM state enabled by the OS.
+  }();
+  return has;
+}
+
 absl::StatusOr<CodecParams> NormalizeParams(CodecParams p) {
   switch (p.codec) {
     case CodecId::kRaw:

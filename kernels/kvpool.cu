@@ -97,7 +97,7 @@ struct DecodeLayout {
   float mean_step;  // Mode 3.
   uint64_t dir_stride;  // Bytes per direction entry.
   uint64_t means, directions, coef_widths, coef_data, res_widths, res_data;  // Offsets.
-  uint64_t classes;  // Mode 3: offset of the token class nibbles, 0 when there are none.
+  uint64_t classes;  // Offset of the token class nibbles, 0 when there are none.
   Stream streams[3];  // Mode 3: means and basis, coefficients, residual.
 };
 
@@ -133,7 +133,7 @@ __device__ int ParseHead(const uint8_t* p, uint64_t size, const Dims& dm, Decode
                          uint64_t* pos, uint32_t* cols) {
   DecodeLayout* L = s.layout;
   if (size < kHeaderBytes || (p[2] | p[3]) != 0) return 0;
-  if ((p[1] & ~(p[0] == kModeEntropy ? kHeadClasses : 0)) != 0) return 0;
+  if ((p[1] & ~(p[0] == kModeRaw ? 0 : kHeadClasses)) != 0) return 0;
   L->mode = p[0];
   L->classes = 0;
   L->step = LoadF32Dev(p + 4);

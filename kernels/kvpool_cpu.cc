@@ -371,6 +371,9 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
   if (!(params.budget > 0 && params.budget < 1)) {
     return absl::InvalidArgumentError("kvpool: budget must be in (0, 1)");
   }
+  if (params.flags & internal::kFlagFast) {
+    return internal::FastEncode(shape, params, in, keys, internal::FastCpuKernels(), out, capacity);
+  }
   thread_local Analysis a;  // Scratch reused by this thread's encodes (a few MiB at most).
   internal::Analyze(shape, params, in, keys,
                     CpuKernels(), &a);
@@ -389,6 +392,7 @@ absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
     std::memcpy(out, parsed.raw, shape.Bytes());  // Little-endian host.
     return absl::OkStatus();
   }
+  if (internal::DecodePacksAvx512(shape, parsed, out)) return absl::OkStatus();
   return DecodeAvx2(shape, parsed, out);
 }
 

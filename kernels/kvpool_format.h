@@ -28,7 +28,10 @@ inline constexpr uint8_t kModeEntropy = 3;
 inline constexpr uint8_t kFlagPacked = 4;   // CodecParams::flags: write mode 1, not mode 3.
 // CodecParams::flags: weight every token equally (no token classes).
 inline constexpr uint8_t kFlagEqualTokens = 8;
-// Header byte 1 (mode 3): a token class map follows the direction entries.
+// CodecParams::flags: the fast profile (kvpool_fast.cc): mode 1 without low-rank directions,
+// token classes, a step from one estimate; encodes and decodes at memory speed.
+inline constexpr uint8_t kFlagFast = kKvpoolFastProfile;
+// Header byte 1 (modes 1 and 3): a token class map follows the direction entries.
 inline constexpr uint8_t kHeadClasses = 1;
 // Token weighting strength: a token whose key lies z times the head's mean squared distance
 // from the keys' mean gets class round(2 * kTokenWeighting * z / ln 2), i.e. a residual step
@@ -68,12 +71,13 @@ struct Parsed {
   const uint8_t* means = nullptr;         // Mode 1: [kv_heads * head_dim] u16 elements
   float mean_step = 0;                    // Mode 3.
   const uint8_t* directions = nullptr;    // per direction: DirectionBytes(mode, head_dim)
-  const uint8_t* classes = nullptr;       // Mode 3 with kHeadClasses: nibbles [tokens][kv_heads]
+  const uint8_t* classes = nullptr;       // With kHeadClasses: nibbles [tokens][kv_heads]
   uint32_t coef_cols = 0;                 // Sum of ranks.
   const uint8_t* coef_widths = nullptr;   // Mode 1: nibbles [groups][coef_cols]
   const uint8_t* coef_data = nullptr;
   const uint8_t* res_widths = nullptr;    // Mode 1: nibbles [groups][kv_heads * head_dim]
   const uint8_t* res_data = nullptr;
+  const uint8_t* end = nullptr;           // One past the payload's last byte.
   Stream side_stream, coef_stream, res_stream;  // Mode 3.
 };
 
@@ -188,6 +192,58 @@ inline constexpr int kMaxSearch = 12;         // Full quantisation passes before
 absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecParams& params,
                                       const uint16_t* in, const EncodeKernels& kernels,
                                       Analysis* a, uint8_t* out, uint64_t capacity);
+
+// Token class of a squared distance from the head's mean key, given per_z =
+// 2 * kTokenWeighting / ln 2 * tokens / (sum of the head's squared distances).
+inline uint8_t ClassOf(double dist, double per_z) {
+  const double k = __builtin_nearbyint(dist * per_z);
+  return uint8_t(k < kClasses - 1 ? k : kClasses - 1);
+}
+
+// The fast profile's inner loops (kvpool_fast.cc defines them; the fast CPU path computes the
+// same float operations in the same order, so both write the same payload). Elements are read
+// from the input as the dtype, tokens t < T, columns c = h * D + d < H * D.
+struct FastKernels {
+  // sums[c] = sum over t of x, sq[c] = sum over t of x * x (float, token by token). False
+  // when an element is not finite.
+  bool (*stats)(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, float* sums, float* sq);
+  // dist[t * H + h] = sum over d of (x - m[h * D + d])^2: float, 16 partial sums (d mod 16)
+  // combined by Tree16.
+  void (*distances)(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
+                    const float* m, float* dist);
+  // One quantisation pass over the groups g = 0, stride, 2 * stride, .. (16 tokens each):
+  // element (t, c) with s = steps[(g * H + h) * 16 + t % 16] and inv = 1 / s gets the code
+  // q = nearbyint((x - m[c]) * inv) and decodes to y = to_dtype(m[c] + q * s); the squared
+  // errors (y - x)^2 add up in 64 float partial sums a[c mod 4][token mod 16] per group,
+  // columns in order; per token lane l = (a0 + a1) + (a2 + a3), then Tree16 of the 16 lanes is
+  // added to *err in double, groups in order (4 chains keep the adds' latency off the
+  // critical path). Tokens >= T: code
+  // 0, no error. With `out` (stride 1) writes the residual pack stream there (room for
+  // PackBound(G * H * D) bytes) and returns its size; without, returns 0.
+  // kQuantizeFailed when a code exceeds kMaxCode.
+  uint64_t (*quantize)(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
+                       const float* m, const float* steps, uint32_t stride, uint8_t* out,
+                       double* err);
+};
+inline constexpr uint64_t kQuantizeFailed = ~uint64_t{0};
+const FastKernels& FastRefKernels();
+// AVX-512 (F, BW, VL, VBMI, GFNI) kernels when the CPU has them (CpuHasAvx512()), else the
+// reference's. kvpool_avx512.cc.
+const FastKernels& FastCpuKernels();
+// Decodes a mode 1 payload without low-rank directions (the fast profile's) with AVX-512;
+// false (nothing written) when the payload or the CPU does not qualify.
+bool DecodePacksAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out);
+// Tree16: for k = 8, 4, 2, 1: l[i] = l[i] + l[i + k] (i < k); the result is l[0].
+inline float Tree16(float* l) {
+  for (int k = 8; k > 0; k >>= 1)
+    for (int i = 0; i < k; ++i) l[i] = l[i] + l[i + k];
+  return l[0];
+}
+
+// The fast profile's encoder (kvpool_fast.cc), with the given kernels.
+absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams& params,
+                                    const uint16_t* in, const uint16_t* keys,
+                                    const FastKernels& kernels, uint8_t* out, uint64_t capacity);
 
 uint16_t Load16(const uint8_t* p);
 inline void PutF32(std::vector<uint8_t>* out, float f) {

@@ -111,8 +111,16 @@ absl::Status ParsePacks(const uint8_t* payload, uint64_t size, uint64_t groups, 
   if (size - *pos < width_bytes) return absl::DataLossError("kvpool: pack widths truncated");
   *widths = payload + *pos;
   *pos += width_bytes;
-  uint64_t bytes = 0;
-  for (uint64_t k = 0; k < n; ++k) bytes += 2 * Nibble(*widths, k);
+  // Sum of the widths, 16 nibbles at a time: each byte's two nibbles add (<= 30), then the
+  // multiply sums the 8 bytes (<= 240) into the top byte.
+  uint64_t bytes = 0, k = 0;
+  const uint64_t lo = 0x0f0f0f0f0f0f0f0full, ones = 0x0101010101010101ull;
+  for (; k + 16 <= n; k += 16) {
+    uint64_t x;
+    std::memcpy(&x, *widths + k / 2, 8);
+    bytes += 2 * ((((x & lo) + ((x >> 4) & lo)) * ones) >> 56);
+  }
+  for (; k < n; ++k) bytes += 2 * Nibble(*widths, k);
   if (size - *pos < bytes) return absl::DataLossError("kvpool: pack data truncated");
   *data = payload + *pos;
   *pos += bytes;
@@ -266,10 +274,11 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
                           Parsed* parsed) {
   if (size < kHeaderBytes) return absl::DataLossError("kvpool: payload shorter than its header");
   parsed->mode = payload[0];
+  parsed->end = payload + size;
   if (parsed->mode != kModeRaw && parsed->mode != kModeCoded && parsed->mode != kModeEntropy) {
     return absl::DataLossError("kvpool: unknown payload mode");
   }
-  const uint8_t head_flags = parsed->mode == kModeEntropy ? kHeadClasses : 0;
+  const uint8_t head_flags = parsed->mode == kModeRaw ? 0 : kHeadClasses;
   if ((payload[1] & ~head_flags) != 0 || payload[2] != 0 || payload[3] != 0) {
     return absl::DataLossError("kvpool: reserved header bits are not zero");
   }
@@ -396,9 +405,19 @@ absl::Status DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowR
 
 void TokenSteps(const SegmentShape& shape, const Parsed& parsed, std::vector<float>* steps) {
   const uint64_t n = uint64_t{shape.tokens} * shape.kv_heads;
-  steps->assign(n, parsed.step);
-  if (parsed.classes == nullptr) return;
-  for (uint64_t i = 0; i < n; ++i) (*steps)[i] = parsed.step * ClassScale(Nibble(parsed.classes, i));
+  steps->resize(n);
+  if (parsed.classes == nullptr) {
+    std::fill(steps->begin(), steps->end(), parsed.step);
+    return;
+  }
+  float by_class[kClasses];
+  for (uint32_t k = 0; k < kClasses; ++k) by_class[k] = parsed.step * ClassScale(k);
+  float* s = steps->data();
+  for (uint64_t i = 0; i + 1 < n; i += 2) {
+    s[i] = by_class[parsed.classes[i / 2] & 15];
+    s[i + 1] = by_class[parsed.classes[i / 2] >> 4];
+  }
+  if (n % 2 == 1) s[n - 1] = by_class[parsed.classes[n / 2] & 15];
 }
 
 absl::Status DecodeResidualCodes(const SegmentShape& shape, const Parsed& parsed,
@@ -585,6 +604,9 @@ absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams&
                                    uint64_t capacity) {
   if (!(params.budget > 0 && params.budget < 1)) {
     return absl::InvalidArgumentError("kvpool: budget must be in (0, 1)");
+  }
+  if (params.flags & internal::kFlagFast) {
+    return internal::FastEncode(shape, params, in, keys, internal::FastRefKernels(), out, capacity);
   }
   internal::Analysis a;
   internal::Analyze(shape, params, in, keys,

@@ -59,6 +59,10 @@ absl::StatusOr<CodecParams> CodecFromFlags(const CliOptions& o) {
   p.bits = static_cast<uint8_t>(o.bits);
   p.group = static_cast<uint16_t>(o.group);
   p.budget = o.budget;
+  if (o.fast) {
+    if (id != CodecId::kKvpool) return absl::InvalidArgumentError("--fast is a kvpool profile");
+    p.flags = kKvpoolFastProfile;
+  }
   return kernels::NormalizeParams(p);
 }
 
