@@ -4,6 +4,8 @@
 #ifndef KVPOOL_BENCH_CODEC_BENCH_H_
 #define KVPOOL_BENCH_CODEC_BENCH_H_
 
+#include <string>
+
 #include "absl/status/status.h"
 
 namespace kvpool::bench {
@@ -11,6 +13,7 @@ namespace kvpool::bench {
 struct CodecBenchOptions {
   bool json = false;
   double seconds = 0.3;  // Minimum time per measurement.
+  std::string only;      // Non-empty: only the codecs whose printed name contains it.
 };
 
 absl::Status RunCodecBench(const CodecBenchOptions& options);
