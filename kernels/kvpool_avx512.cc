@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "kernels/codec.h"
@@ -30,6 +31,8 @@ constexpr int kPrefetchAhead = 1024;
 struct Tables {
   __m256i gather;    // Planes (word b) -> four 8 x 8 bit blocks, rows reversed.
   __m256i scatter;   // Transposed blocks -> words (word i: token i).
+  __m512i gather2;   // `gather` for two packs as _mm512_packs_epi32(a, b) lays them out.
+  __m512i scatter2;  // `scatter` for both halves.
   __m512i word[6];   // 16 x 16 word transpose: 3 stages x 2 halves of vpermt2w indices.
 };
 
@@ -50,6 +53,15 @@ KVPOOL_AVX512 Tables MakeTables() {
   }
   t.gather = _mm256_load_si256(reinterpret_cast<const __m256i*>(g));
   t.scatter = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
+  // packs_epi32(a, b): 128-bit lane k holds words a[4k .. 4k + 3], then b[4k .. 4k + 3].
+  alignas(64) uint8_t g2[64], s2[64];
+  for (int r = 0; r < 64; ++r) {
+    const int pack = r / 32, word = g[r % 32] / 2, byte = g[r % 32] % 2;
+    g2[r] = uint8_t(2 * (8 * (word / 4) + 4 * pack + word % 4) + byte);
+    s2[r] = uint8_t(32 * pack + s[r % 32]);
+  }
+  t.gather2 = _mm512_load_si512(g2);
+  t.scatter2 = _mm512_load_si512(s2);
   // Register j holds rows 2j, 2j+1 (position = row bit 0 * 16 + column). Stage st swaps
   // register bit 2 - st with position bit 3 - st; the last stage also swaps position bits 0
   // and 4, so that register j ends up with columns 2j, 2j+1 as rows.
@@ -94,6 +106,15 @@ KVPOOL_AVX512 inline __m256i TransposeBits(const Tables& tb, __m256i v) {
   v = _mm256_permutexvar_epi8(tb.gather, v);
   v = _mm256_gf2p8affine_epi64_epi8(id, v, 0);
   return _mm256_permutexvar_epi8(tb.scatter, v);
+}
+
+// TransposeBits of two packs laid out as _mm512_packs_epi32 leaves them: the first's planes in
+// the low half, the second's in the high half.
+KVPOOL_AVX512 inline __m512i TransposeBitsPair(const Tables& tb, __m512i v) {
+  const __m512i id = _mm512_set1_epi64(int64_t(0x8040201008040201ull));
+  v = _mm512_permutexvar_epi8(tb.gather2, v);
+  v = _mm512_gf2p8affine_epi64_epi8(id, v, 0);
+  return _mm512_permutexvar_epi8(tb.scatter2, v);
 }
 
 template <bool kBf16>
@@ -152,7 +173,7 @@ KVPOOL_AVX512 bool StatsT(const uint16_t* in, uint32_t T, uint64_t HD, float* su
       for (uint32_t t = t0; t < t1; ++t) {
         const uint16_t* row = in + t * HD + c0;
         for (int j = 0; j < kBlock; j += 2) {
-          _mm_prefetch(reinterpret_cast<const char*>(row + kPack * HD + 16 * j), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row + 2 * kPack * HD + 16 * j), _MM_HINT_T0);
         }
 #pragma GCC unroll 8
         for (int j = 0; j < kBlock; ++j) {
@@ -189,6 +210,26 @@ bool Stats(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, float* sums
   if (HD % 16 != 0) return FastRefKernels().stats(dtype, in, T, HD, sums, sq);
   return dtype == DType::kBf16 ? StatsT<true>(in, T, HD, sums, sq)
                                : StatsT<false>(in, T, HD, sums, sq);
+}
+
+template <bool kBf16>
+KVPOOL_AVX512 bool MeansT(const float* sums, uint32_t T, uint64_t HD, uint16_t* stored, float* m) {
+  const __m512 n = _mm512_set1_ps(float(T)), inf = _mm512_set1_ps(INFINITY);
+  for (uint64_t c = 0; c < HD; c += 16) {
+    const __m512 mean = _mm512_div_ps(_mm512_loadu_ps(sums + c), n);
+    // FromFloats rounds finite floats only (bf16 sums may overflow).
+    if (_mm512_cmp_ps_mask(_mm512_abs_ps(mean), inf, _CMP_LT_OQ) != 0xffff) return false;
+    const __m256i h = FromFloats<kBf16>(mean);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(stored + c), h);
+    _mm512_storeu_ps(m + c, ToFloats<kBf16>(h));
+  }
+  return true;
+}
+
+void Means(DType dtype, const float* sums, uint32_t T, uint64_t HD, uint16_t* stored, float* m) {
+  const bool done = HD % 16 == 0 && (dtype == DType::kBf16 ? MeansT<true>(sums, T, HD, stored, m)
+                                                          : MeansT<false>(sums, T, HD, stored, m));
+  if (!done) FastRefKernels().means(dtype, sums, T, HD, stored, m);
 }
 
 // Tree16 of the lanes.
@@ -233,13 +274,12 @@ KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uin
   uint8_t* widths = out;
   uint8_t* data = out == nullptr ? nullptr : out + (packs + 1) / 2;
   const __m512 vmax = _mm512_set1_ps(kMaxCode);
-  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (uint32_t g = 0; g < G; g += stride) {
     const uint32_t valid = std::min<uint32_t>(kPack, T - g * kPack);
     const __mmask16 keep = __mmask16((1u << valid) - 1);
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                      _mm512_setzero_ps()};
-    __mmask16 wide = 0;
+    __m512 qmax = _mm512_setzero_ps();
     for (uint32_t h = 0; h < H; ++h) {
       const __m512 s = _mm512_loadu_ps(steps + (uint64_t{g} * H + h) * kPack);
       const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), s);
@@ -248,33 +288,42 @@ KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uin
         __m512i x16[8];
         LoadPacks(tb, in + uint64_t{g} * kPack * HD + c0, HD, valid, x16);
         uint64_t nibbles = 0;
-#pragma GCC unroll 16
-        for (uint32_t l = 0; l < 16; ++l) {
-          const __m512 x = ToFloats<kBf16>(Half(x16[l / 2], l & 1));
-          const __m512 mean = _mm512_set1_ps(m[c0 + l]);
-          const __m512 q = _mm512_maskz_roundscale_ps(
-              keep, _mm512_mul_ps(_mm512_sub_ps(x, mean), inv),
-              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          wide |= _mm512_cmp_ps_mask(_mm512_and_ps(q, abs_mask), vmax, _CMP_NLE_UQ);
-          const __m512 y = ToFloats<kBf16>(FromFloats<kBf16>(_mm512_add_ps(mean, _mm512_mul_ps(q, s))));
-          const __m512 e = _mm512_maskz_sub_ps(keep, y, x);
-          acc[l % 4] = _mm512_add_ps(acc[l % 4], _mm512_mul_ps(e, e));
+#pragma GCC unroll 8
+        for (uint32_t l = 0; l < 16; l += 2) {
+          __m512i qi[2];
+#pragma GCC unroll 2
+          for (uint32_t k = 0; k < 2; ++k) {
+            const __m512 x = ToFloats<kBf16>(Half(x16[l / 2], k));
+            const __m512 mean = _mm512_set1_ps(m[c0 + l + k]);
+            const __m512 q = _mm512_maskz_roundscale_ps(
+                keep, _mm512_mul_ps(_mm512_sub_ps(x, mean), inv),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            qmax = _mm512_range_ps(qmax, q, 0x0b);  // max(|qmax|, |q|); q is never NaN.
+            const __m512 y = ToFloats<kBf16>(FromFloats<kBf16>(_mm512_add_ps(mean, _mm512_mul_ps(q, s))));
+            const __m512 e = _mm512_maskz_sub_ps(keep, y, x);
+            acc[(l + k) % 4] = _mm512_fmadd_ps(e, e, acc[(l + k) % 4]);
+            if (out != nullptr) qi[k] = _mm512_cvtps_epi32(q);
+          }
           if (out == nullptr) continue;
-          const __m512i qi = _mm512_cvtps_epi32(q);
-          const __m512i zz = _mm512_xor_si512(_mm512_slli_epi32(qi, 1), _mm512_srai_epi32(qi, 31));
-          const __m256i planes = TransposeBits(tb, _mm512_cvtepi32_epi16(zz));
-          const uint32_t used = _mm256_test_epi16_mask(planes, planes);
-          const uint32_t w = 32 - _lzcnt_u32(used);
-          // All 32 bytes (planes >= w are zero; the next pack overwrites them): PackBound
-          // leaves room for 32 bytes per pack.
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), planes);
-          data += 2 * w;
-          nibbles |= uint64_t(w) << (4 * l);
+          // Two packs at a time. Codes of a group that fails the kMaxCode check are garbage
+          // (saturated) but stay within PackBound (<= 32 bytes a pack); the group then fails.
+          const __m512i q16 = _mm512_packs_epi32(qi[0], qi[1]);
+          const __m512i zz = _mm512_xor_si512(_mm512_slli_epi16(q16, 1), _mm512_srai_epi16(q16, 15));
+          const __m512i planes = TransposeBitsPair(tb, zz);
+          const uint32_t used = _mm512_test_epi16_mask(planes, planes);
+          const uint32_t w0 = 32 - _lzcnt_u32(used & 0xffff), w1 = 32 - _lzcnt_u32(used >> 16);
+          // All 32 bytes of each (planes >= w are zero; the next pack overwrites them):
+          // PackBound leaves room for 32 bytes per pack.
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), _mm512_castsi512_si256(planes));
+          data += 2 * w0;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), _mm512_extracti64x4_epi64(planes, 1));
+          data += 2 * w1;
+          nibbles |= uint64_t(w0 | w1 << 4) << (4 * l);
         }
         if (out != nullptr) std::memcpy(widths + (uint64_t{g} * HD + c0) / 2, &nibbles, 8);
       }
     }
-    if (wide != 0) return kQuantizeFailed;
+    if (_mm512_cmp_ps_mask(qmax, vmax, _CMP_NLE_UQ) != 0) return kQuantizeFailed;
     *err += double(Tree16(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))));
   }
   return out == nullptr ? 0 : uint64_t(data - out);
@@ -346,29 +395,41 @@ KVPOOL_AVX512 void DecodeT(const SegmentShape& shape, const Parsed& parsed, cons
 }  // namespace
 
 const FastKernels& FastCpuKernels() {
-  static const FastKernels k = {&Stats, &Distances, &Quantize};
+  static const FastKernels k = {&Stats, &Means, &Distances, &Quantize};
   return CpuHasAvx512() ? k : FastRefKernels();
 }
 
-bool DecodePacksAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out) {
+namespace {
+
+KVPOOL_AVX512 bool DecodeCoded(const SegmentShape& shape, const Parsed& parsed, uint16_t* out) {
   const uint64_t HD = uint64_t{shape.kv_heads} * shape.head_dim;
-  if (!CpuHasAvx512() || parsed.mode != kModeCoded || parsed.coef_cols != 0 ||
-      shape.head_dim % 16 != 0 || shape.tokens == 0) {
-    return false;
-  }
   thread_local std::vector<float> means, steps;
   means.resize(HD);
-  for (uint64_t c = 0; c < HD; ++c) {
-    means[c] = ToFloat(shape.dtype, Load16(parsed.means + 2 * c));
-    if (!std::isfinite(means[c])) return false;  // NaN must take the reference's conversion.
+  const bool bf16 = shape.dtype == DType::kBf16;
+  // Means not finite (NaN must take the reference's conversion): every exponent bit set.
+  const __m256i exp = _mm256_set1_epi16(bf16 ? 0x7f80 : 0x7c00);
+  for (uint64_t c = 0; c < HD; c += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(parsed.means + 2 * c));
+    if (_mm256_cmpeq_epi16_mask(_mm256_and_si256(h, exp), exp) != 0) return false;
+    _mm512_storeu_ps(means.data() + c, bf16 ? ToFloats<true>(h) : ToFloats<false>(h));
   }
   TokenSteps(shape, parsed, &steps);
-  if (shape.dtype == DType::kBf16) {
+  if (bf16) {
     DecodeT<true>(shape, parsed, means.data(), steps.data(), out);
   } else {
     DecodeT<false>(shape, parsed, means.data(), steps.data(), out);
   }
   return true;
+}
+
+}  // namespace
+
+bool DecodePacksAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out) {
+  if (!CpuHasAvx512() || parsed.mode != kModeCoded || parsed.coef_cols != 0 ||
+      shape.head_dim % 16 != 0 || shape.tokens == 0) {
+    return false;
+  }
+  return DecodeCoded(shape, parsed, out);
 }
 
 }  // namespace kvpool::kernels::kvpool::internal

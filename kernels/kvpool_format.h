@@ -207,15 +207,18 @@ struct FastKernels {
   // sums[c] = sum over t of x, sq[c] = sum over t of x * x (float, token by token). False
   // when an element is not finite.
   bool (*stats)(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, float* sums, float* sq);
+  // stored[c] = to_dtype(sums[c] / T) (round to nearest even), m[c] = its float value.
+  void (*means)(DType dtype, const float* sums, uint32_t T, uint64_t HD, uint16_t* stored,
+                float* m);
   // dist[t * H + h] = sum over d of (x - m[h * D + d])^2: float, 16 partial sums (d mod 16)
   // combined by Tree16.
   void (*distances)(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
                     const float* m, float* dist);
   // One quantisation pass over the groups g = 0, stride, 2 * stride, .. (16 tokens each):
   // element (t, c) with s = steps[(g * H + h) * 16 + t % 16] and inv = 1 / s gets the code
-  // q = nearbyint((x - m[c]) * inv) and decodes to y = to_dtype(m[c] + q * s); the squared
-  // errors (y - x)^2 add up in 64 float partial sums a[c mod 4][token mod 16] per group,
-  // columns in order; per token lane l = (a0 + a1) + (a2 + a3), then Tree16 of the 16 lanes is
+  // q = nearbyint((x - m[c]) * inv) and decodes to y = to_dtype(m[c] + q * s), as every
+  // decoder computes it; the squared errors e = y - x add up as a = fma(e, e, a) in 64 float
+  // partial sums a[c mod 4][token mod 16] per group, columns in order; per token lane l = (a0 + a1) + (a2 + a3), then Tree16 of the 16 lanes is
   // added to *err in double, groups in order (4 chains keep the adds' latency off the
   // critical path). Tokens >= T: code
   // 0, no error. With `out` (stride 1) writes the residual pack stream there (room for
