@@ -16,9 +16,10 @@
 // means as the dtype, the basis as int8 and the codes in packs of 16 tokens of one column, each
 // pack with its own bit width (a nibble), as bit planes: about 40% larger, simpler to decode.
 // Mode 2 (mode 3 with mode 1's means and basis) is retired and rejected. Keys' budget can be
-// tightened by `extra`.
+// tightened by `extra`. The fast profile (flags bit 4, kvpool_fast.cc) writes mode 1 with rank
+// 0 and a class map, for CPU encode and decode at memory speeds.
 //
-// Token weighting (mode 3). The residual step may differ per token and head: a query attends
+// Token weighting (modes 1 and 3). The residual step may differ per token and head: a query attends
 // mostly to the tokens whose keys lie far from the head's mean key (their logits q.k spread
 // the most), so their errors, in keys and in values, move the attention output far more than
 // the others'. The encoder puts each (token, head) in a class by its key's squared distance
@@ -30,12 +31,13 @@
 //
 // Parameters: budget (relative L2 per segment, (0, 1)); extra bits 0-7: key budget scale in
 // 1/64 (0 means 64/64: keys use the whole budget); flags bit 2: write mode 1; flags bit 3:
-// weight every token equally (no class map); other bits unused.
+// weight every token equally (no class map); flags bit 4: the fast profile (kvpool_fast.cc);
+// other bits unused.
 //
 // Payload (little-endian; H = kv_heads, D = head_dim, T = tokens, G = ceil(T / 16)):
 //   0  1  mode: 0 raw, 1 coded with packs, 3 coded with entropy-coded streams
-//   1  1  flags: bit 0 (mode 3 only) a token class map follows the direction entries; other
-//         bits 0
+//   1  1  flags: bit 0 (modes 1 and 3) a token class map follows the direction entries;
+//         other bits 0
 //   2  2  reserved, 0
 //   4  4  f32 residual step (modes 1, 3: finite, > 0; mode 0: 0)
 // mode 0: T*H*D elements, 2 bytes each (the segment's dtype); nothing else.
@@ -44,6 +46,7 @@
 //   H*D*2 bytes      mean m[h][d], one element of the segment's dtype
 //   per head h, per direction j < r_h (8 + D bytes each):
 //      f32 coefficient step cs, f32 basis scale bs (both finite), D int8 basis codes b
+//   with flags bit 0: the class map as in mode 3
 //   coefficients     [T][R] codes (R = sum of r_h; column of (h, j) = r_0 + .. + r_{h-1} + j)
 //   residual         [T][H*D] codes (column of (h, d) = h*D + d)
 // the last two as pack streams.

@@ -56,7 +56,8 @@ std::string Describe(const CodecParams& p) {
     case CodecId::kPackKv:
       return absl::StrFormat("packkv e=%.3g", p.budget);
     case CodecId::kKvpool:
-      return absl::StrFormat("kvpool e=%.3g", p.budget);
+      return absl::StrFormat("kvpool%s e=%.3g", p.flags & kKvpoolFastProfile ? "-fast" : "",
+                             p.budget);
   }
   return "?";
 }

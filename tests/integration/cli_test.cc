@@ -139,6 +139,22 @@ TEST_F(CliTest, CodecEncodeDecodeEval) {
   EXPECT_LT(ReadFileToString(P("kv.kvz"))->size(), ReadFileToString(P("kv.npy"))->size() / 3);
   ASSERT_EQ(Kvpool({"codec", "decode", "--in", P("kv.kvz"), "--out", P("back.npy")}, &out), 0);
   EXPECT_EQ(ReadNpy(P("back.npy"))->shape, ReadNpy(P("kv.npy"))->shape);
+  // The fast profile: the same budget in more bytes (no low-rank part, no entropy coding).
+  ASSERT_EQ(Kvpool({"codec", "encode", "--codec=kvpool", "--fast", "--budget=0.05", "--in",
+                    P("kv.npy"), "--out", P("fast.kvz")},
+                   &out),
+            0)
+      << out;
+  EXPECT_THAT(out, HasSubstr("kvpool-fast e=0.05"));
+  EXPECT_GT(ReadFileToString(P("fast.kvz"))->size(), ReadFileToString(P("kv.kvz"))->size());
+  EXPECT_LT(ReadFileToString(P("fast.kvz"))->size(), ReadFileToString(P("kv.npy"))->size() / 2);
+  ASSERT_EQ(Kvpool({"codec", "decode", "--in", P("fast.kvz"), "--out", P("fast.npy")}, &out), 0);
+  EXPECT_EQ(ReadNpy(P("fast.npy"))->shape, ReadNpy(P("kv.npy"))->shape);
+  EXPECT_EQ(Kvpool({"codec", "encode", "--codec=kivi", "--fast", "--in", P("kv.npy"), "--out",
+                    P("x.kvz")},
+                   &out),
+            1);
+  EXPECT_THAT(out, HasSubstr("--fast is a kvpool profile"));
   // A corrupted file is refused with one line.
   std::string bytes = *ReadFileToString(P("kv.kvz"));
   bytes[bytes.size() / 2] ^= 0x40;

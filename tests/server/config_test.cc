@@ -302,6 +302,7 @@ codec: {codec: raw}
 model_codecs:
   llama: {codec: kivi, bits: 2}
   qwen: {codec: packkv, budget: 0.05, group: 8}
+  mistral: {codec: kvpool, budget: 0.05, profile: fast}
 encode_threads: 3
 )",
                               &o),
@@ -315,6 +316,10 @@ encode_threads: 3
   EXPECT_EQ(qwen.codec, CodecId::kPackKv);
   EXPECT_FLOAT_EQ(qwen.budget, 0.05f);
   EXPECT_EQ(qwen.group, 8);
+  const CodecParams& mistral = o.service.codecs.For("mistral");
+  EXPECT_EQ(mistral.codec, CodecId::kKvpool);
+  EXPECT_NE(mistral.flags & kKvpoolFastProfile, 0);
+  EXPECT_EQ(o.service.codecs.For("llama").flags & kKvpoolFastProfile, 0);
   EXPECT_EQ(o.encode_threads, 3);
 }
 
@@ -329,6 +334,8 @@ TEST(ConfigCodecTest, BadCodecsNameTheKeyAndChangeNothing) {
       {"codec: {codec: kvpool, budget: 2}", "error budget must be in (0, 1)"},
       {"codec: {codec: kivi, bits: 3}", "kivi bits must be 2, 4 or 8"},
       {"codec: {codec: kivi, colour: red}", "unknown config key 'codec.colour'"},
+      {"codec: {codec: kivi, profile: fast}", "only for codec kvpool"},
+      {"codec: {codec: kvpool, profile: fastest}", "codec.profile must be 'default' or 'fast'"},
       {"model_codecs: {m: {codec: kivi, bits: 5}}", "model_codecs.m"},
       {"model_codecs: [a, b]", "'model_codecs' must be a map"},
       {"encode_threads: -1", "encode_threads"},
