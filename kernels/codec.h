@@ -102,8 +102,8 @@ bool HasNonFinite(DType dtype, absl::Span<const uint16_t> elements);
 // True when the CPU has AVX2, FMA and F16C (the fast CPU paths use them).
 bool CpuHasAvx2();
 
-// True when the CPU and OS support AVX-512 F, BW, VL, VBMI and GFNI besides AVX2 (the kvpool
-// codec's fast profile uses them).
+// True when the CPU and OS support AVX-512 F, BW, VL, DQ and VBMI, GFNI, BMI2 and LZCNT besides
+// AVX2 (the kvpool codec's fast profile uses them; without, it runs the reference kernels).
 bool CpuHasAvx512();
 
 }  // namespace kvpool::kernels
