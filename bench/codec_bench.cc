@@ -98,7 +98,8 @@ std::string Name(const CodecParams& p) {
     case CodecId::kKivi: return absl::StrFormat("kivi-%d", p.bits);
     case CodecId::kPackKv: return absl::StrFormat("packkv e=%g", p.budget);
     case CodecId::kKvpool:
-      return absl::StrFormat("kvpool%s e=%g", p.flags & kKvpoolFastProfile ? "-fast" : "", p.budget);
+      return absl::StrFormat("kvpool%s e=%g", p.flags & kKvpoolFastProfile ? "-fast" : "",
+                             p.budget);
   }
   return "?";
 }
@@ -152,15 +153,18 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       auto decode = path == kernels::Path::kRef ? ops.decode_ref : ops.decode_cpu;
       Row row{Name(p), std::string(CodecName(p.codec)), std::string(kernels::PathName(path))};
       local = 0;
-      auto enc = Rate(o.seconds, total_bytes, [&]() -> absl::Status {
-        for (uint64_t i = 0; i < segs.count; ++i) {
-          SegmentShape shape = segs.key;
-          shape.kind = i % 2 ? SegmentKind::kValue : SegmentKind::kKey;
-          KVPOOL_ASSIGN_OR_RETURN(sizes[i], encode(shape, p, segs.data(i),
-                                                   payloads[i].data(), cap));
-        }
-        return absl::OkStatus();
-      }, anchor);
+      auto enc = Rate(
+          o.seconds, total_bytes,
+          [&]() -> absl::Status {
+            for (uint64_t i = 0; i < segs.count; ++i) {
+              SegmentShape shape = segs.key;
+              shape.kind = i % 2 ? SegmentKind::kValue : SegmentKind::kKey;
+              KVPOOL_ASSIGN_OR_RETURN(sizes[i],
+                                      encode(shape, p, segs.data(i), payloads[i].data(), cap));
+            }
+            return absl::OkStatus();
+          },
+          anchor);
       if (!enc.ok()) return absl::Status(enc.status().code(), absl::StrFormat(
           "%s %s encode: %s", row.name, row.path, enc.status().message()));
       row.encode = *enc;
@@ -169,21 +173,25 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       for (uint64_t n : sizes) total += n + kSegmentHeaderBytes;
       row.ratio = double(total_bytes) / total;
       local = 0;
-      auto dec = Rate(o.seconds, total_bytes, [&]() -> absl::Status {
-        for (uint64_t i = 0; i < segs.count; ++i) {
-          SegmentShape shape = segs.key;
-          shape.kind = i % 2 ? SegmentKind::kValue : SegmentKind::kKey;
-          KVPOOL_RETURN_IF_ERROR(decode(shape, p, payloads[i].data(), sizes[i],
-                                        dst.get() + i * Segments::kElements));
-        }
-        return absl::OkStatus();
-      }, anchor);
+      auto dec = Rate(
+          o.seconds, total_bytes,
+          [&]() -> absl::Status {
+            for (uint64_t i = 0; i < segs.count; ++i) {
+              SegmentShape shape = segs.key;
+              shape.kind = i % 2 ? SegmentKind::kValue : SegmentKind::kKey;
+              KVPOOL_RETURN_IF_ERROR(decode(shape, p, payloads[i].data(), sizes[i],
+                                            dst.get() + i * Segments::kElements));
+            }
+            return absl::OkStatus();
+          },
+          anchor);
       if (!dec.ok()) return dec.status();
       row.decode = *dec;
       row.decode_anchor = local;
       rows.push_back(row);
     }
-    const std::vector<uint16_t> all(segs.all.get(), segs.all.get() + segs.count * Segments::kElements);
+    const std::vector<uint16_t> all(segs.all.get(),
+                                    segs.all.get() + segs.count * Segments::kElements);
     auto dev = kernels::MeasureDeviceThroughput(p, segs.key, all, segs.count, 20);
     if (dev.ok()) {
       d2d = dev->d2d_copy_gbps;
@@ -201,8 +209,8 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
           "%s{\"codec\": \"%s\", \"name\": \"%s\", \"path\": \"%s\", \"encode_gbps\": %.3f, "
           "\"decode_gbps\": %.3f, \"ratio\": %.3f, \"encode_anchor_gbps\": %.3f, "
           "\"decode_anchor_gbps\": %.3f}",
-          i ? ", " : "", rows[i].codec, rows[i].name, rows[i].path, rows[i].encode,
-          rows[i].decode, rows[i].ratio, rows[i].encode_anchor, rows[i].decode_anchor);
+          i ? ", " : "", rows[i].codec, rows[i].name, rows[i].path, rows[i].encode, rows[i].decode,
+          rows[i].ratio, rows[i].encode_anchor, rows[i].decode_anchor);
     }
     std::cout << "]}\n";
     return absl::OkStatus();
@@ -212,8 +220,7 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       "each ratio against the memcpy measured beside that figure (best of 3 rounds each)\n"
       "  %-18s %-5s %9s %9s %7s %9s %9s %9s %9s\n",
       segs.count, kSegTokens, kHeads, kDim, absl::StrFormat("%.0f", total_bytes / 1048576.0),
-      "codec", "path", "encode", "decode", "ratio", "enc/mcpy", "dec/mcpy", "mcpy@enc",
-      "mcpy@dec");
+      "codec", "path", "encode", "decode", "ratio", "enc/mcpy", "dec/mcpy", "mcpy@enc", "mcpy@dec");
   for (const Row& r : rows) {
     std::cout << absl::StrFormat("  %-18s %-5s %9.2f %9.2f %6.2fx %9.2f %9.2f %9.2f %9.2f\n",
                                  r.name, r.path, r.encode, r.decode, r.ratio,

@@ -82,8 +82,7 @@ bool CpuHasAvx512() {
     unsigned a, b, c, d;
     if (!CpuHasAvx2() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     const bool isa = (b & bit_AVX512F) && (b & bit_AVX512BW) && (b & bit_AVX512VL) &&
-                     (b & bit_AVX512DQ) && (b & bit_BMI2) && (c & bit_AVX512VBMI) &&
-                     (c & bit_GFNI);
+                     (b & bit_AVX512DQ) && (b & bit_BMI2) && (c & bit_AVX512VBMI) && (c & bit_GFNI);
     if (!isa || !__get_cpuid(0x80000001, &a, &b, &c, &d) || !(c & bit_LZCNT)) return false;
     uint32_t lo, hi;
     __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));

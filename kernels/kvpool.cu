@@ -97,7 +97,7 @@ struct DecodeLayout {
   float mean_step;  // Mode 3.
   uint64_t dir_stride;  // Bytes per direction entry.
   uint64_t means, directions, coef_widths, coef_data, res_widths, res_data;  // Offsets.
-  uint64_t classes;  // Offset of the token class nibbles, 0 when there are none.
+  uint64_t classes;   // Offset of the token class nibbles, 0 when there are none.
   Stream streams[3];  // Mode 3: means and basis, coefficients, residual.
 };
 

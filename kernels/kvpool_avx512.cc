@@ -89,7 +89,8 @@ KVPOOL_AVX512 const Tables& Get() {
 // 2j + 1 (high half) of the transpose.
 KVPOOL_AVX512 inline void TransposeWords(const Tables& tb, const __m256i* r, __m512i* o) {
   __m512i z[8], y[8];
-  for (int j = 0; j < 8; ++j) z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(r[2 * j]), r[2 * j + 1], 1);
+  for (int j = 0; j < 8; ++j)
+    z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(r[2 * j]), r[2 * j + 1], 1);
   for (int st = 0; st < 3; ++st) {
     const int m = 4 >> st;
     for (int j = 0; j < 8; ++j) {
@@ -228,7 +229,7 @@ KVPOOL_AVX512 bool MeansT(const float* sums, uint32_t T, uint64_t HD, uint16_t* 
 
 void Means(DType dtype, const float* sums, uint32_t T, uint64_t HD, uint16_t* stored, float* m) {
   const bool done = HD % 16 == 0 && (dtype == DType::kBf16 ? MeansT<true>(sums, T, HD, stored, m)
-                                                          : MeansT<false>(sums, T, HD, stored, m));
+                                                           : MeansT<false>(sums, T, HD, stored, m));
   if (!done) FastRefKernels().means(dtype, sums, T, HD, stored, m);
 }
 
@@ -249,7 +250,8 @@ KVPOOL_AVX512 void DistancesT(const uint16_t* in, uint32_t T, uint32_t H, uint32
     for (uint32_t h = 0; h < H; ++h) {
       __m512 acc = _mm512_setzero_ps();
       for (uint32_t d = 0; d < D; d += 16) {
-        const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + t * HD + h * D + d));
+        const __m256i e =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + t * HD + h * D + d));
         const __m512 v = _mm512_sub_ps(ToFloats<kBf16>(e), _mm512_loadu_ps(m + h * D + d));
         acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
       }
@@ -257,8 +259,8 @@ KVPOOL_AVX512 void DistancesT(const uint16_t* in, uint32_t T, uint32_t H, uint32
     }
 }
 
-void Distances(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
-               const float* m, float* dist) {
+void Distances(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
+               float* dist) {
   if (D % 16 != 0) return FastRefKernels().distances(dtype, in, T, H, D, m, dist);
   return dtype == DType::kBf16 ? DistancesT<true>(in, T, H, D, m, dist)
                                : DistancesT<false>(in, T, H, D, m, dist);
@@ -266,8 +268,8 @@ void Distances(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t
 
 template <bool kBf16>
 KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
-                                 const float* m, const float* steps, uint32_t stride,
-                                 uint8_t* out, double* err) {
+                                 const float* m, const float* steps, uint32_t stride, uint8_t* out,
+                                 double* err) {
   const Tables& tb = Get();
   const uint32_t G = Groups(T);
   const uint64_t HD = uint64_t{H} * D, packs = uint64_t{G} * HD;
@@ -295,11 +297,12 @@ KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uin
           for (uint32_t k = 0; k < 2; ++k) {
             const __m512 x = ToFloats<kBf16>(Half(x16[l / 2], k));
             const __m512 mean = _mm512_set1_ps(m[c0 + l + k]);
-            const __m512 q = _mm512_maskz_roundscale_ps(
-                keep, _mm512_mul_ps(_mm512_sub_ps(x, mean), inv),
-                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512 q =
+                _mm512_maskz_roundscale_ps(keep, _mm512_mul_ps(_mm512_sub_ps(x, mean), inv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             qmax = _mm512_range_ps(qmax, q, 0x0b);  // max(|qmax|, |q|); q is never NaN.
-            const __m512 y = ToFloats<kBf16>(FromFloats<kBf16>(_mm512_add_ps(mean, _mm512_mul_ps(q, s))));
+            const __m512 y =
+                ToFloats<kBf16>(FromFloats<kBf16>(_mm512_add_ps(mean, _mm512_mul_ps(q, s))));
             const __m512 e = _mm512_maskz_sub_ps(keep, y, x);
             acc[(l + k) % 4] = _mm512_fmadd_ps(e, e, acc[(l + k) % 4]);
             if (out != nullptr) qi[k] = _mm512_cvtps_epi32(q);
@@ -308,7 +311,8 @@ KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uin
           // Two packs at a time. Codes of a group that fails the kMaxCode check are garbage
           // (saturated) but stay within PackBound (<= 32 bytes a pack); the group then fails.
           const __m512i q16 = _mm512_packs_epi32(qi[0], qi[1]);
-          const __m512i zz = _mm512_xor_si512(_mm512_slli_epi16(q16, 1), _mm512_srai_epi16(q16, 15));
+          const __m512i zz =
+              _mm512_xor_si512(_mm512_slli_epi16(q16, 1), _mm512_srai_epi16(q16, 15));
           const __m512i planes = TransposeBitsPair(tb, zz);
           const uint32_t used = _mm512_test_epi16_mask(planes, planes);
           const uint32_t w0 = 32 - _lzcnt_u32(used & 0xffff), w1 = 32 - _lzcnt_u32(used >> 16);
@@ -316,7 +320,8 @@ KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uin
           // PackBound leaves room for 32 bytes per pack.
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), _mm512_castsi512_si256(planes));
           data += 2 * w0;
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), _mm512_extracti64x4_epi64(planes, 1));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(data),
+                              _mm512_extracti64x4_epi64(planes, 1));
           data += 2 * w1;
           nibbles |= uint64_t(w0 | w1 << 4) << (4 * l);
         }
@@ -324,7 +329,8 @@ KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uin
       }
     }
     if (_mm512_cmp_ps_mask(qmax, vmax, _CMP_NLE_UQ) != 0) return kQuantizeFailed;
-    *err += double(Tree16(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))));
+    *err +=
+        double(Tree16(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))));
   }
   return out == nullptr ? 0 : uint64_t(data - out);
 }
@@ -347,8 +353,9 @@ KVPOOL_AVX512 void DecodeT(const SegmentShape& shape, const Parsed& parsed, cons
   // A pack's planes are read 32 bytes at a time and masked in registers, but for the packs
   // within 32 bytes of the payload's end (masked loads: slower, never past the end).
   const uint8_t* plain_end = parsed.end - 32;
-  const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(int(H)));
+  const __m512i lanes =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(int(H)));
   for (uint32_t g = 0; g < G; ++g) {
     const uint32_t valid = std::min<uint32_t>(kPack, T - g * kPack);
     const __mmask16 keep = __mmask16((1u << valid) - 1);
@@ -370,15 +377,17 @@ KVPOOL_AVX512 void DecodeT(const SegmentShape& shape, const Parsed& parsed, cons
           const __mmask16 used = __mmask16(_bzhi_u32(0xffff, w));
           const __m256i planes =
               data <= plain_end
-                  ? _mm256_maskz_mov_epi16(used, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data)))
+                  ? _mm256_maskz_mov_epi16(
+                        used, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data)))
                   : _mm256_maskz_loadu_epi16(used, data);
           data += 2 * w;
           const __m256i u = TransposeBits(tb, planes);
           const __m256i q = _mm256_xor_si256(
               _mm256_srli_epi16(u, 1),
               _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_and_si256(u, _mm256_set1_epi16(1))));
-          const __m512 y = _mm512_add_ps(_mm512_set1_ps(means[c0 + l]),
-                                         _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(q)), s));
+          const __m512 y =
+              _mm512_add_ps(_mm512_set1_ps(means[c0 + l]),
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(q)), s));
           r[l] = FromFloats<kBf16>(y);
         }
         __m512i rows[8];

@@ -28,7 +28,7 @@ namespace {
 // The estimate pass samples every 8th group of 16 tokens (every 4th below 16 groups, none
 // below 8): its error predicts the full pass's within a few percent on the data measured.
 uint32_t EstimateStride(uint32_t groups) { return groups >= 16 ? 8 : 4; }
-constexpr double kAim = 0.955;           // Aim this fraction of the allowed error.
+constexpr double kAim = 0.955;  // Aim this fraction of the allowed error.
 
 bool StatsRef(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, float* sums, float* sq) {
   std::fill(sums, sums + HD, 0.f);
@@ -43,8 +43,7 @@ bool StatsRef(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, float* s
   return true;
 }
 
-void MeansRef(DType dtype, const float* sums, uint32_t T, uint64_t HD, uint16_t* stored,
-              float* m) {
+void MeansRef(DType dtype, const float* sums, uint32_t T, uint64_t HD, uint16_t* stored, float* m) {
   for (uint64_t c = 0; c < HD; ++c) {
     stored[c] = FromFloat(dtype, sums[c] / float(T));
     m[c] = ToFloat(dtype, stored[c]);
@@ -174,8 +173,8 @@ const FastKernels& FastRefKernels() {
 }
 
 absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams& params,
-                                    const uint16_t* in, const uint16_t* keys,
-                                    const FastKernels& kn, uint8_t* out, uint64_t capacity) {
+                                    const uint16_t* in, const uint16_t* keys, const FastKernels& kn,
+                                    uint8_t* out, uint64_t capacity) {
   const uint64_t raw_bytes = RawPayloadBytes(shape);
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
   const uint64_t HD = uint64_t{H} * D, packs = uint64_t{G} * HD;

@@ -77,7 +77,7 @@ struct Parsed {
   const uint8_t* coef_data = nullptr;
   const uint8_t* res_widths = nullptr;    // Mode 1: nibbles [groups][kv_heads * head_dim]
   const uint8_t* res_data = nullptr;
-  const uint8_t* end = nullptr;           // One past the payload's last byte.
+  const uint8_t* end = nullptr;                 // One past the payload's last byte.
   Stream side_stream, coef_stream, res_stream;  // Mode 3.
 };
 
@@ -218,12 +218,12 @@ struct FastKernels {
   // element (t, c) with s = steps[(g * H + h) * 16 + t % 16] and inv = 1 / s gets the code
   // q = nearbyint((x - m[c]) * inv) and decodes to y = to_dtype(m[c] + q * s), as every
   // decoder computes it; the squared errors e = y - x add up as a = fma(e, e, a) in 64 float
-  // partial sums a[c mod 4][token mod 16] per group, columns in order; per token lane l = (a0 + a1) + (a2 + a3), then Tree16 of the 16 lanes is
-  // added to *err in double, groups in order (4 chains keep the adds' latency off the
-  // critical path). Tokens >= T: code
-  // 0, no error. With `out` (stride 1) writes the residual pack stream there (room for
-  // PackBound(G * H * D) bytes) and returns its size; without, returns 0.
-  // kQuantizeFailed when a code exceeds kMaxCode.
+  // partial sums a[c mod 4][token mod 16] per group, columns in order; per token lane
+  // l = (a0 + a1) + (a2 + a3), then Tree16 of the 16 lanes is added to *err in double, groups
+  // in order (4 chains keep the adds' latency off the critical path). Tokens >= T: code 0, no
+  // error. With `out` (stride 1) writes the residual pack stream there (room for
+  // PackBound(G * H * D) bytes) and returns its size; without, returns 0. kQuantizeFailed
+  // when a code exceeds kMaxCode.
   uint64_t (*quantize)(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
                        const float* m, const float* steps, uint32_t stride, uint8_t* out,
                        double* err);

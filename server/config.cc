@@ -95,7 +95,8 @@ absl::Status SetSize(const YAML::Node& node, absl::string_view name, uint64_t* o
 
 // A codec map {codec, bits, group, budget, flags, profile} at `where`, normalised.
 absl::StatusOr<CodecParams> CodecValue(const YAML::Node& node, const std::string& where) {
-  KVPOOL_RETURN_IF_ERROR(CheckKeys(node, where, {"codec", "bits", "group", "budget", "flags", "profile"}));
+  KVPOOL_RETURN_IF_ERROR(
+      CheckKeys(node, where, {"codec", "bits", "group", "budget", "flags", "profile"}));
   if (!node["codec"]) return absl::InvalidArgumentError(absl::StrCat(where, ".codec is required"));
   KVPOOL_ASSIGN_OR_RETURN(std::string name, Scalar<std::string>(node["codec"], where + ".codec"));
   auto id = ParseCodecName(name);
@@ -118,10 +119,12 @@ absl::StatusOr<CodecParams> CodecValue(const YAML::Node& node, const std::string
     p.flags = static_cast<uint8_t>(flags & 0xff);
   }
   if (node["profile"]) {
-    KVPOOL_ASSIGN_OR_RETURN(std::string profile, Scalar<std::string>(node["profile"], where + ".profile"));
+    KVPOOL_ASSIGN_OR_RETURN(std::string profile,
+                            Scalar<std::string>(node["profile"], where + ".profile"));
     if (p.codec != CodecId::kKvpool || (profile != "fast" && profile != "default")) {
       return absl::InvalidArgumentError(absl::StrCat(
-          where, ".profile must be 'default' or 'fast', and only for codec kvpool; got '", profile, "'"));
+          where, ".profile must be 'default' or 'fast', and only for codec kvpool; got '", profile,
+          "'"));
     }
     if (profile == "fast") p.flags |= kKvpoolFastProfile;
   }

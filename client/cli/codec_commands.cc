@@ -80,8 +80,8 @@ absl::StatusOr<std::vector<CodecParams>> EvalSet(const CliOptions& o) {
     if (!absl::SimpleAtof(b, &budget)) {
       return absl::InvalidArgumentError(absl::StrCat("bad --budgets entry '", b, "'"));
     }
-    set.push_back(CodecParams{CodecId::kKvpool, 0, uint8_t(o.fast ? kKvpoolFastProfile : 0), 0,
-                              budget});
+    set.push_back(
+        CodecParams{CodecId::kKvpool, 0, uint8_t(o.fast ? kKvpoolFastProfile : 0), 0, budget});
   }
   for (CodecParams& p : set) {
     KVPOOL_ASSIGN_OR_RETURN(p, kernels::NormalizeParams(p));
