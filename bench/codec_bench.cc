@@ -44,6 +44,11 @@ struct Segments {
   uint64_t count = 0;  // Segment i: all[i * kElements ..]; even = key, odd = value.
   std::unique_ptr<uint16_t[], AlignedFree> all;
   const uint16_t* data(uint64_t i) const { return all.get() + i * kElements; }
+  SegmentShape shape(uint64_t i) const {
+    SegmentShape s = key;
+    s.kind = i % 2 ? SegmentKind::kValue : SegmentKind::kKey;
+    return s;
+  }
   uint64_t bytes() const { return count * kElements * 2; }
 };
 
@@ -157,10 +162,8 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
           o.seconds, total_bytes,
           [&]() -> absl::Status {
             for (uint64_t i = 0; i < segs.count; ++i) {
-              SegmentShape shape = segs.key;
-              shape.kind = i % 2 ? SegmentKind::kValue : SegmentKind::kKey;
-              KVPOOL_ASSIGN_OR_RETURN(sizes[i],
-                                      encode(shape, p, segs.data(i), payloads[i].data(), cap));
+              KVPOOL_ASSIGN_OR_RETURN(
+                  sizes[i], encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
             }
             return absl::OkStatus();
           },
@@ -177,9 +180,7 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
           o.seconds, total_bytes,
           [&]() -> absl::Status {
             for (uint64_t i = 0; i < segs.count; ++i) {
-              SegmentShape shape = segs.key;
-              shape.kind = i % 2 ? SegmentKind::kValue : SegmentKind::kKey;
-              KVPOOL_RETURN_IF_ERROR(decode(shape, p, payloads[i].data(), sizes[i],
+              KVPOOL_RETURN_IF_ERROR(decode(segs.shape(i), p, payloads[i].data(), sizes[i],
                                             dst.get() + i * Segments::kElements));
             }
             return absl::OkStatus();

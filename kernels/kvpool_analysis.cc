@@ -264,8 +264,7 @@ std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const float* keys) 
     // distance out draws exp(~z)-fold attention; its error counts that much more.
     const double per_z = 2 * kTokenWeighting / std::log(2.0) * T / total;
     for (uint32_t t = 0; t < T; ++t) {
-      const double k = std::nearbyint(dist[t] * per_z);
-      classes[uint64_t{t} * H + h] = uint8_t(std::min<double>(kClasses - 1, k));
+      classes[uint64_t{t} * H + h] = ClassOf(dist[t], per_z);
       varied = varied || classes[uint64_t{t} * H + h] != classes[0];
     }
   }

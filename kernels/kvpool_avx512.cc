@@ -151,57 +151,51 @@ KVPOOL_AVX512 inline __m256i Half(__m512i v, int hi) {
   return hi ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
 }
 
-// Chunks of 16 rows (contiguous), and in each, blocks of 128 columns (4 cache lines a row)
-// carried down the chunk's rows in registers, the same lines of the next chunk prefetched;
+// Adds rows t0 .. t1 - 1 of kBlock 16-column vectors from column c0 into sums / sq, carried in
+// registers, prefetching the same lines two 16-row chunks ahead; `top` keeps the largest
+// magnitude bits seen.
+template <bool kBf16, int kBlock>
+KVPOOL_AVX512 inline void SumRows(const uint16_t* in, uint32_t t0, uint32_t t1, uint64_t HD,
+                                  uint64_t c0, float* sums, float* sq, __m256i* top) {
+  const __m256i magnitude = _mm256_set1_epi16(0x7fff);
+  __m512 s[kBlock], q[kBlock];
+  for (int j = 0; j < kBlock; ++j) {
+    s[j] = _mm512_loadu_ps(sums + c0 + 16 * j);
+    q[j] = _mm512_loadu_ps(sq + c0 + 16 * j);
+  }
+  for (uint32_t t = t0; t < t1; ++t) {
+    const uint16_t* row = in + t * HD + c0;
+    for (int j = 0; j < kBlock; j += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * kPack * HD + 16 * j), _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < kBlock; ++j) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * j));
+      *top = _mm256_max_epu16(*top, _mm256_and_si256(h, magnitude));
+      const __m512 x = ToFloats<kBf16>(h);
+      s[j] = _mm512_add_ps(s[j], x);
+      q[j] = _mm512_add_ps(q[j], _mm512_mul_ps(x, x));
+    }
+  }
+  for (int j = 0; j < kBlock; ++j) {
+    _mm512_storeu_ps(sums + c0 + 16 * j, s[j]);
+    _mm512_storeu_ps(sq + c0 + 16 * j, q[j]);
+  }
+}
+
+// Chunks of 16 rows (contiguous), and in each, blocks of 128 columns (4 cache lines a row);
 // per column the reference's order over tokens. Not finite: every exponent bit set, i.e.
 // (h & 0x7fff) >= the exponent mask, tracked as a running maximum.
 template <bool kBf16>
 KVPOOL_AVX512 bool StatsT(const uint16_t* in, uint32_t T, uint64_t HD, float* sums, float* sq) {
-  constexpr int kBlock = 8;  // 16-column vectors per block.
-  const __m256i magnitude = _mm256_set1_epi16(0x7fff);
   __m256i top = _mm256_setzero_si256();
   std::fill(sums, sums + HD, 0.f);
   std::fill(sq, sq + HD, 0.f);
   for (uint32_t t0 = 0; t0 < T; t0 += kPack) {
     const uint32_t t1 = std::min<uint32_t>(T, t0 + kPack);
     uint64_t c0 = 0;
-    for (; c0 + 16 * kBlock <= HD; c0 += 16 * kBlock) {
-      __m512 s[kBlock], q[kBlock];
-      for (int j = 0; j < kBlock; ++j) {
-        s[j] = _mm512_loadu_ps(sums + c0 + 16 * j);
-        q[j] = _mm512_loadu_ps(sq + c0 + 16 * j);
-      }
-      for (uint32_t t = t0; t < t1; ++t) {
-        const uint16_t* row = in + t * HD + c0;
-        for (int j = 0; j < kBlock; j += 2) {
-          _mm_prefetch(reinterpret_cast<const char*>(row + 2 * kPack * HD + 16 * j), _MM_HINT_T0);
-        }
-#pragma GCC unroll 8
-        for (int j = 0; j < kBlock; ++j) {
-          const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * j));
-          top = _mm256_max_epu16(top, _mm256_and_si256(h, magnitude));
-          const __m512 x = ToFloats<kBf16>(h);
-          s[j] = _mm512_add_ps(s[j], x);
-          q[j] = _mm512_add_ps(q[j], _mm512_mul_ps(x, x));
-        }
-      }
-      for (int j = 0; j < kBlock; ++j) {
-        _mm512_storeu_ps(sums + c0 + 16 * j, s[j]);
-        _mm512_storeu_ps(sq + c0 + 16 * j, q[j]);
-      }
-    }
-    for (; c0 < HD; c0 += 16) {
-      __m512 s = _mm512_loadu_ps(sums + c0), q = _mm512_loadu_ps(sq + c0);
-      for (uint32_t t = t0; t < t1; ++t) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + t * HD + c0));
-        top = _mm256_max_epu16(top, _mm256_and_si256(h, magnitude));
-        const __m512 x = ToFloats<kBf16>(h);
-        s = _mm512_add_ps(s, x);
-        q = _mm512_add_ps(q, _mm512_mul_ps(x, x));
-      }
-      _mm512_storeu_ps(sums + c0, s);
-      _mm512_storeu_ps(sq + c0, q);
-    }
+    for (; c0 + 128 <= HD; c0 += 128) SumRows<kBf16, 8>(in, t0, t1, HD, c0, sums, sq, &top);
+    for (; c0 < HD; c0 += 16) SumRows<kBf16, 1>(in, t0, t1, HD, c0, sums, sq, &top);
   }
   const __m256i exp = _mm256_set1_epi16(kBf16 ? 0x7f80 : 0x7c00);
   return _mm256_cmpge_epu16_mask(top, exp) == 0;

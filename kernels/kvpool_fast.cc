@@ -152,19 +152,6 @@ void Classes(const SegmentShape& shape, const uint16_t* keys, const float* km,
   if (!varied) classes.clear();
 }
 
-absl::StatusOr<uint64_t> WriteRaw(const SegmentShape& shape, const uint16_t* in, uint8_t* out,
-                                  uint64_t capacity) {
-  if (capacity < RawPayloadBytes(shape)) {
-    return absl::InvalidArgumentError("kvpool: output too small");
-  }
-  std::memset(out, 0, kHeaderBytes);
-  for (uint64_t i = 0; i < shape.Elements(); ++i) {
-    out[kHeaderBytes + 2 * i] = uint8_t(in[i]);
-    out[kHeaderBytes + 2 * i + 1] = uint8_t(in[i] >> 8);
-  }
-  return RawPayloadBytes(shape);
-}
-
 }  // namespace
 
 const FastKernels& FastRefKernels() {
@@ -180,7 +167,7 @@ absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams
   const uint64_t HD = uint64_t{H} * D, packs = uint64_t{G} * HD;
   thread_local Scratch s;
   if (shape.Elements() == 0 || !DecodedMeans(shape, in, kn, &s.sums, &s.sq, &s.m, &s.stored)) {
-    return WriteRaw(shape, in, out, capacity);
+    return WriteRawPayload(shape, in, out, capacity);
   }
   double energy = 0;
   for (uint64_t c = 0; c < HD; ++c) energy += double(s.sq[c]);
@@ -256,7 +243,7 @@ absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams
     }
     step *= std::max(0.25, std::min(0.995, std::sqrt(kAim * allowed / err)));
   }
-  if (size == 0 || size >= raw_bytes) return WriteRaw(shape, in, out, capacity);
+  if (size == 0 || size >= raw_bytes) return WriteRawPayload(shape, in, out, capacity);
   if (capacity < size) return absl::InvalidArgumentError("kvpool: output too small");
   if (dst != out) std::memcpy(out, dst, size);
   return size;

@@ -257,6 +257,9 @@ inline void PutF32(std::vector<uint8_t>* out, float f) {
 
 // Size of a raw-mode payload.
 uint64_t RawPayloadBytes(const SegmentShape& shape);
+// Writes the mode 0 payload of `in` (InvalidArgument when capacity is short); returns its size.
+absl::StatusOr<uint64_t> WriteRawPayload(const SegmentShape& shape, const uint16_t* in,
+                                         uint8_t* out, uint64_t capacity);
 
 float ToFloat(DType dtype, uint16_t h);
 uint16_t FromFloat(DType dtype, float f);

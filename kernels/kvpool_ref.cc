@@ -266,6 +266,19 @@ uint16_t FromFloat(DType dtype, float f) {
 
 uint64_t RawPayloadBytes(const SegmentShape& shape) { return kHeaderBytes + shape.Bytes(); }
 
+absl::StatusOr<uint64_t> WriteRawPayload(const SegmentShape& shape, const uint16_t* in,
+                                         uint8_t* out, uint64_t capacity) {
+  if (capacity < RawPayloadBytes(shape)) {
+    return absl::InvalidArgumentError("kvpool: output too small");
+  }
+  std::memset(out, 0, kHeaderBytes);
+  for (uint64_t i = 0; i < shape.Elements(); ++i) {
+    out[kHeaderBytes + 2 * i] = uint8_t(in[i]);
+    out[kHeaderBytes + 2 * i + 1] = uint8_t(in[i] >> 8);
+  }
+  return RawPayloadBytes(shape);
+}
+
 double TargetError(const SegmentShape& shape, const CodecParams& params) {
   double target = params.budget;
   const uint32_t key_scale = params.extra & 0xff;
@@ -415,12 +428,7 @@ void TokenSteps(const SegmentShape& shape, const Parsed& parsed, std::vector<flo
   }
   float by_class[kClasses];
   for (uint32_t k = 0; k < kClasses; ++k) by_class[k] = parsed.step * ClassScale(k);
-  float* s = steps->data();
-  for (uint64_t i = 0; i + 1 < n; i += 2) {
-    s[i] = by_class[parsed.classes[i / 2] & 15];
-    s[i + 1] = by_class[parsed.classes[i / 2] >> 4];
-  }
-  if (n % 2 == 1) s[n - 1] = by_class[parsed.classes[n / 2] & 15];
+  for (uint64_t i = 0; i < n; ++i) (*steps)[i] = by_class[Nibble(parsed.classes, i)];
 }
 
 absl::Status DecodeResidualCodes(const SegmentShape& shape, const Parsed& parsed,
@@ -577,15 +585,7 @@ absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecPara
       if (size >= raw_bytes) size = 0;
     }
   }
-  if (size == 0) {  // Raw: exact.
-    if (capacity < raw_bytes) return absl::InvalidArgumentError("kvpool: output too small");
-    std::memset(out, 0, kHeaderBytes);
-    for (uint64_t i = 0; i < shape.Elements(); ++i) {
-      out[kHeaderBytes + 2 * i] = uint8_t(in[i]);
-      out[kHeaderBytes + 2 * i + 1] = uint8_t(in[i] >> 8);
-    }
-    return raw_bytes;
-  }
+  if (size == 0) return WriteRawPayload(shape, in, out, capacity);  // Raw: exact.
   if (capacity < size) return absl::InvalidArgumentError("kvpool: output too small");
   std::memcpy(out, payload.data(), size);
   return size;
