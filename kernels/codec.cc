@@ -2,7 +2,9 @@
 
 #include <cpuid.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -59,11 +61,26 @@ absl::string_view PathName(Path path) {
 const CodecOps& GetCodecOps(CodecId codec) { return kOps[static_cast<int>(codec)]; }
 
 bool HasNonFinite(DType dtype, absl::Span<const uint16_t> elements) {
-  const uint16_t exponent = dtype == DType::kBf16 ? 0x7f80 : 0x7c00;
-  for (uint16_t x : elements) {
-    if ((x & exponent) == exponent) return true;
+  // Not finite: every exponent bit set, i.e. a magnitude (x & 0x7fff) >= the exponent mask.
+  // A running maximum per block of 4096 (no early exit inside: the compiler vectorises it).
+  const int16_t exponent = dtype == DType::kBf16 ? 0x7f80 : 0x7c00;
+  const uint16_t* p = elements.data();
+  for (size_t i = 0; i < elements.size(); i += 4096) {
+    const size_t end = std::min(elements.size(), i + 4096);
+    int16_t top = 0;
+    for (size_t j = i; j < end; ++j) top = std::max(top, int16_t(p[j] & 0x7fff));
+    if (top >= exponent) return true;
   }
   return false;
+}
+
+bool EncoderDetectsNonFinite(const CodecParams& params) {
+  return params.codec == CodecId::kKvpool && (params.flags & kKvpoolFastProfile);
+}
+
+bool EncoderWritesEveryByte(const CodecParams& params) {
+  return params.codec == CodecId::kRaw || params.codec == CodecId::kKivi ||
+         (params.codec == CodecId::kKvpool && (params.flags & kKvpoolFastProfile));
 }
 
 bool CpuHasAvx2() {
@@ -147,22 +164,37 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
       shape.kind == SegmentKind::kValue && !keys.empty() ? keys.data() : nullptr;
   auto normalized = NormalizeParams(params);
   if (!normalized.ok()) return normalized.status();
-  // Lossy codecs quantise finite values; a segment holding NaN or Inf is stored raw.
-  if (normalized->codec != CodecId::kRaw && HasNonFinite(shape.dtype, elements)) {
+  // Lossy codecs quantise finite values; a segment holding NaN or Inf is stored raw (found
+  // here, or by the encoders that read every element anyway, which then return
+  // InvalidArgument: see below).
+  const bool encoder_checks = path != Path::kCuda && EncoderDetectsNonFinite(*normalized);
+  if (normalized->codec != CodecId::kRaw && !encoder_checks &&
+      HasNonFinite(shape.dtype, elements)) {
     normalized = CodecParams{CodecId::kRaw};
   }
   const CodecOps& ops = GetCodecOps(normalized->codec);
   const uint64_t capacity = ops.max_payload_bytes(shape, *normalized);
-  // Header space, then the payload written in place. Packing encoders OR bits into zeroed
-  // bytes; raw writes every byte, so only raw skips the zero-fill (it is the hot default).
+  // Raw is written in place into a string of its exact size (it is the hot default). Other
+  // codecs write into a per-thread scratch of their worst case, zeroed for the encoders that
+  // OR bits into zeroed bytes, and the segment is copied out at its exact size: the store
+  // accounts a segment's size(), and a string keeping the worst case's capacity would hold
+  // about ratio times the memory it is counted for.
   std::string segment;
+  thread_local std::vector<uint8_t> scratch;
+  std::vector<uint8_t> large;  // Beyond kKeepScratch: not kept by the thread.
+  constexpr uint64_t kKeepScratch = uint64_t{64} << 20;
+  uint8_t* out;
   if (normalized->codec == CodecId::kRaw) {
     absl::strings_internal::STLStringResizeUninitialized(&segment, kSegmentHeaderBytes + capacity);
+    out = reinterpret_cast<uint8_t*>(segment.data()) + kSegmentHeaderBytes;
   } else {
-    segment.assign(kSegmentHeaderBytes + capacity, '\0');
+    const uint64_t need = kSegmentHeaderBytes + capacity;
+    std::vector<uint8_t>& buf = need <= kKeepScratch ? scratch : large;
+    if (buf.size() < need) buf.resize(need);
+    if (!EncoderWritesEveryByte(*normalized)) std::memset(buf.data(), 0, need);
+    out = buf.data() + kSegmentHeaderBytes;
   }
   absl::StatusOr<uint64_t> size;
-  uint8_t* out = reinterpret_cast<uint8_t*>(segment.data()) + kSegmentHeaderBytes;
   switch (path) {
     case Path::kRef:
       size = key_data != nullptr && ops.encode_ref_keyed != nullptr
@@ -186,7 +218,12 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
     }
     return size.status();
   }
-  segment.resize(kSegmentHeaderBytes + *size);
+  if (normalized->codec == CodecId::kRaw) {
+    segment.resize(kSegmentHeaderBytes + *size);
+  } else {
+    segment.assign(reinterpret_cast<const char*>(out - kSegmentHeaderBytes),
+                   kSegmentHeaderBytes + *size);
+  }
   SegmentHeader header;
   header.params = *normalized;
   header.shape = shape;

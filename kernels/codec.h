@@ -99,6 +99,16 @@ absl::Status SelfCheckCudaCodecs();
 // True when any element is NaN or Inf (such segments are stored raw by lossy codecs).
 bool HasNonFinite(DType dtype, absl::Span<const uint16_t> elements);
 
+// True when the codec's host encoders (ref and cpu) return InvalidArgument for NaN or Inf
+// elements themselves, so that EncodeSegment need not scan for them first (it then stores the
+// segment raw either way).
+bool EncoderDetectsNonFinite(const CodecParams& params);
+
+// True when the codec's host encoders (ref and cpu) write every byte of the payload they
+// return, so that EncodeSegment need not zero their output buffer first (the others OR bits
+// into zeroed bytes). tests/kernels/codec_test.cc checks it against buffers of garbage.
+bool EncoderWritesEveryByte(const CodecParams& params);
+
 // True when the CPU has AVX2, FMA and F16C (the fast CPU paths use them).
 bool CpuHasAvx2();
 

@@ -152,11 +152,12 @@ KVPOOL_AVX512 inline __m256i Half(__m512i v, int hi) {
 }
 
 // Adds rows t0 .. t1 - 1 of kBlock 16-column vectors from column c0 into sums / sq, carried in
-// registers, prefetching the same lines two 16-row chunks ahead; `top` keeps the largest
+// registers, prefetching the same lines `ahead` elements on; `top` keeps the largest
 // magnitude bits seen.
 template <bool kBf16, int kBlock>
 KVPOOL_AVX512 inline void SumRows(const uint16_t* in, uint32_t t0, uint32_t t1, uint64_t HD,
-                                  uint64_t c0, float* sums, float* sq, __m256i* top) {
+                                  uint64_t c0, uint64_t ahead, float* sums, float* sq,
+                                  __m256i* top) {
   const __m256i magnitude = _mm256_set1_epi16(0x7fff);
   __m512 s[kBlock], q[kBlock];
   for (int j = 0; j < kBlock; ++j) {
@@ -166,7 +167,7 @@ KVPOOL_AVX512 inline void SumRows(const uint16_t* in, uint32_t t0, uint32_t t1, 
   for (uint32_t t = t0; t < t1; ++t) {
     const uint16_t* row = in + t * HD + c0;
     for (int j = 0; j < kBlock; j += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * kPack * HD + 16 * j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + ahead + 16 * j), _MM_HINT_T0);
     }
 #pragma GCC unroll 8
     for (int j = 0; j < kBlock; ++j) {
@@ -183,35 +184,39 @@ KVPOOL_AVX512 inline void SumRows(const uint16_t* in, uint32_t t0, uint32_t t1, 
   }
 }
 
-// Chunks of 16 rows (contiguous), and in each, blocks of 128 columns (4 cache lines a row);
-// per column the reference's order over tokens. Not finite: every exponent bit set, i.e.
-// (h & 0x7fff) >= the exponent mask, tracked as a running maximum.
+// The sampled groups' 16 rows (contiguous), and in each, blocks of 128 columns (4 cache lines
+// a row), prefetched two sampled groups ahead; per column the reference's order over tokens.
+// Not finite: every exponent bit set, i.e. (h & 0x7fff) >= the exponent mask, tracked as a
+// running maximum.
 template <bool kBf16>
-KVPOOL_AVX512 bool StatsT(const uint16_t* in, uint32_t T, uint64_t HD, float* sums, float* sq) {
+KVPOOL_AVX512 bool StatsT(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride,
+                          float* sums, float* sq) {
   __m256i top = _mm256_setzero_si256();
   std::fill(sums, sums + HD, 0.f);
   std::fill(sq, sq + HD, 0.f);
-  for (uint32_t t0 = 0; t0 < T; t0 += kPack) {
+  const uint64_t ahead = 2 * uint64_t{stride} * kPack * HD;
+  for (uint32_t t0 = 0; t0 < T; t0 += stride * kPack) {
     const uint32_t t1 = std::min<uint32_t>(T, t0 + kPack);
     uint64_t c0 = 0;
-    for (; c0 + 128 <= HD; c0 += 128) SumRows<kBf16, 8>(in, t0, t1, HD, c0, sums, sq, &top);
-    for (; c0 < HD; c0 += 16) SumRows<kBf16, 1>(in, t0, t1, HD, c0, sums, sq, &top);
+    for (; c0 + 128 <= HD; c0 += 128) SumRows<kBf16, 8>(in, t0, t1, HD, c0, ahead, sums, sq, &top);
+    for (; c0 < HD; c0 += 16) SumRows<kBf16, 1>(in, t0, t1, HD, c0, ahead, sums, sq, &top);
   }
   const __m256i exp = _mm256_set1_epi16(kBf16 ? 0x7f80 : 0x7c00);
   return _mm256_cmpge_epu16_mask(top, exp) == 0;
 }
 
-bool Stats(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, float* sums, float* sq) {
-  if (HD % 16 != 0) return FastRefKernels().stats(dtype, in, T, HD, sums, sq);
-  return dtype == DType::kBf16 ? StatsT<true>(in, T, HD, sums, sq)
-                               : StatsT<false>(in, T, HD, sums, sq);
+bool Stats(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
+           float* sq) {
+  if (HD % 16 != 0) return FastRefKernels().stats(dtype, in, T, HD, stride, sums, sq);
+  return dtype == DType::kBf16 ? StatsT<true>(in, T, HD, stride, sums, sq)
+                               : StatsT<false>(in, T, HD, stride, sums, sq);
 }
 
 template <bool kBf16>
-KVPOOL_AVX512 bool MeansT(const float* sums, uint32_t T, uint64_t HD, uint16_t* stored, float* m) {
-  const __m512 n = _mm512_set1_ps(float(T)), inf = _mm512_set1_ps(INFINITY);
+KVPOOL_AVX512 bool MeansT(const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
+  const __m512 count = _mm512_set1_ps(float(n)), inf = _mm512_set1_ps(INFINITY);
   for (uint64_t c = 0; c < HD; c += 16) {
-    const __m512 mean = _mm512_div_ps(_mm512_loadu_ps(sums + c), n);
+    const __m512 mean = _mm512_div_ps(_mm512_loadu_ps(sums + c), count);
     // FromFloats rounds finite floats only (bf16 sums may overflow).
     if (_mm512_cmp_ps_mask(_mm512_abs_ps(mean), inf, _CMP_LT_OQ) != 0xffff) return false;
     const __m256i h = FromFloats<kBf16>(mean);
@@ -221,10 +226,10 @@ KVPOOL_AVX512 bool MeansT(const float* sums, uint32_t T, uint64_t HD, uint16_t* 
   return true;
 }
 
-void Means(DType dtype, const float* sums, uint32_t T, uint64_t HD, uint16_t* stored, float* m) {
-  const bool done = HD % 16 == 0 && (dtype == DType::kBf16 ? MeansT<true>(sums, T, HD, stored, m)
-                                                           : MeansT<false>(sums, T, HD, stored, m));
-  if (!done) FastRefKernels().means(dtype, sums, T, HD, stored, m);
+void Means(DType dtype, const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
+  const bool done = HD % 16 == 0 && (dtype == DType::kBf16 ? MeansT<true>(sums, n, HD, stored, m)
+                                                           : MeansT<false>(sums, n, HD, stored, m));
+  if (!done) FastRefKernels().means(dtype, sums, n, HD, stored, m);
 }
 
 // Tree16 of the lanes.
@@ -263,7 +268,7 @@ void Distances(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t
 template <bool kBf16>
 KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
                                  const float* m, const float* steps, uint32_t stride, uint8_t* out,
-                                 double* err) {
+                                 double* err, double* energy) {
   const Tables& tb = Get();
   const uint32_t G = Groups(T);
   const uint64_t HD = uint64_t{H} * D, packs = uint64_t{G} * HD;
@@ -274,6 +279,8 @@ KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uin
     const uint32_t valid = std::min<uint32_t>(kPack, T - g * kPack);
     const __mmask16 keep = __mmask16((1u << valid) - 1);
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    __m512 pow[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                      _mm512_setzero_ps()};
     __m512 qmax = _mm512_setzero_ps();
     for (uint32_t h = 0; h < H; ++h) {
@@ -294,11 +301,12 @@ KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uin
             const __m512 q =
                 _mm512_maskz_roundscale_ps(keep, _mm512_mul_ps(_mm512_sub_ps(x, mean), inv),
                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            qmax = _mm512_range_ps(qmax, q, 0x0b);  // max(|qmax|, |q|); q is never NaN.
+            qmax = _mm512_range_ps(qmax, q, 0x0b);  // max(|qmax|, |q|), NaN aside.
             const __m512 y =
                 ToFloats<kBf16>(FromFloats<kBf16>(_mm512_add_ps(mean, _mm512_mul_ps(q, s))));
             const __m512 e = _mm512_maskz_sub_ps(keep, y, x);
             acc[(l + k) % 4] = _mm512_fmadd_ps(e, e, acc[(l + k) % 4]);
+            pow[(l + k) % 4] = _mm512_fmadd_ps(x, x, pow[(l + k) % 4]);
             if (out != nullptr) qi[k] = _mm512_cvtps_epi32(q);
           }
           if (out == nullptr) continue;
@@ -322,18 +330,28 @@ KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uin
         if (out != nullptr) std::memcpy(widths + (uint64_t{g} * HD + c0) / 2, &nibbles, 8);
       }
     }
-    if (_mm512_cmp_ps_mask(qmax, vmax, _CMP_NLE_UQ) != 0) return kQuantizeFailed;
-    *err +=
-        double(Tree16(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))));
+    // A NaN element gives a NaN code, which vrangeps does not carry into qmax, and a NaN
+    // error, which the sum does.
+    const float group_err =
+        Tree16(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    if (_mm512_cmp_ps_mask(qmax, vmax, _CMP_NLE_UQ) != 0 || std::isnan(group_err)) {
+      return kQuantizeFailed;
+    }
+    *err += double(group_err);
+    *energy +=
+        double(Tree16(_mm512_add_ps(_mm512_add_ps(pow[0], pow[1]), _mm512_add_ps(pow[2], pow[3]))));
   }
   return out == nullptr ? 0 : uint64_t(data - out);
 }
 
 uint64_t Quantize(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
-                  const float* m, const float* steps, uint32_t stride, uint8_t* out, double* err) {
-  if (D % 16 != 0) return FastRefKernels().quantize(dtype, in, T, H, D, m, steps, stride, out, err);
-  return dtype == DType::kBf16 ? QuantizeT<true>(in, T, H, D, m, steps, stride, out, err)
-                               : QuantizeT<false>(in, T, H, D, m, steps, stride, out, err);
+                  const float* m, const float* steps, uint32_t stride, uint8_t* out, double* err,
+                  double* energy) {
+  if (D % 16 != 0) {
+    return FastRefKernels().quantize(dtype, in, T, H, D, m, steps, stride, out, err, energy);
+  }
+  return dtype == DType::kBf16 ? QuantizeT<true>(in, T, H, D, m, steps, stride, out, err, energy)
+                               : QuantizeT<false>(in, T, H, D, m, steps, stride, out, err, energy);
 }
 
 template <bool kBf16>

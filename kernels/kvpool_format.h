@@ -204,11 +204,13 @@ inline uint8_t ClassOf(double dist, double per_z) {
 // same float operations in the same order, so both write the same payload). Elements are read
 // from the input as the dtype, tokens t < T, columns c = h * D + d < H * D.
 struct FastKernels {
-  // sums[c] = sum over t of x, sq[c] = sum over t of x * x (float, token by token). False
-  // when an element is not finite.
-  bool (*stats)(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, float* sums, float* sq);
-  // stored[c] = to_dtype(sums[c] / T) (round to nearest even), m[c] = its float value.
-  void (*means)(DType dtype, const float* sums, uint32_t T, uint64_t HD, uint16_t* stored,
+  // Over the groups g = 0, stride, 2 * stride, .. (tokens 16 g .. 16 g + 15, those < T):
+  // sums[c] = sum of x, sq[c] = sum of x * x (float, token by token). False when one of those
+  // elements is not finite.
+  bool (*stats)(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride,
+                float* sums, float* sq);
+  // stored[c] = to_dtype(sums[c] / n) (round to nearest even), m[c] = its float value.
+  void (*means)(DType dtype, const float* sums, uint32_t n, uint64_t HD, uint16_t* stored,
                 float* m);
   // dist[t * H + h] = sum over d of (x - m[h * D + d])^2: float, 16 partial sums (d mod 16)
   // combined by Tree16.
@@ -220,13 +222,14 @@ struct FastKernels {
   // decoder computes it; the squared errors e = y - x add up as a = fma(e, e, a) in 64 float
   // partial sums a[c mod 4][token mod 16] per group, columns in order; per token lane
   // l = (a0 + a1) + (a2 + a3), then Tree16 of the 16 lanes is added to *err in double, groups
-  // in order (4 chains keep the adds' latency off the critical path). Tokens >= T: code 0, no
-  // error. With `out` (stride 1) writes the residual pack stream there (room for
+  // in order (4 chains keep the adds' latency off the critical path). The energy x * x adds
+  // up into *energy the same way (b = fma(x, x, b)). Tokens >= T: code 0, no error, no
+  // energy. With `out` (stride 1) writes the residual pack stream there (room for
   // PackBound(G * H * D) bytes) and returns its size; without, returns 0. kQuantizeFailed
-  // when a code exceeds kMaxCode.
+  // when a code exceeds kMaxCode or is NaN (an element or a mean not finite).
   uint64_t (*quantize)(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
                        const float* m, const float* steps, uint32_t stride, uint8_t* out,
-                       double* err);
+                       double* err, double* energy);
 };
 inline constexpr uint64_t kQuantizeFailed = ~uint64_t{0};
 const FastKernels& FastRefKernels();

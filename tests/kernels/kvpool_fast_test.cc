@@ -102,11 +102,37 @@ TEST(KvpoolFast, LargeSegmentsMeetBudget) {
       // Keys get 24/64 of the budget (NormalizeParams); the step search spends most of it.
       const double target = kind == SegmentKind::kKey ? budget * 24 / 64 : budget;
       EXPECT_LE(RelL2(s, x, out), target);
-      EXPECT_GT(RelL2(s, x, out), 0.9 * target);
+      EXPECT_GT(RelL2(s, x, out), 0.85 * target);
       if (kind == SegmentKind::kValue) {
         const double ratio = double(n * 2) / ref.size();
         EXPECT_GT(ratio, last);
         last = ratio;
+      }
+    }
+  }
+}
+
+// NaN or Inf anywhere, in the groups the means sample (0, 4, ..) or not: the segment is stored
+// with the raw codec and decodes to the input exactly, on both paths (EncodeSegment leaves the
+// check to this encoder).
+TEST(KvpoolFast, NonFiniteElementsAnywhereAreStoredRaw) {
+  std::mt19937_64 rng(23);
+  for (DType dt : {DType::kFp16, DType::kBf16}) {
+    const SegmentShape s = Shape(160, 2, 32, dt, SegmentKind::kValue);
+    const std::vector<uint16_t> v = RandomSegment(s, 0, rng);
+    const uint16_t inf = dt == DType::kBf16 ? 0x7f80 : 0x7c00, nan = inf | 0x40;
+    for (uint32_t token : {0u, 20u, 64u, 159u}) {
+      for (uint16_t bad : {inf, uint16_t(inf | 0x8000), nan}) {
+        std::vector<uint16_t> w = v;
+        w[uint64_t{token} * 64 + rng() % 64] = bad;
+        for (Path path : {Path::kRef, Path::kCpu}) {
+          const std::string enc = Encode(Params(0.05f, 0, kFast), s, w, path, v);
+          absl::string_view payload;
+          auto header = ParseSegment(enc, &payload);
+          ASSERT_TRUE(header.ok()) << header.status();
+          EXPECT_EQ(header->params.codec, CodecId::kRaw) << "token " << token;
+          EXPECT_EQ(Decode(enc, s, path), w);
+        }
       }
     }
   }
