@@ -142,6 +142,9 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
     std::string name, codec, path;
     double encode = 0, decode = 0, ratio = 0;
     double encode_anchor = 0, decode_anchor = 0;  // memcpy beside each (cuda: d2d copy).
+    // Whole segments through EncodeSegment / DecodeSegment (host paths only), and anchors.
+    double segment_encode = 0, segment_decode = 0;
+    double segment_encode_anchor = 0, segment_decode_anchor = 0;
   };
   std::vector<Row> rows;
   std::string device_line;
@@ -149,46 +152,89 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
   for (CodecParams& p : set) {
     if (!o.only.empty() && Name(p).find(o.only) == std::string::npos) continue;
     KVPOOL_ASSIGN_OR_RETURN(p, kernels::NormalizeParams(p));
+    // Two levels per path. The codec: its payload functions (a value segment with its keys,
+    // as put passes them). The segment API the daemon and the client run: EncodeSegment (NaN
+    // scan where the codec needs one, header, checksum, an exact-size string) and
+    // DecodeSegment (checksum verified before decoding).
     const kernels::CodecOps& ops = kernels::GetCodecOps(p.codec);
     const uint64_t cap = ops.max_payload_bytes(segs.key, p);
     std::vector<std::vector<uint8_t>> payloads(segs.count, std::vector<uint8_t>(cap));
     std::vector<uint64_t> sizes(segs.count);
+    std::vector<std::string> encoded(segs.count);
+    auto keys_of = [&](uint64_t i) {
+      return segs.shape(i).kind == SegmentKind::kValue ? segs.data(i - 1) : nullptr;
+    };
+    auto out_of = [&](uint64_t i) { return dst.get() + i * Segments::kElements; };
+    // Rate of `fn` over all segments with the memcpy anchor beside it: (GB/s, anchor GB/s).
+    auto measure = [&](const std::function<absl::Status(uint64_t)>& fn, double* gbps,
+                       double* anchor_gbps) -> absl::Status {
+      local = 0;
+      auto r = Rate(
+          o.seconds, total_bytes,
+          [&]() -> absl::Status {
+            for (uint64_t i = 0; i < segs.count; ++i) KVPOOL_RETURN_IF_ERROR(fn(i));
+            return absl::OkStatus();
+          },
+          anchor);
+      if (!r.ok()) return r.status();
+      *gbps = *r;
+      *anchor_gbps = local;
+      return absl::OkStatus();
+    };
     for (kernels::Path path : {kernels::Path::kRef, kernels::Path::kCpu}) {
-      auto encode = path == kernels::Path::kRef ? ops.encode_ref : ops.encode_cpu;
-      auto decode = path == kernels::Path::kRef ? ops.decode_ref : ops.decode_cpu;
+      const bool ref = path == kernels::Path::kRef;
+      auto encode = ref ? ops.encode_ref : ops.encode_cpu;
+      auto encode_keyed = ref ? ops.encode_ref_keyed : ops.encode_cpu_keyed;
+      auto decode = ref ? ops.decode_ref : ops.decode_cpu;
       Row row{Name(p), std::string(CodecName(p.codec)), std::string(kernels::PathName(path))};
-      local = 0;
-      auto enc = Rate(
-          o.seconds, total_bytes,
-          [&]() -> absl::Status {
-            for (uint64_t i = 0; i < segs.count; ++i) {
+      absl::Status st = measure(
+          [&](uint64_t i) -> absl::Status {
+            const uint16_t* keys = keys_of(i);
+            KVPOOL_ASSIGN_OR_RETURN(
+                sizes[i], keys != nullptr && encode_keyed != nullptr
+                              ? encode_keyed(segs.shape(i), p, segs.data(i), keys,
+                                             payloads[i].data(), cap)
+                              : encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
+            return absl::OkStatus();
+          },
+          &row.encode, &row.encode_anchor);
+      if (st.ok()) {
+        st = measure(
+            [&](uint64_t i) {
+              return decode(segs.shape(i), p, payloads[i].data(), sizes[i], out_of(i));
+            },
+            &row.decode, &row.decode_anchor);
+      }
+      if (st.ok()) {
+        st = measure(
+            [&](uint64_t i) -> absl::Status {
+              const uint16_t* keys = keys_of(i);
               KVPOOL_ASSIGN_OR_RETURN(
-                  sizes[i], encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
-            }
-            return absl::OkStatus();
-          },
-          anchor);
-      if (!enc.ok()) return absl::Status(enc.status().code(), absl::StrFormat(
-          "%s %s encode: %s", row.name, row.path, enc.status().message()));
-      row.encode = *enc;
-      row.encode_anchor = local;
+                  encoded[i],
+                  kernels::EncodeSegment(
+                      p, segs.shape(i), absl::MakeConstSpan(segs.data(i), Segments::kElements),
+                      path,
+                      keys ? absl::MakeConstSpan(keys, Segments::kElements)
+                           : absl::Span<const uint16_t>()));
+              return absl::OkStatus();
+            },
+            &row.segment_encode, &row.segment_encode_anchor);
+      }
+      if (st.ok()) {
+        st = measure(
+            [&](uint64_t i) {
+              return kernels::DecodeSegment(
+                  encoded[i], absl::MakeSpan(out_of(i), Segments::kElements), path);
+            },
+            &row.segment_decode, &row.segment_decode_anchor);
+      }
+      if (!st.ok()) {
+        return absl::Status(st.code(), absl::StrFormat("%s %s: %s", row.name, row.path,
+                                                       st.message()));
+      }
       uint64_t total = 0;
-      for (uint64_t n : sizes) total += n + kSegmentHeaderBytes;
+      for (const std::string& e : encoded) total += e.size();
       row.ratio = double(total_bytes) / total;
-      local = 0;
-      auto dec = Rate(
-          o.seconds, total_bytes,
-          [&]() -> absl::Status {
-            for (uint64_t i = 0; i < segs.count; ++i) {
-              KVPOOL_RETURN_IF_ERROR(decode(segs.shape(i), p, payloads[i].data(), sizes[i],
-                                            dst.get() + i * Segments::kElements));
-            }
-            return absl::OkStatus();
-          },
-          anchor);
-      if (!dec.ok()) return dec.status();
-      row.decode = *dec;
-      row.decode_anchor = local;
       rows.push_back(row);
     }
     const std::vector<uint16_t> all(segs.all.get(),
@@ -209,24 +255,32 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       std::cout << absl::StrFormat(
           "%s{\"codec\": \"%s\", \"name\": \"%s\", \"path\": \"%s\", \"encode_gbps\": %.3f, "
           "\"decode_gbps\": %.3f, \"ratio\": %.3f, \"encode_anchor_gbps\": %.3f, "
-          "\"decode_anchor_gbps\": %.3f}",
+          "\"decode_anchor_gbps\": %.3f, \"segment_encode_gbps\": %.3f, "
+          "\"segment_decode_gbps\": %.3f, \"segment_encode_anchor_gbps\": %.3f, "
+          "\"segment_decode_anchor_gbps\": %.3f}",
           i ? ", " : "", rows[i].codec, rows[i].name, rows[i].path, rows[i].encode, rows[i].decode,
-          rows[i].ratio, rows[i].encode_anchor, rows[i].decode_anchor);
+          rows[i].ratio, rows[i].encode_anchor, rows[i].decode_anchor, rows[i].segment_encode,
+          rows[i].segment_decode, rows[i].segment_encode_anchor, rows[i].segment_decode_anchor);
     }
     std::cout << "]}\n";
     return absl::OkStatus();
   }
   std::cout << absl::StrFormat(
       "codec: one core, synthetic fp16 KV, %d segments of [%d][%d][%d] (%s MiB), GB/s of fp16;\n"
-      "each ratio against the memcpy measured beside that figure (best of 3 rounds each)\n"
-      "  %-18s %-5s %9s %9s %7s %9s %9s %9s %9s\n",
+      "each ratio against the memcpy measured beside that figure (best of 3 rounds each);\n"
+      "encode/decode: the codec's payload functions; seg enc/dec: whole segments through\n"
+      "EncodeSegment / DecodeSegment (header, checksum, allocation), as the daemon runs them\n"
+      "  %-18s %-5s %8s %8s %7s %8s %8s %8s %8s %8s %8s\n",
       segs.count, kSegTokens, kHeads, kDim, absl::StrFormat("%.0f", total_bytes / 1048576.0),
-      "codec", "path", "encode", "decode", "ratio", "enc/mcpy", "dec/mcpy", "mcpy@enc", "mcpy@dec");
+      "codec", "path", "encode", "decode", "ratio", "enc/mcpy", "dec/mcpy", "seg enc", "seg dec",
+      "mcpy@enc", "mcpy@dec");
+  auto share = [](double x, double anchor) { return anchor > 0 ? x / anchor : 0.0; };
   for (const Row& r : rows) {
-    std::cout << absl::StrFormat("  %-18s %-5s %9.2f %9.2f %6.2fx %9.2f %9.2f %9.2f %9.2f\n",
-                                 r.name, r.path, r.encode, r.decode, r.ratio,
-                                 r.encode / r.encode_anchor, r.decode / r.decode_anchor,
-                                 r.encode_anchor, r.decode_anchor);
+    std::cout << absl::StrFormat(
+        "  %-18s %-5s %8.2f %8.2f %6.2fx %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f\n", r.name, r.path,
+        r.encode, r.decode, r.ratio, share(r.encode, r.encode_anchor),
+        share(r.decode, r.decode_anchor), share(r.segment_encode, r.segment_encode_anchor),
+        share(r.segment_decode, r.segment_decode_anchor), r.encode_anchor, r.decode_anchor);
   }
   std::cout << absl::StrFormat("  %-18s %-5s %9.2f   (best memcpy round of this run)\n", "memcpy",
                                "cpu", memcpy_gbps);

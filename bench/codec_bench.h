@@ -1,6 +1,8 @@
 // `kvpool-bench codec`: encode and decode throughput of each codec on one core (GB/s of
 // fp16 input / output), per path (ref, cpu), beside memcpy of the same bytes measured in the
-// same run; with a GPU, the CUDA paths beside a device-to-device copy.
+// same run; with a GPU, the CUDA paths beside a device-to-device copy. Host paths measure whole
+// segments through EncodeSegment (values with their keys, as put passes them) and
+// DecodeSegment (checksum verified), as the daemon and the client run them.
 #ifndef KVPOOL_BENCH_CODEC_BENCH_H_
 #define KVPOOL_BENCH_CODEC_BENCH_H_
 

@@ -51,6 +51,8 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   deletes_ = counter("kvpool_deleted_blocks_total", "Blocks removed by Delete");
   checksum_failures_ = counter("kvpool_checksum_failures_total",
                                "Stored segments that failed their checksum on read");
+  calls_in_flight_ = gauge("kvpool_grpc_calls_in_flight",
+                           "gRPC calls being handled (SIGTERM drains them before exiting)");
   blocks_ = gauge("kvpool_blocks", "Blocks stored");
   logical_bytes_ = gauge("kvpool_logical_bytes", "Bytes the stored blocks decode to");
   stored_bytes_ = gauge("kvpool_stored_bytes", "Bytes the stored blocks occupy in the host tier");
@@ -117,6 +119,8 @@ void Metrics::SetCodecState(absl::string_view codec, uint64_t segments, uint64_t
   compression_ratio_->Add(labels).Set(
       stored_bytes ? static_cast<double>(logical_bytes) / stored_bytes : 0.0);
 }
+
+void Metrics::SetCallsInFlight(int calls) { calls_in_flight_->Set(calls); }
 
 void Metrics::SetStoreState(uint64_t blocks, uint64_t logical_bytes, uint64_t stored_bytes,
                             uint64_t capacity_bytes) {

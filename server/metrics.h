@@ -30,6 +30,8 @@ class Metrics {
   void AddEvictions(uint64_t blocks, uint64_t bytes);
   void AddDeletes(uint64_t blocks);
   void AddChecksumFailure();
+  // gRPC calls whose handler has started and not yet finished (a drain waits for them).
+  void SetCallsInFlight(int calls);
 
   // One finished RPC: kvpool_requests_total{method,code} and the latency histogram.
   void ObserveRequest(absl::string_view method, grpc::StatusCode code, double seconds);
@@ -61,6 +63,7 @@ class Metrics {
   prometheus::Counter* evicted_bytes_;
   prometheus::Counter* deletes_;
   prometheus::Counter* checksum_failures_;
+  prometheus::Gauge* calls_in_flight_;
   prometheus::Gauge* blocks_;
   prometheus::Gauge* logical_bytes_;
   prometheus::Gauge* stored_bytes_;

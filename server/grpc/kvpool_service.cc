@@ -71,12 +71,12 @@ class UnaryReactor final : public grpc::ServerUnaryReactor {
 
 void KvPoolService::CallStarted() {
   absl::MutexLock lock(&inflight_mu_);
-  ++inflight_;
+  metrics_->SetCallsInFlight(++inflight_);
 }
 
 void KvPoolService::CallDone() {
   absl::MutexLock lock(&inflight_mu_);
-  --inflight_;
+  metrics_->SetCallsInFlight(--inflight_);
 }
 
 bool KvPoolService::WaitUntilIdle(absl::Time deadline) {

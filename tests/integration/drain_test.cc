@@ -39,6 +39,15 @@ TEST(DrainTest, InFlightPutCompletesAfterSigterm) {
   m.set_data(half);
   ASSERT_TRUE(writer->Write(m));
 
+  // The put must have reached its handler before the signal (gRPC cancels calls still waiting
+  // for one when it shuts down): /metrics counts handled calls. Bounded poll, as below.
+  bool handling = false;
+  for (int i = 0; i < 400 && !handling; ++i) {
+    auto metrics = testing::HttpGet((*daemon)->metrics_address(), "/metrics");
+    handling = metrics.ok() && metrics->find("kvpool_grpc_calls_in_flight 1") != std::string::npos;
+    if (!handling) absl::SleepFor(absl::Milliseconds(25));
+  }
+  ASSERT_TRUE(handling) << "the put never reached its handler";
   ASSERT_THAT((*daemon)->process().Signal(SIGTERM), IsOk());
   // Wait until the daemon stopped accepting: a fresh connection's call fails. Bounded; this
   // polls an external process, which offers nothing to block on.
