@@ -191,10 +191,10 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
           [&](uint64_t i) -> absl::Status {
             const uint16_t* keys = keys_of(i);
             KVPOOL_ASSIGN_OR_RETURN(
-                sizes[i], keys != nullptr && encode_keyed != nullptr
-                              ? encode_keyed(segs.shape(i), p, segs.data(i), keys,
-                                             payloads[i].data(), cap)
-                              : encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
+                sizes[i],
+                keys != nullptr && encode_keyed != nullptr
+                    ? encode_keyed(segs.shape(i), p, segs.data(i), keys, payloads[i].data(), cap)
+                    : encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
             return absl::OkStatus();
           },
           &row.encode, &row.encode_anchor);
@@ -210,12 +210,11 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
             [&](uint64_t i) -> absl::Status {
               const uint16_t* keys = keys_of(i);
               KVPOOL_ASSIGN_OR_RETURN(
-                  encoded[i],
-                  kernels::EncodeSegment(
-                      p, segs.shape(i), absl::MakeConstSpan(segs.data(i), Segments::kElements),
-                      path,
-                      keys ? absl::MakeConstSpan(keys, Segments::kElements)
-                           : absl::Span<const uint16_t>()));
+                  encoded[i], kernels::EncodeSegment(
+                                  p, segs.shape(i),
+                                  absl::MakeConstSpan(segs.data(i), Segments::kElements), path,
+                                  keys ? absl::MakeConstSpan(keys, Segments::kElements)
+                                       : absl::Span<const uint16_t>()));
               return absl::OkStatus();
             },
             &row.segment_encode, &row.segment_encode_anchor);
@@ -223,14 +222,14 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       if (st.ok()) {
         st = measure(
             [&](uint64_t i) {
-              return kernels::DecodeSegment(
-                  encoded[i], absl::MakeSpan(out_of(i), Segments::kElements), path);
+              return kernels::DecodeSegment(encoded[i],
+                                            absl::MakeSpan(out_of(i), Segments::kElements), path);
             },
             &row.segment_decode, &row.segment_decode_anchor);
       }
       if (!st.ok()) {
-        return absl::Status(st.code(), absl::StrFormat("%s %s: %s", row.name, row.path,
-                                                       st.message()));
+        return absl::Status(st.code(),
+                            absl::StrFormat("%s %s: %s", row.name, row.path, st.message()));
       }
       uint64_t total = 0;
       for (const std::string& e : encoded) total += e.size();

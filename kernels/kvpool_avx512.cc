@@ -189,8 +189,8 @@ KVPOOL_AVX512 inline void SumRows(const uint16_t* in, uint32_t t0, uint32_t t1, 
 // Not finite: every exponent bit set, i.e. (h & 0x7fff) >= the exponent mask, tracked as a
 // running maximum.
 template <bool kBf16>
-KVPOOL_AVX512 bool StatsT(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride,
-                          float* sums, float* sq) {
+KVPOOL_AVX512 bool StatsT(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
+                          float* sq) {
   __m256i top = _mm256_setzero_si256();
   std::fill(sums, sums + HD, 0.f);
   std::fill(sq, sq + HD, 0.f);

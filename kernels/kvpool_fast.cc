@@ -79,8 +79,8 @@ void DistancesRef(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint3
 }
 
 uint64_t QuantizeRef(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
-                     const float* m, const float* steps, uint32_t stride, uint8_t* out,
-                     double* err, double* energy) {
+                     const float* m, const float* steps, uint32_t stride, uint8_t* out, double* err,
+                     double* energy) {
   const uint32_t G = Groups(T);
   const uint64_t HD = uint64_t{H} * D, packs = uint64_t{G} * HD;
   uint8_t* widths = out;

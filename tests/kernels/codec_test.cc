@@ -1,12 +1,13 @@
 // EncodeSegment's contract across codecs: encoders that EncoderWritesEveryByte claims need no
 // zeroed buffer do write every byte, encoded segments hold no more memory than their size,
 // and HasNonFinite finds NaN and Inf anywhere.
+#include "kernels/codec.h"
+
 #include <random>
 #include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "kernels/codec.h"
 #include "tests/kernels/kvpool_test_helpers.h"
 
 namespace kvpool::kernels {
