@@ -65,6 +65,11 @@ struct CodecParams {
   }
 };
 
+// True for kvpool's fast profile.
+inline bool IsKvpoolFastProfile(const CodecParams& p) {
+  return p.codec == CodecId::kKvpool && (p.flags & kKvpoolFastProfile) != 0;
+}
+
 struct SegmentShape {
   uint32_t tokens = 0;
   uint32_t kv_heads = 0;

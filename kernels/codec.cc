@@ -74,13 +74,11 @@ bool HasNonFinite(DType dtype, absl::Span<const uint16_t> elements) {
   return false;
 }
 
-bool EncoderDetectsNonFinite(const CodecParams& params) {
-  return params.codec == CodecId::kKvpool && (params.flags & kKvpoolFastProfile);
-}
+bool EncoderDetectsNonFinite(const CodecParams& params) { return IsKvpoolFastProfile(params); }
 
 bool EncoderWritesEveryByte(const CodecParams& params) {
   return params.codec == CodecId::kRaw || params.codec == CodecId::kKivi ||
-         (params.codec == CodecId::kKvpool && (params.flags & kKvpoolFastProfile));
+         IsKvpoolFastProfile(params);
 }
 
 bool CpuHasAvx2() {

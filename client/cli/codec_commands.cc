@@ -56,8 +56,7 @@ std::string Describe(const CodecParams& p) {
     case CodecId::kPackKv:
       return absl::StrFormat("packkv e=%.3g", p.budget);
     case CodecId::kKvpool:
-      return absl::StrFormat("kvpool%s e=%.3g", p.flags & kKvpoolFastProfile ? "-fast" : "",
-                             p.budget);
+      return absl::StrFormat("kvpool%s e=%.3g", IsKvpoolFastProfile(p) ? "-fast" : "", p.budget);
   }
   return "?";
 }
