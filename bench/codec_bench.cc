@@ -189,10 +189,15 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       absl::Status st = measure(
           [&](uint64_t i) -> absl::Status {
             const uint16_t* keys = keys_of(i);
+            // A value's keys and their payload, encoded just before (what put passes).
+            const kernels::LayerKeys layer_keys{
+                keys, keys ? absl::MakeConstSpan(payloads[i - 1].data(), sizes[i - 1])
+                           : absl::Span<const uint8_t>()};
             KVPOOL_ASSIGN_OR_RETURN(
                 sizes[i],
                 keys != nullptr && encode_keyed != nullptr
-                    ? encode_keyed(segs.shape(i), p, segs.data(i), keys, payloads[i].data(), cap)
+                    ? encode_keyed(segs.shape(i), p, segs.data(i), layer_keys, payloads[i].data(),
+                                   cap)
                     : encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
             return absl::OkStatus();
           },
@@ -213,7 +218,8 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
                                   p, segs.shape(i),
                                   absl::MakeConstSpan(segs.data(i), Segments::kElements), path,
                                   keys ? absl::MakeConstSpan(keys, Segments::kElements)
-                                       : absl::Span<const uint16_t>()));
+                                       : absl::Span<const uint16_t>(),
+                                  keys ? absl::string_view(encoded[i - 1]) : absl::string_view()));
               return absl::OkStatus();
             },
             &row.segment_encode, &row.segment_encode_anchor);

@@ -85,7 +85,10 @@ void FinishSegmentInPlace(const SegmentHeader& header, std::string* segment) {
   Put<uint64_t>(&out, kChecksumOffset, SegmentChecksum(out, payload));
 }
 
-absl::StatusOr<SegmentHeader> ParseSegment(absl::string_view bytes, absl::string_view* payload) {
+namespace {
+
+absl::StatusOr<SegmentHeader> Parse(absl::string_view bytes, absl::string_view* payload,
+                                    bool verify_checksum) {
   if (bytes.size() < kSegmentHeaderBytes) {
     return absl::DataLossError(
         absl::StrCat("encoded segment is ", bytes.size(), " bytes, shorter than its header"));
@@ -102,7 +105,7 @@ absl::StatusOr<SegmentHeader> ParseSegment(absl::string_view bytes, absl::string
   }
   const absl::string_view body = bytes.substr(kSegmentHeaderBytes);
   h.checksum = Get<uint64_t>(bytes, kChecksumOffset);
-  if (SegmentChecksum(bytes, body) != h.checksum) {
+  if (verify_checksum && SegmentChecksum(bytes, body) != h.checksum) {
     return absl::DataLossError("encoded segment failed its checksum");
   }
   const uint8_t version = Get<uint8_t>(bytes, 4);
@@ -139,6 +142,17 @@ absl::StatusOr<SegmentHeader> ParseSegment(absl::string_view bytes, absl::string
   h.params.extra = Get<uint64_t>(bytes, 32);
   *payload = body;
   return h;
+}
+
+}  // namespace
+
+absl::StatusOr<SegmentHeader> ParseSegment(absl::string_view bytes, absl::string_view* payload) {
+  return Parse(bytes, payload, /*verify_checksum=*/true);
+}
+
+absl::StatusOr<SegmentHeader> ParseSegmentUnverified(absl::string_view bytes,
+                                                     absl::string_view* payload) {
+  return Parse(bytes, payload, /*verify_checksum=*/false);
 }
 
 }  // namespace kvpool

@@ -101,6 +101,12 @@ void FinishSegmentInPlace(const SegmentHeader& header, std::string* segment);
 // inside `bytes`.
 absl::StatusOr<SegmentHeader> ParseSegment(absl::string_view bytes, absl::string_view* payload);
 
+// The same checks without the checksum, for segments used only as a hint that cannot change
+// what a reader decodes (a value's encoder taking its key segment's token classes, which move
+// bits between tokens while the encoder still measures its own error).
+absl::StatusOr<SegmentHeader> ParseSegmentUnverified(absl::string_view bytes,
+                                                     absl::string_view* payload);
+
 }  // namespace kvpool
 
 #endif  // KVPOOL_COMMON_ENCODED_SEGMENT_H_

@@ -146,9 +146,30 @@ absl::StatusOr<CodecParams> NormalizeParams(CodecParams p) {
   return p;
 }
 
+namespace {
+
+// The payload of `encoded_keys` when it is the key segment for a value segment of `shape` and
+// this codec with these parameters wrote it; else empty.
+absl::Span<const uint8_t> KeyPayload(absl::string_view encoded_keys, const CodecParams& params,
+                                     const SegmentShape& shape) {
+  if (encoded_keys.empty()) return {};
+  absl::string_view payload;
+  auto header = ParseSegmentUnverified(encoded_keys, &payload);
+  if (!header.ok() || !(header->params == params)) return {};
+  const SegmentShape& k = header->shape;
+  if (k.kind != SegmentKind::kKey || k.tokens != shape.tokens || k.kv_heads != shape.kv_heads ||
+      k.head_dim != shape.head_dim || k.dtype != shape.dtype) {
+    return {};
+  }
+  return {reinterpret_cast<const uint8_t*>(payload.data()), payload.size()};
+}
+
+}  // namespace
+
 absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const SegmentShape& shape,
                                           absl::Span<const uint16_t> elements, Path path,
-                                          absl::Span<const uint16_t> keys) {
+                                          absl::Span<const uint16_t> keys,
+                                          absl::string_view encoded_keys) {
   if (elements.size() != shape.Elements()) {
     return absl::InvalidArgumentError(absl::StrCat("segment has ", elements.size(),
                                                    " elements, the shape needs ",
@@ -158,10 +179,14 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
     return absl::InvalidArgumentError(absl::StrCat("keys have ", keys.size(),
                                                    " elements, the segment has ", elements.size()));
   }
-  const uint16_t* key_data =
-      shape.kind == SegmentKind::kValue && !keys.empty() ? keys.data() : nullptr;
   auto normalized = NormalizeParams(params);
   if (!normalized.ok()) return normalized.status();
+  LayerKeys layer_keys;
+  if (shape.kind == SegmentKind::kValue) {
+    if (!keys.empty()) layer_keys.elements = keys.data();
+    layer_keys.payload = KeyPayload(encoded_keys, *normalized, shape);
+  }
+  const bool keyed = layer_keys.elements != nullptr || !layer_keys.payload.empty();
   // Lossy codecs quantise finite values; a segment holding NaN or Inf is stored raw (found
   // here, or by the encoders that read every element anyway, which then return
   // InvalidArgument: see below).
@@ -195,13 +220,13 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
   absl::StatusOr<uint64_t> size;
   switch (path) {
     case Path::kRef:
-      size = key_data != nullptr && ops.encode_ref_keyed != nullptr
-                 ? ops.encode_ref_keyed(shape, *normalized, elements.data(), key_data, out, capacity)
+      size = keyed && ops.encode_ref_keyed != nullptr
+                 ? ops.encode_ref_keyed(shape, *normalized, elements.data(), layer_keys, out, capacity)
                  : ops.encode_ref(shape, *normalized, elements.data(), out, capacity);
       break;
     case Path::kCpu:
-      size = key_data != nullptr && ops.encode_cpu_keyed != nullptr
-                 ? ops.encode_cpu_keyed(shape, *normalized, elements.data(), key_data, out, capacity)
+      size = keyed && ops.encode_cpu_keyed != nullptr
+                 ? ops.encode_cpu_keyed(shape, *normalized, elements.data(), layer_keys, out, capacity)
                  : ops.encode_cpu(shape, *normalized, elements.data(), out, capacity);
       break;
     case Path::kCuda:

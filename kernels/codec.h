@@ -37,6 +37,16 @@ namespace kvpool::kernels {
 enum class Path : uint8_t { kRef = 0, kCpu = 1, kCuda = 2 };
 absl::string_view PathName(Path path);  // "ref", "cpu", "cuda"
 
+// What a value segment's encoder may use of its layer's key segment of the same tokens (codecs
+// that spend more bits on the tokens queries are likely to attend to, by their keys: kvpool).
+// Either or both: the key segment's elements, and the payload the same codec with the same
+// parameters wrote for them, from which kvpool takes the keys' token classes instead of
+// computing them again (a hint: a payload without them, or not of this codec, is ignored).
+struct LayerKeys {
+  const uint16_t* elements = nullptr;
+  absl::Span<const uint8_t> payload;
+};
+
 // The payload functions of one codec (host paths) and its CUDA launchers (null when the build
 // has no CUDA or the codec has no kernel).
 struct CodecOps {
@@ -54,14 +64,13 @@ struct CodecOps {
                               cudaStream_t stream);
   absl::Status (*decode_cuda)(const SegmentShape&, const CodecParams&, const uint8_t* d_payload,
                               uint64_t size, uint16_t* d_out, cudaStream_t stream);
-  // The host encoders given `keys`, for a value segment its layer's key segment of the same
-  // tokens (codecs that spend more bits on tokens queries are likely to attend to, by their
-  // keys); null for codecs that do not use them.
+  // The host encoders given, for a value segment, its layer's keys (LayerKeys); null for
+  // codecs that do not use them.
   absl::StatusOr<uint64_t> (*encode_ref_keyed)(const SegmentShape&, const CodecParams&,
-                                               const uint16_t* in, const uint16_t* keys,
+                                               const uint16_t* in, const LayerKeys& keys,
                                                uint8_t* out, uint64_t capacity);
   absl::StatusOr<uint64_t> (*encode_cpu_keyed)(const SegmentShape&, const CodecParams&,
-                                               const uint16_t* in, const uint16_t* keys,
+                                               const uint16_t* in, const LayerKeys& keys,
                                                uint8_t* out, uint64_t capacity);
 };
 
@@ -78,9 +87,14 @@ absl::StatusOr<CodecParams> NormalizeParams(CodecParams params);
 // `keys` (optional, value segments): the key segment of the same layer and tokens, which
 // kvpool uses to spend more bits on the tokens queries are likely to attend to; ignored for
 // key segments, other codecs and kCuda. InvalidArgument when its size differs from elements'.
+// `encoded_keys` (optional, value segments): those keys' encoded segment; when this codec with
+// the same parameters wrote it, kvpool takes the keys' token classes from it (the same classes,
+// without reading the keys again; the checksum is not verified: the classes only move bits
+// between tokens, the value's encoder measures its own error). Else it is ignored.
 absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const SegmentShape& shape,
                                           absl::Span<const uint16_t> elements, Path path,
-                                          absl::Span<const uint16_t> keys = {});
+                                          absl::Span<const uint16_t> keys = {},
+                                          absl::string_view encoded_keys = {});
 
 // Parses, verifies and decodes a whole encoded segment into `out` (exactly Elements() elements).
 // DataLoss / InvalidArgument from ParseSegment and the codec; InvalidArgument when `out` has

@@ -16,19 +16,21 @@ absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams&
 absl::Status DecodeRef(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out);
 
-// The same given, for a value segment, its layer's key segment of the same tokens (same
-// shape; null: none): the residual step of each token and head then follows how far its key
-// lies from the head's mean key, finer for the tokens queries are likely to attend to (key
-// segments do this from their own elements). The relative L2 budget holds either way.
+// The same given, for a value segment, its layer's keys (LayerKeys: the key segment of the
+// same tokens and shape, and/or its payload from this codec with the same parameters): the
+// residual step of each token and head then follows how far its key lies from the head's mean
+// key, finer for the tokens queries are likely to attend to (key segments do this from their
+// own elements, and their payload carries the classes, which a value then takes as they are).
+// The relative L2 budget holds either way.
 absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams& params,
-                                   const uint16_t* in, const uint16_t* keys, uint8_t* out,
+                                   const uint16_t* in, const LayerKeys& keys, uint8_t* out,
                                    uint64_t capacity);
 
 // Fast CPU path (AVX2/F16C when CpuHasAvx2(), else the reference).
 absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams& params,
                                    const uint16_t* in, uint8_t* out, uint64_t capacity);
 absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams& params,
-                                   const uint16_t* in, const uint16_t* keys, uint8_t* out,
+                                   const uint16_t* in, const LayerKeys& keys, uint8_t* out,
                                    uint64_t capacity);
 absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out);

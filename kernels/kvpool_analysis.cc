@@ -273,7 +273,7 @@ std::vector<uint8_t> TokenClasses(const SegmentShape& shape, const float* keys) 
 }
 
 void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_t* in,
-             const uint16_t* keys, const EncodeKernels& kn, Analysis* a) {
+             const LayerKeys& keys, const EncodeKernels& kn, Analysis* a) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
   const uint64_t HD = uint64_t{H} * D, N = shape.Elements();
   const bool side = !(params.flags & kFlagPacked);
@@ -284,10 +284,10 @@ void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_
   if (side && !(params.flags & kFlagEqualTokens) && a->finite) {
     if (shape.kind == SegmentKind::kKey) {
       a->classes = TokenClasses(shape, a->x.data());
-    } else if (keys != nullptr) {
+    } else if (!KeyClasses(shape, keys.payload, &a->classes) && keys.elements != nullptr) {
       double unused;
       a->kx.resize(N);
-      kn.load(shape.dtype, keys, N, a->kx.data(), &unused);
+      kn.load(shape.dtype, keys.elements, N, a->kx.data(), &unused);
       a->classes = TokenClasses(shape, a->kx.data());
     }
   }

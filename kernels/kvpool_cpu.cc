@@ -361,11 +361,11 @@ __attribute__((target("avx2,fma,f16c"))) absl::Status DecodeAvx2(const SegmentSh
 
 absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams& params,
                                    const uint16_t* in, uint8_t* out, uint64_t capacity) {
-  return EncodeCpu(shape, params, in, nullptr, out, capacity);
+  return EncodeCpu(shape, params, in, LayerKeys{}, out, capacity);
 }
 
 absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams& params,
-                                   const uint16_t* in, const uint16_t* keys, uint8_t* out,
+                                   const uint16_t* in, const LayerKeys& keys, uint8_t* out,
                                    uint64_t capacity) {
   if (!CpuHasAvx2()) return EncodeRef(shape, params, in, keys, out, capacity);
   if (!(params.budget > 0 && params.budget < 1)) {
@@ -375,8 +375,7 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
     return internal::FastEncode(shape, params, in, keys, internal::FastCpuKernels(), out, capacity);
   }
   thread_local Analysis a;  // Scratch reused by this thread's encodes (a few MiB at most).
-  internal::Analyze(shape, params, in, keys,
-                    CpuKernels(), &a);
+  internal::Analyze(shape, params, in, keys, CpuKernels(), &a);
   return internal::FinishEncode(shape, params, in, CpuKernels(), &a, out, capacity);
 }
 

@@ -193,7 +193,7 @@ const FastKernels& FastRefKernels() {
 }
 
 absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams& params,
-                                    const uint16_t* in, const uint16_t* keys, const FastKernels& kn,
+                                    const uint16_t* in, const LayerKeys& keys, const FastKernels& kn,
                                     uint8_t* out, uint64_t capacity) {
   const uint64_t raw_bytes = RawPayloadBytes(shape);
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
@@ -208,9 +208,10 @@ absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams
   if (!(params.flags & kFlagEqualTokens)) {
     if (shape.kind == SegmentKind::kKey) {
       Classes(shape, in, s.m.data(), kn, &s);
-    } else if (keys != nullptr &&
-               DecodedMeans(shape, keys, kn, &s.sums, &s.sq, &s.km, &s.kstored, &key_energy)) {
-      Classes(shape, keys, s.km.data(), kn, &s);
+    } else if (!KeyClasses(shape, keys.payload, &s.classes) && keys.elements != nullptr &&
+               DecodedMeans(shape, keys.elements, kn, &s.sums, &s.sq, &s.km, &s.kstored,
+                            &key_energy)) {
+      Classes(shape, keys.elements, s.km.data(), kn, &s);
     }
   }
   // Step multipliers [G][H][16] (tokens >= T: 1) and their weight sum(scale^2) * D.

@@ -10,7 +10,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "common/encoded_segment.h"
+#include "kernels/codec.h"
 #include "kernels/kvpool_entropy.h"
 
 namespace kvpool::kernels::kvpool::internal {
@@ -89,6 +91,16 @@ absl::Status DecodeResidualCodes(const SegmentShape& shape, const Parsed& parsed
 // Validates every field against `size`: DataLoss on any inconsistency.
 absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
                           Parsed* parsed);
+// The same up to and including the class map (the raw section of a raw payload); *end_of_head:
+// the offset after it.
+absl::Status ParseHead(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
+                       Parsed* parsed, uint64_t* end_of_head);
+
+// The token classes ([tokens][kv_heads]; empty: all the same) that a key segment's coded
+// payload carries, for a value segment of `shape`; false when the payload carries none (raw
+// mode, or malformed up to the class map): the caller then computes them from the keys.
+bool KeyClasses(const SegmentShape& shape, absl::Span<const uint8_t> payload,
+                std::vector<uint8_t>* classes);
 
 // Dequantised means and low-rank parts, exactly as every decoder computes them: means[c],
 // basis[h][j][d] and coefficients[t][col] (col = first column of head h + j), and the first
@@ -170,9 +182,10 @@ const EncodeKernels& RefKernels();
 inline uint64_t PackBound(uint64_t packs) { return (packs + 1) / 2 + packs * 32 + 32; }
 
 // Token classes (mode 3 without kFlagEqualTokens): TokenClasses of the segment itself for
-// keys, of `keys` for values (none when null).
+// keys; for values those `keys.payload` carries (KeyClasses), else TokenClasses of
+// `keys.elements` (none when null).
 void Analyze(const SegmentShape& shape, const CodecParams& params, const uint16_t* in,
-             const uint16_t* keys, const EncodeKernels& kernels, Analysis* analysis);
+             const LayerKeys& keys, const EncodeKernels& kernels, Analysis* analysis);
 
 // The target relative L2 error for this kind (the budget, scaled for keys by `extra`).
 double TargetError(const SegmentShape& shape, const CodecParams& params);
@@ -246,9 +259,10 @@ inline float Tree16(float* l) {
   return l[0];
 }
 
-// The fast profile's encoder (kvpool_fast.cc), with the given kernels.
+// The fast profile's encoder (kvpool_fast.cc), with the given kernels; a value segment's
+// classes as Analyze's.
 absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams& params,
-                                    const uint16_t* in, const uint16_t* keys,
+                                    const uint16_t* in, const LayerKeys& keys,
                                     const FastKernels& kernels, uint8_t* out, uint64_t capacity);
 
 uint16_t Load16(const uint8_t* p);

@@ -286,8 +286,8 @@ double TargetError(const SegmentShape& shape, const CodecParams& params) {
   return target * (1 - 1e-6);  // Margin for the caller's own rounding of the measurement.
 }
 
-absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
-                          Parsed* parsed) {
+absl::Status ParseHead(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
+                       Parsed* parsed, uint64_t* end_of_head) {
   if (size < kHeaderBytes) return absl::DataLossError("kvpool: payload shorter than its header");
   parsed->mode = payload[0];
   parsed->end = payload + size;
@@ -305,12 +305,13 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
                                               RawPayloadBytes(shape)));
     }
     parsed->raw = payload + kHeaderBytes;
+    *end_of_head = size;
     return absl::OkStatus();
   }
   if (!std::isfinite(parsed->step) || !(parsed->step > 0)) {
     return absl::DataLossError("kvpool: residual step is not a positive finite number");
   }
-  const uint64_t H = shape.kv_heads, D = shape.head_dim, G = Groups(shape.tokens);
+  const uint64_t H = shape.kv_heads, D = shape.head_dim;
   const bool side = parsed->mode == kModeEntropy;
   uint64_t pos = kHeaderBytes;
   const uint64_t means_bytes = side ? 4 : H * D * 2;
@@ -351,7 +352,17 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
     }
     pos += bytes;
   }
-  absl::Status s;
+  *end_of_head = pos;
+  return absl::OkStatus();
+}
+
+absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
+                          Parsed* parsed) {
+  uint64_t pos = 0;
+  absl::Status s = ParseHead(shape, payload, size, parsed, &pos);
+  if (!s.ok() || parsed->mode == kModeRaw) return s;
+  const uint64_t H = shape.kv_heads, D = shape.head_dim, G = Groups(shape.tokens);
+  const bool side = parsed->mode == kModeEntropy;
   if (side) {
     s = ParseStream(payload, size, shape.head_dim, shape.kv_heads + parsed->coef_cols, &pos,
                     &parsed->side_stream);
@@ -369,6 +380,25 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
   }
   if (pos != size) return absl::DataLossError("kvpool: bytes after the residual packs");
   return absl::OkStatus();
+}
+
+bool KeyClasses(const SegmentShape& shape, absl::Span<const uint8_t> payload,
+                std::vector<uint8_t>* classes) {
+  SegmentShape key = shape;
+  key.kind = SegmentKind::kKey;
+  Parsed parsed;
+  uint64_t end = 0;
+  if (!ParseHead(key, payload.data(), payload.size(), &parsed, &end).ok() ||
+      parsed.mode == kModeRaw) {
+    return false;
+  }
+  classes->clear();
+  if (parsed.classes == nullptr) return true;
+  classes->resize(uint64_t{shape.tokens} * shape.kv_heads);
+  for (uint64_t i = 0; i < classes->size(); ++i) {
+    (*classes)[i] = (parsed.classes[i / 2] >> (4 * (i & 1))) & 15;
+  }
+  return true;
 }
 
 absl::Status DecodeLowRank(const SegmentShape& shape, const Parsed& parsed, LowRank* lr) {
@@ -599,11 +629,11 @@ uint64_t MaxPayloadBytes(const SegmentShape& shape, const CodecParams&) {
 
 absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams& params,
                                    const uint16_t* in, uint8_t* out, uint64_t capacity) {
-  return EncodeRef(shape, params, in, nullptr, out, capacity);
+  return EncodeRef(shape, params, in, LayerKeys{}, out, capacity);
 }
 
 absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams& params,
-                                   const uint16_t* in, const uint16_t* keys, uint8_t* out,
+                                   const uint16_t* in, const LayerKeys& keys, uint8_t* out,
                                    uint64_t capacity) {
   if (!(params.budget > 0 && params.budget < 1)) {
     return absl::InvalidArgumentError("kvpool: budget must be in (0, 1)");
@@ -612,8 +642,7 @@ absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams&
     return internal::FastEncode(shape, params, in, keys, internal::FastRefKernels(), out, capacity);
   }
   internal::Analysis a;
-  internal::Analyze(shape, params, in, keys,
-                    internal::RefKernels(), &a);
+  internal::Analyze(shape, params, in, keys, internal::RefKernels(), &a);
   return internal::FinishEncode(shape, params, in, internal::RefKernels(), &a, out, capacity);
 }
 

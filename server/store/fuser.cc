@@ -33,12 +33,15 @@ absl::Span<const uint16_t> SegmentOf(const KvSpec& spec, absl::Span<const uint16
   return block.subspan(s * n, n);
 }
 
-// `keys`: for a value segment, its layer's keys (the codec weights tokens by them), or empty.
+// `keys`: for a value segment, its layer's keys (the codec weights tokens by them), or empty;
+// `encoded_keys`: their segment as this context encoded it (the codec takes their token classes
+// from it), or empty.
 absl::StatusOr<SegmentPtr> Encode(const EncodeContext& c, SegmentKind kind,
                                   absl::Span<const uint16_t> x,
-                                  absl::Span<const uint16_t> keys = {}) {
-  KVPOOL_ASSIGN_OR_RETURN(std::string bytes,
-                          kernels::EncodeSegment(c.codec, ShapeOf(c.spec, kind), x, c.path, keys));
+                                  absl::Span<const uint16_t> keys = {},
+                                  absl::string_view encoded_keys = {}) {
+  KVPOOL_ASSIGN_OR_RETURN(std::string bytes, kernels::EncodeSegment(c.codec, ShapeOf(c.spec, kind),
+                                                                    x, c.path, keys, encoded_keys));
   return Segment::Make(std::move(bytes), x.size() * 2);
 }
 
@@ -215,12 +218,17 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
     }
     KVPOOL_LOG(WARNING) << "encoding on the GPU failed, using the CPU: " << encoded.status();
   }
-  for (uint64_t s : todo) {
+  for (size_t i = 0; i < todo.size(); ++i) {
+    const uint64_t s = todo[i];
+    const bool value = KindOf(s) == SegmentKind::kValue;
     const absl::Span<const uint16_t> keys =
-        KindOf(s) == SegmentKind::kValue ? SegmentOf(c.spec, block, s - 1)
-                                         : absl::Span<const uint16_t>();
+        value ? SegmentOf(c.spec, block, s - 1) : absl::Span<const uint16_t>();
+    // The keys' segment when this loop encoded it (not one a fused key refers to).
+    const absl::string_view encoded_keys =
+        value && i > 0 && todo[i - 1] == s - 1 ? (*refs)[s - 1].segment->bytes
+                                               : absl::string_view();
     KVPOOL_ASSIGN_OR_RETURN((*refs)[s].segment,
-                            Encode(c, KindOf(s), SegmentOf(c.spec, block, s), keys));
+                            Encode(c, KindOf(s), SegmentOf(c.spec, block, s), keys, encoded_keys));
   }
   return absl::OkStatus();
 }

@@ -626,5 +626,95 @@ TEST(CodecSelfCheck, CudaCodecsAgreeWithTheHost) {
   EXPECT_TRUE(SelfCheckCudaCodecs().ok()) << SelfCheckCudaCodecs();
 }
 
+// A value segment's encoder takes its keys' token classes from their encoded segment (what put
+// and EncodeKv pass) instead of computing them from the keys again: the same bytes as from the
+// keys' elements, in both modes and on both host paths; and from the segment alone when the
+// keys' elements are not given.
+TEST(KvpoolCodec, ValuesTakeTheirKeysClassesFromTheKeySegment) {
+  std::mt19937_64 rng(31);
+  int with_classes = 0;
+  for (uint8_t flags : {uint8_t{0}, kFast}) {
+    for (const SegmentShape& shape :
+         {Shape(256, 2, 64), Shape(37, 3, 32, DType::kBf16), Shape(1, 1, 8)}) {
+      SegmentShape ks = shape, vs = shape;
+      vs.kind = SegmentKind::kValue;
+      for (int type : {0, 5}) {
+        const std::vector<uint16_t> k = RandomSegment(ks, type, rng), v = RandomSegment(vs, 0, rng);
+        for (Path path : {Path::kRef, Path::kCpu}) {
+          SCOPED_TRACE(testing::Message() << "flags " << int(flags) << " tokens " << shape.tokens
+                                          << " type " << type << " path " << int(path));
+          const CodecParams p = Params(0.05f, 0, flags);
+          const std::string ek = Encode(p, ks, k, path);
+          const std::string from_elements = Encode(p, vs, v, path, k);
+          EXPECT_TRUE(Encode(p, vs, v, path, k, ek) == from_elements);
+          absl::string_view payload;
+          auto header = ParseSegment(ek, &payload);
+          ASSERT_TRUE(header.ok());
+          if (header->params.codec != CodecId::kKvpool || payload[0] == 0) continue;
+          EXPECT_TRUE(Encode(p, vs, v, path, {}, ek) == from_elements);
+          ASSERT_TRUE(ParseSegment(from_elements, &payload).ok());
+          with_classes += payload.size() > 1 && (payload[1] & kvpool::internal::kHeadClasses) != 0;
+        }
+      }
+    }
+  }
+  EXPECT_GE(with_classes, 8);  // The cases above are not all without a class map.
+}
+
+// Key segments that another codec, other parameters or another shape wrote are ignored (the
+// value's bytes are those from the keys' elements), and a key segment whose class map was
+// tampered with (its checksum is not checked) only moves bits: the value meets its budget.
+TEST(KvpoolCodec, KeySegmentsThatDoNotFitAreIgnored) {
+  std::mt19937_64 rng(37);
+  const SegmentShape ks = Shape(64, 2, 32);
+  SegmentShape vs = ks;
+  vs.kind = SegmentKind::kValue;
+  const std::vector<uint16_t> k = RandomSegment(ks, 5, rng), v = RandomSegment(vs, 0, rng);
+  for (uint8_t flags : {uint8_t{0}, kFast}) {
+    const CodecParams p = Params(0.05f, 0, flags);
+    const std::string expected = Encode(p, vs, v, Path::kCpu, k);
+    const std::string none = Encode(p, vs, v, Path::kCpu);
+    ASSERT_TRUE(expected != none);  // The keys' classes change the value's bytes.
+    CodecParams kivi;
+    kivi.codec = CodecId::kKivi;
+    std::string garbage(2000, '\0');
+    for (char& c : garbage) c = char(rng());
+    const std::string ek = Encode(p, ks, k, Path::kCpu);
+    std::string truncated = ek.substr(0, ek.size() - 1);
+    const std::vector<std::string> misfits = {
+        Encode(Params(0.1f, 0, flags), ks, k, Path::kCpu),  // Other parameters.
+        Encode(kivi, ks, k, Path::kCpu),                     // Another codec.
+        Encode(p, vs, k, Path::kCpu),                        // A value segment.
+        Encode(p, Shape(32, 2, 32), std::vector<uint16_t>(k.begin(), k.begin() + 32 * 64),
+               Path::kCpu),  // Other tokens.
+        garbage, truncated};
+    for (size_t i = 0; i < misfits.size(); ++i) {
+      EXPECT_TRUE(Encode(p, vs, v, Path::kCpu, k, misfits[i]) == expected) << "misfit " << i;
+      EXPECT_TRUE(Encode(p, vs, v, Path::kCpu, {}, misfits[i]) == none) << "misfit " << i;
+    }
+    // Random classes in the key segment's map: the value follows them and keeps its budget.
+    absl::string_view payload;
+    ASSERT_TRUE(ParseSegment(ek, &payload).ok());
+    ASSERT_NE(payload[0], 0);
+    kvpool::internal::Parsed parsed;
+    uint64_t end = 0;
+    ASSERT_TRUE(kvpool::internal::ParseHead(ks, reinterpret_cast<const uint8_t*>(payload.data()),
+                                    payload.size(), &parsed, &end)
+                    .ok());
+    ASSERT_NE(parsed.classes, nullptr);
+    std::string tampered = ek;
+    const uint64_t at = kSegmentHeaderBytes + (parsed.classes - reinterpret_cast<const uint8_t*>(
+                                                                   payload.data()));
+    for (uint64_t i = 0; i < uint64_t{ks.tokens} * ks.kv_heads / 2; ++i) {
+      tampered[at + i] = char(rng());
+    }
+    for (Path path : {Path::kRef, Path::kCpu}) {
+      const std::string enc = Encode(p, vs, v, path, k, tampered);
+      EXPECT_TRUE(enc != expected);
+      EXPECT_LE(RelL2(vs, v, Decode(enc, vs, path)), 0.05);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kvpool::kernels
