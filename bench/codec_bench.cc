@@ -194,11 +194,10 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
                 keys, keys ? absl::MakeConstSpan(payloads[i - 1].data(), sizes[i - 1])
                            : absl::Span<const uint8_t>()};
             KVPOOL_ASSIGN_OR_RETURN(
-                sizes[i],
-                keys != nullptr && encode_keyed != nullptr
-                    ? encode_keyed(segs.shape(i), p, segs.data(i), layer_keys, payloads[i].data(),
-                                   cap)
-                    : encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
+                sizes[i], keys != nullptr && encode_keyed != nullptr
+                              ? encode_keyed(segs.shape(i), p, segs.data(i), layer_keys,
+                                             payloads[i].data(), cap)
+                              : encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
             return absl::OkStatus();
           },
           &row.encode, &row.encode_anchor);

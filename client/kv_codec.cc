@@ -54,20 +54,22 @@ absl::StatusOr<EncodedKv> EncodeKv(const KvShape& shape, absl::Span<const uint16
   out.shape = shape;
   out.tokens_per_block = tokens_per_block;
   const uint64_t row = uint64_t{shape.kv_heads} * shape.head_dim;
-  absl::Status st = ForEachSegment(shape, tokens_per_block, [&](uint64_t, const SegmentShape& seg,
-                                                                uint64_t offset) -> absl::Status {
-    // A value segment's keys (the segment before it, and its encoding: their token classes)
-    // tell the codec which tokens matter.
-    const uint64_t n = seg.tokens * row;
-    const bool value = seg.kind == SegmentKind::kValue;
-    const absl::Span<const uint16_t> keys =
-        value ? kv.subspan(offset - uint64_t{shape.tokens} * row, n) : absl::Span<const uint16_t>();
-    auto encoded = kernels::EncodeSegment(params, seg, kv.subspan(offset, n), path, keys,
-                                          value ? out.segments.back() : absl::string_view());
-    if (!encoded.ok()) return encoded.status();
-    out.segments.push_back(std::move(*encoded));
-    return absl::OkStatus();
-  });
+  absl::Status st = ForEachSegment(
+      shape, tokens_per_block,
+      [&](uint64_t, const SegmentShape& seg, uint64_t offset) -> absl::Status {
+        // A value segment's keys (the segment before it, and its encoding: their token classes)
+        // tell the codec which tokens matter.
+        const uint64_t n = seg.tokens * row;
+        const bool value = seg.kind == SegmentKind::kValue;
+        const absl::Span<const uint16_t> keys =
+            value ? kv.subspan(offset - uint64_t{shape.tokens} * row, n)
+                  : absl::Span<const uint16_t>();
+        auto encoded = kernels::EncodeSegment(params, seg, kv.subspan(offset, n), path, keys,
+                                              value ? out.segments.back() : absl::string_view());
+        if (!encoded.ok()) return encoded.status();
+        out.segments.push_back(std::move(*encoded));
+        return absl::OkStatus();
+      });
   if (!st.ok()) return st;
   return out;
 }

@@ -220,14 +220,16 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
   absl::StatusOr<uint64_t> size;
   switch (path) {
     case Path::kRef:
-      size = keyed && ops.encode_ref_keyed != nullptr
-                 ? ops.encode_ref_keyed(shape, *normalized, elements.data(), layer_keys, out, capacity)
-                 : ops.encode_ref(shape, *normalized, elements.data(), out, capacity);
+      size =
+          keyed && ops.encode_ref_keyed != nullptr
+              ? ops.encode_ref_keyed(shape, *normalized, elements.data(), layer_keys, out, capacity)
+              : ops.encode_ref(shape, *normalized, elements.data(), out, capacity);
       break;
     case Path::kCpu:
-      size = keyed && ops.encode_cpu_keyed != nullptr
-                 ? ops.encode_cpu_keyed(shape, *normalized, elements.data(), layer_keys, out, capacity)
-                 : ops.encode_cpu(shape, *normalized, elements.data(), out, capacity);
+      size =
+          keyed && ops.encode_cpu_keyed != nullptr
+              ? ops.encode_cpu_keyed(shape, *normalized, elements.data(), layer_keys, out, capacity)
+              : ops.encode_cpu(shape, *normalized, elements.data(), out, capacity);
       break;
     case Path::kCuda:
       size = EncodeOnDevice(ops, shape, *normalized, elements.data(), out, capacity);

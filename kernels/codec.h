@@ -81,12 +81,15 @@ const CodecOps& GetCodecOps(CodecId codec);
 absl::StatusOr<CodecParams> NormalizeParams(CodecParams params);
 
 // Encodes `elements` (shape.Elements() elements of shape.dtype) into a whole encoded segment on
-// a host path. A lossy codec given NaN or Inf elements, or values its format cannot represent,
-// stores the segment raw instead (the header says which codec was used) (kRef or kCpu; kCuda stages through device memory and synchronises: tools and
-// tests only). InvalidArgument for a size mismatch or bad params.
+// a host path (kRef or kCpu; kCuda stages through device memory and synchronises: tools and
+// tests only). A lossy codec given NaN or Inf elements, or values its format cannot represent,
+// stores the segment raw instead (the header says which codec was used). InvalidArgument for a
+// size mismatch or bad params.
+//
 // `keys` (optional, value segments): the key segment of the same layer and tokens, which
 // kvpool uses to spend more bits on the tokens queries are likely to attend to; ignored for
 // key segments, other codecs and kCuda. InvalidArgument when its size differs from elements'.
+//
 // `encoded_keys` (optional, value segments): those keys' encoded segment; when this codec with
 // the same parameters wrote it, kvpool takes the keys' token classes from it (the same classes,
 // without reading the keys again; the checksum is not verified: the classes only move bits

@@ -193,8 +193,8 @@ const FastKernels& FastRefKernels() {
 }
 
 absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams& params,
-                                    const uint16_t* in, const LayerKeys& keys, const FastKernels& kn,
-                                    uint8_t* out, uint64_t capacity) {
+                                    const uint16_t* in, const LayerKeys& keys,
+                                    const FastKernels& kn, uint8_t* out, uint64_t capacity) {
   const uint64_t raw_bytes = RawPayloadBytes(shape);
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
   const uint64_t HD = uint64_t{H} * D, packs = uint64_t{G} * HD;

@@ -224,8 +224,8 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
     const absl::Span<const uint16_t> keys =
         value ? SegmentOf(c.spec, block, s - 1) : absl::Span<const uint16_t>();
     // The keys' segment when this loop encoded it (not one a fused key refers to).
-    const absl::string_view encoded_keys =
-        value && i > 0 && todo[i - 1] == s - 1 ? (*refs)[s - 1].segment->bytes
+    const absl::string_view encoded_keys = value && i > 0 && todo[i - 1] == s - 1
+                                               ? (*refs)[s - 1].segment->bytes
                                                : absl::string_view();
     KVPOOL_ASSIGN_OR_RETURN((*refs)[s].segment,
                             Encode(c, KindOf(s), SegmentOf(c.spec, block, s), keys, encoded_keys));

@@ -683,11 +683,12 @@ TEST(KvpoolCodec, KeySegmentsThatDoNotFitAreIgnored) {
     std::string truncated = ek.substr(0, ek.size() - 1);
     const std::vector<std::string> misfits = {
         Encode(Params(0.1f, 0, flags), ks, k, Path::kCpu),  // Other parameters.
-        Encode(kivi, ks, k, Path::kCpu),                     // Another codec.
-        Encode(p, vs, k, Path::kCpu),                        // A value segment.
+        Encode(kivi, ks, k, Path::kCpu),                    // Another codec.
+        Encode(p, vs, k, Path::kCpu),                       // A value segment.
         Encode(p, Shape(32, 2, 32), std::vector<uint16_t>(k.begin(), k.begin() + 32 * 64),
                Path::kCpu),  // Other tokens.
-        garbage, truncated};
+        garbage,
+        truncated};
     for (size_t i = 0; i < misfits.size(); ++i) {
       EXPECT_TRUE(Encode(p, vs, v, Path::kCpu, k, misfits[i]) == expected) << "misfit " << i;
       EXPECT_TRUE(Encode(p, vs, v, Path::kCpu, {}, misfits[i]) == none) << "misfit " << i;
@@ -699,12 +700,12 @@ TEST(KvpoolCodec, KeySegmentsThatDoNotFitAreIgnored) {
     kvpool::internal::Parsed parsed;
     uint64_t end = 0;
     ASSERT_TRUE(kvpool::internal::ParseHead(ks, reinterpret_cast<const uint8_t*>(payload.data()),
-                                    payload.size(), &parsed, &end)
+                                            payload.size(), &parsed, &end)
                     .ok());
     ASSERT_NE(parsed.classes, nullptr);
     std::string tampered = ek;
-    const uint64_t at = kSegmentHeaderBytes + (parsed.classes - reinterpret_cast<const uint8_t*>(
-                                                                   payload.data()));
+    const uint64_t at =
+        kSegmentHeaderBytes + (parsed.classes - reinterpret_cast<const uint8_t*>(payload.data()));
     for (uint64_t i = 0; i < uint64_t{ks.tokens} * ks.kv_heads / 2; ++i) {
       tampered[at + i] = char(rng());
     }
