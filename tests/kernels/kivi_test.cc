@@ -23,27 +23,19 @@
 #include "kernels/codec.h"
 #include "kernels/codec_staging.h"
 #include "kernels/device.h"
+#include "tests/util/segment_shape.h"
 #include "tests/util/status_matchers.h"
 
 namespace kvpool::kernels {
 namespace {
 
+using ::kvpool::test_util::Shape;
 using ::kvpool::testing::IsOk;
 using ::kvpool::testing::StatusIs;
 using ::testing::ElementsAre;
 
 constexpr uint16_t kGuard = 0xabcd;
 constexpr size_t kGuardElements = 32;
-
-SegmentShape Shape(uint32_t tokens, uint32_t heads, uint32_t dim, DType dtype, SegmentKind kind) {
-  SegmentShape s;
-  s.tokens = tokens;
-  s.kv_heads = heads;
-  s.head_dim = dim;
-  s.dtype = dtype;
-  s.kind = kind;
-  return s;
-}
 
 CodecParams Kivi(uint8_t bits, uint16_t group) {
   CodecParams p;

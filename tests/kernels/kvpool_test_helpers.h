@@ -12,19 +12,11 @@
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
 #include "kernels/kvpool_format.h"
+#include "tests/util/segment_shape.h"
 
 namespace kvpool::kernels::kvpool_test {
 
-inline SegmentShape Shape(uint32_t t, uint32_t h, uint32_t d, DType dt = DType::kFp16,
-                          SegmentKind k = SegmentKind::kKey) {
-  SegmentShape s;
-  s.tokens = t;
-  s.kv_heads = h;
-  s.head_dim = d;
-  s.dtype = dt;
-  s.kind = k;
-  return s;
-}
+using ::kvpool::test_util::Shape;
 
 inline CodecParams Params(float budget, uint64_t extra = 0, uint8_t flags = 0) {
   CodecParams p;

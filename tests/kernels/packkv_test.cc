@@ -19,24 +19,16 @@
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
 #include "kernels/device.h"
+#include "tests/util/segment_shape.h"
 #include "tests/util/status_matchers.h"
 
 namespace kvpool::kernels {
 namespace {
 
+using ::kvpool::test_util::Shape;
 using ::kvpool::testing::IsOk;
 using ::kvpool::testing::StatusIs;
 using ::testing::ElementsAreArray;
-
-SegmentShape Shape(uint32_t tokens, uint32_t heads, uint32_t dim, DType dtype = DType::kFp16) {
-  SegmentShape s;
-  s.tokens = tokens;
-  s.kv_heads = heads;
-  s.head_dim = dim;
-  s.dtype = dtype;
-  s.kind = SegmentKind::kKey;
-  return s;
-}
 
 CodecParams Params(float budget, bool reorder = false, uint8_t bits = 8, uint16_t group = 16) {
   CodecParams p;
