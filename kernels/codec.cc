@@ -181,12 +181,6 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
   }
   auto normalized = NormalizeParams(params);
   if (!normalized.ok()) return normalized.status();
-  LayerKeys layer_keys;
-  if (shape.kind == SegmentKind::kValue) {
-    if (!keys.empty()) layer_keys.elements = keys.data();
-    layer_keys.payload = KeyPayload(encoded_keys, *normalized, shape);
-  }
-  const bool keyed = layer_keys.elements != nullptr || !layer_keys.payload.empty();
   // Lossy codecs quantise finite values; a segment holding NaN or Inf is stored raw (found
   // here, or by the encoders that read every element anyway, which then return
   // InvalidArgument: see below).
@@ -197,6 +191,13 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
   }
   const CodecOps& ops = GetCodecOps(normalized->codec);
   const uint64_t capacity = ops.max_payload_bytes(shape, *normalized);
+  // A value segment's keys, for the codecs whose host encoders use them.
+  LayerKeys layer_keys;
+  if (shape.kind == SegmentKind::kValue && path != Path::kCuda && ops.encode_cpu_keyed != nullptr) {
+    if (!keys.empty()) layer_keys.elements = keys.data();
+    layer_keys.payload = KeyPayload(encoded_keys, *normalized, shape);
+  }
+  const bool keyed = layer_keys.elements != nullptr || !layer_keys.payload.empty();
   // Raw is written in place into a string of its exact size (it is the hot default). Other
   // codecs write into a per-thread scratch of their worst case, zeroed for the encoders that
   // OR bits into zeroed bytes, and the segment is copied out at its exact size: the store
