@@ -41,26 +41,41 @@ void Normalise(const uint64_t* counts, uint16_t* freq) {
 class LaneEncoder {
  public:
   explicit LaneEncoder(std::vector<uint16_t>* words) : words_(words) { words_->clear(); }
-  void Put(uint32_t start, uint32_t freq) {
+  // The symbol at [start, start + freq) of the table; `reciprocal` = RansReciprocal(freq).
+  void Put(uint32_t start, uint32_t freq, uint64_t reciprocal) {
+    Renormalise(freq);
+    const uint32_t q = RansQuotient(x_, reciprocal);
+    x_ = (q << kProbBits) + (x_ - q * freq) + start;
+  }
+  // `bits` uniform bits: freq = 2^(12 - bits), a shift.
+  void Uniform(uint32_t value, uint32_t bits) {
+    const uint32_t f = kProbScale >> bits;
+    Renormalise(f);
+    x_ = ((x_ >> (kProbBits - bits)) << kProbBits) + (x_ & (f - 1)) + value * f;
+  }
+  uint32_t state() const { return x_; }
+
+ private:
+  void Renormalise(uint32_t freq) {
     const uint64_t x_max = uint64_t{kStateLow >> kProbBits} << 16;  // Renormalised: x < x_max.
     if (x_ >= x_max * freq) {
       words_->push_back(uint16_t(x_));
       x_ >>= 16;
     }
-    x_ = ((x_ / freq) << kProbBits) + (x_ % freq) + start;
   }
-  void Uniform(uint32_t value, uint32_t bits) {
-    const uint32_t f = kProbScale >> bits;
-    Put(value * f, f);
-  }
-  uint32_t state() const { return x_; }
-
- private:
   uint32_t x_ = kStateLow;
   std::vector<uint16_t>* words_;
 };
 
 }  // namespace
+
+// With m = ceil(2^44 / freq), x * m / 2^44 exceeds x / freq by less than x / 2^44 < 2^-12, and
+// 2^-12 <= 1 / freq, the least distance from x / freq up to the next integer when x / freq is
+// not one: the floor is the same.
+uint64_t RansReciprocal(uint32_t freq) { return ((uint64_t{1} << 44) + freq - 1) / freq; }
+uint32_t RansQuotient(uint32_t x, uint64_t reciprocal) {
+  return uint32_t((static_cast<unsigned __int128>(x) * reciprocal) >> 44);
+}
 
 uint64_t StreamBound(uint32_t rows, uint32_t cols) {
   if (rows == 0 || cols == 0) return 0;
@@ -112,6 +127,7 @@ void AppendStream(const uint16_t* zz, uint32_t rows, uint32_t cols, std::vector<
       ++counts[uint64_t{table_of[c]} * kSymbols + std::min(hi, kEscape)];
     }
   std::vector<uint16_t> freq(uint64_t{K} * kSymbols), start(uint64_t{K} * kSymbols);
+  std::vector<uint64_t> reciprocal(uint64_t{K} * kSymbols, 0);
   const uint64_t lanes = (cols + kLaneCols - 1) / kLaneCols;
   const uint64_t at = out->size();
   out->resize(at + 1 + K * kTableBytes + (cols + 1) / 2 + lanes * kLaneEntryBytes, 0);
@@ -124,6 +140,9 @@ void AppendStream(const uint16_t* zz, uint32_t rows, uint32_t cols, std::vector<
     for (uint32_t s = 0; s < kSymbols; ++s) {
       start[uint64_t{k} * kSymbols + s] = uint16_t(cum);
       cum += freq[uint64_t{k} * kSymbols + s];
+      if (freq[uint64_t{k} * kSymbols + s] != 0) {
+        reciprocal[uint64_t{k} * kSymbols + s] = RansReciprocal(freq[uint64_t{k} * kSymbols + s]);
+      }
       PutU16(p + 2 * s, freq[uint64_t{k} * kSymbols + s]);
     }
     p += 2 * kSymbols;
@@ -145,7 +164,8 @@ void AppendStream(const uint16_t* zz, uint32_t rows, uint32_t cols, std::vector<
           enc.Uniform((hi - kEscape) & 255, 8);
           sym = kEscape;
         }
-        enc.Put(start[uint64_t{k} * kSymbols + sym], freq[uint64_t{k} * kSymbols + sym]);
+        enc.Put(start[uint64_t{k} * kSymbols + sym], freq[uint64_t{k} * kSymbols + sym],
+                reciprocal[uint64_t{k} * kSymbols + sym]);
       }
     }
     uint8_t* entry = out->data() + dir_at + uint64_t{lane} * kLaneEntryBytes;

@@ -205,6 +205,12 @@ KVPOOL_HD bool DecodeLane(const DecodeTable* tables, const uint8_t* column_table
   return LaneFinished(l);
 }
 
+// The encoder's x / freq (x < 2^32, 1 <= freq <= kProbScale) as a multiplication by
+// RansReciprocal(freq), exact (kvpool_entropy.cc says why); a division's latency was most of
+// the encoder's time.
+uint64_t RansReciprocal(uint32_t freq);
+uint32_t RansQuotient(uint32_t x, uint64_t reciprocal);
+
 // Size bound of an encoded stream of a [rows][cols] matrix.
 uint64_t StreamBound(uint32_t rows, uint32_t cols);
 

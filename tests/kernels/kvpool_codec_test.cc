@@ -102,6 +102,28 @@ TEST(KvpoolCodec, EntropyStreamsRoundTrip) {
   }
 }
 
+// The entropy encoder divides by multiplying: exact for every frequency a table can hold, at
+// the quotients' edges (multiples of freq and one below) up to the largest state, and at random.
+TEST(KvpoolCodec, EntropyEncoderQuotientsAreExact) {
+  using namespace kvpool::internal;  // NOLINT: the format's own helpers.
+  std::mt19937_64 rng(29);
+  for (uint32_t f = 1; f <= kProbScale; ++f) {
+    const uint64_t m = RansReciprocal(f);
+    auto check = [&](uint64_t x) {
+      if (x > 0xffffffffu) return;
+      ASSERT_EQ(RansQuotient(uint32_t(x), m), uint32_t(x) / f) << x << " / " << f;
+    };
+    const uint64_t top = 0xffffffffull / f;
+    for (uint64_t k : {uint64_t{1}, uint64_t{2}, uint64_t{3}, top / 2, top - 1, top, top + 1}) {
+      check(k * f - 1);
+      check(k * f);
+    }
+    check(0);
+    check(0xffffffffu);
+    for (int i = 0; i < 64; ++i) check(uint32_t(rng()));
+  }
+}
+
 TEST(KvpoolCodec, HandBuiltPayloadDecodes) {
   // 2 tokens, 1 head, head_dim 2, fp16, step 0.5, means {1, -2}, rank 0; residual codes
   // token0 {1, 0}, token1 {-1, 2} -> zigzag {2, 0}, {1, 4}; column 0 width 2, column 1 width 3.
