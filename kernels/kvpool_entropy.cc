@@ -138,12 +138,11 @@ void AppendStream(const uint16_t* zz, uint32_t rows, uint32_t cols, std::vector<
     *p++ = uint8_t(shift[k]);
     uint32_t cum = 0;
     for (uint32_t s = 0; s < kSymbols; ++s) {
-      start[uint64_t{k} * kSymbols + s] = uint16_t(cum);
-      cum += freq[uint64_t{k} * kSymbols + s];
-      if (freq[uint64_t{k} * kSymbols + s] != 0) {
-        reciprocal[uint64_t{k} * kSymbols + s] = RansReciprocal(freq[uint64_t{k} * kSymbols + s]);
-      }
-      PutU16(p + 2 * s, freq[uint64_t{k} * kSymbols + s]);
+      const uint64_t i = uint64_t{k} * kSymbols + s;
+      start[i] = uint16_t(cum);
+      cum += freq[i];
+      if (freq[i] != 0) reciprocal[i] = RansReciprocal(freq[i]);
+      PutU16(p + 2 * s, freq[i]);
     }
     p += 2 * kSymbols;
   }
@@ -164,8 +163,8 @@ void AppendStream(const uint16_t* zz, uint32_t rows, uint32_t cols, std::vector<
           enc.Uniform((hi - kEscape) & 255, 8);
           sym = kEscape;
         }
-        enc.Put(start[uint64_t{k} * kSymbols + sym], freq[uint64_t{k} * kSymbols + sym],
-                reciprocal[uint64_t{k} * kSymbols + sym]);
+        const uint64_t i = uint64_t{k} * kSymbols + sym;
+        enc.Put(start[i], freq[i], reciprocal[i]);
       }
     }
     uint8_t* entry = out->data() + dir_at + uint64_t{lane} * kLaneEntryBytes;
