@@ -14,6 +14,7 @@ struct DeviceThroughput {
   double d2d_copy_gbps = 0;  // cudaMemcpy device to device, bytes read per second.
   double encode_gbps = 0;    // Input (fp16/bf16) bytes per second.
   double decode_gbps = 0;    // Output bytes per second.
+  bool batched = false;      // all segments in one set of launches (CodecOps' batch launchers)
 };
 
 // `elements`: `segments` consecutive segments of `shape`. Runs each step `iterations` times.

@@ -15,6 +15,18 @@ absl::Status DecodeOnDevice(const CodecOps& ops, const SegmentShape& shape,
                             const CodecParams& params, const uint8_t* payload, uint64_t size,
                             uint16_t* out);
 
+// `count` segments of `shape` (host elements, back to back) through the codec's batch
+// launchers: payload i lands at out + i * stride (the same stride on the device), its size in
+// sizes[i]. Unimplemented when the codec has no batch launchers.
+absl::Status EncodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
+                                 const CodecParams& params, uint32_t count, const uint16_t* in,
+                                 uint8_t* out, uint64_t stride, uint64_t* sizes);
+// Payload i (`size` bytes) at payloads + i * stride, decoded to out + i * shape.Elements().
+absl::Status DecodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
+                                 const CodecParams& params, uint32_t count,
+                                 const uint8_t* payloads, uint64_t stride, uint64_t size,
+                                 uint16_t* out);
+
 }  // namespace kvpool::kernels
 
 #endif  // KVPOOL_KERNELS_CODEC_STAGING_H_

@@ -1,8 +1,9 @@
-// Device discovery through the CUDA runtime.
+// Device discovery and device buffers through the CUDA runtime.
 #include <cuda_runtime.h>
 
 #include <string>
 
+#include "kernels/cuda_status.h"
 #include "kernels/device.h"
 
 namespace kvpool::kernels {
@@ -31,6 +32,27 @@ std::string DescribeDevices() {
   return "CUDA: " + std::to_string(count) + " device(s), device 0: " + prop.name + " (sm_" +
          std::to_string(prop.major * 10 + prop.minor) + ", " +
          std::to_string(prop.totalGlobalMem >> 30) + " GiB)";
+}
+
+absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(uint64_t bytes) {
+  if (DeviceCount() == 0) return absl::UnavailableError("no CUDA device");
+  void* p = nullptr;
+  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMalloc(&p, bytes > 0 ? bytes : 1));
+  return DeviceBuffer(p, bytes);
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (ptr_ != nullptr) cudaFree(ptr_);
+}
+
+absl::Status DeviceBuffer::CopyFromHost(const void* host, uint64_t bytes) {
+  if (bytes > bytes_) return absl::InvalidArgumentError("copy larger than the device buffer");
+  return FromCuda(cudaMemcpy(ptr_, host, bytes, cudaMemcpyHostToDevice), "copy to device");
+}
+
+absl::Status DeviceBuffer::CopyToHost(void* host, uint64_t bytes) const {
+  if (bytes > bytes_) return absl::InvalidArgumentError("copy larger than the device buffer");
+  return FromCuda(cudaMemcpy(host, ptr_, bytes, cudaMemcpyDeviceToHost), "copy from device");
 }
 
 }  // namespace kvpool::kernels

@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <numeric>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -17,6 +19,11 @@ namespace kvpool::kernels {
 namespace {
 
 uint64_t Align(uint64_t n) { return (n + 255) & ~uint64_t{255}; }
+
+// What a batch launch needs to be the same for all its segments.
+std::tuple<uint32_t, uint32_t, uint32_t, DType, SegmentKind> ShapeKey(const SegmentShape& s) {
+  return {s.tokens, s.kv_heads, s.head_dim, s.dtype, s.kind};
+}
 
 // x[i] = to_dtype(scale * x[i]), round to nearest even (kernels::ScaleElements on the device).
 template <bool kBf16>
@@ -74,33 +81,65 @@ absl::StatusOr<std::vector<std::string>> EncodeSegmentsOnDevice(
   if (total_elements != elements.size()) {
     return absl::InvalidArgumentError("elements do not match the shapes");
   }
-  CudaScratch st;
-  KVPOOL_ASSIGN_OR_RETURN(cudaStream_t s, st.Stream(stream));
-  const uint64_t sizes_bytes = Align(sizeof(uint64_t) * shapes.size());
-  KVPOOL_ASSIGN_OR_RETURN(uint8_t* in, st.Alloc<uint8_t>(in_bytes + out_bytes + sizes_bytes));
-  auto* out = in + in_bytes;
-  auto* d_sizes = reinterpret_cast<uint64_t*>(out + out_bytes);
-  uint64_t in_off = 0, out_off = 0, elem_off = 0;
-  for (size_t i = 0; i < shapes.size(); ++i) {
-    KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(in + in_off, elements.data() + elem_off,
-                                                shapes[i].Bytes(), cudaMemcpyHostToDevice, s));
-    KVPOOL_RETURN_IF_ERROR(ops.encode_cuda(shapes[i], p,
-                                           reinterpret_cast<const uint16_t*>(in + in_off),
-                                           out + out_off, caps[i], d_sizes + i, s));
-    in_off += Align(shapes[i].Bytes());
-    out_off += caps[i];
+  // Device slots: segments of one shape side by side (a block's keys, then its values), so that
+  // a codec's batch launchers take each shape's segments in one set of launches.
+  const size_t n = shapes.size();
+  std::vector<size_t> order(n), slot(n);
+  std::iota(order.begin(), order.end(), size_t{0});
+  if (ops.encode_cuda_batch != nullptr) {
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return ShapeKey(shapes[a]) < ShapeKey(shapes[b]); });
+  }
+  std::vector<uint64_t> elem_at(n), in_at(n), out_at(n);  // by segment
+  uint64_t elem_off = 0, in_off = 0, out_off = 0;
+  for (size_t i = 0; i < n; ++i) {
+    elem_at[i] = elem_off;
     elem_off += shapes[i].Elements();
   }
-  std::vector<uint64_t> sizes(shapes.size());
+  for (size_t k = 0; k < n; ++k) {
+    const size_t i = order[k];
+    slot[i] = k;
+    in_at[i] = in_off;
+    out_at[i] = out_off;
+    in_off += Align(shapes[i].Bytes());
+    out_off += caps[i];
+  }
+  CudaScratch st;
+  KVPOOL_ASSIGN_OR_RETURN(cudaStream_t s, st.Stream(stream));
+  const uint64_t sizes_bytes = Align(sizeof(uint64_t) * n);
+  KVPOOL_ASSIGN_OR_RETURN(uint8_t* in, st.Alloc<uint8_t>(in_bytes + out_bytes + sizes_bytes));
+  auto* out = in + in_bytes;
+  auto* d_sizes = reinterpret_cast<uint64_t*>(out + out_bytes);  // by slot
+  for (size_t i = 0; i < n; ++i) {
+    KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(in + in_at[i], elements.data() + elem_at[i],
+                                                shapes[i].Bytes(), cudaMemcpyHostToDevice, s));
+  }
+  for (size_t k = 0, run = 1; k < n; k += run) {
+    const size_t i = order[k];
+    run = 1;
+    while (ops.encode_cuda_batch != nullptr && k + run < n &&
+           ShapeKey(shapes[order[k + run]]) == ShapeKey(shapes[i])) {
+      ++run;
+    }
+    const auto* d_in = reinterpret_cast<const uint16_t*>(in + in_at[i]);
+    if (run > 1) {
+      KVPOOL_RETURN_IF_ERROR(ops.encode_cuda_batch(shapes[i], p, static_cast<uint32_t>(run), d_in,
+                                                   Align(shapes[i].Bytes()) / 2, out + out_at[i],
+                                                   caps[i], d_sizes + k, s));
+    } else {
+      KVPOOL_RETURN_IF_ERROR(
+          ops.encode_cuda(shapes[i], p, d_in, out + out_at[i], caps[i], d_sizes + k, s));
+    }
+  }
+  std::vector<uint64_t> sizes(n);  // by slot
   std::vector<uint8_t> host(out_bytes);
-  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(sizes.data(), d_sizes, sizeof(uint64_t) * sizes.size(),
+  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(sizes.data(), d_sizes, sizeof(uint64_t) * n,
                                               cudaMemcpyDeviceToHost, s));
   KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(host.data(), out, out_bytes, cudaMemcpyDeviceToHost, s));
   KVPOOL_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
   std::vector<std::string> segments;
-  out_off = elem_off = 0;
-  for (size_t i = 0; i < shapes.size(); ++i) {
-    const uint16_t* src = elements.data() + elem_off;
+  for (size_t i = 0; i < n; ++i) {
+    const uint16_t* src = elements.data() + elem_at[i];
     if (p.codec != CodecId::kRaw && HasNonFinite(shapes[i].dtype, {src, shapes[i].Elements()})) {
       // As EncodeSegment: lossy codecs store NaN/Inf segments raw.
       KVPOOL_ASSIGN_OR_RETURN(std::string raw,
@@ -108,15 +147,14 @@ absl::StatusOr<std::vector<std::string>> EncodeSegmentsOnDevice(
                                             {src, shapes[i].Elements()}, Path::kCpu));
       segments.push_back(std::move(raw));
     } else {
-      if (sizes[i] > caps[i]) return absl::InternalError("CUDA encoder overflowed its capacity");
+      const uint64_t size = sizes[slot[i]];
+      if (size > caps[i]) return absl::InternalError("CUDA encoder overflowed its capacity");
       SegmentHeader h;
       h.params = p;
       h.shape = shapes[i];
       segments.push_back(SerializeSegment(
-          h, absl::string_view(reinterpret_cast<const char*>(host.data()) + out_off, sizes[i])));
+          h, absl::string_view(reinterpret_cast<const char*>(host.data()) + out_at[i], size)));
     }
-    out_off += caps[i];
-    elem_off += shapes[i].Elements();
   }
   return segments;
 }
@@ -146,22 +184,58 @@ absl::Status DecodeSegmentsToDevice(absl::Span<const absl::string_view> encoded,
     headers.push_back(h);
     payloads.push_back(payload);
   }
+  // Staging slots: segments of one shape side by side (a block's keys, then its values). A run
+  // of slots with one shape, codec and payload size (fixed-size formats) whose outputs lie at
+  // equal distances decodes in one set of launches where the codec has batch launchers.
+  const size_t n = headers.size();
+  std::vector<size_t> order(n);
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return ShapeKey(headers[a].shape) < ShapeKey(headers[b].shape);
+  });
+  std::vector<uint64_t> elem_at(n), slot_at(n);  // by segment
+  uint64_t elem_off = 0, off = 0;
+  for (size_t i = 0; i < n; ++i) {
+    elem_at[i] = elem_off;
+    elem_off += headers[i].shape.Elements();
+  }
   CudaScratch st;
   KVPOOL_ASSIGN_OR_RETURN(cudaStream_t s, st.Stream(stream));
   KVPOOL_ASSIGN_OR_RETURN(uint8_t* base, st.Alloc<uint8_t>(staging));
-  uint64_t off = 0, elem_off = 0;
-  for (size_t i = 0; i < headers.size(); ++i) {
+  for (size_t i : order) {
+    slot_at[i] = off;
     KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(base + off, payloads[i].data(), payloads[i].size(),
                                                 cudaMemcpyHostToDevice, s));
-    KVPOOL_RETURN_IF_ERROR(GetCodecOps(headers[i].params.codec)
-                               .decode_cuda(headers[i].shape, headers[i].params, base + off,
-                                            payloads[i].size(), d_out + elem_off, s));
-    if (!scales.empty() && scales[i] != 1.f) {
-      KVPOOL_RETURN_IF_ERROR(ScaleOnDevice(headers[i].shape.dtype, d_out + elem_off,
+    off += Align(payloads[i].size());
+  }
+  for (size_t k = 0, run = 1; k < n; k += run) {
+    const size_t i = order[k];
+    const CodecOps& ops = GetCodecOps(headers[i].params.codec);
+    const SegmentShape& shape = headers[i].shape;
+    const uint64_t step = k + 1 < n ? elem_at[order[k + 1]] - elem_at[i] : 0;
+    run = 1;
+    while (ops.decode_cuda_batch != nullptr && k + run < n) {
+      const size_t j = order[k + run];
+      if (ShapeKey(headers[j].shape) != ShapeKey(shape) || !(headers[j].params == headers[i].params) ||
+          payloads[j].size() != payloads[i].size() || elem_at[j] != elem_at[i] + run * step) {
+        break;
+      }
+      ++run;
+    }
+    if (run > 1) {
+      KVPOOL_RETURN_IF_ERROR(ops.decode_cuda_batch(
+          shape, headers[i].params, static_cast<uint32_t>(run), base + slot_at[i],
+          Align(payloads[i].size()), payloads[i].size(), d_out + elem_at[i], step, s));
+    } else {
+      KVPOOL_RETURN_IF_ERROR(ops.decode_cuda(shape, headers[i].params, base + slot_at[i],
+                                             payloads[i].size(), d_out + elem_at[i], s));
+    }
+  }
+  for (size_t i = 0; i < n && !scales.empty(); ++i) {
+    if (scales[i] != 1.f) {
+      KVPOOL_RETURN_IF_ERROR(ScaleOnDevice(headers[i].shape.dtype, d_out + elem_at[i],
                                            headers[i].shape.Elements(), scales[i], s));
     }
-    off += Align(payloads[i].size());
-    elem_off += headers[i].shape.Elements();
   }
   return FromCuda(cudaStreamSynchronize(s), "decode to device");
 }

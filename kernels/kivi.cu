@@ -10,6 +10,8 @@
 //     codes are b whole bytes): reads the elements and their groups' scales and minimums,
 //     writes the codes.
 // Decoding is one kernel, one thread per 8-element chunk.
+// A batch of segments of one shape runs in the same launches: blockIdx.y picks the segment
+// (its elements, payload and size at the caller's strides), blockIdx.x strides within it.
 // When a segment cannot be encoded (a NaN or infinite element, or a group whose scale or
 // minimum is beyond fp16), ValueStats/KeyStats store a NaN scale for the group and Quantize sets
 // *d_size to 0, which no non-empty shape decodes from (DataLoss). The decode launcher checks
@@ -111,6 +113,10 @@ __device__ __forceinline__ float HalfToFloat(uint32_t h) {
 // The payload may sit at any byte address: fp16 words are read and written bytewise.
 __device__ __forceinline__ uint32_t Load16(const uint8_t* p) { return p[0] | (p[1] << 8); }
 __device__ __forceinline__ void Store16(uint8_t* p, uint32_t v) {
+  // Keeps v in a 32-bit register. Without this, ptxas 13.0 (sm_90) byte-stored an fp16 fresh
+  // from cvt.rn.f16.f32 with its low byte zero (seen on an H200: every group minimum came out
+  // as 0xXX00; KiviTest.CudaMatchesReference caught it).
+  asm("" : "+r"(v));
   p[0] = static_cast<uint8_t>(v);
   p[1] = static_cast<uint8_t>(v >> 8);
 }
@@ -123,23 +129,38 @@ __device__ __forceinline__ uint32_t QuantizeOne(float x, float s, float m, uint3
   return r > static_cast<float>(levels) ? levels : static_cast<uint32_t>(r);
 }
 
-// Stores group g's scale and minimum from its element range [lo, hi]; a NaN scale when the
-// group had a non-finite element (Quantize turns it into *d_size = 0).
-__device__ void StoreScale(const Geometry& geo, uint32_t g, float lo, float hi, bool bad,
-                           uint8_t* out) {
+// A group's scale and minimum (fp16 bits) from its element range [lo, hi]; a NaN scale when the
+// group had a non-finite element (the encoder then sets *d_size = 0).
+struct ScaleBits {
+  uint32_t scale, min;
+};
+__device__ __forceinline__ ScaleBits GroupScale(const Geometry& geo, float lo, float hi, bool bad) {
   lo = __fadd_rn(lo, 0.0f);
   hi = __fadd_rn(hi, 0.0f);
   const float levels = static_cast<float>((1u << geo.bits) - 1);
-  const uint32_t sh =
-      bad ? 0x7e00u : __half_as_ushort(__float2half_rn(__fdiv_rn(__fsub_rn(hi, lo), levels)));
-  Store16(out + 2 * g, sh);
-  Store16(out + 2 * (geo.groups + g), __half_as_ushort(__float2half_rn(lo)));
+  return {bad ? 0x7e00u : __half_as_ushort(__float2half_rn(__fdiv_rn(__fsub_rn(hi, lo), levels))),
+          __half_as_ushort(__float2half_rn(lo))};
+}
+
+// Stores group g's scale and minimum.
+__device__ void StoreScale(const Geometry& geo, uint32_t g, float lo, float hi, bool bad,
+                           uint8_t* out) {
+  const ScaleBits b = GroupScale(geo, lo, hi, bad);
+  Store16(out + 2 * g, b.scale);
+  Store16(out + 2 * (geo.groups + g), b.min);
 }
 
 __device__ void StoreSizeAndPadding(const Geometry& geo, uint8_t* out, uint64_t* d_size) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   *d_size = geo.size;
   for (uint32_t i = 4 * geo.groups; i < geo.codes_offset; ++i) out[i] = 0;
+}
+
+// The eight elements of a 16-byte word as floats.
+__device__ __forceinline__ void Unpack8(const uint4 v, bool bf16, float* x) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x[i] = ToFloat((w[i / 2] >> (16 * (i % 2))) & 0xffffu, bf16);
 }
 
 // Walks the elements e, e+1, ... giving each one's group index (the per-element path).
@@ -259,10 +280,23 @@ __device__ void StoreCodes(const Geometry& geo, uint8_t* codes, uint32_t k, uint
 
 // ---- Kernels.
 
-__global__ void StoreSize(uint64_t* d_size, uint64_t size) { *d_size = size; }
+__global__ void StoreSizes(uint64_t* d_sizes, uint32_t count, uint64_t size) {
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    d_sizes[i] = size;
+  }
+}
 
-__global__ void KeyStats(Geometry geo, const uint16_t* __restrict__ in, uint8_t* out,
+// Segment blockIdx.y of a batch: its elements, payload and size.
+struct Batch {
+  uint64_t in_stride = 0;   // elements
+  uint64_t out_stride = 0;  // bytes
+};
+
+__global__ void KeyStats(Geometry geo, Batch batch, const uint16_t* __restrict__ in, uint8_t* out,
                          uint64_t* d_size) {
+  in += blockIdx.y * batch.in_stride;
+  out += blockIdx.y * batch.out_stride;
+  d_size += blockIdx.y;
   StoreSizeAndPadding(geo, out, d_size);
   for (uint32_t g = blockIdx.x * blockDim.x + threadIdx.x; g < geo.groups;
        g += gridDim.x * blockDim.x) {
@@ -271,6 +305,8 @@ __global__ void KeyStats(Geometry geo, const uint16_t* __restrict__ in, uint8_t*
     const uint16_t* p = in + t0 * geo.channels + c;
     float lo = ToFloat(p[0], geo.bf16), hi = lo;
     bool bad = false;
+    // Unrolled so that a thread has 8 independent loads in flight, not one per trip.
+#pragma unroll 8
     for (uint32_t r = 0; r < rows; ++r) {
       const float x = ToFloat(p[r * geo.channels], geo.bf16);
       bad |= !isfinite(x);
@@ -281,8 +317,11 @@ __global__ void KeyStats(Geometry geo, const uint16_t* __restrict__ in, uint8_t*
   }
 }
 
-__global__ void ValueStats(Geometry geo, const uint16_t* __restrict__ in, uint8_t* out,
-                           uint64_t* d_size) {
+__global__ void ValueStats(Geometry geo, Batch batch, const uint16_t* __restrict__ in,
+                           uint8_t* out, uint64_t* d_size) {
+  in += blockIdx.y * batch.in_stride;
+  out += blockIdx.y * batch.out_stride;
+  d_size += blockIdx.y;
   StoreSizeAndPadding(geo, out, d_size);
   const uint64_t threads = uint64_t{geo.groups} * geo.width;
   // Block-uniform trip count: every lane of a warp reaches the shuffles together.
@@ -314,8 +353,11 @@ __global__ void ValueStats(Geometry geo, const uint16_t* __restrict__ in, uint8_
   }
 }
 
-__global__ void Quantize(Geometry geo, const uint16_t* __restrict__ in, uint8_t* out,
+__global__ void Quantize(Geometry geo, Batch batch, const uint16_t* __restrict__ in, uint8_t* out,
                          uint64_t* d_size) {
+  in += blockIdx.y * batch.in_stride;
+  out += blockIdx.y * batch.out_stride;
+  d_size += blockIdx.y;
   const uint32_t chunks = (geo.elements + 7) / 8, levels = (1u << geo.bits) - 1;
   for (uint32_t k = blockIdx.x * blockDim.x + threadIdx.x; k < chunks;
        k += gridDim.x * blockDim.x) {
@@ -323,10 +365,7 @@ __global__ void Quantize(Geometry geo, const uint16_t* __restrict__ in, uint8_t*
     float s[8], m[8], x[8];
     ChunkScales(geo, out, e0, count, s, m);
     if (geo.vec) {
-      const uint4 v = *reinterpret_cast<const uint4*>(in + e0);
-      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i) x[i] = ToFloat((w[i / 2] >> (16 * (i % 2))) & 0xffffu, geo.bf16);
+      Unpack8(*reinterpret_cast<const uint4*>(in + e0), geo.bf16, x);
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) x[i] = i < count ? ToFloat(in[e0 + i], geo.bf16) : 0.0f;
@@ -345,8 +384,116 @@ __global__ void Quantize(Geometry geo, const uint16_t* __restrict__ in, uint8_t*
   }
 }
 
-__global__ void Decode(Geometry geo, const uint8_t* __restrict__ payload,
+// The vector path's encoders, one kernel each (the size is stored beforehand by StoreSizes):
+// a thread finds its groups' scales and minimums, stores them, and quantizes the same elements,
+// read again (from cache), into whole 8-element chunks.
+// Keys: a thread takes 8 consecutive channels of a token group (one 16-byte load per row).
+__global__ void KeyEncode(Geometry geo, Batch batch, const uint16_t* __restrict__ in, uint8_t* out,
+                          uint64_t* d_size) {
+  in += blockIdx.y * batch.in_stride;
+  out += blockIdx.y * batch.out_stride;
+  d_size += blockIdx.y;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    for (uint32_t i = 4 * geo.groups; i < geo.codes_offset; ++i) out[i] = 0;
+  }
+  const uint32_t octets = geo.channels / 8, levels = (1u << geo.bits) - 1;
+  const uint32_t work = geo.groups / 8;
+  for (uint32_t w = blockIdx.x * blockDim.x + threadIdx.x; w < work; w += gridDim.x * blockDim.x) {
+    const uint32_t tb = w / octets, c = (w - tb * octets) * 8, t0 = tb * geo.group;
+    const uint32_t rows = min(geo.group, geo.tokens - t0);
+    const uint16_t* p = in + t0 * geo.channels + c;
+    float x[8], lo[8], hi[8];
+    Unpack8(*reinterpret_cast<const uint4*>(p), geo.bf16, lo);
+    uint32_t bad = 0;  // bit i: channel c + i had a non-finite element
+#pragma unroll
+    for (int i = 0; i < 8; ++i) hi[i] = lo[i];
+#pragma unroll 4
+    for (uint32_t r = 0; r < rows; ++r) {
+      Unpack8(*reinterpret_cast<const uint4*>(p + r * geo.channels), geo.bf16, x);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        bad |= uint32_t{!isfinite(x[i])} << i;
+        lo[i] = fminf(lo[i], x[i]);
+        hi[i] = fmaxf(hi[i], x[i]);
+      }
+    }
+    uint32_t sw[4], mw[4];
+    float s[8], m[8];
+    bool unusable = false;
+#pragma unroll
+    for (int i = 0; i < 8; i += 2) {
+      const ScaleBits a = GroupScale(geo, lo[i], hi[i], (bad >> i) & 1);
+      const ScaleBits b = GroupScale(geo, lo[i + 1], hi[i + 1], (bad >> (i + 1)) & 1);
+      sw[i / 2] = a.scale | (b.scale << 16);
+      mw[i / 2] = a.min | (b.min << 16);
+      s[i] = HalfToFloat(a.scale), s[i + 1] = HalfToFloat(b.scale);
+      m[i] = HalfToFloat(a.min), m[i + 1] = HalfToFloat(b.min);
+    }
+    const uint32_t g0 = tb * geo.channels + c;
+    *reinterpret_cast<uint4*>(out + 2 * g0) = make_uint4(sw[0], sw[1], sw[2], sw[3]);
+    *reinterpret_cast<uint4*>(out + 2 * (geo.groups + g0)) = make_uint4(mw[0], mw[1], mw[2], mw[3]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) unusable |= !isfinite(s[i]) || !isfinite(m[i]);
+    if (unusable) atomicExch(reinterpret_cast<unsigned long long*>(d_size), 0ull);
+#pragma unroll 4
+    for (uint32_t r = 0; r < rows; ++r) {
+      Unpack8(*reinterpret_cast<const uint4*>(p + r * geo.channels), geo.bf16, x);
+      uint64_t code = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) code |= uint64_t{QuantizeOne(x[i], s[i], m[i], levels)} << (i * geo.bits);
+      StoreCodes(geo, out + geo.codes_offset, ((t0 + r) * geo.channels + c) / 8, 8, code);
+    }
+  }
+}
+
+// Values: a thread takes one group (G consecutive channels of a row, G a multiple of 8).
+__global__ void ValueEncode(Geometry geo, Batch batch, const uint16_t* __restrict__ in,
+                            uint8_t* out, uint64_t* d_size) {
+  in += blockIdx.y * batch.in_stride;
+  out += blockIdx.y * batch.out_stride;
+  d_size += blockIdx.y;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    for (uint32_t i = 4 * geo.groups; i < geo.codes_offset; ++i) out[i] = 0;
+  }
+  const uint32_t levels = (1u << geo.bits) - 1;
+  for (uint32_t g = blockIdx.x * blockDim.x + threadIdx.x; g < geo.groups;
+       g += gridDim.x * blockDim.x) {
+    const uint32_t row = g / geo.groups_per_row, d0 = (g - row * geo.groups_per_row) * geo.group;
+    const uint32_t n = min(geo.group, geo.head_dim - d0);
+    const uint32_t e0 = row * geo.head_dim + d0;
+    float x[8];
+    Unpack8(*reinterpret_cast<const uint4*>(in + e0), geo.bf16, x);
+    float lo = x[0], hi = x[0];
+    bool bad = false;
+    for (uint32_t j = 0; j < n; j += 8) {
+      Unpack8(*reinterpret_cast<const uint4*>(in + e0 + j), geo.bf16, x);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        bad |= !isfinite(x[i]);
+        lo = fminf(lo, x[i]);
+        hi = fmaxf(hi, x[i]);
+      }
+    }
+    const ScaleBits b = GroupScale(geo, lo, hi, bad);
+    *reinterpret_cast<uint16_t*>(out + 2 * g) = static_cast<uint16_t>(b.scale);
+    *reinterpret_cast<uint16_t*>(out + 2 * (geo.groups + g)) = static_cast<uint16_t>(b.min);
+    const float s = HalfToFloat(b.scale), m = HalfToFloat(b.min);
+    if (!isfinite(s) || !isfinite(m)) atomicExch(reinterpret_cast<unsigned long long*>(d_size), 0ull);
+    for (uint32_t j = 0; j < n; j += 8) {
+      Unpack8(*reinterpret_cast<const uint4*>(in + e0 + j), geo.bf16, x);
+      uint64_t code = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) code |= uint64_t{QuantizeOne(x[i], s, m, levels)} << (i * geo.bits);
+      StoreCodes(geo, out + geo.codes_offset, (e0 + j) / 8, 8, code);
+    }
+  }
+}
+
+// Batch here: payload stride in bytes (in_stride), output stride in elements (out_stride).
+__global__ void Decode(Geometry geo, Batch batch, const uint8_t* __restrict__ payload,
                        uint16_t* __restrict__ out) {
+  payload += blockIdx.y * batch.in_stride;
+  out += blockIdx.y * batch.out_stride;
   const uint32_t chunks = (geo.elements + 7) / 8, mask = (1u << geo.bits) - 1;
   for (uint32_t k = blockIdx.x * blockDim.x + threadIdx.x; k < chunks;
        k += gridDim.x * blockDim.x) {
@@ -376,42 +523,85 @@ __global__ void Decode(Geometry geo, const uint8_t* __restrict__ payload,
 
 }  // namespace
 
-absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params, const uint16_t* d_in,
-                        uint8_t* d_out, uint64_t capacity, uint64_t* d_size, cudaStream_t stream) {
+// The most segments one launch takes (gridDim.y); larger batches are launched in pieces.
+constexpr uint32_t kMaxBatch = 65535;
+
+absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& params, uint32_t count,
+                             const uint16_t* d_in, uint64_t in_stride, uint8_t* d_out,
+                             uint64_t out_stride, uint64_t* d_sizes, cudaStream_t stream) {
   absl::StatusOr<Geometry> geo = MakeGeometry(shape, params);
   if (!geo.ok()) return geo.status();
-  if (capacity < geo->size) {
+  if (out_stride < geo->size) {
     return absl::InvalidArgumentError(
-        absl::StrCat("kivi: output has ", capacity, " bytes, the payload needs ", geo->size));
+        absl::StrCat("kivi: output has ", out_stride, " bytes, the payload needs ", geo->size));
   }
+  if (count == 0) return absl::OkStatus();
   if (geo->elements == 0) {
-    StoreSize<<<1, 1, 0, stream>>>(d_size, 0);
+    StoreSizes<<<Blocks(count), kThreads, 0, stream>>>(d_sizes, count, 0);
     return FromCuda(cudaGetLastError(), "kivi encode");
   }
-  geo->vec = geo->vec && Aligned16(d_in) && Aligned16(d_out);
-  if (geo->key) {
-    KeyStats<<<Blocks(geo->groups), kThreads, 0, stream>>>(*geo, d_in, d_out, d_size);
-  } else {
-    ValueStats<<<Blocks(uint64_t{geo->groups} * geo->width), kThreads, 0, stream>>>(*geo, d_in,
-                                                                                    d_out, d_size);
+  geo->vec = geo->vec && Aligned16(d_in) && Aligned16(d_out) &&
+             (count == 1 || ((2 * in_stride) % 16 == 0 && out_stride % 16 == 0));
+  const Batch batch{in_stride, out_stride};
+  for (uint32_t first = 0; first < count; first += kMaxBatch) {
+    const uint32_t n = std::min(kMaxBatch, count - first);
+    const uint16_t* in = d_in + first * in_stride;
+    uint8_t* out = d_out + first * out_stride;
+    uint64_t* sizes = d_sizes + first;
+    if (geo->vec) {
+      StoreSizes<<<Blocks(n), kThreads, 0, stream>>>(sizes, n, geo->size);
+      if (geo->key) {
+        KeyEncode<<<dim3(Blocks(geo->groups / 8), n), kThreads, 0, stream>>>(*geo, batch, in, out,
+                                                                             sizes);
+      } else {
+        ValueEncode<<<dim3(Blocks(geo->groups), n), kThreads, 0, stream>>>(*geo, batch, in, out,
+                                                                           sizes);
+      }
+      continue;
+    }
+    if (geo->key) {
+      KeyStats<<<dim3(Blocks(geo->groups), n), kThreads, 0, stream>>>(*geo, batch, in, out, sizes);
+    } else {
+      ValueStats<<<dim3(Blocks(uint64_t{geo->groups} * geo->width), n), kThreads, 0, stream>>>(
+          *geo, batch, in, out, sizes);
+    }
+    Quantize<<<dim3(Blocks((geo->elements + 7) / 8), n), kThreads, 0, stream>>>(*geo, batch, in,
+                                                                                 out, sizes);
   }
-  Quantize<<<Blocks((geo->elements + 7) / 8), kThreads, 0, stream>>>(*geo, d_in, d_out, d_size);
   return FromCuda(cudaGetLastError(), "kivi encode");
 }
 
-absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,
-                        const uint8_t* d_payload, uint64_t size, uint16_t* d_out,
-                        cudaStream_t stream) {
+absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& params, uint32_t count,
+                             const uint8_t* d_payload, uint64_t payload_stride, uint64_t size,
+                             uint16_t* d_out, uint64_t out_stride, cudaStream_t stream) {
   absl::StatusOr<Geometry> geo = MakeGeometry(shape, params);
   if (!geo.ok()) return geo.status();
   if (size != geo->size) {
     return absl::DataLossError(absl::StrCat("kivi payload is ", size,
                                             " bytes, the shape and parameters need ", geo->size));
   }
-  if (geo->elements == 0) return absl::OkStatus();
-  geo->vec = geo->vec && Aligned16(d_payload) && Aligned16(d_out);
-  Decode<<<Blocks((geo->elements + 7) / 8), kThreads, 0, stream>>>(*geo, d_payload, d_out);
+  if (geo->elements == 0 || count == 0) return absl::OkStatus();
+  geo->vec = geo->vec && Aligned16(d_payload) && Aligned16(d_out) &&
+             (count == 1 || (payload_stride % 16 == 0 && (2 * out_stride) % 16 == 0));
+  const Batch batch{payload_stride, out_stride};
+  for (uint32_t first = 0; first < count; first += kMaxBatch) {
+    const uint32_t n = std::min(kMaxBatch, count - first);
+    Decode<<<dim3(Blocks((geo->elements + 7) / 8), n), kThreads, 0, stream>>>(
+        *geo, batch, d_payload + first * payload_stride, d_out + first * out_stride);
+  }
   return FromCuda(cudaGetLastError(), "kivi decode");
+}
+
+absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params, const uint16_t* d_in,
+                        uint8_t* d_out, uint64_t capacity, uint64_t* d_size, cudaStream_t stream) {
+  return EncodeBatchCuda(shape, params, 1, d_in, shape.Elements(), d_out, capacity, d_size,
+                         stream);
+}
+
+absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,
+                        const uint8_t* d_payload, uint64_t size, uint16_t* d_out,
+                        cudaStream_t stream) {
+  return DecodeBatchCuda(shape, params, 1, d_payload, size, size, d_out, shape.Elements(), stream);
 }
 
 }  // namespace kvpool::kernels::kivi

@@ -2,32 +2,64 @@
 #include <cuda_runtime.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "kernels/cuda_status.h"
 #include "kernels/raw.h"
 
 namespace kvpool::kernels::raw {
 namespace {
-__global__ void StoreSize(uint64_t* d_size, uint64_t size) { *d_size = size; }
+__global__ void StoreSizes(uint64_t* d_sizes, uint32_t count, uint64_t size) {
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    d_sizes[i] = size;
+  }
+}
+// `count` rows of `bytes` from src (pitch src_pitch) to dst (pitch dst_pitch): one plain copy
+// when the rows are back to back.
+absl::Status Copy(void* dst, uint64_t dst_pitch, const void* src, uint64_t src_pitch,
+                  uint64_t bytes, uint32_t count, cudaStream_t stream) {
+  if (count == 1 || (dst_pitch == bytes && src_pitch == bytes)) {
+    return FromCuda(cudaMemcpyAsync(dst, src, bytes * count, cudaMemcpyDeviceToDevice, stream),
+                    "raw copy");
+  }
+  return FromCuda(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, bytes, count,
+                                    cudaMemcpyDeviceToDevice, stream),
+                  "raw copy");
+}
+
 }  // namespace
 
-absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams&, const uint16_t* d_in,
-                        uint8_t* d_out, uint64_t capacity, uint64_t* d_size, cudaStream_t stream) {
-  if (capacity < shape.Bytes()) return absl::InvalidArgumentError("raw: output too small");
-  KVPOOL_RETURN_IF_CUDA_ERROR(
-      cudaMemcpyAsync(d_out, d_in, shape.Bytes(), cudaMemcpyDeviceToDevice, stream));
-  StoreSize<<<1, 1, 0, stream>>>(d_size, shape.Bytes());
+absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint32_t count,
+                             const uint16_t* d_in, uint64_t in_stride, uint8_t* d_out,
+                             uint64_t out_stride, uint64_t* d_sizes, cudaStream_t stream) {
+  const uint64_t bytes = shape.Bytes();
+  if (out_stride < bytes) return absl::InvalidArgumentError("raw: output too small");
+  if (count == 0) return absl::OkStatus();
+  if (bytes > 0) KVPOOL_RETURN_IF_ERROR(Copy(d_out, out_stride, d_in, 2 * in_stride, bytes, count, stream));
+  StoreSizes<<<(count + 255) / 256, 256, 0, stream>>>(d_sizes, count, bytes);
   return FromCuda(cudaGetLastError(), "raw encode");
 }
 
-absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams&, const uint8_t* d_payload,
-                        uint64_t size, uint16_t* d_out, cudaStream_t stream) {
+absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint32_t count,
+                             const uint8_t* d_payload, uint64_t payload_stride, uint64_t size,
+                             uint16_t* d_out, uint64_t out_stride, cudaStream_t stream) {
   if (size != shape.Bytes()) {
     return absl::DataLossError(
         absl::StrCat("raw payload is ", size, " bytes, the shape needs ", shape.Bytes()));
   }
-  KVPOOL_RETURN_IF_CUDA_ERROR(
-      cudaMemcpyAsync(d_out, d_payload, size, cudaMemcpyDeviceToDevice, stream));
-  return absl::OkStatus();
+  if (count == 0 || size == 0) return absl::OkStatus();
+  return Copy(d_out, 2 * out_stride, d_payload, payload_stride, size, count, stream);
+}
+
+absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params, const uint16_t* d_in,
+                        uint8_t* d_out, uint64_t capacity, uint64_t* d_size, cudaStream_t stream) {
+  return EncodeBatchCuda(shape, params, 1, d_in, shape.Elements(), d_out, capacity, d_size,
+                         stream);
+}
+
+absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,
+                        const uint8_t* d_payload, uint64_t size, uint16_t* d_out,
+                        cudaStream_t stream) {
+  return DecodeBatchCuda(shape, params, 1, d_payload, size, size, d_out, shape.Elements(), stream);
 }
 
 }  // namespace kvpool::kernels::raw

@@ -3,11 +3,16 @@
 // and HasNonFinite finds NaN and Inf anywhere.
 #include "kernels/codec.h"
 
+#include <algorithm>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/codec_staging.h"
+#include "kernels/device.h"
+#include "kernels/device_codec.h"
+#include "kernels/fusion.h"
 #include "tests/kernels/kvpool_test_helpers.h"
 
 namespace kvpool::kernels {
@@ -102,6 +107,118 @@ TEST(HasNonFinite, FindsNanAndInfAnywhere) {
     }
     EXPECT_FALSE(HasNonFinite(dt, {}));
   }
+}
+
+// The batch launchers (all segments of one shape in one set of launches) write, for every
+// segment, the reference's payload and decode each to the reference's values, at payload
+// strides that keep the vector paths (256) and that do not (the bare payload size).
+TEST(CodecBatch, CudaBatchLaunchersMatchTheReference) {
+  if (DeviceCount() == 0) GTEST_SKIP() << DescribeDevices();
+  std::mt19937_64 rng(11);
+  int checked = 0;
+  for (const CodecParams& p : AllCodecs()) {
+    const CodecOps& ops = GetCodecOps(p.codec);
+    if (ops.encode_cuda_batch == nullptr) continue;
+    for (const SegmentShape& s :
+         {Shape(32, 8, 128, DType::kFp16, SegmentKind::kKey),
+          Shape(32, 8, 128, DType::kBf16, SegmentKind::kValue),
+          Shape(33, 3, 40, DType::kFp16, SegmentKind::kKey),
+          Shape(7, 2, 5, DType::kBf16, SegmentKind::kValue),
+          Shape(1, 1, 1, DType::kFp16, SegmentKind::kValue)}) {
+      const uint32_t count = 5;
+      std::vector<uint16_t> in;
+      for (uint32_t i = 0; i < count; ++i) {
+        const std::vector<uint16_t> v = RandomSegment(s, int(i % 5), rng);
+        in.insert(in.end(), v.begin(), v.end());
+      }
+      const uint64_t cap = ops.max_payload_bytes(s, p);
+      for (uint64_t stride : {cap, (cap + 255) / 256 * 256}) {
+        SCOPED_TRACE(::testing::Message() << "codec " << int(p.codec) << " bits " << int(p.bits)
+                                          << " shape " << s.tokens << "x" << s.kv_heads << "x"
+                                          << s.head_dim << " stride " << stride);
+        std::vector<uint8_t> out(stride * count, 0xa5);
+        std::vector<uint64_t> sizes(count);
+        ASSERT_TRUE(EncodeBatchOnDevice(ops, s, p, count, in.data(), out.data(), stride,
+                                        sizes.data())
+                        .ok());
+        std::vector<uint16_t> decoded(in.size());
+        for (uint32_t i = 0; i < count; ++i) {
+          std::vector<uint8_t> ref(cap);
+          auto n = ops.encode_ref(s, p, in.data() + i * s.Elements(), ref.data(), cap);
+          ASSERT_TRUE(n.ok()) << n.status();
+          ASSERT_EQ(sizes[i], *n) << "segment " << i;
+          EXPECT_TRUE(std::equal(ref.begin(), ref.begin() + *n, out.begin() + i * stride))
+              << "segment " << i << "'s payload differs from the reference's";
+          ASSERT_TRUE(
+              ops.decode_ref(s, p, ref.data(), *n, decoded.data() + i * s.Elements()).ok());
+        }
+        std::vector<uint16_t> by_cuda(in.size(), 0x5a5a);
+        ASSERT_TRUE(DecodeBatchOnDevice(ops, s, p, count, out.data(), stride, sizes[0],
+                                        by_cuda.data())
+                        .ok());
+        EXPECT_EQ(by_cuda, decoded);
+        ++checked;
+      }
+    }
+  }
+  EXPECT_GE(checked, 40);  // raw and three kivi settings, five shapes, two strides.
+}
+
+// The daemon's GPU encode and the client's decode into device memory, on a block's segments
+// (keys and values of each layer alternate, so each kind's segments lie at equal distances)
+// plus one segment of another shape: every codec with CUDA kernels gives the values of its
+// one-segment CUDA path, and decoding to device memory gives the CPU's values, scaled where
+// asked.
+TEST(CodecBatch, CudaBlockEncodeAndDecodeToDeviceMatchOneSegmentAtATime) {
+  if (DeviceCount() == 0) GTEST_SKIP() << DescribeDevices();
+  std::mt19937_64 rng(13);
+  std::vector<SegmentShape> shapes;
+  for (int layer = 0; layer < 3; ++layer) {
+    shapes.push_back(Shape(16, 4, 64, DType::kFp16, SegmentKind::kKey));
+    shapes.push_back(Shape(16, 4, 64, DType::kFp16, SegmentKind::kValue));
+  }
+  shapes.push_back(Shape(5, 2, 24, DType::kFp16, SegmentKind::kValue));
+  std::vector<uint16_t> elements;
+  std::vector<uint64_t> at;
+  for (const SegmentShape& s : shapes) {
+    at.push_back(elements.size());
+    const std::vector<uint16_t> v = RandomSegment(s, int(at.size() % 5), rng);
+    elements.insert(elements.end(), v.begin(), v.end());
+  }
+  const std::vector<float> scales = {1.f, 0.5f, 1.f, 2.f, 1.f, 1.f, 0.25f};
+  int codecs = 0;
+  for (const CodecParams& p : AllCodecs()) {
+    if (GetCodecOps(p.codec).encode_cuda == nullptr) continue;
+    SCOPED_TRACE(::testing::Message() << "codec " << int(p.codec) << " bits " << int(p.bits)
+                                      << " flags " << int(p.flags));
+    auto encoded = EncodeSegmentsOnDevice(p, shapes, elements);
+    ASSERT_TRUE(encoded.ok()) << encoded.status();
+    ASSERT_EQ(encoded->size(), shapes.size());
+    std::vector<uint16_t> expected(elements.size());
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const absl::Span<const uint16_t> in(elements.data() + at[i], shapes[i].Elements());
+      const absl::Span<uint16_t> want(expected.data() + at[i], shapes[i].Elements());
+      auto one = EncodeSegment(p, shapes[i], in, Path::kCuda);
+      ASSERT_TRUE(one.ok()) << one.status();
+      std::vector<uint16_t> got(shapes[i].Elements());
+      ASSERT_TRUE(DecodeSegment((*encoded)[i], absl::MakeSpan(got), Path::kCpu).ok());
+      ASSERT_TRUE(DecodeSegment(*one, want, Path::kCpu).ok());
+      EXPECT_TRUE(std::equal(got.begin(), got.end(), want.begin())) << "segment " << i;
+      ScaleElements(shapes[i].dtype, want, scales[i], Path::kCpu);
+    }
+    const std::vector<absl::string_view> views(encoded->begin(), encoded->end());
+    auto device = DeviceBuffer::Allocate(2 * elements.size());
+    ASSERT_TRUE(device.ok()) << device.status();
+    std::vector<uint16_t> poison(elements.size(), 0x7e01);
+    ASSERT_TRUE(device->CopyFromHost(poison.data(), 2 * poison.size()).ok());
+    ASSERT_TRUE(DecodeSegmentsToDevice(views, shapes, static_cast<uint16_t*>(device->get()), scales)
+                    .ok());
+    std::vector<uint16_t> decoded(elements.size());
+    ASSERT_TRUE(device->CopyToHost(decoded.data(), 2 * decoded.size()).ok());
+    EXPECT_EQ(decoded, expected);
+    ++codecs;
+  }
+  EXPECT_GE(codecs, 4);
 }
 
 }  // namespace
