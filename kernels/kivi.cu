@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_status.h"
@@ -384,10 +385,40 @@ __global__ void Quantize(Geometry geo, Batch batch, const uint16_t* __restrict__
   }
 }
 
+// A chunk's 8 codes in one word; kBits is geo.bits, fixed at compile time for the one-pass
+// encoders below.
+template <uint32_t kBits>
+using Codes = std::conditional_t<kBits == 8, uint64_t, uint32_t>;
+
+template <uint32_t kBits>
+__device__ __forceinline__ Codes<kBits> QuantizeChunk(const float* x, const float* s,
+                                                      const float* m) {
+  Codes<kBits> code = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    code |= Codes<kBits>{QuantizeOne(x[i], s[i], m[i], (1u << kBits) - 1)} << (i * kBits);
+  }
+  return code;
+}
+
+template <uint32_t kBits>
+__device__ __forceinline__ void StoreChunk(uint8_t* codes, uint32_t k, Codes<kBits> code) {
+  uint8_t* p = codes + k * kBits;
+  if constexpr (kBits == 8) {
+    *reinterpret_cast<uint2*>(p) =
+        make_uint2(static_cast<uint32_t>(code), static_cast<uint32_t>(code >> 32));
+  } else if constexpr (kBits == 4) {
+    *reinterpret_cast<uint32_t*>(p) = code;
+  } else {
+    *reinterpret_cast<uint16_t*>(p) = static_cast<uint16_t>(code);
+  }
+}
+
 // The vector path's encoders, one kernel each (the size is stored beforehand by StoreSizes):
 // a thread finds its groups' scales and minimums, stores them, and quantizes the same elements,
 // read again (from cache), into whole 8-element chunks.
 // Keys: a thread takes 8 consecutive channels of a token group (one 16-byte load per row).
+template <uint32_t kBits>
 __global__ void KeyEncode(Geometry geo, Batch batch, const uint16_t* __restrict__ in, uint8_t* out,
                           uint64_t* d_size) {
   in += blockIdx.y * batch.in_stride;
@@ -396,7 +427,7 @@ __global__ void KeyEncode(Geometry geo, Batch batch, const uint16_t* __restrict_
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     for (uint32_t i = 4 * geo.groups; i < geo.codes_offset; ++i) out[i] = 0;
   }
-  const uint32_t octets = geo.channels / 8, levels = (1u << geo.bits) - 1;
+  const uint32_t octets = geo.channels / 8;
   const uint32_t work = geo.groups / 8;
   for (uint32_t w = blockIdx.x * blockDim.x + threadIdx.x; w < work; w += gridDim.x * blockDim.x) {
     const uint32_t tb = w / octets, c = (w - tb * octets) * 8, t0 = tb * geo.group;
@@ -438,15 +469,14 @@ __global__ void KeyEncode(Geometry geo, Batch batch, const uint16_t* __restrict_
 #pragma unroll 4
     for (uint32_t r = 0; r < rows; ++r) {
       Unpack8(*reinterpret_cast<const uint4*>(p + r * geo.channels), geo.bf16, x);
-      uint64_t code = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) code |= uint64_t{QuantizeOne(x[i], s[i], m[i], levels)} << (i * geo.bits);
-      StoreCodes(geo, out + geo.codes_offset, ((t0 + r) * geo.channels + c) / 8, 8, code);
+      StoreChunk<kBits>(out + geo.codes_offset, ((t0 + r) * geo.channels + c) / 8,
+                        QuantizeChunk<kBits>(x, s, m));
     }
   }
 }
 
 // Values: a thread takes one group (G consecutive channels of a row, G a multiple of 8).
+template <uint32_t kBits>
 __global__ void ValueEncode(Geometry geo, Batch batch, const uint16_t* __restrict__ in,
                             uint8_t* out, uint64_t* d_size) {
   in += blockIdx.y * batch.in_stride;
@@ -455,7 +485,6 @@ __global__ void ValueEncode(Geometry geo, Batch batch, const uint16_t* __restric
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     for (uint32_t i = 4 * geo.groups; i < geo.codes_offset; ++i) out[i] = 0;
   }
-  const uint32_t levels = (1u << geo.bits) - 1;
   for (uint32_t g = blockIdx.x * blockDim.x + threadIdx.x; g < geo.groups;
        g += gridDim.x * blockDim.x) {
     const uint32_t row = g / geo.groups_per_row, d0 = (g - row * geo.groups_per_row) * geo.group;
@@ -479,13 +508,25 @@ __global__ void ValueEncode(Geometry geo, Batch batch, const uint16_t* __restric
     *reinterpret_cast<uint16_t*>(out + 2 * (geo.groups + g)) = static_cast<uint16_t>(b.min);
     const float s = HalfToFloat(b.scale), m = HalfToFloat(b.min);
     if (!isfinite(s) || !isfinite(m)) atomicExch(reinterpret_cast<unsigned long long*>(d_size), 0ull);
+    float sv[8], mv[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sv[i] = s, mv[i] = m;
     for (uint32_t j = 0; j < n; j += 8) {
       Unpack8(*reinterpret_cast<const uint4*>(in + e0 + j), geo.bf16, x);
-      uint64_t code = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) code |= uint64_t{QuantizeOne(x[i], s, m, levels)} << (i * geo.bits);
-      StoreCodes(geo, out + geo.codes_offset, (e0 + j) / 8, 8, code);
+      StoreChunk<kBits>(out + geo.codes_offset, (e0 + j) / 8, QuantizeChunk<kBits>(x, sv, mv));
     }
+  }
+}
+
+template <uint32_t kBits>
+void LaunchOnePass(const Geometry& geo, const Batch& batch, uint32_t n, const uint16_t* in,
+                   uint8_t* out, uint64_t* sizes, cudaStream_t stream) {
+  if (geo.key) {
+    KeyEncode<kBits><<<dim3(Blocks(geo.groups / 8), n), kThreads, 0, stream>>>(geo, batch, in, out,
+                                                                              sizes);
+  } else {
+    ValueEncode<kBits><<<dim3(Blocks(geo.groups), n), kThreads, 0, stream>>>(geo, batch, in, out,
+                                                                            sizes);
   }
 }
 
@@ -550,12 +591,12 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
     uint64_t* sizes = d_sizes + first;
     if (geo->vec) {
       StoreSizes<<<Blocks(n), kThreads, 0, stream>>>(sizes, n, geo->size);
-      if (geo->key) {
-        KeyEncode<<<dim3(Blocks(geo->groups / 8), n), kThreads, 0, stream>>>(*geo, batch, in, out,
-                                                                             sizes);
+      if (geo->bits == 8) {
+        LaunchOnePass<8>(*geo, batch, n, in, out, sizes, stream);
+      } else if (geo->bits == 4) {
+        LaunchOnePass<4>(*geo, batch, n, in, out, sizes, stream);
       } else {
-        ValueEncode<<<dim3(Blocks(geo->groups), n), kThreads, 0, stream>>>(*geo, batch, in, out,
-                                                                           sizes);
+        LaunchOnePass<2>(*geo, batch, n, in, out, sizes, stream);
       }
       continue;
     }
