@@ -32,10 +32,9 @@ const CodecOps kOps[kNumCodecs] = {
     {&raw::MaxPayloadBytes, &raw::Encode, &raw::Decode, &raw::Encode, &raw::Decode,
      KVPOOL_CUDA_OP(raw, EncodeCuda), KVPOOL_CUDA_OP(raw, DecodeCuda), nullptr, nullptr,
      KVPOOL_CUDA_OP(raw, EncodeBatchCuda), KVPOOL_CUDA_OP(raw, DecodeBatchCuda)},
-    {&kivi::MaxPayloadBytes, &kivi::EncodeRef, &kivi::DecodeRef, &kivi::EncodeCpu,
-     &kivi::DecodeCpu, KVPOOL_CUDA_OP(kivi, EncodeCuda), KVPOOL_CUDA_OP(kivi, DecodeCuda),
-     nullptr, nullptr, KVPOOL_CUDA_OP(kivi, EncodeBatchCuda),
-     KVPOOL_CUDA_OP(kivi, DecodeBatchCuda)},
+    {&kivi::MaxPayloadBytes, &kivi::EncodeRef, &kivi::DecodeRef, &kivi::EncodeCpu, &kivi::DecodeCpu,
+     KVPOOL_CUDA_OP(kivi, EncodeCuda), KVPOOL_CUDA_OP(kivi, DecodeCuda), nullptr, nullptr,
+     KVPOOL_CUDA_OP(kivi, EncodeBatchCuda), KVPOOL_CUDA_OP(kivi, DecodeBatchCuda)},
     {&packkv::MaxPayloadBytes, &packkv::EncodeRef, &packkv::DecodeRef, &packkv::EncodeCpu,
      &packkv::DecodeCpu, KVPOOL_CUDA_OP(packkv, EncodeCuda), KVPOOL_CUDA_OP(packkv, DecodeCuda),
      nullptr, nullptr, nullptr, nullptr},
@@ -43,7 +42,6 @@ const CodecOps kOps[kNumCodecs] = {
      &kvpool::DecodeCpu, KVPOOL_CUDA_OP(kvpool, EncodeCuda), KVPOOL_CUDA_OP(kvpool, DecodeCuda),
      &kvpool::EncodeRef, &kvpool::EncodeCpu, nullptr, nullptr},
 };
-
 
 }  // namespace
 

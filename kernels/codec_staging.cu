@@ -63,37 +63,36 @@ absl::Status EncodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
   }
   CudaScratch b;
   KVPOOL_ASSIGN_OR_RETURN(cudaStream_t stream, b.Stream());
-  KVPOOL_ASSIGN_OR_RETURN(uint16_t* d_in, b.Alloc<uint16_t>(shape.Elements() * count));
-  KVPOOL_ASSIGN_OR_RETURN(uint8_t* d_out, b.Alloc<uint8_t>(stride * count));
-  KVPOOL_ASSIGN_OR_RETURN(uint64_t* d_sizes, b.Alloc<uint64_t>(count));
+  KVPOOL_ASSIGN_OR_RETURN(uint16_t * d_in, b.Alloc<uint16_t>(shape.Elements() * count));
+  KVPOOL_ASSIGN_OR_RETURN(uint8_t * d_out, b.Alloc<uint8_t>(stride * count));
+  KVPOOL_ASSIGN_OR_RETURN(uint64_t * d_sizes, b.Alloc<uint64_t>(count));
   KVPOOL_RETURN_IF_CUDA_ERROR(
       cudaMemcpyAsync(d_in, in, shape.Bytes() * count, cudaMemcpyHostToDevice, stream));
-  KVPOOL_RETURN_IF_ERROR(ops.encode_cuda_batch(shape, params, count, d_in, shape.Elements(),
-                                               d_out, stride, d_sizes, stream));
-  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(sizes, d_sizes, sizeof(uint64_t) * count,
-                                              cudaMemcpyDeviceToHost, stream));
+  KVPOOL_RETURN_IF_ERROR(ops.encode_cuda_batch(shape, params, count, d_in, shape.Elements(), d_out,
+                                               stride, d_sizes, stream));
+  KVPOOL_RETURN_IF_CUDA_ERROR(
+      cudaMemcpyAsync(sizes, d_sizes, sizeof(uint64_t) * count, cudaMemcpyDeviceToHost, stream));
   KVPOOL_RETURN_IF_CUDA_ERROR(
       cudaMemcpyAsync(out, d_out, stride * count, cudaMemcpyDeviceToHost, stream));
   return FromCuda(cudaStreamSynchronize(stream), "encode batch");
 }
 
 absl::Status DecodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
-                                 const CodecParams& params, uint32_t count,
-                                 const uint8_t* payloads, uint64_t stride, uint64_t size,
-                                 uint16_t* out) {
+                                 const CodecParams& params, uint32_t count, const uint8_t* payloads,
+                                 uint64_t stride, uint64_t size, uint16_t* out) {
   if (absl::Status s = Ready(reinterpret_cast<const void*>(ops.decode_cuda_batch)); !s.ok()) {
     return s;
   }
   CudaScratch b;
   KVPOOL_ASSIGN_OR_RETURN(cudaStream_t stream, b.Stream());
-  KVPOOL_ASSIGN_OR_RETURN(uint8_t* d_in, b.Alloc<uint8_t>(stride * count));
-  KVPOOL_ASSIGN_OR_RETURN(uint16_t* d_out, b.Alloc<uint16_t>(shape.Elements() * count));
+  KVPOOL_ASSIGN_OR_RETURN(uint8_t * d_in, b.Alloc<uint8_t>(stride * count));
+  KVPOOL_ASSIGN_OR_RETURN(uint16_t * d_out, b.Alloc<uint16_t>(shape.Elements() * count));
   KVPOOL_RETURN_IF_CUDA_ERROR(
       cudaMemcpyAsync(d_in, payloads, stride * count, cudaMemcpyHostToDevice, stream));
   KVPOOL_RETURN_IF_ERROR(ops.decode_cuda_batch(shape, params, count, d_in, stride, size, d_out,
                                                shape.Elements(), stream));
-  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(out, d_out, shape.Bytes() * count,
-                                              cudaMemcpyDeviceToHost, stream));
+  KVPOOL_RETURN_IF_CUDA_ERROR(
+      cudaMemcpyAsync(out, d_out, shape.Bytes() * count, cudaMemcpyDeviceToHost, stream));
   return FromCuda(cudaStreamSynchronize(stream), "decode batch");
 }
 

@@ -23,9 +23,8 @@ absl::Status EncodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
                                  uint8_t* out, uint64_t stride, uint64_t* sizes);
 // Payload i (`size` bytes) at payloads + i * stride, decoded to out + i * shape.Elements().
 absl::Status DecodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
-                                 const CodecParams& params, uint32_t count,
-                                 const uint8_t* payloads, uint64_t stride, uint64_t size,
-                                 uint16_t* out);
+                                 const CodecParams& params, uint32_t count, const uint8_t* payloads,
+                                 uint64_t stride, uint64_t size, uint16_t* out);
 
 }  // namespace kvpool::kernels
 

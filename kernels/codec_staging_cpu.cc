@@ -12,12 +12,12 @@ absl::Status DecodeOnDevice(const CodecOps&, const SegmentShape&, const CodecPar
   return absl::UnavailableError("this build has no CUDA");
 }
 
-absl::Status EncodeBatchOnDevice(const CodecOps&, const SegmentShape&, const CodecParams&,
-                                 uint32_t, const uint16_t*, uint8_t*, uint64_t, uint64_t*) {
+absl::Status EncodeBatchOnDevice(const CodecOps&, const SegmentShape&, const CodecParams&, uint32_t,
+                                 const uint16_t*, uint8_t*, uint64_t, uint64_t*) {
   return absl::UnavailableError("this build has no CUDA");
 }
-absl::Status DecodeBatchOnDevice(const CodecOps&, const SegmentShape&, const CodecParams&,
-                                 uint32_t, const uint8_t*, uint64_t, uint64_t, uint16_t*) {
+absl::Status DecodeBatchOnDevice(const CodecOps&, const SegmentShape&, const CodecParams&, uint32_t,
+                                 const uint8_t*, uint64_t, uint64_t, uint16_t*) {
   return absl::UnavailableError("this build has no CUDA");
 }
 

@@ -133,8 +133,8 @@ absl::StatusOr<std::vector<std::string>> EncodeSegmentsOnDevice(
   }
   std::vector<uint64_t> sizes(n);  // by slot
   std::vector<uint8_t> host(out_bytes);
-  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(sizes.data(), d_sizes, sizeof(uint64_t) * n,
-                                              cudaMemcpyDeviceToHost, s));
+  KVPOOL_RETURN_IF_CUDA_ERROR(
+      cudaMemcpyAsync(sizes.data(), d_sizes, sizeof(uint64_t) * n, cudaMemcpyDeviceToHost, s));
   KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(host.data(), out, out_bytes, cudaMemcpyDeviceToHost, s));
   KVPOOL_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
   std::vector<std::string> segments;
@@ -216,8 +216,9 @@ absl::Status DecodeSegmentsToDevice(absl::Span<const absl::string_view> encoded,
     run = 1;
     while (ops.decode_cuda_batch != nullptr && k + run < n) {
       const size_t j = order[k + run];
-      if (ShapeKey(headers[j].shape) != ShapeKey(shape) || !(headers[j].params == headers[i].params) ||
-          payloads[j].size() != payloads[i].size() || elem_at[j] != elem_at[i] + run * step) {
+      if (ShapeKey(headers[j].shape) != ShapeKey(shape) ||
+          !(headers[j].params == headers[i].params) || payloads[j].size() != payloads[i].size() ||
+          elem_at[j] != elem_at[i] + run * step) {
         break;
       }
       ++run;

@@ -318,8 +318,8 @@ __global__ void KeyStats(Geometry geo, Batch batch, const uint16_t* __restrict__
   }
 }
 
-__global__ void ValueStats(Geometry geo, Batch batch, const uint16_t* __restrict__ in,
-                           uint8_t* out, uint64_t* d_size) {
+__global__ void ValueStats(Geometry geo, Batch batch, const uint16_t* __restrict__ in, uint8_t* out,
+                           uint64_t* d_size) {
   in += blockIdx.y * batch.in_stride;
   out += blockIdx.y * batch.out_stride;
   d_size += blockIdx.y;
@@ -507,7 +507,8 @@ __global__ void ValueEncode(Geometry geo, Batch batch, const uint16_t* __restric
     *reinterpret_cast<uint16_t*>(out + 2 * g) = static_cast<uint16_t>(b.scale);
     *reinterpret_cast<uint16_t*>(out + 2 * (geo.groups + g)) = static_cast<uint16_t>(b.min);
     const float s = HalfToFloat(b.scale), m = HalfToFloat(b.min);
-    if (!isfinite(s) || !isfinite(m)) atomicExch(reinterpret_cast<unsigned long long*>(d_size), 0ull);
+    if (!isfinite(s) || !isfinite(m))
+      atomicExch(reinterpret_cast<unsigned long long*>(d_size), 0ull);
     float sv[8], mv[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) sv[i] = s, mv[i] = m;
@@ -522,11 +523,11 @@ template <uint32_t kBits>
 void LaunchOnePass(const Geometry& geo, const Batch& batch, uint32_t n, const uint16_t* in,
                    uint8_t* out, uint64_t* sizes, cudaStream_t stream) {
   if (geo.key) {
-    KeyEncode<kBits><<<dim3(Blocks(geo.groups / 8), n), kThreads, 0, stream>>>(geo, batch, in, out,
-                                                                              sizes);
+    KeyEncode<kBits>
+        <<<dim3(Blocks(geo.groups / 8), n), kThreads, 0, stream>>>(geo, batch, in, out, sizes);
   } else {
-    ValueEncode<kBits><<<dim3(Blocks(geo.groups), n), kThreads, 0, stream>>>(geo, batch, in, out,
-                                                                            sizes);
+    ValueEncode<kBits>
+        <<<dim3(Blocks(geo.groups), n), kThreads, 0, stream>>>(geo, batch, in, out, sizes);
   }
 }
 
@@ -607,7 +608,7 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
           *geo, batch, in, out, sizes);
     }
     Quantize<<<dim3(Blocks((geo->elements + 7) / 8), n), kThreads, 0, stream>>>(*geo, batch, in,
-                                                                                 out, sizes);
+                                                                                out, sizes);
   }
   return FromCuda(cudaGetLastError(), "kivi encode");
 }
@@ -635,8 +636,7 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& param
 
 absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params, const uint16_t* d_in,
                         uint8_t* d_out, uint64_t capacity, uint64_t* d_size, cudaStream_t stream) {
-  return EncodeBatchCuda(shape, params, 1, d_in, shape.Elements(), d_out, capacity, d_size,
-                         stream);
+  return EncodeBatchCuda(shape, params, 1, d_in, shape.Elements(), d_out, capacity, d_size, stream);
 }
 
 absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,

@@ -34,7 +34,8 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
   const uint64_t bytes = shape.Bytes();
   if (out_stride < bytes) return absl::InvalidArgumentError("raw: output too small");
   if (count == 0) return absl::OkStatus();
-  if (bytes > 0) KVPOOL_RETURN_IF_ERROR(Copy(d_out, out_stride, d_in, 2 * in_stride, bytes, count, stream));
+  if (bytes > 0)
+    KVPOOL_RETURN_IF_ERROR(Copy(d_out, out_stride, d_in, 2 * in_stride, bytes, count, stream));
   StoreSizes<<<(count + 255) / 256, 256, 0, stream>>>(d_sizes, count, bytes);
   return FromCuda(cudaGetLastError(), "raw encode");
 }
@@ -52,8 +53,7 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
 
 absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params, const uint16_t* d_in,
                         uint8_t* d_out, uint64_t capacity, uint64_t* d_size, cudaStream_t stream) {
-  return EncodeBatchCuda(shape, params, 1, d_in, shape.Elements(), d_out, capacity, d_size,
-                         stream);
+  return EncodeBatchCuda(shape, params, 1, d_in, shape.Elements(), d_out, capacity, d_size, stream);
 }
 
 absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,

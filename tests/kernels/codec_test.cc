@@ -119,12 +119,11 @@ TEST(CodecBatch, CudaBatchLaunchersMatchTheReference) {
   for (const CodecParams& p : AllCodecs()) {
     const CodecOps& ops = GetCodecOps(p.codec);
     if (ops.encode_cuda_batch == nullptr) continue;
-    for (const SegmentShape& s :
-         {Shape(32, 8, 128, DType::kFp16, SegmentKind::kKey),
-          Shape(32, 8, 128, DType::kBf16, SegmentKind::kValue),
-          Shape(33, 3, 40, DType::kFp16, SegmentKind::kKey),
-          Shape(7, 2, 5, DType::kBf16, SegmentKind::kValue),
-          Shape(1, 1, 1, DType::kFp16, SegmentKind::kValue)}) {
+    for (const SegmentShape& s : {Shape(32, 8, 128, DType::kFp16, SegmentKind::kKey),
+                                  Shape(32, 8, 128, DType::kBf16, SegmentKind::kValue),
+                                  Shape(33, 3, 40, DType::kFp16, SegmentKind::kKey),
+                                  Shape(7, 2, 5, DType::kBf16, SegmentKind::kValue),
+                                  Shape(1, 1, 1, DType::kFp16, SegmentKind::kValue)}) {
       const uint32_t count = 5;
       std::vector<uint16_t> in;
       for (uint32_t i = 0; i < count; ++i) {
@@ -133,14 +132,14 @@ TEST(CodecBatch, CudaBatchLaunchersMatchTheReference) {
       }
       const uint64_t cap = ops.max_payload_bytes(s, p);
       for (uint64_t stride : {cap, (cap + 255) / 256 * 256}) {
-        SCOPED_TRACE(::testing::Message() << "codec " << int(p.codec) << " bits " << int(p.bits)
-                                          << " shape " << s.tokens << "x" << s.kv_heads << "x"
-                                          << s.head_dim << " stride " << stride);
+        SCOPED_TRACE(::testing::Message()
+                     << "codec " << int(p.codec) << " bits " << int(p.bits) << " shape " << s.tokens
+                     << "x" << s.kv_heads << "x" << s.head_dim << " stride " << stride);
         std::vector<uint8_t> out(stride * count, 0xa5);
         std::vector<uint64_t> sizes(count);
-        ASSERT_TRUE(EncodeBatchOnDevice(ops, s, p, count, in.data(), out.data(), stride,
-                                        sizes.data())
-                        .ok());
+        ASSERT_TRUE(
+            EncodeBatchOnDevice(ops, s, p, count, in.data(), out.data(), stride, sizes.data())
+                .ok());
         std::vector<uint16_t> decoded(in.size());
         for (uint32_t i = 0; i < count; ++i) {
           std::vector<uint8_t> ref(cap);
@@ -149,13 +148,12 @@ TEST(CodecBatch, CudaBatchLaunchersMatchTheReference) {
           ASSERT_EQ(sizes[i], *n) << "segment " << i;
           EXPECT_TRUE(std::equal(ref.begin(), ref.begin() + *n, out.begin() + i * stride))
               << "segment " << i << "'s payload differs from the reference's";
-          ASSERT_TRUE(
-              ops.decode_ref(s, p, ref.data(), *n, decoded.data() + i * s.Elements()).ok());
+          ASSERT_TRUE(ops.decode_ref(s, p, ref.data(), *n, decoded.data() + i * s.Elements()).ok());
         }
         std::vector<uint16_t> by_cuda(in.size(), 0x5a5a);
-        ASSERT_TRUE(DecodeBatchOnDevice(ops, s, p, count, out.data(), stride, sizes[0],
-                                        by_cuda.data())
-                        .ok());
+        ASSERT_TRUE(
+            DecodeBatchOnDevice(ops, s, p, count, out.data(), stride, sizes[0], by_cuda.data())
+                .ok());
         EXPECT_EQ(by_cuda, decoded);
         ++checked;
       }
@@ -211,8 +209,8 @@ TEST(CodecBatch, CudaBlockEncodeAndDecodeToDeviceMatchOneSegmentAtATime) {
     ASSERT_TRUE(device.ok()) << device.status();
     std::vector<uint16_t> poison(elements.size(), 0x7e01);
     ASSERT_TRUE(device->CopyFromHost(poison.data(), 2 * poison.size()).ok());
-    ASSERT_TRUE(DecodeSegmentsToDevice(views, shapes, static_cast<uint16_t*>(device->get()), scales)
-                    .ok());
+    ASSERT_TRUE(
+        DecodeSegmentsToDevice(views, shapes, static_cast<uint16_t*>(device->get()), scales).ok());
     std::vector<uint16_t> decoded(elements.size());
     ASSERT_TRUE(device->CopyToHost(decoded.data(), 2 * decoded.size()).ok());
     EXPECT_EQ(decoded, expected);
