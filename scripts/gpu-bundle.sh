@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # Packs a finished build (binaries, ctest files) and the shared libraries it links from this
 # machine's packages into one tarball, for a GPU machine that has the NVIDIA driver but none of
-# kvpool's Debian packages (a bare CUDA image). There:
-#   mkdir -p /work && ln -s "$PWD" /work/main   # where the build was made, if it is not there
-#   tar -xzf kvpool-gpu.tar.gz && export LD_LIBRARY_PATH=$PWD/build/bundle-lib
-#   (cd build && ctest -L gpu --output-on-failure)
+# kvpool's Debian packages (a bare CUDA image). scripts/gpu-check.sh unpacks and runs it there
+# (the ctest files name the absolute path the build was made in: bundle-root says which).
 # Usage: scripts/gpu-bundle.sh [BUILD_DIR (build)] [OUT (build/kvpool-gpu.tar.gz)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +13,7 @@ out=${2:-$build/kvpool-gpu.tar.gz}
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/$build/bundle-lib"
+pwd > "$stage/$build/bundle-root"
 binaries=$(find "$build/bin" "$build/tests" "$build/fuzz" -maxdepth 1 -type f -perm -u+x 2>/dev/null)
 # Every ctest file (test lists written by gtest_discover_tests included), none of the objects.
 find "$build" -path '*/CMakeFiles' -prune -o -path "$build/venv" -prune -o \

@@ -12,12 +12,15 @@ steps=",${2:-all},"
 [[ $steps == ,all, ]] && steps=",gpu-tests,rest,codec,fusion,"
 out=${OUT:-$PWD/gpu-out}
 mkdir -p "$out"
-root=$PWD
-# The ctest files name the build's absolute paths: make them resolve here.
-if [[ ! -e /work/main && $root != /work/main ]]; then mkdir -p /work && ln -s "$root" /work/main; fi
-tar -xzf "$bundle" -C /work/main
-export LD_LIBRARY_PATH=/work/main/build/bundle-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-cd /work/main/build
+# The ctest files name the absolute path the build was made in (bundle-root): unpack there, or
+# beside us with that path linked to here.
+marker=$(tar -tzf "$bundle" | grep -m1 '/bundle-root$')
+root=$(tar -xzOf "$bundle" "$marker")
+builddir=$root/$(dirname "${marker#./}")
+if [[ ! -e $root ]]; then mkdir -p "$(dirname "$root")" && ln -s "$PWD" "$root"; fi
+tar -xzf "$bundle" -C "$root"
+export LD_LIBRARY_PATH=$builddir/bundle-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+cd "$builddir"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
   | tee "$out/gpu.txt"
 summary=()
