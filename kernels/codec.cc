@@ -24,17 +24,33 @@ namespace {
 
 #if KVPOOL_HAVE_CUDA
 #define KVPOOL_CUDA_OP(ns, fn) &ns::fn
+// One segment through a codec's batch launchers: a batch of one.
+#define KVPOOL_CUDA_ONE_OF_BATCH(ns, fn) &fn##One<&ns::fn##BatchCuda>
+
+template <auto kEncodeBatch>
+absl::Status EncodeOne(const SegmentShape& shape, const CodecParams& params, const uint16_t* d_in,
+                       uint8_t* d_out, uint64_t capacity, uint64_t* d_size, cudaStream_t stream) {
+  return kEncodeBatch(shape, params, 1, d_in, shape.Elements(), d_out, capacity, d_size, stream);
+}
+
+template <auto kDecodeBatch>
+absl::Status DecodeOne(const SegmentShape& shape, const CodecParams& params,
+                       const uint8_t* d_payload, uint64_t size, uint16_t* d_out,
+                       cudaStream_t stream) {
+  return kDecodeBatch(shape, params, 1, d_payload, size, size, d_out, shape.Elements(), stream);
+}
 #else
 #define KVPOOL_CUDA_OP(ns, fn) nullptr
+#define KVPOOL_CUDA_ONE_OF_BATCH(ns, fn) nullptr
 #endif
 
 const CodecOps kOps[kNumCodecs] = {
     {&raw::MaxPayloadBytes, &raw::Encode, &raw::Decode, &raw::Encode, &raw::Decode,
-     KVPOOL_CUDA_OP(raw, EncodeCuda), KVPOOL_CUDA_OP(raw, DecodeCuda), nullptr, nullptr,
+     KVPOOL_CUDA_ONE_OF_BATCH(raw, Encode), KVPOOL_CUDA_ONE_OF_BATCH(raw, Decode), nullptr, nullptr,
      KVPOOL_CUDA_OP(raw, EncodeBatchCuda), KVPOOL_CUDA_OP(raw, DecodeBatchCuda)},
     {&kivi::MaxPayloadBytes, &kivi::EncodeRef, &kivi::DecodeRef, &kivi::EncodeCpu, &kivi::DecodeCpu,
-     KVPOOL_CUDA_OP(kivi, EncodeCuda), KVPOOL_CUDA_OP(kivi, DecodeCuda), nullptr, nullptr,
-     KVPOOL_CUDA_OP(kivi, EncodeBatchCuda), KVPOOL_CUDA_OP(kivi, DecodeBatchCuda)},
+     KVPOOL_CUDA_ONE_OF_BATCH(kivi, Encode), KVPOOL_CUDA_ONE_OF_BATCH(kivi, Decode), nullptr,
+     nullptr, KVPOOL_CUDA_OP(kivi, EncodeBatchCuda), KVPOOL_CUDA_OP(kivi, DecodeBatchCuda)},
     {&packkv::MaxPayloadBytes, &packkv::EncodeRef, &packkv::DecodeRef, &packkv::EncodeCpu,
      &packkv::DecodeCpu, KVPOOL_CUDA_OP(packkv, EncodeCuda), KVPOOL_CUDA_OP(packkv, DecodeCuda),
      nullptr, nullptr, nullptr, nullptr},

@@ -151,10 +151,15 @@ __device__ void StoreScale(const Geometry& geo, uint32_t g, float lo, float hi, 
   Store16(out + 2 * (geo.groups + g), b.min);
 }
 
-__device__ void StoreSizeAndPadding(const Geometry& geo, uint8_t* out, uint64_t* d_size) {
+// Thread 0 of block 0 zeroes the padding after the minimums.
+__device__ void ZeroPadding(const Geometry& geo, uint8_t* out) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  *d_size = geo.size;
   for (uint32_t i = 4 * geo.groups; i < geo.codes_offset; ++i) out[i] = 0;
+}
+
+__device__ void StoreSizeAndPadding(const Geometry& geo, uint8_t* out, uint64_t* d_size) {
+  ZeroPadding(geo, out);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *d_size = geo.size;
 }
 
 // The eight elements of a 16-byte word as floats.
@@ -289,8 +294,8 @@ __global__ void StoreSizes(uint64_t* d_sizes, uint32_t count, uint64_t size) {
 
 // Segment blockIdx.y of a batch: its elements, payload and size.
 struct Batch {
-  uint64_t in_stride = 0;   // elements
-  uint64_t out_stride = 0;  // bytes
+  uint64_t in_stride = 0;   // elements (decoding: payload bytes)
+  uint64_t out_stride = 0;  // bytes (decoding: elements)
 };
 
 __global__ void KeyStats(Geometry geo, Batch batch, const uint16_t* __restrict__ in, uint8_t* out,
@@ -424,9 +429,7 @@ __global__ void KeyEncode(Geometry geo, Batch batch, const uint16_t* __restrict_
   in += blockIdx.y * batch.in_stride;
   out += blockIdx.y * batch.out_stride;
   d_size += blockIdx.y;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    for (uint32_t i = 4 * geo.groups; i < geo.codes_offset; ++i) out[i] = 0;
-  }
+  ZeroPadding(geo, out);
   const uint32_t octets = geo.channels / 8;
   const uint32_t work = geo.groups / 8;
   for (uint32_t w = blockIdx.x * blockDim.x + threadIdx.x; w < work; w += gridDim.x * blockDim.x) {
@@ -482,9 +485,7 @@ __global__ void ValueEncode(Geometry geo, Batch batch, const uint16_t* __restric
   in += blockIdx.y * batch.in_stride;
   out += blockIdx.y * batch.out_stride;
   d_size += blockIdx.y;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    for (uint32_t i = 4 * geo.groups; i < geo.codes_offset; ++i) out[i] = 0;
-  }
+  ZeroPadding(geo, out);
   for (uint32_t g = blockIdx.x * blockDim.x + threadIdx.x; g < geo.groups;
        g += gridDim.x * blockDim.x) {
     const uint32_t row = g / geo.groups_per_row, d0 = (g - row * geo.groups_per_row) * geo.group;
@@ -531,7 +532,6 @@ void LaunchOnePass(const Geometry& geo, const Batch& batch, uint32_t n, const ui
   }
 }
 
-// Batch here: payload stride in bytes (in_stride), output stride in elements (out_stride).
 __global__ void Decode(Geometry geo, Batch batch, const uint8_t* __restrict__ payload,
                        uint16_t* __restrict__ out) {
   payload += blockIdx.y * batch.in_stride;
@@ -632,17 +632,6 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& param
         *geo, batch, d_payload + first * payload_stride, d_out + first * out_stride);
   }
   return FromCuda(cudaGetLastError(), "kivi decode");
-}
-
-absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params, const uint16_t* d_in,
-                        uint8_t* d_out, uint64_t capacity, uint64_t* d_size, cudaStream_t stream) {
-  return EncodeBatchCuda(shape, params, 1, d_in, shape.Elements(), d_out, capacity, d_size, stream);
-}
-
-absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,
-                        const uint8_t* d_payload, uint64_t size, uint16_t* d_out,
-                        cudaStream_t stream) {
-  return DecodeBatchCuda(shape, params, 1, d_payload, size, size, d_out, shape.Elements(), stream);
 }
 
 }  // namespace kvpool::kernels::kivi

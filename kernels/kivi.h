@@ -23,16 +23,7 @@ absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out);
 
 // CUDA launchers (defined only in CUDA builds): device pointers, stream-ordered, no device sync.
-absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params,
-                        const uint16_t* d_in, uint8_t* d_out, uint64_t capacity,
-                        uint64_t* d_size, cudaStream_t stream);
-absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,
-                        const uint8_t* d_payload, uint64_t size, uint16_t* d_out,
-                        cudaStream_t stream);
-// The same for `count` segments of one shape in one set of launches (CodecOps' batch
-// launchers): segment i reads d_in + i * in_stride elements, writes its payload at
-// d_out + i * out_stride (bytes; at least the payload size) and its size to d_sizes[i];
-// decoding reads d_payload + i * payload_stride (size bytes) into d_out + i * out_stride elements.
+// CodecOps' batch launchers (codec.h says what the strides are); one segment is a batch of one.
 absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& params, uint32_t count,
                              const uint16_t* d_in, uint64_t in_stride, uint8_t* d_out,
                              uint64_t out_stride, uint64_t* d_sizes, cudaStream_t stream);

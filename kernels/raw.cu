@@ -51,15 +51,4 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
   return Copy(d_out, 2 * out_stride, d_payload, payload_stride, size, count, stream);
 }
 
-absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params, const uint16_t* d_in,
-                        uint8_t* d_out, uint64_t capacity, uint64_t* d_size, cudaStream_t stream) {
-  return EncodeBatchCuda(shape, params, 1, d_in, shape.Elements(), d_out, capacity, d_size, stream);
-}
-
-absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,
-                        const uint8_t* d_payload, uint64_t size, uint16_t* d_out,
-                        cudaStream_t stream) {
-  return DecodeBatchCuda(shape, params, 1, d_payload, size, size, d_out, shape.Elements(), stream);
-}
-
 }  // namespace kvpool::kernels::raw

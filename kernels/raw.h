@@ -12,12 +12,7 @@ absl::StatusOr<uint64_t> Encode(const SegmentShape& shape, const CodecParams& pa
                                 const uint16_t* in, uint8_t* out, uint64_t capacity);
 absl::Status Decode(const SegmentShape& shape, const CodecParams& params, const uint8_t* payload,
                     uint64_t size, uint16_t* out);
-absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params, const uint16_t* d_in,
-                        uint8_t* d_out, uint64_t capacity, uint64_t* d_size, cudaStream_t stream);
-absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,
-                        const uint8_t* d_payload, uint64_t size, uint16_t* d_out,
-                        cudaStream_t stream);
-// Batches of one shape (CodecOps' batch launchers; kivi.h says what the strides are).
+// CUDA launchers, as kivi's (kivi.h).
 absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& params, uint32_t count,
                              const uint16_t* d_in, uint64_t in_stride, uint8_t* d_out,
                              uint64_t out_stride, uint64_t* d_sizes, cudaStream_t stream);
