@@ -37,7 +37,7 @@ template <auto kDecodeBatch>
 absl::Status DecodeOne(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* d_payload, uint64_t size, uint16_t* d_out,
                        cudaStream_t stream) {
-  return kDecodeBatch(shape, params, 1, d_payload, size, size, d_out, shape.Elements(), stream);
+  return kDecodeBatch(shape, params, 1, d_payload, size, &size, d_out, shape.Elements(), stream);
 }
 #else
 #define KVPOOL_CUDA_OP(ns, fn) nullptr
@@ -55,8 +55,9 @@ const CodecOps kOps[kNumCodecs] = {
      &packkv::DecodeCpu, KVPOOL_CUDA_OP(packkv, EncodeCuda), KVPOOL_CUDA_OP(packkv, DecodeCuda),
      nullptr, nullptr, nullptr, nullptr},
     {&kvpool::MaxPayloadBytes, &kvpool::EncodeRef, &kvpool::DecodeRef, &kvpool::EncodeCpu,
-     &kvpool::DecodeCpu, KVPOOL_CUDA_OP(kvpool, EncodeCuda), KVPOOL_CUDA_OP(kvpool, DecodeCuda),
-     &kvpool::EncodeRef, &kvpool::EncodeCpu, nullptr, nullptr},
+     &kvpool::DecodeCpu, KVPOOL_CUDA_ONE_OF_BATCH(kvpool, Encode),
+     KVPOOL_CUDA_ONE_OF_BATCH(kvpool, Decode), &kvpool::EncodeRef, &kvpool::EncodeCpu,
+     KVPOOL_CUDA_OP(kvpool, EncodeBatchCuda), KVPOOL_CUDA_OP(kvpool, DecodeBatchCuda)},
 };
 
 }  // namespace

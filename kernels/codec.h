@@ -75,15 +75,15 @@ struct CodecOps {
   // CUDA launchers for `count` segments of one shape in one set of launches (null: the codec
   // has none, and callers launch encode_cuda / decode_cuda per segment). Segment i reads
   // d_in + i * in_stride elements, writes its payload at d_out + i * out_stride (bytes, at least
-  // max_payload_bytes) and its size to d_sizes[i]; decoding reads the payload (`size` bytes,
-  // the same for every segment) at d_payload + i * payload_stride and writes
+  // max_payload_bytes) and its size to d_sizes[i]; decoding reads the payload (sizes[i] bytes,
+  // `sizes` a host array of `count`) at d_payload + i * payload_stride and writes
   // d_out + i * out_stride elements.
   absl::Status (*encode_cuda_batch)(const SegmentShape&, const CodecParams&, uint32_t count,
                                     const uint16_t* d_in, uint64_t in_stride, uint8_t* d_out,
                                     uint64_t out_stride, uint64_t* d_sizes, cudaStream_t stream);
   absl::Status (*decode_cuda_batch)(const SegmentShape&, const CodecParams&, uint32_t count,
                                     const uint8_t* d_payload, uint64_t payload_stride,
-                                    uint64_t size, uint16_t* d_out, uint64_t out_stride,
+                                    const uint64_t* sizes, uint16_t* d_out, uint64_t out_stride,
                                     cudaStream_t stream);
 };
 

@@ -69,13 +69,11 @@ absl::StatusOr<DeviceThroughput> MeasureDeviceThroughput(const CodecParams& para
   if (!enc.ok()) return enc.status();
   t.encode_gbps = *enc;
   std::vector<uint64_t> host_sizes(segments);
-  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpy(host_sizes.data(), d_sizes, sizeof(uint64_t) * segments,
-                                         cudaMemcpyDeviceToHost));
-  const bool same_sizes = std::all_of(host_sizes.begin(), host_sizes.end(),
-                                      [&](uint64_t n) { return n == host_sizes[0]; });
+  KVPOOL_RETURN_IF_CUDA_ERROR(
+      cudaMemcpy(host_sizes.data(), d_sizes, sizeof(uint64_t) * segments, cudaMemcpyDeviceToHost));
   auto dec = time([&]() -> absl::Status {
-    if (t.batched && same_sizes) {
-      return ops.decode_cuda_batch(shape, params, segments, d_payload, capacity, host_sizes[0],
+    if (t.batched) {
+      return ops.decode_cuda_batch(shape, params, segments, d_payload, capacity, host_sizes.data(),
                                    d_out, shape.Elements(), stream);
     }
     for (int s = 0; s < segments; ++s) {

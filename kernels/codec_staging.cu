@@ -79,7 +79,7 @@ absl::Status EncodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
 
 absl::Status DecodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
                                  const CodecParams& params, uint32_t count, const uint8_t* payloads,
-                                 uint64_t stride, uint64_t size, uint16_t* out) {
+                                 uint64_t stride, const uint64_t* sizes, uint16_t* out) {
   if (absl::Status s = Ready(reinterpret_cast<const void*>(ops.decode_cuda_batch)); !s.ok()) {
     return s;
   }
@@ -89,7 +89,7 @@ absl::Status DecodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
   KVPOOL_ASSIGN_OR_RETURN(uint16_t * d_out, b.Alloc<uint16_t>(shape.Elements() * count));
   KVPOOL_RETURN_IF_CUDA_ERROR(
       cudaMemcpyAsync(d_in, payloads, stride * count, cudaMemcpyHostToDevice, stream));
-  KVPOOL_RETURN_IF_ERROR(ops.decode_cuda_batch(shape, params, count, d_in, stride, size, d_out,
+  KVPOOL_RETURN_IF_ERROR(ops.decode_cuda_batch(shape, params, count, d_in, stride, sizes, d_out,
                                                shape.Elements(), stream));
   KVPOOL_RETURN_IF_CUDA_ERROR(
       cudaMemcpyAsync(out, d_out, shape.Bytes() * count, cudaMemcpyDeviceToHost, stream));

@@ -21,10 +21,10 @@ absl::Status DecodeOnDevice(const CodecOps& ops, const SegmentShape& shape,
 absl::Status EncodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
                                  const CodecParams& params, uint32_t count, const uint16_t* in,
                                  uint8_t* out, uint64_t stride, uint64_t* sizes);
-// Payload i (`size` bytes) at payloads + i * stride, decoded to out + i * shape.Elements().
+// Payload i (sizes[i] bytes) at payloads + i * stride, decoded to out + i * shape.Elements().
 absl::Status DecodeBatchOnDevice(const CodecOps& ops, const SegmentShape& shape,
                                  const CodecParams& params, uint32_t count, const uint8_t* payloads,
-                                 uint64_t stride, uint64_t size, uint16_t* out);
+                                 uint64_t stride, const uint64_t* sizes, uint16_t* out);
 
 }  // namespace kvpool::kernels
 

@@ -17,7 +17,7 @@ absl::Status EncodeBatchOnDevice(const CodecOps&, const SegmentShape&, const Cod
   return absl::UnavailableError("this build has no CUDA");
 }
 absl::Status DecodeBatchOnDevice(const CodecOps&, const SegmentShape&, const CodecParams&, uint32_t,
-                                 const uint8_t*, uint64_t, uint64_t, uint16_t*) {
+                                 const uint8_t*, uint64_t, const uint64_t*, uint16_t*) {
   return absl::UnavailableError("this build has no CUDA");
 }
 

@@ -169,7 +169,6 @@ absl::Status DecodeSegmentsToDevice(absl::Span<const absl::string_view> encoded,
   }
   std::vector<SegmentHeader> headers;
   std::vector<absl::string_view> payloads;
-  uint64_t staging = 0;
   for (size_t i = 0; i < encoded.size(); ++i) {
     absl::string_view payload;
     KVPOOL_ASSIGN_OR_RETURN(SegmentHeader h, ParseSegment(encoded[i], &payload));
@@ -180,56 +179,70 @@ absl::Status DecodeSegmentsToDevice(absl::Span<const absl::string_view> encoded,
     }
     const CodecOps& ops = GetCodecOps(h.params.codec);
     if (ops.decode_cuda == nullptr) return absl::UnimplementedError("codec has no CUDA decoder");
-    staging += Align(payload.size());
     headers.push_back(h);
     payloads.push_back(payload);
   }
-  // Staging slots: segments of one shape side by side (a block's keys, then its values). A run
-  // of slots with one shape, codec and payload size (fixed-size formats) whose outputs lie at
-  // equal distances decodes in one set of launches where the codec has batch launchers.
+  // Segments of one shape side by side (a block's keys, then its values). A run of them with
+  // one shape and codec parameters whose outputs lie at equal distances decodes in one set of
+  // launches where the codec has batch launchers; its payloads are staged at one stride (the
+  // run's longest, aligned).
   const size_t n = headers.size();
   std::vector<size_t> order(n);
   std::iota(order.begin(), order.end(), size_t{0});
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
     return ShapeKey(headers[a].shape) < ShapeKey(headers[b].shape);
   });
-  std::vector<uint64_t> elem_at(n), slot_at(n);  // by segment
-  uint64_t elem_off = 0, off = 0;
+  std::vector<uint64_t> elem_at(n);  // by segment
+  uint64_t elem_off = 0;
   for (size_t i = 0; i < n; ++i) {
     elem_at[i] = elem_off;
     elem_off += headers[i].shape.Elements();
   }
-  CudaScratch st;
-  KVPOOL_ASSIGN_OR_RETURN(cudaStream_t s, st.Stream(stream));
-  KVPOOL_ASSIGN_OR_RETURN(uint8_t* base, st.Alloc<uint8_t>(staging));
-  for (size_t i : order) {
-    slot_at[i] = off;
-    KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(base + off, payloads[i].data(), payloads[i].size(),
-                                                cudaMemcpyHostToDevice, s));
-    off += Align(payloads[i].size());
-  }
-  for (size_t k = 0, run = 1; k < n; k += run) {
+  struct Run {
+    size_t first, count;  // order[first ..]
+    uint64_t step, stride, slot;
+  };
+  std::vector<Run> runs;
+  uint64_t staging = 0;
+  for (size_t k = 0; k < n;) {
     const size_t i = order[k];
     const CodecOps& ops = GetCodecOps(headers[i].params.codec);
-    const SegmentShape& shape = headers[i].shape;
-    const uint64_t step = k + 1 < n ? elem_at[order[k + 1]] - elem_at[i] : 0;
-    run = 1;
-    while (ops.decode_cuda_batch != nullptr && k + run < n) {
-      const size_t j = order[k + run];
-      if (ShapeKey(headers[j].shape) != ShapeKey(shape) ||
-          !(headers[j].params == headers[i].params) || payloads[j].size() != payloads[i].size() ||
-          elem_at[j] != elem_at[i] + run * step) {
+    Run r{k, 1, k + 1 < n ? elem_at[order[k + 1]] - elem_at[i] : 0, Align(payloads[i].size()),
+          staging};
+    while (ops.decode_cuda_batch != nullptr && k + r.count < n) {
+      const size_t j = order[k + r.count];
+      if (ShapeKey(headers[j].shape) != ShapeKey(headers[i].shape) ||
+          !(headers[j].params == headers[i].params) ||
+          elem_at[j] != elem_at[i] + r.count * r.step) {
         break;
       }
-      ++run;
+      r.stride = std::max(r.stride, Align(payloads[j].size()));
+      ++r.count;
     }
-    if (run > 1) {
+    staging += r.count * r.stride;
+    runs.push_back(r);
+    k += r.count;
+  }
+  CudaScratch st;
+  KVPOOL_ASSIGN_OR_RETURN(cudaStream_t s, st.Stream(stream));
+  KVPOOL_ASSIGN_OR_RETURN(uint8_t * base, st.Alloc<uint8_t>(staging));
+  for (const Run& r : runs) {
+    std::vector<uint64_t> sizes(r.count);
+    for (size_t m = 0; m < r.count; ++m) {
+      const absl::string_view payload = payloads[order[r.first + m]];
+      sizes[m] = payload.size();
+      KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(base + r.slot + m * r.stride, payload.data(),
+                                                  payload.size(), cudaMemcpyHostToDevice, s));
+    }
+    const size_t i = order[r.first];
+    const CodecOps& ops = GetCodecOps(headers[i].params.codec);
+    if (r.count > 1) {
       KVPOOL_RETURN_IF_ERROR(ops.decode_cuda_batch(
-          shape, headers[i].params, static_cast<uint32_t>(run), base + slot_at[i],
-          Align(payloads[i].size()), payloads[i].size(), d_out + elem_at[i], step, s));
+          headers[i].shape, headers[i].params, static_cast<uint32_t>(r.count), base + r.slot,
+          r.stride, sizes.data(), d_out + elem_at[i], r.step, s));
     } else {
-      KVPOOL_RETURN_IF_ERROR(ops.decode_cuda(shape, headers[i].params, base + slot_at[i],
-                                             payloads[i].size(), d_out + elem_at[i], s));
+      KVPOOL_RETURN_IF_ERROR(ops.decode_cuda(headers[i].shape, headers[i].params, base + r.slot,
+                                             sizes[0], d_out + elem_at[i], s));
     }
   }
   for (size_t i = 0; i < n && !scales.empty(); ++i) {

@@ -614,13 +614,16 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
 }
 
 absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& params, uint32_t count,
-                             const uint8_t* d_payload, uint64_t payload_stride, uint64_t size,
-                             uint16_t* d_out, uint64_t out_stride, cudaStream_t stream) {
+                             const uint8_t* d_payload, uint64_t payload_stride,
+                             const uint64_t* sizes, uint16_t* d_out, uint64_t out_stride,
+                             cudaStream_t stream) {
   absl::StatusOr<Geometry> geo = MakeGeometry(shape, params);
   if (!geo.ok()) return geo.status();
-  if (size != geo->size) {
-    return absl::DataLossError(absl::StrCat("kivi payload is ", size,
-                                            " bytes, the shape and parameters need ", geo->size));
+  for (uint32_t i = 0; i < count; ++i) {
+    if (sizes[i] != geo->size) {
+      return absl::DataLossError(absl::StrCat("kivi payload is ", sizes[i],
+                                              " bytes, the shape and parameters need ", geo->size));
+    }
   }
   if (geo->elements == 0 || count == 0) return absl::OkStatus();
   geo->vec = geo->vec && Aligned16(d_payload) && Aligned16(d_out) &&

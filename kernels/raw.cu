@@ -41,11 +41,15 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
 }
 
 absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint32_t count,
-                             const uint8_t* d_payload, uint64_t payload_stride, uint64_t size,
-                             uint16_t* d_out, uint64_t out_stride, cudaStream_t stream) {
-  if (size != shape.Bytes()) {
-    return absl::DataLossError(
-        absl::StrCat("raw payload is ", size, " bytes, the shape needs ", shape.Bytes()));
+                             const uint8_t* d_payload, uint64_t payload_stride,
+                             const uint64_t* sizes, uint16_t* d_out, uint64_t out_stride,
+                             cudaStream_t stream) {
+  const uint64_t size = shape.Bytes();
+  for (uint32_t i = 0; i < count; ++i) {
+    if (sizes[i] != size) {
+      return absl::DataLossError(
+          absl::StrCat("raw payload is ", sizes[i], " bytes, the shape needs ", size));
+    }
   }
   if (count == 0 || size == 0) return absl::OkStatus();
   return Copy(d_out, 2 * out_stride, d_payload, payload_stride, size, count, stream);

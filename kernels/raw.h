@@ -17,8 +17,9 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
                              const uint16_t* d_in, uint64_t in_stride, uint8_t* d_out,
                              uint64_t out_stride, uint64_t* d_sizes, cudaStream_t stream);
 absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& params, uint32_t count,
-                             const uint8_t* d_payload, uint64_t payload_stride, uint64_t size,
-                             uint16_t* d_out, uint64_t out_stride, cudaStream_t stream);
+                             const uint8_t* d_payload, uint64_t payload_stride,
+                             const uint64_t* sizes, uint16_t* d_out, uint64_t out_stride,
+                             cudaStream_t stream);
 
 }  // namespace kvpool::kernels::raw
 

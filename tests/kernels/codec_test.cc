@@ -110,8 +110,9 @@ TEST(HasNonFinite, FindsNanAndInfAnywhere) {
 }
 
 // The batch launchers (all segments of one shape in one set of launches) write, for every
-// segment, the reference's payload and decode each to the reference's values, at payload
-// strides that keep the vector paths (256) and that do not (the bare payload size).
+// segment, the reference's payload (kvpool: its one-segment CUDA payload, a simpler encoding
+// than the reference's) and decode each to the reference's values, at payload strides that
+// keep the vector paths (256) and that do not (the bare payload size).
 TEST(CodecBatch, CudaBatchLaunchersMatchTheReference) {
   if (DeviceCount() == 0) GTEST_SKIP() << DescribeDevices();
   std::mt19937_64 rng(11);
@@ -143,7 +144,16 @@ TEST(CodecBatch, CudaBatchLaunchersMatchTheReference) {
         std::vector<uint16_t> decoded(in.size());
         for (uint32_t i = 0; i < count; ++i) {
           std::vector<uint8_t> ref(cap);
-          auto n = ops.encode_ref(s, p, in.data() + i * s.Elements(), ref.data(), cap);
+          absl::StatusOr<uint64_t> n;
+          if (p.codec == CodecId::kKvpool) {
+            uint64_t one = 0;
+            ASSERT_TRUE(EncodeBatchOnDevice(ops, s, p, 1, in.data() + i * s.Elements(), ref.data(),
+                                            cap, &one)
+                            .ok());
+            n = one;
+          } else {
+            n = ops.encode_ref(s, p, in.data() + i * s.Elements(), ref.data(), cap);
+          }
           ASSERT_TRUE(n.ok()) << n.status();
           ASSERT_EQ(sizes[i], *n) << "segment " << i;
           EXPECT_TRUE(std::equal(ref.begin(), ref.begin() + *n, out.begin() + i * stride))
@@ -152,14 +162,14 @@ TEST(CodecBatch, CudaBatchLaunchersMatchTheReference) {
         }
         std::vector<uint16_t> by_cuda(in.size(), 0x5a5a);
         ASSERT_TRUE(
-            DecodeBatchOnDevice(ops, s, p, count, out.data(), stride, sizes[0], by_cuda.data())
+            DecodeBatchOnDevice(ops, s, p, count, out.data(), stride, sizes.data(), by_cuda.data())
                 .ok());
         EXPECT_EQ(by_cuda, decoded);
         ++checked;
       }
     }
   }
-  EXPECT_GE(checked, 40);  // raw and three kivi settings, five shapes, two strides.
+  EXPECT_GE(checked, 80);  // raw, three kivi and three kvpool settings, five shapes, two strides.
 }
 
 // The daemon's GPU encode and the client's decode into device memory, on a block's segments

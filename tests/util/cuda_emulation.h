@@ -1,10 +1,13 @@
 // Runs CUDA kernel source on the host, for tests of kernels on machines without a GPU: the
 // built-ins a kernel header uses (threadIdx, blockIdx, blockDim, gridDim, __syncthreads,
-// __shared__, the fp16/bf16 conversions) mapped onto host threads. Launch() runs a grid with one
-// host thread per CUDA thread of a block; the threads walk the blocks in order together, so
-// __shared__ variables (function statics here) belong to one block at a time. Include it
-// before the kernel header, in one test file only. Emulates semantics, not timing or the
-// memory model beyond __syncthreads; no warp intrinsics.
+// __shared__, the fp16/bf16 conversions, full-warp shuffles, 32-bit atomics, the rounding
+// float intrinsics) mapped onto host threads. Launch() runs a grid with one host thread per
+// CUDA thread of a block; the threads walk the blocks in order together, so __shared__
+// variables (function statics here) belong to one block at a time. A shuffle is a barrier of
+// the 32 threads of its warp, so every lane must call it (as CUDA's full-mask shuffles
+// require). Include it before the kernel header, in one test file only, built with
+// -ffp-contract=off (the CUDA build's --fmad=false). Emulates semantics, not timing or the
+// memory model beyond __syncthreads and the shuffles.
 #ifndef KVPOOL_TESTS_UTIL_CUDA_EMULATION_H_
 #define KVPOOL_TESTS_UTIL_CUDA_EMULATION_H_
 
@@ -12,9 +15,13 @@
 #error "cuda_emulation.h is for host compilers"
 #endif
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -50,6 +57,21 @@ class Barrier {
 inline thread_local Dim3 thread_idx, block_idx;
 inline Dim3 block_dim, grid_dim;
 inline Barrier* barrier = nullptr;
+inline std::vector<std::unique_ptr<Barrier>> warp_barriers;  // One per warp of the block.
+inline std::vector<uint64_t> warp_slots;                     // One per thread of the block.
+
+// The value `v` of lane `src` of the calling thread's warp (every lane of the warp calls).
+template <typename V>
+V Shuffle(V v, unsigned src) {
+  static_assert(sizeof(V) <= sizeof(uint64_t), "shuffles move up to 64 bits");
+  const unsigned t = thread_idx.x, warp = t / 32;
+  std::memcpy(&warp_slots[t], &v, sizeof(V));
+  warp_barriers[warp]->Wait();
+  V out;
+  std::memcpy(&out, &warp_slots[warp * 32 + src], sizeof(V));
+  warp_barriers[warp]->Wait();  // Every lane has read before the slots are reused.
+  return out;
+}
 
 // Runs `kernel` (a lambda calling the __global__ function) over grid (gx, gy) x `threads`.
 inline void Launch(unsigned gx, unsigned gy, unsigned threads, const std::function<void()>& kernel) {
@@ -57,6 +79,11 @@ inline void Launch(unsigned gx, unsigned gy, unsigned threads, const std::functi
   block_dim = {threads, 1, 1};
   Barrier b(threads);
   barrier = &b;
+  warp_barriers.clear();
+  for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
+    warp_barriers.push_back(std::make_unique<Barrier>(std::min(32u, threads - 32 * w)));
+  }
+  warp_slots.assign(threads, 0);
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
@@ -92,8 +119,49 @@ struct Bf16 {
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __launch_bounds__(...)
+
+using std::isfinite;
+using std::isnan;
+template <typename T>
+inline T min(T a, T b) {
+  return b < a ? b : a;
+}
 
 inline void __syncthreads() { ::kvpool::testing::cuda_emulation::barrier->Wait(); }
+template <typename V>
+inline V __shfl_up_sync(unsigned, V v, int delta) {
+  const unsigned lane = threadIdx.x % 32;
+  return ::kvpool::testing::cuda_emulation::Shuffle(v,
+                                                    lane >= unsigned(delta) ? lane - delta : lane);
+}
+template <typename V>
+inline V __shfl_down_sync(unsigned, V v, int delta) {
+  const unsigned lane = threadIdx.x % 32;
+  return ::kvpool::testing::cuda_emulation::Shuffle(v, lane + delta < 32 ? lane + delta : lane);
+}
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+  return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
+}
+inline unsigned atomicExch(unsigned* p, unsigned v) {
+  return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+}
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(unsigned(x)); }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+// Round to nearest even, as the host's float arithmetic (no contraction: see the top).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline ::kvpool::testing::cuda_emulation::Half __ushort_as_half(uint16_t h) { return {h}; }
 inline ::kvpool::testing::cuda_emulation::Bf16 __ushort_as_bfloat16(uint16_t h) { return {h}; }
 inline float __half2float(::kvpool::testing::cuda_emulation::Half h) {

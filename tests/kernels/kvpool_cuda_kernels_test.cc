@@ -1,0 +1,215 @@
+// The kvpool codec's CUDA kernels (kernels/kvpool_cuda_kernels.cuh) run on the host under
+// tests/util/cuda_emulation.h, in batches as the launchers run them: decoding bit for bit
+// against DecodeRef (every payload mode, payloads of different sizes in one batch, corrupt
+// payloads flagged in their own segment only), encoding within the budget and the same bytes
+// in a batch as alone. So their logic (indexing per segment, shared memory, scans, the device
+// parser) is tested in every build, with or without a GPU; the GPU itself runs them in
+// KvpoolCodec.Cuda* and CodecBatch.* (label gpu).
+#include "tests/util/cuda_emulation.h"  // Before the kernel header.
+//
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/encoded_segment.h"
+#include "gtest/gtest.h"
+#include "kernels/kvpool.h"
+#include "kernels/kvpool_cuda_kernels.cuh"
+#include "tests/kernels/kvpool_test_helpers.h"
+
+namespace kvpool::kernels::kvpool_test {
+namespace {
+
+using ::kvpool::testing::cuda_emulation::Launch;
+namespace in = ::kvpool::kernels::kvpool::internal;
+
+// 256-byte aligned host memory standing in for device memory.
+class HostBuffer {
+ public:
+  explicit HostBuffer(uint64_t bytes) : words_((bytes + 511) / 8, 0) {}
+  uint8_t* data() {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(words_.data());
+    return reinterpret_cast<uint8_t*>((p + 255) & ~uintptr_t{255});
+  }
+
+ private:
+  std::vector<uint64_t> words_;
+};
+
+// What DecodeBatchCuda launches, emulated: the payloads at one stride, every segment's output.
+std::vector<std::vector<uint16_t>> DecodeBatch(const SegmentShape& s,
+                                               const std::vector<std::string>& payloads) {
+  const in::Dims dm = in::MakeDims(s);
+  const uint32_t count = uint32_t(payloads.size());
+  uint64_t stride = 0;
+  for (const std::string& p : payloads) stride = std::max(stride, in::Align(p.size()));
+  HostBuffer staging(stride * count), scratch(in::DecodeScratchBytes(dm) * count);
+  std::vector<uint64_t> sizes;
+  for (uint32_t i = 0; i < count; ++i) {
+    std::memcpy(staging.data() + i * stride, payloads[i].data(), payloads[i].size());
+    sizes.push_back(payloads[i].size());
+  }
+  std::vector<uint16_t> out(dm.N * count, 0x1234);
+  const in::DecodeBatch b{staging.data(), stride, sizes.data(), out.data(), dm.N};
+  const in::DecodeScratchSet set = in::CarveDecodeScratch(scratch.data(), dm, count);
+  Launch(1, count, in::kThreads, [&] { in::ParseKernel(b, dm, set); });
+  Launch(3 * in::kMaxTables, count, 32, [&] { in::EntropyTablesKernel(set); });
+  Launch((in::MaxLanes(dm) + 63) / 64, count, 64, [&] { in::EntropyLanesKernel(dm, set); });
+  Launch(dm.G, count, in::kThreads, [&] { in::DecodeKernel(b, dm, set); });
+  std::vector<std::vector<uint16_t>> segments;
+  for (uint32_t i = 0; i < count; ++i) {
+    segments.emplace_back(out.begin() + i * dm.N, out.begin() + (i + 1) * dm.N);
+  }
+  return segments;
+}
+
+// What EncodeBatchCuda launches, emulated: each segment's payload.
+std::vector<std::string> EncodeBatch(const SegmentShape& s, const CodecParams& params,
+                                     const std::vector<std::vector<uint16_t>>& segments) {
+  const in::Dims dm = in::MakeDims(s);
+  const uint32_t count = uint32_t(segments.size());
+  const uint64_t raw = in::RawPayloadBytes(s), stride = in::Align(raw);
+  std::vector<uint16_t> elements;
+  for (const std::vector<uint16_t>& v : segments)
+    elements.insert(elements.end(), v.begin(), v.end());
+  HostBuffer out(stride * count), scratch(in::EncodeScratchBytes(dm) * count);
+  std::vector<uint64_t> sizes(count, 0);
+  const in::EncodeBatch b{elements.data(), dm.N, out.data(), stride, sizes.data()};
+  const in::EncodeScratchSet set = in::CarveEncodeScratch(scratch.data(), dm, count);
+  const double target = in::TargetError(s, params);
+  const uint32_t channel_blocks = uint32_t((dm.HD + in::kThreads - 1) / in::kThreads);
+  const uint32_t blocks = in::EncodeBlocks(dm);
+  Launch(channel_blocks, count, in::kThreads, [&] { in::MeansKernel(b, dm, set); });
+  Launch(1, count, in::kThreads, [&] { in::CandidatesKernel(dm, target, set); });
+  Launch(blocks, count, in::kThreads, [&] { in::EvaluateKernel(b, dm, set); });
+  Launch(1, count, in::kThreads,
+         [&] { in::ChooseKernel(b, dm, in::EncodeFixedBytes(dm), raw, set); });
+  Launch(blocks, count, in::kThreads, [&] { in::WriteKernel(b, dm, set); });
+  std::vector<std::string> payloads;
+  for (uint32_t i = 0; i < count; ++i) {
+    EXPECT_LE(sizes[i], raw);
+    payloads.emplace_back(reinterpret_cast<const char*>(out.data()) + i * stride,
+                          std::min(sizes[i], raw));
+  }
+  return payloads;
+}
+
+std::vector<uint16_t> RefDecode(const SegmentShape& s, const std::string& payload,
+                                absl::Status* status = nullptr) {
+  std::vector<uint16_t> out(s.Elements());
+  const absl::Status st =
+      kvpool::DecodeRef(s, Params(0.05f), reinterpret_cast<const uint8_t*>(payload.data()),
+                        payload.size(), out.data());
+  if (status != nullptr) {
+    *status = st;
+  } else {
+    EXPECT_TRUE(st.ok()) << st;
+  }
+  return out;
+}
+
+std::string PayloadOf(const std::string& segment) { return segment.substr(kSegmentHeaderBytes); }
+
+TEST(KvpoolCudaKernels, DecodeBatchIsTheReferenceForEveryMode) {
+  std::mt19937_64 rng(5);
+  for (DType dtype : {DType::kFp16, DType::kBf16}) {
+    const SegmentShape keys = Shape(40, 2, 16, dtype, SegmentKind::kKey);
+    const SegmentShape values = Shape(40, 2, 16, dtype, SegmentKind::kValue);
+    for (const SegmentShape& s : {keys, values}) {
+      // One batch: the default mode (entropy-coded, token classes for keys), bit-plane packs
+      // with and without low-rank parts, the fast profile, a raw payload (NaN input), at
+      // several budgets and segment kinds: payloads of different sizes.
+      std::vector<std::string> payloads;
+      std::vector<uint16_t> nan_segment = RandomSegment(s, 0, rng);
+      nan_segment[7] = FromF(dtype, NAN);
+      std::string raw(in::RawPayloadBytes(s), '\0');
+      auto size = kvpool::EncodeRef(s, Params(0.05f), nan_segment.data(),
+                                    reinterpret_cast<uint8_t*>(raw.data()), raw.size());
+      ASSERT_TRUE(size.ok()) << size.status();
+      payloads.push_back(raw.substr(0, *size));
+      for (uint8_t flags : {uint8_t{0}, kPacked, kFast}) {
+        for (float budget : {0.01f, 0.2f}) {
+          for (Path path : {Path::kRef, Path::kCpu}) {
+            const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 6), rng);
+            payloads.push_back(PayloadOf(Encode(Params(budget, 32, flags), s, v, path)));
+          }
+        }
+      }
+      const std::vector<std::vector<uint16_t>> got = DecodeBatch(s, payloads);
+      std::set<uint8_t> modes;
+      for (size_t i = 0; i < payloads.size(); ++i) {
+        modes.insert(uint8_t(payloads[i][0]));
+        EXPECT_EQ(got[i], RefDecode(s, payloads[i]))
+            << "payload " << i << " mode " << int(payloads[i][0]);
+      }
+      EXPECT_EQ(modes, (std::set<uint8_t>{in::kModeRaw, in::kModeCoded, in::kModeEntropy}));
+    }
+  }
+}
+
+// A corrupt payload in a batch leaves its own segment 0xffff (the documented sentinel) and its
+// neighbours decoded; a payload DecodeRef accepts decodes to its values.
+TEST(KvpoolCudaKernels, CorruptPayloadsAreFlaggedInTheirOwnSegment) {
+  std::mt19937_64 rng(17);
+  const SegmentShape s = Shape(40, 2, 16, DType::kFp16, SegmentKind::kKey);
+  const std::vector<std::string> good = {
+      PayloadOf(Encode(Params(0.05f), s, RandomSegment(s, 0, rng))),
+      PayloadOf(Encode(Params(0.05f, 0, kPacked), s, RandomSegment(s, 0, rng)))};
+  const std::vector<uint16_t> sentinel(s.Elements(), in::kInvalidOutput);
+  int rejected = 0;
+  for (int n = 0; n < 24; ++n) {
+    std::string p = good[n % 2];
+    if (n % 3 == 0) {
+      p.resize(in::kHeaderBytes + rng() % (p.size() - in::kHeaderBytes));
+    } else if (n % 3 == 1) {
+      p += std::string(1 + n % 7, '\0');
+    } else {
+      for (int k = 0; k < 1 + n % 4; ++k) p[rng() % p.size()] ^= char(1 + rng() % 255);
+    }
+    const std::vector<std::vector<uint16_t>> got = DecodeBatch(s, {good[0], p, good[1]});
+    EXPECT_EQ(got[0], RefDecode(s, good[0])) << n;
+    EXPECT_EQ(got[2], RefDecode(s, good[1])) << n;
+    absl::Status status;
+    const std::vector<uint16_t> want = RefDecode(s, p, &status);
+    if (status.ok()) {
+      EXPECT_EQ(got[1], want) << n;
+    } else {
+      EXPECT_EQ(got[1], sentinel) << n << ": " << status;
+      ++rejected;
+    }
+  }
+  EXPECT_GT(rejected, 12);
+}
+
+TEST(KvpoolCudaKernels, EncodeBatchMeetsTheBudgetAndEqualsOneAtATime) {
+  std::mt19937_64 rng(9);
+  for (DType dtype : {DType::kFp16, DType::kBf16}) {
+    for (SegmentKind kind : {SegmentKind::kKey, SegmentKind::kValue}) {
+      const SegmentShape s = Shape(37, 2, 16, dtype, kind);
+      const CodecParams params = Params(0.05f, 32);
+      std::vector<std::vector<uint16_t>> segments;
+      for (int type : {0, 1, 2, 3, 4, 5}) segments.push_back(RandomSegment(s, type, rng));
+      segments.push_back(RandomSegment(s, 0, rng));
+      segments.back()[3] = FromF(dtype, INFINITY);  // Stored raw.
+      const std::vector<std::string> batch = EncodeBatch(s, params, segments);
+      const double target = in::TargetError(s, params);
+      int coded = 0;
+      for (size_t i = 0; i < segments.size(); ++i) {
+        const std::vector<uint16_t> out = RefDecode(s, batch[i]);
+        if (i + 1 < segments.size())
+          EXPECT_LE(RelL2(s, segments[i], out), target) << "segment " << i;
+        EXPECT_EQ(batch[i], EncodeBatch(s, params, {segments[i]})[0]) << "segment " << i;
+        if (uint8_t(batch[i][0]) == in::kModeCoded) ++coded;
+      }
+      EXPECT_EQ(uint8_t(batch.back()[0]), in::kModeRaw);
+      EXPECT_EQ(RefDecode(s, batch.back()), segments.back());
+      EXPECT_GE(coded, 3);  // It does compress.
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvpool::kernels::kvpool_test
