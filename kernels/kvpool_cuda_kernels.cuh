@@ -29,8 +29,9 @@
 //   MeansKernel      per channel: mean (rounded to the dtype), sum of squares, finiteness;
 //   CandidatesKernel energy (fixed-order sum) and kCandidates steps around the step at which
 //                    uniform rounding error would meet the budget (2x down to 0.17x);
-//   EvaluateKernel   per 16-token pack and candidate: the decoder's own values, their squared
-//                    error and the pack's width, summed per block in a fixed order;
+//   EvaluateKernel   per 16-token pack (read and converted once) and candidate: the
+//                    decoder's own values, their squared error and the pack's width, summed
+//                    per block in a fixed order;
 //   ChooseKernel     the largest step whose measured error meets the budget and whose payload
 //                    is smaller than raw (else raw mode), the payload size, per-block offsets;
 //   WriteKernel      the header, means, widths and bit planes (or the raw elements).
@@ -523,28 +524,44 @@ static __global__ void __launch_bounds__(kThreads)
     s.state->steps[k] = float(step * factor);
 }
 
-// Pack k (group k / HD, column k % HD) quantised with `step`: zigzag codes and their OR.
-// False when a code exceeds kMaxCode. err += squared error of the decoded elements.
-__device__ inline bool QuantizePack(const uint16_t* in, const Dims& dm, const EncodeScratch& s,
-                                    uint64_t k, float step, uint32_t (&zz)[kPack], uint32_t* all,
-                                    double* err) {
+// Pack k (group k / HD, column k % HD): its n elements as float and its column's mean. Loaded
+// once per thread, then quantised at every candidate step.
+struct Pack {
+  float x[kPack];
+  uint32_t n;
+  float mean;
+};
+
+__device__ inline void LoadPack(const uint16_t* in, const Dims& dm, const EncodeScratch& s,
+                                uint64_t k, Pack* p) {
   const uint32_t g = uint32_t(k / dm.HD);
   const uint64_t c = k - uint64_t{g} * dm.HD;
-  const uint32_t n = min(kPack, dm.T - g * kPack);
-  const float mean = s.mean[c];
+  p->n = min(kPack, dm.T - g * kPack);
+  p->mean = s.mean[c];
+#pragma unroll
+  for (uint32_t i = 0; i < kPack; ++i) {
+    p->x[i] = i < p->n ? ToFloatDev(dm.bf16, in[(uint64_t{g} * kPack + i) * dm.HD + c]) : 0.f;
+  }
+}
+
+// A pack quantised with `step` (codes nearbyint((x - mean) * inv), inv = 1 / step: one
+// division per step, not per element; the decoder's values are measured either way): zigzag
+// codes and their OR. False when a code exceeds kMaxCode. err += squared error of the decoded
+// elements.
+__device__ inline bool QuantizePack(const Pack& p, bool bf16, float step, float inv,
+                                    uint32_t (&zz)[kPack], uint32_t* all, double* err) {
   *all = 0;
 #pragma unroll
   for (uint32_t i = 0; i < kPack; ++i) {
     zz[i] = 0;
-    if (i >= n) continue;
-    const float x = ToFloatDev(dm.bf16, in[(uint64_t{g} * kPack + i) * dm.HD + c]);
-    const float v = rintf(__fdiv_rn(__fsub_rn(x, mean), step));
+    if (i >= p.n) continue;
+    const float v = rintf(__fmul_rn(__fsub_rn(p.x[i], p.mean), inv));
     if (!(fabsf(v) <= kMaxCode)) return false;
     const int32_t q = int32_t(v);
     zz[i] = ZigZagDev(q);
     *all |= zz[i];
-    const float y = ToFloatDev(dm.bf16, FromFloatDev(dm.bf16, Add(mean, Mul(float(q), step))));
-    const double diff = double(y) - double(x);
+    const float y = ToFloatDev(bf16, FromFloatDev(bf16, Add(p.mean, Mul(float(q), step))));
+    const double diff = double(y) - double(p.x[i]);
     *err += diff * diff;
   }
   return true;
@@ -560,10 +577,15 @@ static __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t shared_u[kThreads];
   const uint64_t k = uint64_t{blockIdx.x} * kThreads + threadIdx.x;
   const bool active = k < uint64_t{dm.G} * dm.HD;
+  Pack pack;
+  if (active) LoadPack(in, dm, s, k, &pack);
   for (uint32_t j = 0; j < kCandidates; ++j) {
     double err = 0;
     uint32_t zz[kPack], all = 0, overflow = 0;
-    if (active && !QuantizePack(in, dm, s, k, s.state->steps[j], zz, &all, &err)) overflow = 1;
+    const float step = s.state->steps[j];
+    if (active && !QuantizePack(pack, dm.bf16, step, __fdiv_rn(1.f, step), zz, &all, &err)) {
+      overflow = 1;
+    }
     const double block_err = BlockSum(err, shared_err);
     const uint32_t block_bytes = BlockSum(2 * Width(all), shared_u);
     const uint32_t block_overflow = BlockSum(overflow, shared_u);
@@ -657,7 +679,11 @@ static __global__ void __launch_bounds__(kThreads)
   }
   uint32_t zz[kPack], all = 0;
   double unused = 0;
-  if (k < P) QuantizePack(in, dm, s, k, step, zz, &all, &unused);  // Fits: ChooseKernel checked.
+  if (k < P) {  // Fits: ChooseKernel checked.
+    Pack pack;
+    LoadPack(in, dm, s, k, &pack);
+    QuantizePack(pack, dm.bf16, step, __fdiv_rn(1.f, step), zz, &all, &unused);
+  }
   const uint32_t w = k < P ? Width(all) : 0;
   widths[threadIdx.x] = w;
   uint32_t total;
