@@ -41,6 +41,16 @@ class Scratch {
   void* base_ = nullptr;
 };
 
+// Payload sizes travel as kernel parameters, kSizesPerLaunch at a time: a copy from the
+// caller's pageable memory may synchronise the stream.
+constexpr uint32_t kSizesPerLaunch = 256;
+struct Sizes {
+  uint64_t v[kSizesPerLaunch];
+};
+__global__ void StoreSizes(uint64_t* d_sizes, Sizes sizes, uint32_t n) {
+  if (threadIdx.x < n) d_sizes[threadIdx.x] = sizes.v[threadIdx.x];
+}
+
 // Segments without elements: a raw header and nothing else, as the reference writes.
 __global__ void EmptyPayloads(EncodeBatch b, uint64_t raw_bytes) {
   uint8_t* out = b.out + blockIdx.x * b.out_stride;
@@ -111,8 +121,12 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
   Scratch scratch(stream);
   KVPOOL_RETURN_IF_ERROR(scratch.Allocate(Align(8 * uint64_t{count}) + per_segment * chunk));
   uint64_t* d_sizes = reinterpret_cast<uint64_t*>(scratch.base());
-  KVPOOL_RETURN_IF_CUDA_ERROR(
-      cudaMemcpyAsync(d_sizes, sizes, 8 * uint64_t{count}, cudaMemcpyHostToDevice, stream));
+  for (uint32_t first = 0; first < count; first += kSizesPerLaunch) {
+    const uint32_t n = std::min(kSizesPerLaunch, count - first);
+    Sizes chunk;
+    std::copy(sizes + first, sizes + first + n, chunk.v);
+    StoreSizes<<<1, kSizesPerLaunch, 0, stream>>>(d_sizes + first, chunk, n);
+  }
   uint8_t* segment_scratch = scratch.base() + Align(8 * uint64_t{count});
   const uint32_t lane_blocks = (MaxLanes(dm) + 63) / 64;
   for (uint32_t first = 0; first < count; first += chunk) {
