@@ -560,7 +560,7 @@ __device__ inline bool QuantizePack(const Pack& p, bool bf16, float step, float 
     const int32_t q = int32_t(v);
     zz[i] = ZigZagDev(q);
     *all |= zz[i];
-    const float y = ToFloatDev(bf16, FromFloatDev(bf16, Add(p.mean, Mul(float(q), step))));
+    const float y = RoundTripDev(bf16, Add(p.mean, Mul(float(q), step)));
     const double diff = double(y) - double(p.x[i]);
     *err += diff * diff;
   }

@@ -5,6 +5,11 @@
 #ifndef KVPOOL_KERNELS_KVPOOL_KERNELS_CUH_
 #define KVPOOL_KERNELS_KVPOOL_KERNELS_CUH_
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 #include <cstdint>
 
 #include "kernels/kvpool_format.h"
@@ -84,6 +89,13 @@ __device__ inline float ToFloatDev(bool bf16, uint16_t h) {
 }
 __device__ inline uint16_t FromFloatDev(bool bf16, float f) {
   return bf16 ? FloatToBf16Dev(f) : FloatToFp16Dev(f);
+}
+
+// to_dtype(f) and back as float, round to nearest even, with the hardware's conversions: the
+// same value as ToFloatDev(FromFloatDev(f)) for every finite f and the infinities (NaN
+// payloads may differ). For the encoder's error measure, which sees only finite values.
+__device__ inline float RoundTripDev(bool bf16, float f) {
+  return bf16 ? __bfloat162float(__float2bfloat16_rn(f)) : __half2float(__float2half_rn(f));
 }
 
 // ---- Payload pieces ----------------------------------------------------------------------
