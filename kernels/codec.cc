@@ -62,6 +62,17 @@ const CodecOps kOps[kNumCodecs] = {
 
 }  // namespace
 
+absl::Status CheckPayloadSizes(absl::string_view codec, const uint64_t* sizes, uint32_t count,
+                               uint64_t need) {
+  for (uint32_t i = 0; i < count; ++i) {
+    if (sizes[i] != need) {
+      return absl::DataLossError(absl::StrCat(codec, " payload is ", sizes[i],
+                                              " bytes, the shape and parameters need ", need));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::string_view PathName(Path path) {
   switch (path) {
     case Path::kRef:

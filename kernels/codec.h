@@ -47,6 +47,26 @@ struct LayerKeys {
   absl::Span<const uint8_t> payload;
 };
 
+// CUDA launchers for `count` segments of one shape in one set of launches, stream-ordered,
+// device pointers. Segment i reads d_in + i * in_stride elements, writes its payload at
+// d_out + i * out_stride (bytes, at least max_payload_bytes) and its size to d_sizes[i];
+// decoding reads the payload (sizes[i] bytes, `sizes` a host array of `count`) at
+// d_payload + i * payload_stride and writes d_out + i * out_stride elements. Codecs declare
+// theirs with these types (`CudaEncodeBatchFn EncodeBatchCuda;`); one segment is a batch of one.
+using CudaEncodeBatchFn = absl::Status(const SegmentShape& shape, const CodecParams& params,
+                                       uint32_t count, const uint16_t* d_in, uint64_t in_stride,
+                                       uint8_t* d_out, uint64_t out_stride, uint64_t* d_sizes,
+                                       cudaStream_t stream);
+using CudaDecodeBatchFn = absl::Status(const SegmentShape& shape, const CodecParams& params,
+                                       uint32_t count, const uint8_t* d_payload,
+                                       uint64_t payload_stride, const uint64_t* sizes,
+                                       uint16_t* d_out, uint64_t out_stride, cudaStream_t stream);
+
+// DataLoss naming the first of `count` payload sizes that is not `need` (fixed-size formats'
+// batch decoders check every segment with it).
+absl::Status CheckPayloadSizes(absl::string_view codec, const uint64_t* sizes, uint32_t count,
+                               uint64_t need);
+
 // The payload functions of one codec (host paths) and its CUDA launchers (null when the build
 // has no CUDA or the codec has no kernel).
 struct CodecOps {
@@ -72,19 +92,10 @@ struct CodecOps {
   absl::StatusOr<uint64_t> (*encode_cpu_keyed)(const SegmentShape&, const CodecParams&,
                                                const uint16_t* in, const LayerKeys& keys,
                                                uint8_t* out, uint64_t capacity);
-  // CUDA launchers for `count` segments of one shape in one set of launches (null: the codec
-  // has none, and callers launch encode_cuda / decode_cuda per segment). Segment i reads
-  // d_in + i * in_stride elements, writes its payload at d_out + i * out_stride (bytes, at least
-  // max_payload_bytes) and its size to d_sizes[i]; decoding reads the payload (sizes[i] bytes,
-  // `sizes` a host array of `count`) at d_payload + i * payload_stride and writes
-  // d_out + i * out_stride elements.
-  absl::Status (*encode_cuda_batch)(const SegmentShape&, const CodecParams&, uint32_t count,
-                                    const uint16_t* d_in, uint64_t in_stride, uint8_t* d_out,
-                                    uint64_t out_stride, uint64_t* d_sizes, cudaStream_t stream);
-  absl::Status (*decode_cuda_batch)(const SegmentShape&, const CodecParams&, uint32_t count,
-                                    const uint8_t* d_payload, uint64_t payload_stride,
-                                    const uint64_t* sizes, uint16_t* d_out, uint64_t out_stride,
-                                    cudaStream_t stream);
+  // Batch launchers (CudaEncodeBatchFn, CudaDecodeBatchFn); null: the codec has none, and
+  // callers launch encode_cuda / decode_cuda per segment.
+  CudaEncodeBatchFn* encode_cuda_batch;
+  CudaDecodeBatchFn* decode_cuda_batch;
 };
 
 const CodecOps& GetCodecOps(CodecId codec);

@@ -14,6 +14,29 @@
 
 namespace kvpool::kernels {
 
+// d[i] = value for i < count, stream-ordered (fixed-size formats' payload sizes); device.cu.
+absl::Status FillOnDevice(uint64_t* d, uint32_t count, uint64_t value, cudaStream_t stream);
+
+// One device allocation from the stream-ordered allocator, freed (stream-ordered) on scope
+// exit: scratch for a launcher's kernels that never makes the caller's stream wait.
+class StreamScratch {
+ public:
+  explicit StreamScratch(cudaStream_t stream) : stream_(stream) {}
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  ~StreamScratch() {
+    if (base_ != nullptr) cudaFreeAsync(base_, stream_);
+  }
+  absl::Status Allocate(uint64_t bytes) {
+    return FromCuda(cudaMallocAsync(&base_, std::max<uint64_t>(bytes, 1), stream_), "scratch");
+  }
+  uint8_t* get() const { return static_cast<uint8_t*>(base_); }
+
+ private:
+  cudaStream_t stream_;
+  void* base_ = nullptr;
+};
+
 class CudaScratch {
  public:
   CudaScratch() = default;

@@ -3,10 +3,26 @@
 
 #include <string>
 
+#include "kernels/cuda_scratch.h"
 #include "kernels/cuda_status.h"
 #include "kernels/device.h"
 
 namespace kvpool::kernels {
+namespace {
+
+__global__ void FillKernel(uint64_t* d, uint32_t count, uint64_t value) {
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    d[i] = value;
+  }
+}
+
+}  // namespace
+
+absl::Status FillOnDevice(uint64_t* d, uint32_t count, uint64_t value, cudaStream_t stream) {
+  if (count == 0) return absl::OkStatus();
+  FillKernel<<<(count + 255) / 256, 256, 0, stream>>>(d, count, value);
+  return FromCuda(cudaGetLastError(), "fill");
+}
 
 bool CudaCompiled() { return true; }
 

@@ -25,6 +25,26 @@ std::tuple<uint32_t, uint32_t, uint32_t, DType, SegmentKind> ShapeKey(const Segm
   return {s.tokens, s.kv_heads, s.head_dim, s.dtype, s.kind};
 }
 
+// Segments in the order their device slots take: by shape (a block's keys, then its values),
+// so that a codec's batch launchers take a shape's segments together; and where each
+// segment's elements start in the caller's array.
+struct ShapeOrder {
+  std::vector<size_t> order;
+  std::vector<uint64_t> elem_at;  // by segment
+};
+ShapeOrder OrderByShape(absl::Span<const SegmentShape> shapes) {
+  ShapeOrder o{std::vector<size_t>(shapes.size()), std::vector<uint64_t>(shapes.size())};
+  std::iota(o.order.begin(), o.order.end(), size_t{0});
+  std::stable_sort(o.order.begin(), o.order.end(),
+                   [&](size_t a, size_t b) { return ShapeKey(shapes[a]) < ShapeKey(shapes[b]); });
+  uint64_t at = 0;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    o.elem_at[i] = at;
+    at += shapes[i].Elements();
+  }
+  return o;
+}
+
 // x[i] = to_dtype(scale * x[i]), round to nearest even (kernels::ScaleElements on the device).
 template <bool kBf16>
 __global__ void ScaleKernel(uint16_t* x, uint64_t n, float scale) {
@@ -81,21 +101,11 @@ absl::StatusOr<std::vector<std::string>> EncodeSegmentsOnDevice(
   if (total_elements != elements.size()) {
     return absl::InvalidArgumentError("elements do not match the shapes");
   }
-  // Device slots: segments of one shape side by side (a block's keys, then its values), so that
-  // a codec's batch launchers take each shape's segments in one set of launches.
   const size_t n = shapes.size();
-  std::vector<size_t> order(n), slot(n);
-  std::iota(order.begin(), order.end(), size_t{0});
-  if (ops.encode_cuda_batch != nullptr) {
-    std::stable_sort(order.begin(), order.end(),
-                     [&](size_t a, size_t b) { return ShapeKey(shapes[a]) < ShapeKey(shapes[b]); });
-  }
-  std::vector<uint64_t> elem_at(n), in_at(n), out_at(n);  // by segment
-  uint64_t elem_off = 0, in_off = 0, out_off = 0;
-  for (size_t i = 0; i < n; ++i) {
-    elem_at[i] = elem_off;
-    elem_off += shapes[i].Elements();
-  }
+  const auto [order, elem_at] = OrderByShape(shapes);
+  std::vector<size_t> slot(n);
+  std::vector<uint64_t> in_at(n), out_at(n);  // by segment
+  uint64_t in_off = 0, out_off = 0;
   for (size_t k = 0; k < n; ++k) {
     const size_t i = order[k];
     slot[i] = k;
@@ -182,22 +192,12 @@ absl::Status DecodeSegmentsToDevice(absl::Span<const absl::string_view> encoded,
     headers.push_back(h);
     payloads.push_back(payload);
   }
-  // Segments of one shape side by side (a block's keys, then its values). A run of them with
-  // one shape and codec parameters whose outputs lie at equal distances decodes in one set of
-  // launches where the codec has batch launchers; its payloads are staged at one stride (the
-  // run's longest, aligned).
+  // A run of segments (in shape order) with one shape and codec parameters whose outputs lie
+  // at equal distances decodes in one set of launches where the codec has batch launchers; its
+  // payloads are staged at one stride (the run's longest, aligned). `expected` holds the
+  // headers' shapes (checked above).
   const size_t n = headers.size();
-  std::vector<size_t> order(n);
-  std::iota(order.begin(), order.end(), size_t{0});
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return ShapeKey(headers[a].shape) < ShapeKey(headers[b].shape);
-  });
-  std::vector<uint64_t> elem_at(n);  // by segment
-  uint64_t elem_off = 0;
-  for (size_t i = 0; i < n; ++i) {
-    elem_at[i] = elem_off;
-    elem_off += headers[i].shape.Elements();
-  }
+  const auto [order, elem_at] = OrderByShape(expected);
   struct Run {
     size_t first, count;  // order[first ..]
     uint64_t step, stride, slot;

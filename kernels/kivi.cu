@@ -35,6 +35,8 @@
 #include <type_traits>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "kernels/cuda_scratch.h"
 #include "kernels/cuda_status.h"
 #include "kernels/kivi.h"
 
@@ -286,12 +288,6 @@ __device__ void StoreCodes(const Geometry& geo, uint8_t* codes, uint32_t k, uint
 
 // ---- Kernels.
 
-__global__ void StoreSizes(uint64_t* d_sizes, uint32_t count, uint64_t size) {
-  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
-    d_sizes[i] = size;
-  }
-}
-
 // Segment blockIdx.y of a batch: its elements, payload and size.
 struct Batch {
   uint64_t in_stride = 0;   // elements (decoding: payload bytes)
@@ -419,7 +415,7 @@ __device__ __forceinline__ void StoreChunk(uint8_t* codes, uint32_t k, Codes<kBi
   }
 }
 
-// The vector path's encoders, one kernel each (the size is stored beforehand by StoreSizes):
+// The vector path's encoders, one kernel each (the size is stored beforehand by FillOnDevice):
 // a thread finds its groups' scales and minimums, stores them, and quantizes the same elements,
 // read again (from cache), into whole 8-element chunks.
 // Keys: a thread takes 8 consecutive channels of a token group (one 16-byte load per row).
@@ -579,8 +575,7 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
   }
   if (count == 0) return absl::OkStatus();
   if (geo->elements == 0) {
-    StoreSizes<<<Blocks(count), kThreads, 0, stream>>>(d_sizes, count, 0);
-    return FromCuda(cudaGetLastError(), "kivi encode");
+    return FillOnDevice(d_sizes, count, 0, stream);
   }
   geo->vec = geo->vec && Aligned16(d_in) && Aligned16(d_out) &&
              (count == 1 || ((2 * in_stride) % 16 == 0 && out_stride % 16 == 0));
@@ -591,7 +586,7 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
     uint8_t* out = d_out + first * out_stride;
     uint64_t* sizes = d_sizes + first;
     if (geo->vec) {
-      StoreSizes<<<Blocks(n), kThreads, 0, stream>>>(sizes, n, geo->size);
+      KVPOOL_RETURN_IF_ERROR(FillOnDevice(sizes, n, geo->size, stream));
       if (geo->bits == 8) {
         LaunchOnePass<8>(*geo, batch, n, in, out, sizes, stream);
       } else if (geo->bits == 4) {
@@ -619,12 +614,7 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& param
                              cudaStream_t stream) {
   absl::StatusOr<Geometry> geo = MakeGeometry(shape, params);
   if (!geo.ok()) return geo.status();
-  for (uint32_t i = 0; i < count; ++i) {
-    if (sizes[i] != geo->size) {
-      return absl::DataLossError(absl::StrCat("kivi payload is ", sizes[i],
-                                              " bytes, the shape and parameters need ", geo->size));
-    }
-  }
+  KVPOOL_RETURN_IF_ERROR(CheckPayloadSizes("kivi", sizes, count, geo->size));
   if (geo->elements == 0 || count == 0) return absl::OkStatus();
   geo->vec = geo->vec && Aligned16(d_payload) && Aligned16(d_out) &&
              (count == 1 || (payload_stride % 16 == 0 && (2 * out_stride) % 16 == 0));

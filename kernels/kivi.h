@@ -22,15 +22,9 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
 absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out);
 
-// CUDA launchers (defined only in CUDA builds): device pointers, stream-ordered, no device sync.
-// CodecOps' batch launchers (codec.h says what the strides are); one segment is a batch of one.
-absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& params, uint32_t count,
-                             const uint16_t* d_in, uint64_t in_stride, uint8_t* d_out,
-                             uint64_t out_stride, uint64_t* d_sizes, cudaStream_t stream);
-absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& params, uint32_t count,
-                             const uint8_t* d_payload, uint64_t payload_stride,
-                             const uint64_t* sizes, uint16_t* d_out, uint64_t out_stride,
-                             cudaStream_t stream);
+// CUDA batch launchers (codec.h; defined only in CUDA builds).
+CudaEncodeBatchFn EncodeBatchCuda;
+CudaDecodeBatchFn DecodeBatchCuda;
 
 }  // namespace kvpool::kernels::kivi
 

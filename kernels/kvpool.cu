@@ -7,6 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kernels/carver.h"
+#include "kernels/cuda_scratch.h"
 #include "kernels/cuda_status.h"
 #include "kernels/kvpool.h"
 #include "kernels/kvpool_cuda_kernels.cuh"
@@ -23,23 +25,6 @@ uint32_t ChunkOf(uint64_t per_segment, uint32_t count) {
   const uint64_t fit = std::max<uint64_t>(1, kScratchBudget / per_segment);
   return uint32_t(std::min<uint64_t>({fit, kMaxBatch, count}));
 }
-
-// Device scratch from the stream-ordered allocator, freed (stream-ordered) on scope exit.
-class Scratch {
- public:
-  explicit Scratch(cudaStream_t stream) : stream_(stream) {}
-  ~Scratch() {
-    if (base_ != nullptr) cudaFreeAsync(base_, stream_);
-  }
-  absl::Status Allocate(uint64_t bytes) {
-    return FromCuda(cudaMallocAsync(&base_, bytes, stream_), "kvpool scratch");
-  }
-  uint8_t* base() const { return static_cast<uint8_t*>(base_); }
-
- private:
-  cudaStream_t stream_;
-  void* base_ = nullptr;
-};
 
 // Payload sizes travel as kernel parameters, kSizesPerLaunch at a time: a copy from the
 // caller's pageable memory may synchronise the stream.
@@ -77,10 +62,9 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
         EncodeBatch{d_in, in_stride, d_out, out_stride, d_sizes}, raw_bytes);
     return FromCuda(cudaGetLastError(), "kvpool encode");
   }
-  const uint64_t per_segment = EncodeScratchBytes(dm);
-  const uint32_t chunk = ChunkOf(per_segment, count);
-  Scratch scratch(stream);
-  KVPOOL_RETURN_IF_ERROR(scratch.Allocate(per_segment * chunk));
+  const uint32_t chunk = ChunkOf(EncodeScratchBytes(dm, 1), count);
+  StreamScratch scratch(stream);
+  KVPOOL_RETURN_IF_ERROR(scratch.Allocate(EncodeScratchBytes(dm, chunk)));
   const uint32_t channel_blocks = uint32_t((dm.HD + kThreads - 1) / kThreads);
   const uint32_t blocks = EncodeBlocks(dm);
   const double target = TargetError(shape, params);
@@ -88,7 +72,8 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
     const uint32_t n = std::min(chunk, count - first);
     const EncodeBatch b{d_in + first * in_stride, in_stride, d_out + first * out_stride, out_stride,
                         d_sizes + first};
-    const EncodeScratchSet set = CarveEncodeScratch(scratch.base(), dm, n);
+    Carver carver(scratch.get());
+    const EncodeScratchSet set = CarveEncodeScratch(&carver, dm, n);
     KVPOOL_RETURN_IF_CUDA_ERROR(
         cudaMemsetAsync(set.first.state, 0, n * sizeof(EncodeState), stream));
     MeansKernel<<<dim3(channel_blocks, n), kThreads, 0, stream>>>(b, dm, set);
@@ -116,24 +101,28 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
   }
   const Dims dm = MakeDims(shape);
   if (dm.N == 0 || count == 0) return absl::OkStatus();  // Nothing to write (payloads unread).
-  const uint64_t per_segment = DecodeScratchBytes(dm);
-  const uint32_t chunk = ChunkOf(per_segment, count);
-  Scratch scratch(stream);
-  KVPOOL_RETURN_IF_ERROR(scratch.Allocate(Align(8 * uint64_t{count}) + per_segment * chunk));
-  uint64_t* d_sizes = reinterpret_cast<uint64_t*>(scratch.base());
+  const uint32_t chunk = ChunkOf(DecodeScratchBytes(dm, 1), count);
+  // One allocation: the payload sizes, then one set of launches' scratch.
+  Carver sizing(nullptr);
+  sizing.Take<uint64_t>(count);
+  StreamScratch scratch(stream);
+  KVPOOL_RETURN_IF_ERROR(scratch.Allocate(sizing.used() + DecodeScratchBytes(dm, chunk)));
+  Carver carver(scratch.get());
+  uint64_t* d_sizes = carver.Take<uint64_t>(count);
+  uint8_t* segment_scratch = scratch.get() + carver.used();
   for (uint32_t first = 0; first < count; first += kSizesPerLaunch) {
     const uint32_t n = std::min(kSizesPerLaunch, count - first);
-    Sizes chunk;
-    std::copy(sizes + first, sizes + first + n, chunk.v);
-    StoreSizes<<<1, kSizesPerLaunch, 0, stream>>>(d_sizes + first, chunk, n);
+    Sizes chunk_sizes;
+    std::copy(sizes + first, sizes + first + n, chunk_sizes.v);
+    StoreSizes<<<1, kSizesPerLaunch, 0, stream>>>(d_sizes + first, chunk_sizes, n);
   }
-  uint8_t* segment_scratch = scratch.base() + Align(8 * uint64_t{count});
   const uint32_t lane_blocks = (MaxLanes(dm) + 63) / 64;
   for (uint32_t first = 0; first < count; first += chunk) {
     const uint32_t n = std::min(chunk, count - first);
     const DecodeBatch b{d_payload + first * payload_stride, payload_stride, d_sizes + first,
                         d_out + first * out_stride, out_stride};
-    const DecodeScratchSet set = CarveDecodeScratch(segment_scratch, dm, n);
+    Carver segments(segment_scratch);
+    const DecodeScratchSet set = CarveDecodeScratch(&segments, dm, n);
     ParseKernel<<<dim3(1, n), kThreads, 0, stream>>>(b, dm, set);
     EntropyTablesKernel<<<dim3(3 * kMaxTables, n), 32, 0, stream>>>(set);
     EntropyLanesKernel<<<dim3(lane_blocks, n), 64, 0, stream>>>(dm, set);

@@ -35,19 +35,12 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
 absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out);
 
-// CUDA launchers (defined only in CUDA builds) for `count` segments of one shape in one set of
-// launches, as CodecOps::encode_cuda_batch / decode_cuda_batch: device pointers, stream-ordered,
-// no device sync. The encoder writes a simpler valid payload than the host's (mode 1, rank 0;
-// raw when coding does not pay); the decoder takes every mode and writes 0xffff to every
-// element of a segment whose payload DecodeRef would reject (it cannot return that status
-// without synchronising). `sizes` is a host array of `count` payload sizes.
-absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& params, uint32_t count,
-                             const uint16_t* d_in, uint64_t in_stride, uint8_t* d_out,
-                             uint64_t out_stride, uint64_t* d_sizes, cudaStream_t stream);
-absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& params, uint32_t count,
-                             const uint8_t* d_payload, uint64_t payload_stride,
-                             const uint64_t* sizes, uint16_t* d_out, uint64_t out_stride,
-                             cudaStream_t stream);
+// CUDA batch launchers (codec.h; defined only in CUDA builds). The encoder writes a simpler
+// valid payload than the host's (mode 1, rank 0; raw when coding does not pay); the decoder
+// takes every mode and writes 0xffff to every element of a segment whose payload DecodeRef
+// would reject (it cannot return that status without synchronising).
+CudaEncodeBatchFn EncodeBatchCuda;
+CudaDecodeBatchFn DecodeBatchCuda;
 
 }  // namespace kvpool::kernels::kvpool
 

@@ -41,8 +41,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 
+#include "kernels/carver.h"
 #include "kernels/host_device.h"
 #include "kernels/kvpool_entropy.h"
 #include "kernels/kvpool_format.h"
@@ -69,8 +69,6 @@ inline Dims MakeDims(const SegmentShape& s) {
               s.Elements(),
               s.dtype == DType::kBf16};
 }
-
-inline uint64_t Align(uint64_t n) { return (n + 255) & ~uint64_t{255}; }
 
 // ---- Decoding ---------------------------------------------------------------------------
 
@@ -100,7 +98,7 @@ struct DecodeScratch {
 };
 
 // A batch's decoding scratch: each array of DecodeScratch repeated for segments 0, 1, ..
-// (DecodeScratchBytes per segment, carved by CarveDecodeScratch).
+// (carved by CarveDecodeScratch).
 struct DecodeScratchSet {
   DecodeScratch first;
   uint32_t H, D, G;
@@ -443,8 +441,7 @@ struct EncodeScratch {
 };
 
 // A batch's encoding scratch: each array of EncodeScratch repeated for segments 0, 1, ..
-// (EncodeScratchBytes per segment, carved by CarveEncodeScratch; the states first and
-// together, so that one memset clears them).
+// (carved by CarveEncodeScratch; the states together, so that one memset clears them).
 struct EncodeScratchSet {
   EncodeScratch first;
   uint64_t HD;
@@ -706,38 +703,30 @@ static __global__ void __launch_bounds__(kThreads)
 
 // ---- Host-side halves of the launchers (shared with the emulated kernel tests) -----------
 
-// Bytes of decoding scratch per segment of this shape (each array 256-byte aligned).
-inline uint64_t DecodeScratchBytes(const Dims& dm) {
-  const uint64_t coef = uint64_t{dm.G} * kPack * kMaxRank * dm.H;
-  return Align(sizeof(DecodeLayout)) + Align(4 * (dm.H + 1)) + 2 * Align(8 * (dm.G + 1)) +
-         2 * Align(4 * coef) + Align(3 * kMaxTables * sizeof(DecodeTable)) +
-         Align(4 * uint64_t{dm.D} * (kMaxRank + 1) * dm.H) +
-         Align(4 * uint64_t{dm.G} * kPack * dm.HD);
-}
-
-// Carves the scratch of `count` segments off `base` (count * DecodeScratchBytes bytes,
-// 256-byte aligned).
-inline DecodeScratchSet CarveDecodeScratch(uint8_t* base, const Dims& dm, uint32_t count) {
+// The decoding scratch of `count` segments, carved by `c` (on nullptr: counts the bytes).
+inline DecodeScratchSet CarveDecodeScratch(Carver* c, const Dims& dm, uint32_t count) {
   DecodeScratchSet set;
   set.H = dm.H;
   set.D = dm.D;
   set.G = dm.G;
   set.HD = dm.HD;
-  uint64_t used = 0;
-  auto take = [&](auto* ptr, uint64_t bytes_each) {
-    *ptr = reinterpret_cast<std::remove_pointer_t<decltype(ptr)>>(base + used);
-    used += Align(bytes_each * count);
-  };
-  take(&set.first.layout, sizeof(DecodeLayout));
-  take(&set.first.first_col, 4 * (dm.H + 1));
-  take(&set.first.coef_group, 8 * (dm.G + 1));
-  take(&set.first.res_group, 8 * (dm.G + 1));
-  take(&set.first.coefficients, 4 * set.CoefCount());
-  take(&set.first.tables, 3 * kMaxTables * sizeof(DecodeTable));
-  take(&set.first.side_codes, 4 * uint64_t{dm.D} * (kMaxRank + 1) * dm.H);
-  take(&set.first.coef_codes, 4 * set.CoefCount());
-  take(&set.first.res_codes, 4 * uint64_t{dm.G} * kPack * dm.HD);
+  const uint64_t n = count;
+  set.first.layout = c->Take<DecodeLayout>(n);
+  set.first.first_col = c->Take<uint32_t>(n * (dm.H + 1));
+  set.first.coef_group = c->Take<uint64_t>(n * (dm.G + 1));
+  set.first.res_group = c->Take<uint64_t>(n * (dm.G + 1));
+  set.first.coefficients = c->Take<float>(n * set.CoefCount());
+  set.first.tables = c->Take<DecodeTable>(n * 3 * kMaxTables);
+  set.first.side_codes = c->Take<int32_t>(n * dm.D * (kMaxRank + 1) * dm.H);
+  set.first.coef_codes = c->Take<int32_t>(n * set.CoefCount());
+  set.first.res_codes = c->Take<int32_t>(n * dm.G * kPack * dm.HD);
   return set;
+}
+
+inline uint64_t DecodeScratchBytes(const Dims& dm, uint32_t count) {
+  Carver sizing(nullptr);
+  CarveDecodeScratch(&sizing, dm, count);
+  return sizing.used();
 }
 
 // Mode 3 lanes of one segment, at most: the means and basis stream's (9 H columns), the
@@ -753,34 +742,28 @@ inline uint32_t EncodeBlocks(const Dims& dm) {
   return uint32_t((uint64_t{dm.G} * dm.HD + kThreads - 1) / kThreads);
 }
 
-// Bytes of encoding scratch per segment of this shape.
-inline uint64_t EncodeScratchBytes(const Dims& dm) {
-  const uint64_t blocks = EncodeBlocks(dm), per_candidate = uint64_t{kCandidates} * blocks;
-  return Align(sizeof(EncodeState)) + Align(4 * dm.HD) + Align(2 * dm.HD) + Align(8 * dm.HD) +
-         Align(8 * per_candidate) + 2 * Align(4 * per_candidate) + Align(8 * blocks);
-}
-
-// Carves the scratch of `count` segments off `base`; the states (which must start zeroed)
-// come first: `count` EncodeStates.
-inline EncodeScratchSet CarveEncodeScratch(uint8_t* base, const Dims& dm, uint32_t count) {
+// The encoding scratch of `count` segments, carved by `c` (on nullptr: counts the bytes). The
+// states, which must start zeroed, are `count` EncodeStates.
+inline EncodeScratchSet CarveEncodeScratch(Carver* c, const Dims& dm, uint32_t count) {
   EncodeScratchSet set;
   set.HD = dm.HD;
   set.first.blocks = EncodeBlocks(dm);
-  const uint64_t per_candidate = uint64_t{kCandidates} * set.first.blocks;
-  uint64_t used = 0;
-  auto take = [&](auto* ptr, uint64_t bytes_each) {
-    *ptr = reinterpret_cast<std::remove_pointer_t<decltype(ptr)>>(base + used);
-    used += Align(bytes_each * count);
-  };
-  take(&set.first.state, sizeof(EncodeState));
-  take(&set.first.mean, 4 * dm.HD);
-  take(&set.first.mean_code, 2 * dm.HD);
-  take(&set.first.energy, 8 * dm.HD);
-  take(&set.first.err, 8 * per_candidate);
-  take(&set.first.bytes, 4 * per_candidate);
-  take(&set.first.overflow, 4 * per_candidate);
-  take(&set.first.block_off, 8 * uint64_t{set.first.blocks});
+  const uint64_t n = count, per_candidate = uint64_t{kCandidates} * set.first.blocks;
+  set.first.state = c->Take<EncodeState>(n);
+  set.first.mean = c->Take<float>(n * dm.HD);
+  set.first.mean_code = c->Take<uint16_t>(n * dm.HD);
+  set.first.energy = c->Take<double>(n * dm.HD);
+  set.first.err = c->Take<double>(n * per_candidate);
+  set.first.bytes = c->Take<uint32_t>(n * per_candidate);
+  set.first.overflow = c->Take<uint32_t>(n * per_candidate);
+  set.first.block_off = c->Take<uint64_t>(n * set.first.blocks);
   return set;
+}
+
+inline uint64_t EncodeScratchBytes(const Dims& dm, uint32_t count) {
+  Carver sizing(nullptr);
+  CarveEncodeScratch(&sizing, dm, count);
+  return sizing.used();
 }
 
 // Bytes of the header, ranks, means and widths of a coded payload the encoder writes.

@@ -36,6 +36,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kernels/carver.h"
+#include "kernels/cuda_scratch.h"
 #include "kernels/cuda_status.h"
 #include "kernels/packkv.h"
 #include "kernels/packkv_kernels.cuh"
@@ -93,24 +95,6 @@ __device__ inline uint32_t GetBits(const uint8_t* base, uint64_t bit, int w) {
 __device__ inline int WidthAt(const uint8_t* header, uint32_t d, int bits) {
   return internal::WidthFromCode((header[1 + d / 2] >> (4 * (d % 2))) & 15, bits);
 }
-
-// ---- Scratch memory: one allocation carved into aligned arrays.
-
-class Carver {
- public:
-  explicit Carver(uint8_t* base) : base_(base) {}
-  template <typename T>
-  T* Take(uint64_t count) {
-    T* p = reinterpret_cast<T*>(base_ == nullptr ? nullptr : base_ + used_);
-    used_ += (count * sizeof(T) + 255) / 256 * 256;
-    return p;
-  }
-  uint64_t used() const { return used_; }
-
- private:
-  uint8_t* base_;
-  uint64_t used_ = 0;
-};
 
 struct EncodeScratch {
   float* mn;
@@ -551,13 +535,6 @@ absl::Status RunDecode(const Layout& l, const SegmentShape& shape, const uint8_t
 }
 
 // Frees the scratch buffer on the stream when the launch sequence is done (or failed).
-struct AsyncBuffer {
-  void* ptr = nullptr;
-  cudaStream_t stream = nullptr;
-  ~AsyncBuffer() {
-    if (ptr != nullptr) cudaFreeAsync(ptr, stream);
-  }
-};
 
 }  // namespace
 
@@ -571,9 +548,9 @@ absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params, co
   const Layout l = internal::LayoutFor(shape, params);
   Carver sizing(nullptr);
   CarveEncode(&sizing, l);
-  AsyncBuffer buffer{nullptr, stream};
-  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMallocAsync(&buffer.ptr, sizing.used(), stream));
-  Carver carver(static_cast<uint8_t*>(buffer.ptr));
+  StreamScratch buffer(stream);
+  KVPOOL_RETURN_IF_ERROR(buffer.Allocate(sizing.used()));
+  Carver carver(buffer.get());
   const EncodeScratch s = CarveEncode(&carver, l);
   return RunEncode(l, shape, internal::QuantBudget(params.budget, shape.dtype), d_in, d_out, d_size,
                    s, stream);
@@ -595,9 +572,9 @@ absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,
   }
   Carver sizing(nullptr);
   CarveDecode(&sizing, l);
-  AsyncBuffer buffer{nullptr, stream};
-  KVPOOL_RETURN_IF_CUDA_ERROR(cudaMallocAsync(&buffer.ptr, sizing.used(), stream));
-  Carver carver(static_cast<uint8_t*>(buffer.ptr));
+  StreamScratch buffer(stream);
+  KVPOOL_RETURN_IF_ERROR(buffer.Allocate(sizing.used()));
+  Carver carver(buffer.get());
   return RunDecode(l, shape, d_payload, size, d_out, CarveDecode(&carver, l), stream);
 }
 

@@ -1,18 +1,13 @@
 // raw on the GPU: device-to-device copies, and the payload size written by a one-thread kernel.
 #include <cuda_runtime.h>
 
-#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kernels/cuda_scratch.h"
 #include "kernels/cuda_status.h"
 #include "kernels/raw.h"
 
 namespace kvpool::kernels::raw {
 namespace {
-__global__ void StoreSizes(uint64_t* d_sizes, uint32_t count, uint64_t size) {
-  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
-    d_sizes[i] = size;
-  }
-}
 // `count` rows of `bytes` from src (pitch src_pitch) to dst (pitch dst_pitch): one plain copy
 // when the rows are back to back.
 absl::Status Copy(void* dst, uint64_t dst_pitch, const void* src, uint64_t src_pitch,
@@ -36,8 +31,7 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
   if (count == 0) return absl::OkStatus();
   if (bytes > 0)
     KVPOOL_RETURN_IF_ERROR(Copy(d_out, out_stride, d_in, 2 * in_stride, bytes, count, stream));
-  StoreSizes<<<(count + 255) / 256, 256, 0, stream>>>(d_sizes, count, bytes);
-  return FromCuda(cudaGetLastError(), "raw encode");
+  return FillOnDevice(d_sizes, count, bytes, stream);
 }
 
 absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint32_t count,
@@ -45,12 +39,7 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
                              const uint64_t* sizes, uint16_t* d_out, uint64_t out_stride,
                              cudaStream_t stream) {
   const uint64_t size = shape.Bytes();
-  for (uint32_t i = 0; i < count; ++i) {
-    if (sizes[i] != size) {
-      return absl::DataLossError(
-          absl::StrCat("raw payload is ", sizes[i], " bytes, the shape needs ", size));
-    }
-  }
+  KVPOOL_RETURN_IF_ERROR(CheckPayloadSizes("raw", sizes, count, size));
   if (count == 0 || size == 0) return absl::OkStatus();
   return Copy(d_out, 2 * out_stride, d_payload, payload_stride, size, count, stream);
 }

@@ -45,8 +45,8 @@ std::vector<std::vector<uint16_t>> DecodeBatch(const SegmentShape& s,
   const in::Dims dm = in::MakeDims(s);
   const uint32_t count = uint32_t(payloads.size());
   uint64_t stride = 0;
-  for (const std::string& p : payloads) stride = std::max(stride, in::Align(p.size()));
-  HostBuffer staging(stride * count), scratch(in::DecodeScratchBytes(dm) * count);
+  for (const std::string& p : payloads) stride = std::max<uint64_t>(stride, p.size());
+  HostBuffer staging(stride * count), scratch(in::DecodeScratchBytes(dm, count));
   std::vector<uint64_t> sizes;
   for (uint32_t i = 0; i < count; ++i) {
     std::memcpy(staging.data() + i * stride, payloads[i].data(), payloads[i].size());
@@ -54,7 +54,8 @@ std::vector<std::vector<uint16_t>> DecodeBatch(const SegmentShape& s,
   }
   std::vector<uint16_t> out(dm.N * count, 0x1234);
   const in::DecodeBatch b{staging.data(), stride, sizes.data(), out.data(), dm.N};
-  const in::DecodeScratchSet set = in::CarveDecodeScratch(scratch.data(), dm, count);
+  Carver carver(scratch.data());
+  const in::DecodeScratchSet set = in::CarveDecodeScratch(&carver, dm, count);
   Launch(1, count, in::kThreads, [&] { in::ParseKernel(b, dm, set); });
   Launch(3 * in::kMaxTables, count, 32, [&] { in::EntropyTablesKernel(set); });
   Launch((in::MaxLanes(dm) + 63) / 64, count, 64, [&] { in::EntropyLanesKernel(dm, set); });
@@ -71,14 +72,15 @@ std::vector<std::string> EncodeBatch(const SegmentShape& s, const CodecParams& p
                                      const std::vector<std::vector<uint16_t>>& segments) {
   const in::Dims dm = in::MakeDims(s);
   const uint32_t count = uint32_t(segments.size());
-  const uint64_t raw = in::RawPayloadBytes(s), stride = in::Align(raw);
+  const uint64_t raw = in::RawPayloadBytes(s), stride = raw;
   std::vector<uint16_t> elements;
   for (const std::vector<uint16_t>& v : segments)
     elements.insert(elements.end(), v.begin(), v.end());
-  HostBuffer out(stride * count), scratch(in::EncodeScratchBytes(dm) * count);
+  HostBuffer out(stride * count), scratch(in::EncodeScratchBytes(dm, count));
   std::vector<uint64_t> sizes(count, 0);
   const in::EncodeBatch b{elements.data(), dm.N, out.data(), stride, sizes.data()};
-  const in::EncodeScratchSet set = in::CarveEncodeScratch(scratch.data(), dm, count);
+  Carver carver(scratch.data());
+  const in::EncodeScratchSet set = in::CarveEncodeScratch(&carver, dm, count);
   const double target = in::TargetError(s, params);
   const uint32_t channel_blocks = uint32_t((dm.HD + in::kThreads - 1) / in::kThreads);
   const uint32_t blocks = in::EncodeBlocks(dm);
