@@ -10,12 +10,27 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/status_macros.h"
+#include "kernels/carver.h"
 #include "kernels/cuda_status.h"
 
 namespace kvpool::kernels {
 
 // d[i] = value for i < count, stream-ordered (fixed-size formats' payload sizes); device.cu.
 absl::Status FillOnDevice(uint64_t* d, uint32_t count, uint64_t value, cudaStream_t stream);
+
+// Copies `count` payload sizes from host memory (pageable or not) to d_sizes, stream-ordered,
+// as kernel parameters: a copy from pageable memory may synchronise the stream; device.cu.
+absl::Status CopySizesToDevice(const uint64_t* sizes, uint32_t count, uint64_t* d_sizes,
+                               cudaStream_t stream);
+
+// Segments per set of a batch launcher's launches, `per_segment` bytes of scratch each: as many
+// as fit 256 MiB of scratch, at least one, at most gridDim.y's limit (65535).
+inline uint32_t BatchChunk(uint64_t per_segment, uint32_t count) {
+  constexpr uint64_t kScratchBudget = uint64_t{256} << 20;
+  const uint64_t fit = std::max<uint64_t>(1, kScratchBudget / std::max<uint64_t>(per_segment, 1));
+  return uint32_t(std::min<uint64_t>({fit, 65535, count}));
+}
 
 // One device allocation from the stream-ordered allocator, freed (stream-ordered) on scope
 // exit: scratch for a launcher's kernels that never makes the caller's stream wait.
@@ -35,6 +50,27 @@ class StreamScratch {
  private:
   cudaStream_t stream_;
   void* base_ = nullptr;
+};
+
+// A batch decoder's device memory in one stream-ordered allocation: the payload sizes, copied
+// from the host (CopySizesToDevice), then `scratch_bytes` for its kernels.
+class DecodeBatchScratch {
+ public:
+  explicit DecodeBatchScratch(cudaStream_t stream) : buffer_(stream), stream_(stream) {}
+  absl::Status Allocate(const uint64_t* sizes, uint32_t count, uint64_t scratch_bytes) {
+    Carver carver(nullptr);
+    carver.Take<uint64_t>(count);
+    sizes_bytes_ = carver.used();
+    KVPOOL_RETURN_IF_ERROR(buffer_.Allocate(sizes_bytes_ + scratch_bytes));
+    return CopySizesToDevice(sizes, count, d_sizes(), stream_);
+  }
+  uint64_t* d_sizes() const { return reinterpret_cast<uint64_t*>(buffer_.get()); }
+  uint8_t* scratch() const { return buffer_.get() + sizes_bytes_; }
+
+ private:
+  StreamScratch buffer_;
+  cudaStream_t stream_;
+  uint64_t sizes_bytes_ = 0;
 };
 
 class CudaScratch {

@@ -1,6 +1,7 @@
 // Device discovery and device buffers through the CUDA runtime.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 
 #include "kernels/cuda_scratch.h"
@@ -16,12 +17,32 @@ __global__ void FillKernel(uint64_t* d, uint32_t count, uint64_t value) {
   }
 }
 
+// Payload sizes as kernel parameters, kSizesPerLaunch at a time.
+constexpr uint32_t kSizesPerLaunch = 256;
+struct Sizes {
+  uint64_t v[kSizesPerLaunch];
+};
+__global__ void StoreSizes(uint64_t* d_sizes, Sizes sizes, uint32_t n) {
+  if (threadIdx.x < n) d_sizes[threadIdx.x] = sizes.v[threadIdx.x];
+}
+
 }  // namespace
 
 absl::Status FillOnDevice(uint64_t* d, uint32_t count, uint64_t value, cudaStream_t stream) {
   if (count == 0) return absl::OkStatus();
   FillKernel<<<(count + 255) / 256, 256, 0, stream>>>(d, count, value);
   return FromCuda(cudaGetLastError(), "fill");
+}
+
+absl::Status CopySizesToDevice(const uint64_t* sizes, uint32_t count, uint64_t* d_sizes,
+                               cudaStream_t stream) {
+  for (uint32_t first = 0; first < count; first += kSizesPerLaunch) {
+    const uint32_t n = std::min(kSizesPerLaunch, count - first);
+    Sizes chunk;
+    std::copy(sizes + first, sizes + first + n, chunk.v);
+    StoreSizes<<<1, kSizesPerLaunch, 0, stream>>>(d_sizes + first, chunk, n);
+  }
+  return FromCuda(cudaGetLastError(), "payload sizes");
 }
 
 bool CudaCompiled() { return true; }

@@ -1,6 +1,6 @@
 // The kvpool codec's CUDA launchers: batches of segments of one shape, one set of launches per
 // batch (kvpool_cuda_kernels.cuh holds the kernels and says what each does). A batch larger
-// than the scratch budget runs as several such sets, in stream order.
+// than the scratch budget (BatchChunk) runs as several such sets, in stream order.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -16,25 +16,6 @@
 namespace kvpool::kernels::kvpool {
 namespace internal {
 namespace {
-
-constexpr uint32_t kMaxBatch = 65535;                     // gridDim.y.
-constexpr uint64_t kScratchBudget = uint64_t{256} << 20;  // Device scratch per set of launches.
-
-// Segments per set of launches for `per_segment` bytes of scratch each.
-uint32_t ChunkOf(uint64_t per_segment, uint32_t count) {
-  const uint64_t fit = std::max<uint64_t>(1, kScratchBudget / per_segment);
-  return uint32_t(std::min<uint64_t>({fit, kMaxBatch, count}));
-}
-
-// Payload sizes travel as kernel parameters, kSizesPerLaunch at a time: a copy from the
-// caller's pageable memory may synchronise the stream.
-constexpr uint32_t kSizesPerLaunch = 256;
-struct Sizes {
-  uint64_t v[kSizesPerLaunch];
-};
-__global__ void StoreSizes(uint64_t* d_sizes, Sizes sizes, uint32_t n) {
-  if (threadIdx.x < n) d_sizes[threadIdx.x] = sizes.v[threadIdx.x];
-}
 
 // Segments without elements: a raw header and nothing else, as the reference writes.
 __global__ void EmptyPayloads(EncodeBatch b, uint64_t raw_bytes) {
@@ -62,7 +43,7 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
         EncodeBatch{d_in, in_stride, d_out, out_stride, d_sizes}, raw_bytes);
     return FromCuda(cudaGetLastError(), "kvpool encode");
   }
-  const uint32_t chunk = ChunkOf(EncodeScratchBytes(dm, 1), count);
+  const uint32_t chunk = BatchChunk(EncodeScratchBytes(dm, 1), count);
   StreamScratch scratch(stream);
   KVPOOL_RETURN_IF_ERROR(scratch.Allocate(EncodeScratchBytes(dm, chunk)));
   const uint32_t channel_blocks = uint32_t((dm.HD + kThreads - 1) / kThreads);
@@ -101,27 +82,15 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
   }
   const Dims dm = MakeDims(shape);
   if (dm.N == 0 || count == 0) return absl::OkStatus();  // Nothing to write (payloads unread).
-  const uint32_t chunk = ChunkOf(DecodeScratchBytes(dm, 1), count);
-  // One allocation: the payload sizes, then one set of launches' scratch.
-  Carver sizing(nullptr);
-  sizing.Take<uint64_t>(count);
-  StreamScratch scratch(stream);
-  KVPOOL_RETURN_IF_ERROR(scratch.Allocate(sizing.used() + DecodeScratchBytes(dm, chunk)));
-  Carver carver(scratch.get());
-  uint64_t* d_sizes = carver.Take<uint64_t>(count);
-  uint8_t* segment_scratch = scratch.get() + carver.used();
-  for (uint32_t first = 0; first < count; first += kSizesPerLaunch) {
-    const uint32_t n = std::min(kSizesPerLaunch, count - first);
-    Sizes chunk_sizes;
-    std::copy(sizes + first, sizes + first + n, chunk_sizes.v);
-    StoreSizes<<<1, kSizesPerLaunch, 0, stream>>>(d_sizes + first, chunk_sizes, n);
-  }
+  const uint32_t chunk = BatchChunk(DecodeScratchBytes(dm, 1), count);
+  DecodeBatchScratch scratch(stream);
+  KVPOOL_RETURN_IF_ERROR(scratch.Allocate(sizes, count, DecodeScratchBytes(dm, chunk)));
   const uint32_t lane_blocks = (MaxLanes(dm) + 63) / 64;
   for (uint32_t first = 0; first < count; first += chunk) {
     const uint32_t n = std::min(chunk, count - first);
-    const DecodeBatch b{d_payload + first * payload_stride, payload_stride, d_sizes + first,
-                        d_out + first * out_stride, out_stride};
-    Carver segments(segment_scratch);
+    const DecodeBatch b{d_payload + first * payload_stride, payload_stride,
+                        scratch.d_sizes() + first, d_out + first * out_stride, out_stride};
+    Carver segments(scratch.scratch());
     const DecodeScratchSet set = CarveDecodeScratch(&segments, dm, n);
     ParseKernel<<<dim3(1, n), kThreads, 0, stream>>>(b, dm, set);
     EntropyTablesKernel<<<dim3(3 * kMaxTables, n), 32, 0, stream>>>(set);

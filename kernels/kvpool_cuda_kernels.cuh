@@ -724,9 +724,7 @@ inline DecodeScratchSet CarveDecodeScratch(Carver* c, const Dims& dm, uint32_t c
 }
 
 inline uint64_t DecodeScratchBytes(const Dims& dm, uint32_t count) {
-  Carver sizing(nullptr);
-  CarveDecodeScratch(&sizing, dm, count);
-  return sizing.used();
+  return CarvedBytes(CarveDecodeScratch, dm, count);
 }
 
 // Mode 3 lanes of one segment, at most: the means and basis stream's (9 H columns), the
@@ -761,9 +759,7 @@ inline EncodeScratchSet CarveEncodeScratch(Carver* c, const Dims& dm, uint32_t c
 }
 
 inline uint64_t EncodeScratchBytes(const Dims& dm, uint32_t count) {
-  Carver sizing(nullptr);
-  CarveEncodeScratch(&sizing, dm, count);
-  return sizing.used();
+  return CarvedBytes(CarveEncodeScratch, dm, count);
 }
 
 // Bytes of the header, ranks, means and widths of a coded payload the encoder writes.

@@ -22,13 +22,10 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
 absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out);
 
-// CUDA launchers (defined only in CUDA builds): device pointers, stream-ordered, no device sync.
-absl::Status EncodeCuda(const SegmentShape& shape, const CodecParams& params,
-                        const uint16_t* d_in, uint8_t* d_out, uint64_t capacity,
-                        uint64_t* d_size, cudaStream_t stream);
-absl::Status DecodeCuda(const SegmentShape& shape, const CodecParams& params,
-                        const uint8_t* d_payload, uint64_t size, uint16_t* d_out,
-                        cudaStream_t stream);
+// CUDA batch launchers (defined only in CUDA builds; codec.h says what they take): payloads
+// the reference's byte for byte, decoded values bit for bit.
+CudaEncodeBatchFn EncodeBatchCuda;
+CudaDecodeBatchFn DecodeBatchCuda;
 
 }  // namespace kvpool::kernels::packkv
 

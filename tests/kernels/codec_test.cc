@@ -26,6 +26,7 @@ std::vector<CodecParams> AllCodecs() {
                                   CodecParams{CodecId::kKivi, 4, 0, 32},
                                   CodecParams{CodecId::kKivi, 8, 0, 16},
                                   CodecParams{CodecId::kPackKv, 8, 0, 16, 0.02f},
+                                  CodecParams{CodecId::kPackKv, 6, 1, 16, 0.1f},  // Re-ordered.
                                   Params(0.05f),
                                   Params(0.05f, 0, kFast),
                                   Params(0.2f, 0, kFast)};
@@ -169,7 +170,8 @@ TEST(CodecBatch, CudaBatchLaunchersMatchTheReference) {
       }
     }
   }
-  EXPECT_GE(checked, 80);  // raw, three kivi and three kvpool settings, five shapes, two strides.
+  // raw, three kivi, two packkv and three kvpool settings, five shapes, two strides.
+  EXPECT_GE(checked, 90);
 }
 
 // The daemon's GPU encode and the client's decode into device memory, on a block's segments

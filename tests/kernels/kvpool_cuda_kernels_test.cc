@@ -23,21 +23,9 @@
 namespace kvpool::kernels::kvpool_test {
 namespace {
 
+using ::kvpool::testing::cuda_emulation::HostBuffer;
 using ::kvpool::testing::cuda_emulation::Launch;
 namespace in = ::kvpool::kernels::kvpool::internal;
-
-// 256-byte aligned host memory standing in for device memory.
-class HostBuffer {
- public:
-  explicit HostBuffer(uint64_t bytes) : words_((bytes + 511) / 8, 0) {}
-  uint8_t* data() {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(words_.data());
-    return reinterpret_cast<uint8_t*>((p + 255) & ~uintptr_t{255});
-  }
-
- private:
-  std::vector<uint64_t> words_;
-};
 
 // What DecodeBatchCuda launches, emulated: the payloads at one stride, every segment's output.
 std::vector<std::vector<uint16_t>> DecodeBatch(const SegmentShape& s,

@@ -19,26 +19,18 @@
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
 #include "kernels/device.h"
+#include "tests/kernels/packkv_test_helpers.h"
 #include "tests/util/segment_shape.h"
 #include "tests/util/status_matchers.h"
 
 namespace kvpool::kernels {
 namespace {
 
+using ::kvpool::kernels::packkv_test::Params;
 using ::kvpool::test_util::Shape;
 using ::kvpool::testing::IsOk;
 using ::kvpool::testing::StatusIs;
 using ::testing::ElementsAreArray;
-
-CodecParams Params(float budget, bool reorder = false, uint8_t bits = 8, uint16_t group = 16) {
-  CodecParams p;
-  p.codec = CodecId::kPackKv;
-  p.budget = budget;
-  p.flags = reorder ? 1 : 0;
-  p.bits = bits;
-  p.group = group;
-  return p;
-}
 
 float ToF(uint16_t h, DType dtype) {
   return dtype == DType::kFp16 ? Fp16ToFloat(h) : Bf16ToFloat(h);

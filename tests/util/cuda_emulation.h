@@ -1,8 +1,8 @@
 // Runs CUDA kernel source on the host, for tests of kernels on machines without a GPU: the
 // built-ins a kernel header uses (threadIdx, blockIdx, blockDim, gridDim, __syncthreads,
-// __shared__, the fp16/bf16 conversions, full-warp shuffles, 32-bit atomics, the rounding
-// float intrinsics) mapped onto host threads. Launch() runs a grid with one host thread per
-// CUDA thread of a block; the threads walk the blocks in order together, so __shared__
+// __shared__ and dynamic shared memory, the fp16/bf16 conversions, full-warp shuffles, atomics,
+// the rounding float intrinsics) mapped onto host threads. Launch() runs a grid with one host
+// thread per CUDA thread of a block; the threads walk the blocks in order together, so __shared__
 // variables (function statics here) belong to one block at a time. A shuffle is a barrier of
 // the 32 threads of its warp, so every lane must call it (as CUDA's full-mask shuffles
 // require). Include it before the kernel header, in one test file only, built with
@@ -73,8 +73,13 @@ V Shuffle(V v, unsigned src) {
   return out;
 }
 
-// Runs `kernel` (a lambda calling the __global__ function) over grid (gx, gy) x `threads`.
-inline void Launch(unsigned gx, unsigned gy, unsigned threads, const std::function<void()>& kernel) {
+inline std::vector<uint64_t> dynamic_shared;  // A launch's dynamic shared memory.
+
+// Runs `kernel` (a lambda calling the __global__ function) over grid (gx, gy) x `threads`, with
+// `shared_bytes` of dynamic shared memory (KVPOOL_DYNAMIC_SHARED).
+inline void Launch(unsigned gx, unsigned gy, unsigned threads, uint64_t shared_bytes,
+                   const std::function<void()>& kernel) {
+  dynamic_shared.assign((shared_bytes + 7) / 8, 0);
   grid_dim = {gx, gy, 1};
   block_dim = {threads, 1, 1};
   Barrier b(threads);
@@ -100,6 +105,23 @@ inline void Launch(unsigned gx, unsigned gy, unsigned threads, const std::functi
   for (std::thread& t : pool) t.join();
   barrier = nullptr;
 }
+inline void Launch(unsigned gx, unsigned gy, unsigned threads,
+                   const std::function<void()>& kernel) {
+  Launch(gx, gy, threads, 0, kernel);
+}
+
+// 256-byte aligned host memory standing in for a device allocation.
+class HostBuffer {
+ public:
+  explicit HostBuffer(uint64_t bytes) : words_((bytes + 511) / 8, 0) {}
+  uint8_t* data() {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(words_.data());
+    return reinterpret_cast<uint8_t*>((p + 255) & ~uintptr_t{255});
+  }
+
+ private:
+  std::vector<uint64_t> words_;
+};
 
 struct Half {
   uint16_t bits;
@@ -120,6 +142,8 @@ struct Bf16 {
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
+#define KVPOOL_DYNAMIC_SHARED(T, name) \
+  T* const name = reinterpret_cast<T*>(::kvpool::testing::cuda_emulation::dynamic_shared.data())
 
 using std::isfinite;
 using std::isnan;
@@ -127,8 +151,23 @@ template <typename T>
 inline T min(T a, T b) {
   return b < a ? b : a;
 }
+template <typename T>
+inline T max(T a, T b) {
+  return a < b ? b : a;
+}
 
 inline void __syncthreads() { ::kvpool::testing::cuda_emulation::barrier->Wait(); }
+template <typename V>
+inline V __shfl_sync(unsigned, V v, int src, int width = 32) {
+  const unsigned lane = threadIdx.x % 32;
+  return ::kvpool::testing::cuda_emulation::Shuffle(v, lane / width * width + src % width);
+}
+template <typename V>
+inline V __shfl_xor_sync(unsigned, V v, int mask, int width = 32) {
+  const unsigned lane = threadIdx.x % 32;
+  const unsigned src = lane ^ unsigned(mask);
+  return ::kvpool::testing::cuda_emulation::Shuffle(v, src / width == lane / width ? src : lane);
+}
 template <typename V>
 inline V __shfl_up_sync(unsigned, V v, int delta) {
   const unsigned lane = threadIdx.x % 32;
@@ -143,6 +182,20 @@ inline V __shfl_down_sync(unsigned, V v, int delta) {
 inline unsigned atomicOr(unsigned* p, unsigned v) {
   return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
 }
+inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+  unsigned old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (old < v &&
+         !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
 inline unsigned atomicExch(unsigned* p, unsigned v) {
   return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
 }
@@ -154,8 +207,16 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline unsigned __float2uint_rn(float f) {  // Saturating, NaN to 0, as the GPU's conversion.
+  if (!(f > 0)) return 0;
+  return f >= 4294967296.0f ? 0xffffffffu : unsigned(std::nearbyint(f));
+}
 inline ::kvpool::testing::cuda_emulation::Half __ushort_as_half(uint16_t h) { return {h}; }
 inline ::kvpool::testing::cuda_emulation::Bf16 __ushort_as_bfloat16(uint16_t h) { return {h}; }
+inline uint16_t __half_as_ushort(::kvpool::testing::cuda_emulation::Half h) { return h.bits; }
+inline uint16_t __bfloat16_as_ushort(::kvpool::testing::cuda_emulation::Bf16 h) { return h.bits; }
 inline float __half2float(::kvpool::testing::cuda_emulation::Half h) {
   return ::kvpool::Fp16ToFloat(h.bits);
 }
