@@ -32,6 +32,17 @@ inline uint32_t BatchChunk(uint64_t per_segment, uint32_t count) {
   return uint32_t(std::min<uint64_t>({fit, 65535, count}));
 }
 
+// Launches kernel<<<(grid_x, n), threads, shared_bytes, stream>>>(args...): the launcher the
+// kernel headers' launch sequences take (the emulated tests pass their own).
+struct StreamLauncher {
+  cudaStream_t stream;
+  template <typename... P, typename... A>
+  void operator()(uint32_t grid_x, uint32_t n, uint32_t threads, uint64_t shared_bytes,
+                  void (*kernel)(P...), const A&... args) const {
+    kernel<<<dim3(grid_x, n), threads, shared_bytes, stream>>>(args...);
+  }
+};
+
 // One device allocation from the stream-ordered allocator, freed (stream-ordered) on scope
 // exit: scratch for a launcher's kernels that never makes the caller's stream wait.
 class StreamScratch {

@@ -46,8 +46,6 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
   const uint32_t chunk = BatchChunk(EncodeScratchBytes(dm, 1), count);
   StreamScratch scratch(stream);
   KVPOOL_RETURN_IF_ERROR(scratch.Allocate(EncodeScratchBytes(dm, chunk)));
-  const uint32_t channel_blocks = uint32_t((dm.HD + kThreads - 1) / kThreads);
-  const uint32_t blocks = EncodeBlocks(dm);
   const double target = TargetError(shape, params);
   for (uint32_t first = 0; first < count; first += chunk) {
     const uint32_t n = std::min(chunk, count - first);
@@ -57,11 +55,7 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
     const EncodeScratchSet set = CarveEncodeScratch(&carver, dm, n);
     KVPOOL_RETURN_IF_CUDA_ERROR(
         cudaMemsetAsync(set.first.state, 0, n * sizeof(EncodeState), stream));
-    MeansKernel<<<dim3(channel_blocks, n), kThreads, 0, stream>>>(b, dm, set);
-    CandidatesKernel<<<dim3(1, n), kThreads, 0, stream>>>(dm, target, set);
-    EvaluateKernel<<<dim3(blocks, n), kThreads, 0, stream>>>(b, dm, set);
-    ChooseKernel<<<dim3(1, n), kThreads, 0, stream>>>(b, dm, EncodeFixedBytes(dm), raw_bytes, set);
-    WriteKernel<<<dim3(blocks, n), kThreads, 0, stream>>>(b, dm, set);
+    LaunchEncodeKernels(StreamLauncher{stream}, b, dm, target, raw_bytes, set, n);
   }
   return FromCuda(cudaGetLastError(), "kvpool encode");
 }
@@ -85,17 +79,13 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
   const uint32_t chunk = BatchChunk(DecodeScratchBytes(dm, 1), count);
   DecodeBatchScratch scratch(stream);
   KVPOOL_RETURN_IF_ERROR(scratch.Allocate(sizes, count, DecodeScratchBytes(dm, chunk)));
-  const uint32_t lane_blocks = (MaxLanes(dm) + 63) / 64;
   for (uint32_t first = 0; first < count; first += chunk) {
     const uint32_t n = std::min(chunk, count - first);
     const DecodeBatch b{d_payload + first * payload_stride, payload_stride,
                         scratch.d_sizes() + first, d_out + first * out_stride, out_stride};
     Carver segments(scratch.scratch());
     const DecodeScratchSet set = CarveDecodeScratch(&segments, dm, n);
-    ParseKernel<<<dim3(1, n), kThreads, 0, stream>>>(b, dm, set);
-    EntropyTablesKernel<<<dim3(3 * kMaxTables, n), 32, 0, stream>>>(set);
-    EntropyLanesKernel<<<dim3(lane_blocks, n), 64, 0, stream>>>(dm, set);
-    DecodeKernel<<<dim3(dm.G, n), kThreads, 0, stream>>>(b, dm, set);
+    LaunchDecodeKernels(StreamLauncher{stream}, b, dm, set, n);
   }
   return FromCuda(cudaGetLastError(), "kvpool decode");
 }

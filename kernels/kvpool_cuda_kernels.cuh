@@ -25,20 +25,29 @@
 //
 // Encoding (all stream-ordered, each payload's size written to sizes[y] by the device), a
 // simpler valid payload than the host's (mode 1 with rank 0 everywhere: per-channel means plus
-// the quantised residual in packs; raw when coding does not pay):
-//   MeansKernel      per channel: mean (rounded to the dtype), sum of squares, finiteness;
-//   CandidatesKernel energy (fixed-order sum) and kCandidates steps around the step at which
-//                    uniform rounding error would meet the budget (2x down to 0.17x);
-//   EvaluateKernel   per 16-token pack (read and converted once) and candidate: the
-//                    decoder's own values, their squared error and the pack's width, summed
-//                    per block in a fixed order;
-//   ChooseKernel     the largest step whose measured error meets the budget and whose payload
-//                    is smaller than raw (else raw mode), the payload size, per-block offsets;
+// the quantised residual in packs; raw when coding does not pay), with the fast profile's step
+// search (kvpool_fast.cc) in a fixed number of launches (LaunchEncodeKernels):
+//   MeansKernel      per channel: mean over a sample of the groups (MeanStride), rounded to the
+//                    dtype, and the sample's sum of squares;
+//   FirstStepKernel  the step at which uniform rounding error would meet the budget;
+//   EvaluateKernel   on the estimate pass's sample of groups (EstimateStride), at that step:
+//                    the decoder's own values, their squared error (one thread per 16-token
+//                    pack, read and converted once per launch, sums in a fixed order);
+//   RefineKernel     the refined step (aiming at kFastAim of the budget) and a fallback grid;
+//   EvaluateKernel   every pack at the refined step: error, widths, energy, finiteness;
+//   ChooseKernel     decides when its error meets the budget of the measured energy (raw when
+//                    not smaller than raw, or the input not finite), else sets a second step
+//                    from the error measured;
+//   EvaluateKernel, ChooseKernel  the second step, then the fallback grid (2x down to 0.17x),
+//                    for segments not decided yet (the others return at once); raw when none
+//                    fits;
 //   WriteKernel      the header, means, widths and bit planes (or the raw elements).
-// The budget therefore holds by measurement, as in the reference, with its margin.
+// The budget therefore holds by measurement, as in the reference, with its margin; most
+// segments are quantised twice and an eighth (the sample, the refined step, the write).
 #ifndef KVPOOL_KERNELS_KVPOOL_CUDA_KERNELS_CUH_
 #define KVPOOL_KERNELS_KVPOOL_CUDA_KERNELS_CUH_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -50,24 +59,43 @@
 
 namespace kvpool::kernels::kvpool::internal {
 
-inline constexpr uint16_t kInvalidOutput =
-    0xffff;                                  // Every element, for a payload that fails checks.
-inline constexpr uint32_t kCandidates = 12;  // Steps tried by the encoder.
+inline constexpr uint16_t kInvalidOutput = 0xffff;  // Every element of a failed payload.
 
 struct Dims {
   uint32_t T, H, D, G;
   uint64_t HD, N;
   bool bf16;
+  // The encoder's samples: the means' groups (MeanStride) and tokens, the estimate pass's
+  // groups (EstimateStride; 0: no estimate pass, too few groups).
+  uint32_t mean_stride, mean_tokens, estimate_stride;
 };
 
 inline Dims MakeDims(const SegmentShape& s) {
-  return Dims{s.tokens,
-              s.kv_heads,
-              s.head_dim,
-              Groups(s.tokens),
-              uint64_t{s.kv_heads} * s.head_dim,
-              s.Elements(),
-              s.dtype == DType::kBf16};
+  Dims dm{s.tokens,
+          s.kv_heads,
+          s.head_dim,
+          Groups(s.tokens),
+          uint64_t{s.kv_heads} * s.head_dim,
+          s.Elements(),
+          s.dtype == DType::kBf16,
+          MeanStride(Groups(s.tokens)),
+          0,
+          0};
+  for (uint32_t g = 0; g < dm.G; g += dm.mean_stride)
+    dm.mean_tokens += std::min(kPack, dm.T - g * kPack);
+  const uint32_t stride = EstimateStride(dm.G);
+  dm.estimate_stride = dm.G >= 2 * stride ? stride : 0;
+  return dm;
+}
+
+// Thread blocks per segment of the encoder's full passes (EvaluateKernel, WriteKernel) and of
+// its estimate pass (every estimate_stride-th group).
+KVPOOL_HD uint32_t EncodeBlocks(const Dims& dm) {
+  return uint32_t((uint64_t{dm.G} * dm.HD + kThreads - 1) / kThreads);
+}
+KVPOOL_HD uint32_t EstimateBlocks(const Dims& dm) {
+  const uint32_t groups = (dm.G + dm.estimate_stride - 1) / dm.estimate_stride;
+  return uint32_t((uint64_t{groups} * dm.HD + kThreads - 1) / kThreads);
 }
 
 // ---- Decoding ---------------------------------------------------------------------------
@@ -420,11 +448,21 @@ static __global__ void EntropyLanesKernel(Dims dm, DecodeScratchSet set) {
 
 // ---- Encoding ---------------------------------------------------------------------------
 
+// The steps the encoder measures, per segment: [kFirstStep] the estimate pass's, then kRefined
+// steps (the first from the estimate pass's error, the second from the first's, measured only
+// when the first does not fit), then a fallback grid of kGrid steps (measured only when
+// neither fits).
+inline constexpr uint32_t kFirstStep = 0;
+inline constexpr uint32_t kRefined = 2;
+inline constexpr uint32_t kGrid = 12;
+inline constexpr uint32_t kSteps = 1 + kRefined + kGrid;
+inline constexpr uint32_t kRawChoice = kSteps;  // EncodeState::chosen of a raw payload.
+
 struct EncodeState {
-  double allowed;  // Squared error allowed: target^2 * energy.
-  float steps[kCandidates];
-  uint32_t bad;     // Non-finite input seen.
-  uint32_t chosen;  // Candidate index; kCandidates for raw mode.
+  float steps[kSteps];
+  uint32_t bad;      // Non-finite input seen.
+  uint32_t decided;  // `chosen` is final: later evaluation kernels return at once.
+  uint32_t chosen;   // Index into steps, or kRawChoice.
 };
 
 // One segment's encoding scratch.
@@ -432,12 +470,12 @@ struct EncodeScratch {
   EncodeState* state;
   float* mean;          // [HD] the stored means as float
   uint16_t* mean_code;  // [HD]
-  double* energy;       // [HD] sum of x^2 per channel
-  double* err;          // [kCandidates][blocks]
-  uint32_t* bytes;      // [kCandidates][blocks] pack data bytes
-  uint32_t* overflow;   // [kCandidates][blocks] a code beyond kMaxCode
-  uint64_t* block_off;  // [blocks] data offset of each block's packs, chosen step
-  uint32_t blocks;
+  double* energy;       // [HD] sum of x^2 over the means' sample
+  double* err;          // [kSteps][blocks] squared error per block
+  uint64_t* bytes;  // [kSteps][blocks] pack data bytes + (packs with a code beyond kMaxCode << 32)
+  double* block_energy;  // [blocks] sum of x^2 of each block's packs, latest evaluation
+  uint64_t* block_off;   // [blocks] data offset of each block's packs, chosen step
+  uint32_t blocks;       // Blocks of a full pass (EncodeBlocks).
 };
 
 // A batch's encoding scratch: each array of EncodeScratch repeated for segments 0, 1, ..
@@ -446,15 +484,15 @@ struct EncodeScratchSet {
   EncodeScratch first;
   uint64_t HD;
   KVPOOL_HD EncodeScratch At(uint32_t y) const {
-    const uint64_t per_candidate = uint64_t{kCandidates} * first.blocks;
+    const uint64_t per_step = uint64_t{kSteps} * first.blocks;
     EncodeScratch s = first;
     s.state = first.state + y;
     s.mean = first.mean + y * HD;
     s.mean_code = first.mean_code + y * HD;
     s.energy = first.energy + y * HD;
-    s.err = first.err + y * per_candidate;
-    s.bytes = first.bytes + y * per_candidate;
-    s.overflow = first.overflow + y * per_candidate;
+    s.err = first.err + y * per_step;
+    s.bytes = first.bytes + y * per_step;
+    s.block_energy = first.block_energy + uint64_t{y} * first.blocks;
     s.block_off = first.block_off + uint64_t{y} * first.blocks;
     return s;
   }
@@ -470,6 +508,27 @@ struct EncodeBatch {
   uint64_t* sizes;
 };
 
+// Sum of v over the block in a fixed order: warp shuffles, then warp 0 over the warps' sums
+// (every thread calls it; the result in thread 0). `shared`: kThreads / 32 entries.
+template <typename V>
+__device__ inline V WarpSum(V v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+template <typename V>
+__device__ inline V BlockSum(V v, V* shared) {
+  v = WarpSum(v);
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  V sum = 0;
+  if (threadIdx.x < 32) sum = WarpSum(threadIdx.x < kThreads / 32 ? shared[threadIdx.x] : V(0));
+  __syncthreads();  // shared may be reused by the next call.
+  return sum;
+}
+
+// Per channel: the mean over the groups dm.mean_stride samples (rounded to the dtype) and the
+// sample's sum of squares.
 static __global__ void __launch_bounds__(kThreads)
     MeansKernel(EncodeBatch b, Dims dm, EncodeScratchSet set) {
   const uint16_t* in = b.in + blockIdx.y * b.in_stride;
@@ -477,68 +536,64 @@ static __global__ void __launch_bounds__(kThreads)
   const uint64_t c = uint64_t{blockIdx.x} * kThreads + threadIdx.x;
   if (c >= dm.HD) return;
   double sum = 0, squares = 0;
-  bool bad = false;
-  for (uint32_t t = 0; t < dm.T; ++t) {
-    const float x = ToFloatDev(dm.bf16, in[t * dm.HD + c]);
-    bad |= !isfinite(x);
-    sum += x;
-    squares += double(x) * double(x);
+  for (uint32_t g = 0; g < dm.G; g += dm.mean_stride) {
+    for (uint32_t t = g * kPack; t < min(dm.T, (g + 1) * kPack); ++t) {
+      const float x = ToFloatDev(dm.bf16, in[t * dm.HD + c]);
+      sum += x;
+      squares += double(x) * double(x);
+    }
   }
-  const uint16_t code = FromFloatDev(dm.bf16, float(sum / dm.T));
+  const uint16_t code = FromFloatDev(dm.bf16, float(sum / dm.mean_tokens));
   s.mean_code[c] = code;
   s.mean[c] = ToFloatDev(dm.bf16, code);
   s.energy[c] = squares;
-  if (bad) atomicOr(&s.state->bad, 1u);
 }
 
-// Sum of v over the block in a fixed order (every thread calls it; the result in thread 0).
-template <typename V>
-__device__ inline V BlockSum(V v, V* shared) {
-  shared[threadIdx.x] = v;
-  __syncthreads();
-  for (int half = kThreads / 2; half > 0; half >>= 1) {
-    if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
-    __syncthreads();
+// Steps [from, kSteps): `step` up to the grid, then the fallback grid around it (2x down to
+// 0.17x).
+__device__ inline void SetSteps(EncodeState* st, uint32_t from, double step) {
+  for (uint32_t j = from; j < 1 + kRefined; ++j) st->steps[j] = float(step);
+  double factor = 2.0;
+  for (uint32_t k = 0; k < kGrid; ++k, factor *= 0.8) {
+    st->steps[1 + kRefined + k] = float(step * factor);
   }
-  const V sum = shared[0];
-  __syncthreads();
-  return sum;
 }
 
+// The first step: uniform rounding error (s^2 / 12 per element) spending the budget of the
+// sampled energy. Without an estimate pass (dm.estimate_stride 0) it is also the refined one.
 static __global__ void __launch_bounds__(kThreads)
-    CandidatesKernel(Dims dm, double target, EncodeScratchSet set) {
+    FirstStepKernel(Dims dm, double target, EncodeScratchSet set) {
   const EncodeScratch s = set.At(blockIdx.y);
-  __shared__ double shared[kThreads];
+  __shared__ double shared[kThreads / 32];
   double e = 0;
   for (uint64_t c = threadIdx.x; c < dm.HD; c += kThreads) e += s.energy[c];
   const double energy = BlockSum(e, shared);
   if (threadIdx.x != 0) return;
-  s.state->allowed = target * target * energy;
-  double step = std::sqrt(12.0 * energy / double(dm.N)) * target;
-  if (!(step >= 1e-30) || !isfinite(step)) step = 1.0;
-  double factor = 2.0;
-  for (uint32_t k = 0; k < kCandidates; ++k, factor *= 0.8)
-    s.state->steps[k] = float(step * factor);
+  double step = std::sqrt(12.0 * energy / (double(dm.mean_tokens) * double(dm.HD))) * target;
+  if (!(step >= 1e-30) || !isfinite(step)) step = 1.0;  // All zeros: any step is exact.
+  s.state->steps[kFirstStep] = float(step);
+  if (dm.estimate_stride == 0) SetSteps(s.state, 1, step);
 }
 
-// Pack k (group k / HD, column k % HD): its n elements as float and its column's mean. Loaded
-// once per thread, then quantised at every candidate step.
+// Pack (group g, column c): its n elements as float and its column's mean. Loaded once per
+// thread, then quantised at every step measured. False when an element is not finite.
 struct Pack {
   float x[kPack];
   uint32_t n;
   float mean;
 };
 
-__device__ inline void LoadPack(const uint16_t* in, const Dims& dm, const EncodeScratch& s,
-                                uint64_t k, Pack* p) {
-  const uint32_t g = uint32_t(k / dm.HD);
-  const uint64_t c = k - uint64_t{g} * dm.HD;
+__device__ inline bool LoadPack(const uint16_t* in, const Dims& dm, const EncodeScratch& s,
+                                uint32_t g, uint64_t c, Pack* p) {
   p->n = min(kPack, dm.T - g * kPack);
   p->mean = s.mean[c];
+  bool finite = true;
 #pragma unroll
   for (uint32_t i = 0; i < kPack; ++i) {
     p->x[i] = i < p->n ? ToFloatDev(dm.bf16, in[(uint64_t{g} * kPack + i) * dm.HD + c]) : 0.f;
+    finite &= isfinite(p->x[i]);
   }
+  return finite;
 }
 
 // A pack quantised with `step` (codes nearbyint((x - mean) * inv), inv = 1 / step: one
@@ -566,68 +621,136 @@ __device__ inline bool QuantizePack(const Pack& p, bool bf16, float step, float 
 
 __device__ inline uint32_t Width(uint32_t all) { return all == 0 ? 0 : 32 - __clz(all); }
 
+// Steps [first, first + count) measured on the packs of every stride-th group (a thread per
+// pack): per block, the squared error, the data bytes and the packs whose codes do not fit,
+// and the packs' energy. Returns at once when the segment's step is decided.
 static __global__ void __launch_bounds__(kThreads)
-    EvaluateKernel(EncodeBatch b, Dims dm, EncodeScratchSet set) {
+    EvaluateKernel(EncodeBatch b, Dims dm, EncodeScratchSet set, uint32_t first, uint32_t count,
+                   uint32_t stride) {
   const uint16_t* in = b.in + blockIdx.y * b.in_stride;
   const EncodeScratch s = set.At(blockIdx.y);
-  __shared__ double shared_err[kThreads];
-  __shared__ uint32_t shared_u[kThreads];
+  if (s.state->decided != 0) return;
+  __shared__ double shared_d[kThreads / 32];
+  __shared__ uint64_t shared_u[kThreads / 32];
   const uint64_t k = uint64_t{blockIdx.x} * kThreads + threadIdx.x;
-  const bool active = k < uint64_t{dm.G} * dm.HD;
+  const uint32_t groups = (dm.G + stride - 1) / stride;
+  const bool active = k < uint64_t{groups} * dm.HD;
   Pack pack;
-  if (active) LoadPack(in, dm, s, k, &pack);
-  for (uint32_t j = 0; j < kCandidates; ++j) {
+  double energy = 0;
+  if (active) {
+    const uint32_t g = uint32_t(k / dm.HD) * stride;
+    if (!LoadPack(in, dm, s, g, k % dm.HD, &pack)) atomicOr(&s.state->bad, 1u);
+    for (uint32_t i = 0; i < pack.n; ++i) energy += double(pack.x[i]) * double(pack.x[i]);
+  }
+  const double block_energy = BlockSum(energy, shared_d);
+  if (threadIdx.x == 0) s.block_energy[blockIdx.x] = block_energy;
+  for (uint32_t j = first; j < first + count; ++j) {
     double err = 0;
-    uint32_t zz[kPack], all = 0, overflow = 0;
+    uint32_t zz[kPack], all = 0;
+    uint64_t bytes = 0;
     const float step = s.state->steps[j];
-    if (active && !QuantizePack(pack, dm.bf16, step, __fdiv_rn(1.f, step), zz, &all, &err)) {
-      overflow = 1;
+    if (active) {
+      bytes = QuantizePack(pack, dm.bf16, step, __fdiv_rn(1.f, step), zz, &all, &err)
+                  ? 2 * Width(all)
+                  : uint64_t{1} << 32;
     }
-    const double block_err = BlockSum(err, shared_err);
-    const uint32_t block_bytes = BlockSum(2 * Width(all), shared_u);
-    const uint32_t block_overflow = BlockSum(overflow, shared_u);
+    const double block_err = BlockSum(err, shared_d);
+    const uint64_t block_bytes = BlockSum(bytes, shared_u);
     if (threadIdx.x == 0) {
       s.err[uint64_t{j} * s.blocks + blockIdx.x] = block_err;
       s.bytes[uint64_t{j} * s.blocks + blockIdx.x] = block_bytes;
-      s.overflow[uint64_t{j} * s.blocks + blockIdx.x] = block_overflow;
     }
   }
 }
 
+// After the estimate pass: the first step scaled by the square root of (kFastAim of the allowed
+// error) / (the error measured), both on the sampled packs (within 4x either way), as the CPU's
+// fast profile does.
 static __global__ void __launch_bounds__(kThreads)
-    ChooseKernel(EncodeBatch b, Dims dm, uint64_t fixed_bytes, uint64_t raw_bytes,
-                 EncodeScratchSet set) {
-  uint64_t* d_size = b.sizes + blockIdx.y;
+    RefineKernel(Dims dm, double target, EncodeScratchSet set) {
   const EncodeScratch s = set.At(blockIdx.y);
-  __shared__ double shared_err[kThreads];
-  __shared__ uint64_t shared_u[kThreads];
-  __shared__ uint32_t chosen;
+  __shared__ double shared_d[kThreads / 32];
+  __shared__ uint64_t shared_u[kThreads / 32];
+  const uint32_t blocks = EstimateBlocks(dm);
+  double e = 0, en = 0;
+  uint64_t bytes = 0;
+  for (uint32_t i = threadIdx.x; i < blocks; i += kThreads) {
+    e += s.err[uint64_t{kFirstStep} * s.blocks + i];
+    en += s.block_energy[i];
+    bytes += s.bytes[uint64_t{kFirstStep} * s.blocks + i];
+  }
+  e = BlockSum(e, shared_d);
+  en = BlockSum(en, shared_d);
+  bytes = BlockSum(bytes, shared_u);
+  if (threadIdx.x != 0) return;
+  double step = s.state->steps[kFirstStep];
+  if ((bytes >> 32) == 0 && e > 0 && en > 0) {
+    const double factor = std::sqrt(kFastAim * target * target * en / e);
+    step *= factor < 0.25 ? 0.25 : factor > 4.0 ? 4.0 : factor;
+  }
+  SetSteps(s.state, 1, step);
+}
+
+// Steps [first, first + count) in order: the first whose measured error meets the budget of
+// the measured energy decides (raw when its payload is not smaller than raw, as finer steps
+// only cost more); a non-finite input decides raw; `last`: raw when none fits. A decided
+// segment gets its size and per-block data offsets; returns at once when already decided.
+// Undecided, with next < kSteps: steps from `next` on (SetSteps) from the last step measured,
+// scaled by the square root of (kFastAim of the allowed error) / (its error), within
+// [0.25, 0.995] (the CPU's next pass); when its codes did not fit, from the energy of every
+// element (the sampled energy may have missed an outlier).
+static __global__ void __launch_bounds__(kThreads)
+    ChooseKernel(EncodeBatch b, Dims dm, uint64_t fixed_bytes, uint64_t raw_bytes, double target,
+                 EncodeScratchSet set, uint32_t first, uint32_t count, bool last, uint32_t next) {
+  const EncodeScratch s = set.At(blockIdx.y);
   EncodeState* st = s.state;
-  if (threadIdx.x == 0) chosen = kCandidates;
-  for (uint32_t j = 0; j < kCandidates; ++j) {
+  if (st->decided != 0) return;
+  __shared__ double shared_d[kThreads / 32];
+  __shared__ uint64_t shared_u[kThreads / 32];
+  __shared__ uint32_t chosen, found, decided;
+  double en = 0;
+  for (uint32_t i = threadIdx.x; i < s.blocks; i += kThreads) en += s.block_energy[i];
+  en = BlockSum(en, shared_d);
+  if (threadIdx.x == 0) {
+    chosen = kRawChoice;
+    found = 0;
+  }
+  for (uint32_t j = first; j < first + count; ++j) {
     double e = 0;
-    uint64_t b = 0, o = 0;
+    uint64_t bytes = 0;
     for (uint32_t i = threadIdx.x; i < s.blocks; i += kThreads) {
       e += s.err[uint64_t{j} * s.blocks + i];
-      b += s.bytes[uint64_t{j} * s.blocks + i];
-      o += s.overflow[uint64_t{j} * s.blocks + i];
+      bytes += s.bytes[uint64_t{j} * s.blocks + i];
     }
-    e = BlockSum(e, shared_err);
-    b = BlockSum(b, shared_u);
-    o = BlockSum(o, shared_u);
+    e = BlockSum(e, shared_d);
+    bytes = BlockSum(bytes, shared_u);
     const float step = st->steps[j];
-    if (threadIdx.x == 0 && chosen == kCandidates && st->bad == 0 && o == 0 && isfinite(step) &&
-        step > 0 && e <= st->allowed && fixed_bytes + b < raw_bytes) {
-      chosen = j;
-      *d_size = fixed_bytes + b;
+    const double allowed = target * target * en;
+    if (threadIdx.x == 0 && found == 0 && st->bad == 0 && (bytes >> 32) == 0 && isfinite(step) &&
+        step > 0 && e <= allowed) {
+      found = 1;
+      if (fixed_bytes + bytes < raw_bytes) chosen = j;
+    }
+    if (threadIdx.x == 0 && j + 1 == first + count && next < kSteps && found == 0) {
+      double following = std::sqrt(12.0 * en / double(dm.N)) * target;
+      if ((bytes >> 32) == 0 && e > 0) {
+        const double factor = std::sqrt(kFastAim * allowed / e);
+        following = step * (factor < 0.25 ? 0.25 : factor > 0.995 ? 0.995 : factor);
+      }
+      if (following >= 1e-30 && isfinite(following)) SetSteps(st, next, following);
     }
   }
+  if (threadIdx.x == 0) decided = found != 0 || st->bad != 0 || last;
   __syncthreads();
+  if (decided == 0) return;
   if (threadIdx.x == 0) {
     st->chosen = chosen;
-    if (chosen == kCandidates) *d_size = raw_bytes;
+    st->decided = 1;
   }
-  if (chosen == kCandidates) return;
+  if (chosen == kRawChoice) {
+    if (threadIdx.x == 0) b.sizes[blockIdx.y] = raw_bytes;
+    return;
+  }
   __shared__ uint64_t warp_sums[kThreads / 32];
   uint64_t carry = 0;
   for (uint32_t base = 0; base < s.blocks; base += kThreads) {
@@ -638,6 +761,7 @@ static __global__ void __launch_bounds__(kThreads)
     carry += total;
     if (i < s.blocks) s.block_off[i] = off;
   }
+  if (threadIdx.x == 0) b.sizes[blockIdx.y] = fixed_bytes + carry;
 }
 
 // The header, ranks and means of a coded payload (block 0).
@@ -659,7 +783,7 @@ static __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t warp_sums[kThreads / 32];
   const uint32_t chosen = s.state->chosen;
   const uint64_t P = uint64_t{dm.G} * dm.HD, k = uint64_t{blockIdx.x} * kThreads + threadIdx.x;
-  if (chosen == kCandidates) {  // Raw: the header is zeros, then the elements.
+  if (chosen == kRawChoice) {  // Raw: the header is zeros, then the elements.
     if (blockIdx.x == 0 && threadIdx.x < kHeaderBytes) out[threadIdx.x] = 0;
     for (uint64_t i = k; i < dm.N; i += uint64_t{gridDim.x} * kThreads) {
       out[kHeaderBytes + 2 * i] = uint8_t(in[i]);
@@ -678,7 +802,7 @@ static __global__ void __launch_bounds__(kThreads)
   double unused = 0;
   if (k < P) {  // Fits: ChooseKernel checked.
     Pack pack;
-    LoadPack(in, dm, s, k, &pack);
+    LoadPack(in, dm, s, uint32_t(k / dm.HD), k % dm.HD, &pack);
     QuantizePack(pack, dm.bf16, step, __fdiv_rn(1.f, step), zz, &all, &unused);
   }
   const uint32_t w = k < P ? Width(all) : 0;
@@ -735,25 +859,20 @@ inline uint32_t MaxLanes(const Dims& dm) {
                   (dm.HD + kLaneCols - 1) / kLaneCols);
 }
 
-// Thread blocks per segment of the encoder's pack kernels (EvaluateKernel, WriteKernel).
-inline uint32_t EncodeBlocks(const Dims& dm) {
-  return uint32_t((uint64_t{dm.G} * dm.HD + kThreads - 1) / kThreads);
-}
-
 // The encoding scratch of `count` segments, carved by `c` (on nullptr: counts the bytes). The
 // states, which must start zeroed, are `count` EncodeStates.
 inline EncodeScratchSet CarveEncodeScratch(Carver* c, const Dims& dm, uint32_t count) {
   EncodeScratchSet set;
   set.HD = dm.HD;
   set.first.blocks = EncodeBlocks(dm);
-  const uint64_t n = count, per_candidate = uint64_t{kCandidates} * set.first.blocks;
+  const uint64_t n = count, per_step = uint64_t{kSteps} * set.first.blocks;
   set.first.state = c->Take<EncodeState>(n);
   set.first.mean = c->Take<float>(n * dm.HD);
   set.first.mean_code = c->Take<uint16_t>(n * dm.HD);
   set.first.energy = c->Take<double>(n * dm.HD);
-  set.first.err = c->Take<double>(n * per_candidate);
-  set.first.bytes = c->Take<uint32_t>(n * per_candidate);
-  set.first.overflow = c->Take<uint32_t>(n * per_candidate);
+  set.first.err = c->Take<double>(n * per_step);
+  set.first.bytes = c->Take<uint64_t>(n * per_step);
+  set.first.block_energy = c->Take<double>(n * set.first.blocks);
   set.first.block_off = c->Take<uint64_t>(n * set.first.blocks);
   return set;
 }
@@ -765,6 +884,44 @@ inline uint64_t EncodeScratchBytes(const Dims& dm, uint32_t count) {
 // Bytes of the header, ranks, means and widths of a coded payload the encoder writes.
 inline uint64_t EncodeFixedBytes(const Dims& dm) {
   return kHeaderBytes + dm.H + 2 * dm.HD + (uint64_t{dm.G} * dm.HD + 1) / 2;
+}
+
+// The encoder's launches for `n` segments (states zeroed), in order, through
+// launch(grid_x, n, threads, shared_bytes, kernel, args...): kvpool.cu launches them on its
+// stream, the emulated tests run them on the host.
+template <typename Launcher>
+void LaunchEncodeKernels(const Launcher& launch, const EncodeBatch& b, const Dims& dm,
+                         double target, uint64_t raw_bytes, const EncodeScratchSet& set,
+                         uint32_t n) {
+  const uint32_t channel_blocks = uint32_t((dm.HD + kThreads - 1) / kThreads);
+  const uint32_t blocks = EncodeBlocks(dm);
+  const uint64_t fixed = EncodeFixedBytes(dm);
+  launch(channel_blocks, n, kThreads, 0, MeansKernel, b, dm, set);
+  launch(1, n, kThreads, 0, FirstStepKernel, dm, target, set);
+  if (dm.estimate_stride != 0) {
+    launch(EstimateBlocks(dm), n, kThreads, 0, EvaluateKernel, b, dm, set, kFirstStep, 1u,
+           dm.estimate_stride);
+    launch(1, n, kThreads, 0, RefineKernel, dm, target, set);
+  }
+  for (uint32_t j = 1; j <= kRefined; ++j) {
+    launch(blocks, n, kThreads, 0, EvaluateKernel, b, dm, set, j, 1u, 1u);
+    launch(1, n, kThreads, 0, ChooseKernel, b, dm, fixed, raw_bytes, target, set, j, 1u, false,
+           j < kRefined ? j + 1 : kSteps);
+  }
+  launch(blocks, n, kThreads, 0, EvaluateKernel, b, dm, set, 1 + kRefined, kGrid, 1u);
+  launch(1, n, kThreads, 0, ChooseKernel, b, dm, fixed, raw_bytes, target, set, 1 + kRefined, kGrid,
+         true, kSteps);
+  launch(blocks, n, kThreads, 0, WriteKernel, b, dm, set);
+}
+
+// The decoder's launches for `n` segments, as LaunchEncodeKernels.
+template <typename Launcher>
+void LaunchDecodeKernels(const Launcher& launch, const DecodeBatch& b, const Dims& dm,
+                         const DecodeScratchSet& set, uint32_t n) {
+  launch(1, n, kThreads, 0, ParseKernel, b, dm, set);
+  launch(3 * kMaxTables, n, 32, 0, EntropyTablesKernel, set);
+  launch((MaxLanes(dm) + 63) / 64, n, 64, 0, EntropyLanesKernel, dm, set);
+  launch(dm.G, n, kThreads, 0, DecodeKernel, b, dm, set);
 }
 
 }  // namespace kvpool::kernels::kvpool::internal

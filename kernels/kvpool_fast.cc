@@ -14,7 +14,7 @@
 //     until it holds, else the segment is stored raw.
 // The step: s0 from the classes' weights such that uniform rounding (error s^2 / 12 per
 // element) would spend the budget of the sampled energy, refined by one pass over a sample of
-// the groups of 16 tokens (error taken as proportional to s^2, aiming at kAim of the budget
+// the groups of 16 tokens (error taken as proportional to s^2, aiming at kFastAim of the budget
 // on the same groups' energy), then full passes until the error fits the budget of the energy
 // both measure. The full pass is the only one that reads every element of a value segment
 // (a key segment's distances read it once more); it also finds non-finite elements (their
@@ -29,18 +29,6 @@
 
 namespace kvpool::kernels::kvpool::internal {
 namespace {
-
-// The estimate pass samples every 8th group of 16 tokens (every 4th below 16 groups, none
-// below 8): its error predicts the full pass's within a few percent on the data measured.
-uint32_t EstimateStride(uint32_t groups) { return groups >= 16 ? 8 : 4; }
-// The means come from every 4th group from 8 groups (128 tokens) on, else from all: a mean
-// off by the sampling error (a 64th of a channel's variance at 256 tokens) costs the residual
-// about as much energy, a fraction of a per cent of the bytes, and saves a pass over the input.
-uint32_t MeanStride(uint32_t groups) { return groups >= 8 ? 4 : 1; }
-// Aim this fraction of the allowed error: the sampled estimate misses the full pass's error by
-// a few per cent, and a miss costs a second full pass (3 % of the segments measured at 0.92,
-// 9 % at 0.955, for 0.5 % of the bytes).
-constexpr double kAim = 0.92;
 
 bool StatsRef(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride,
               float* sums, float* sq) {
@@ -247,7 +235,7 @@ absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams
   if (G >= 2 * stride && energy > 0) {
     double err = 0, en = 0;
     if (quantize(float(step), stride, nullptr, &err, &en) != kQuantizeFailed && err > 0) {
-      const double factor = std::sqrt(kAim * share * en / err);
+      const double factor = std::sqrt(kFastAim * share * en / err);
       step *= std::min(4.0, std::max(0.25, factor));
     }
   }
@@ -285,7 +273,7 @@ absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams
       size = head + n;
       break;
     }
-    step *= std::max(0.25, std::min(0.995, std::sqrt(kAim * allowed / err)));
+    step *= std::max(0.25, std::min(0.995, std::sqrt(kFastAim * allowed / err)));
   }
   if (size == 0 || size >= raw_bytes) return WriteRawPayload(shape, in, out, capacity);
   if (capacity < size) return absl::InvalidArgumentError("kvpool: output too small");

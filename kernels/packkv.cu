@@ -26,14 +26,9 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
   const Layout l = LayoutFor(shape, params);
   const bool bf16 = shape.dtype == DType::kBf16;
   const double budget_q = QuantBudget(params.budget, shape.dtype);
-  const uint64_t rows = uint64_t{l.tokens} * l.heads;
   const uint32_t chunk = BatchChunk(EncodeScratchBytes(l, 1), count);
   StreamScratch scratch(stream);
   KVPOOL_RETURN_IF_ERROR(scratch.Allocate(EncodeScratchBytes(l, chunk)));
-  const uint32_t row_blocks = Blocks(rows * kRowLanes, kThreads);
-  const uint32_t warp_blocks = Blocks(rows * 32, kThreads);
-  const uint32_t order_blocks = Blocks(l.tokens, kThreads) * l.heads;
-  const uint32_t packs = static_cast<uint32_t>(l.num_packs);
   for (uint32_t first = 0; first < count; first += chunk) {
     const uint32_t n = std::min(chunk, count - first);
     const EncodeBatch b{d_in + first * in_stride, in_stride, d_out + first * out_stride, out_stride,
@@ -41,18 +36,7 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
     Carver carver(scratch.get());
     const EncodeScratchSet set = CarveEncodeScratch(&carver, l, n);
     KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(set.flags, 0, n * sizeof(int), stream));
-    RowStats<<<dim3(row_blocks, n), kThreads, 0, stream>>>(b, l, bf16, set);
-    Scale<<<dim3(1, n), kSegmentLanes, 0, stream>>>(l, budget_q, set);
-    if (bf16) {
-      Quantize<DevBf16><<<dim3(warp_blocks, n), kThreads, 0, stream>>>(b, l, set);
-    } else {
-      Quantize<DevFp16><<<dim3(warp_blocks, n), kThreads, 0, stream>>>(b, l, set);
-    }
-    Order<<<dim3(order_blocks, n), kThreads, 0, stream>>>(b, l, set);
-    PackMeta<<<dim3(packs, n), kPackThreads, 0, stream>>>(b, l, set);
-    EncodeScan<<<dim3(1, n), kThreads, 0, stream>>>(l, set);
-    StoreSize<<<dim3(1, n), 1, 0, stream>>>(b, l, set);
-    PackWrite<<<dim3(packs, n), kPackThreads, PackSharedBytes(l), stream>>>(b, l, set);
+    LaunchEncodeKernels(StreamLauncher{stream}, b, l, bf16, budget_q, set, n);
   }
   return FromCuda(cudaGetLastError(), "packkv encode");
 }
@@ -85,12 +69,9 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& param
   }
   if (count == 0) return absl::OkStatus();
   const bool bf16 = shape.dtype == DType::kBf16;
-  const uint64_t rows = uint64_t{l.tokens} * l.heads;
   const uint32_t chunk = BatchChunk(DecodeScratchBytes(l, 1), count);
   DecodeBatchScratch scratch(stream);
   KVPOOL_RETURN_IF_ERROR(scratch.Allocate(sizes, count, DecodeScratchBytes(l, chunk)));
-  const uint32_t row_blocks = Blocks(rows, kThreads);
-  const uint32_t packs = static_cast<uint32_t>(l.num_packs);
   for (uint32_t first = 0; first < count; first += chunk) {
     const uint32_t n = std::min(chunk, count - first);
     const DecodeBatch b{d_payload + first * payload_stride, payload_stride,
@@ -98,11 +79,7 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& param
     Carver segments(scratch.scratch());
     const DecodeScratchSet set = CarveDecodeScratch(&segments, l, n);
     KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(set.flags, 0, set.zeroed_bytes, stream));
-    CheckRows<<<dim3(row_blocks, n), kThreads, 0, stream>>>(b, l, bf16, set);
-    if (l.reorder) CheckPerm<<<dim3(row_blocks, n), kThreads, 0, stream>>>(l, set);
-    PackSizes<<<dim3(Blocks(l.num_packs, kThreads), n), kThreads, 0, stream>>>(b, l, set);
-    DecodeScan<<<dim3(1, n), kThreads, 0, stream>>>(l, set);
-    DecodePacks<<<dim3(packs, n), kPackThreads, PackSharedBytes(l), stream>>>(b, l, bf16, set);
+    LaunchDecodeKernels(StreamLauncher{stream}, b, l, bf16, set, n);
   }
   return FromCuda(cudaGetLastError(), "packkv decode");
 }

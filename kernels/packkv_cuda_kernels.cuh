@@ -619,6 +619,42 @@ inline uint64_t DecodeScratchBytes(const Layout& l, uint32_t count) {
   return CarvedBytes(CarveDecodeScratch, l, count);
 }
 
+// The encoder's launches for a batch `b` of `n` segments (flags zeroed), in order, through
+// launch(grid_x, n, threads, shared_bytes, kernel, args...): packkv.cu launches them on its
+// stream, the emulated tests run them on the host.
+template <typename Launcher>
+void LaunchEncodeKernels(const Launcher& launch, const EncodeBatch& b, const Layout& l, bool bf16,
+                         double budget_q, const EncodeScratchSet& set, uint32_t n) {
+  const uint64_t rows = uint64_t{l.tokens} * l.heads;
+  const uint32_t packs = static_cast<uint32_t>(l.num_packs);
+  launch(Blocks(rows * kRowLanes, kThreads), n, kThreads, 0, RowStats, b, l, bf16, set);
+  launch(1, n, kSegmentLanes, 0, Scale, l, budget_q, set);
+  if (bf16) {
+    launch(Blocks(rows * 32, kThreads), n, kThreads, 0, Quantize<DevBf16>, b, l, set);
+  } else {
+    launch(Blocks(rows * 32, kThreads), n, kThreads, 0, Quantize<DevFp16>, b, l, set);
+  }
+  launch(Blocks(l.tokens, kThreads) * l.heads, n, kThreads, 0, Order, b, l, set);
+  launch(packs, n, kPackThreads, 0, PackMeta, b, l, set);
+  launch(1, n, kThreads, 0, EncodeScan, l, set);
+  launch(1, n, 1, 0, StoreSize, b, l, set);
+  launch(packs, n, kPackThreads, PackSharedBytes(l), PackWrite, b, l, set);
+}
+
+// The decoder's launches for `n` segments (zeroed_bytes from set.flags zeroed), as
+// LaunchEncodeKernels.
+template <typename Launcher>
+void LaunchDecodeKernels(const Launcher& launch, const DecodeBatch& b, const Layout& l, bool bf16,
+                         const DecodeScratchSet& set, uint32_t n) {
+  const uint32_t row_blocks = Blocks(uint64_t{l.tokens} * l.heads, kThreads);
+  launch(row_blocks, n, kThreads, 0, CheckRows, b, l, bf16, set);
+  if (l.reorder) launch(row_blocks, n, kThreads, 0, CheckPerm, l, set);
+  launch(Blocks(l.num_packs, kThreads), n, kThreads, 0, PackSizes, b, l, set);
+  launch(1, n, kThreads, 0, DecodeScan, l, set);
+  launch(static_cast<uint32_t>(l.num_packs), n, kPackThreads, PackSharedBytes(l), DecodePacks, b, l,
+         bf16, set);
+}
+
 }  // namespace kvpool::kernels::packkv::internal
 
 #endif  // KVPOOL_KERNELS_PACKKV_CUDA_KERNELS_CUH_

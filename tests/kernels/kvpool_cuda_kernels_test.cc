@@ -23,8 +23,8 @@
 namespace kvpool::kernels::kvpool_test {
 namespace {
 
+using ::kvpool::testing::cuda_emulation::EmulatedLauncher;
 using ::kvpool::testing::cuda_emulation::HostBuffer;
-using ::kvpool::testing::cuda_emulation::Launch;
 namespace in = ::kvpool::kernels::kvpool::internal;
 
 // What DecodeBatchCuda launches, emulated: the payloads at one stride, every segment's output.
@@ -44,10 +44,7 @@ std::vector<std::vector<uint16_t>> DecodeBatch(const SegmentShape& s,
   const in::DecodeBatch b{staging.data(), stride, sizes.data(), out.data(), dm.N};
   Carver carver(scratch.data());
   const in::DecodeScratchSet set = in::CarveDecodeScratch(&carver, dm, count);
-  Launch(1, count, in::kThreads, [&] { in::ParseKernel(b, dm, set); });
-  Launch(3 * in::kMaxTables, count, 32, [&] { in::EntropyTablesKernel(set); });
-  Launch((in::MaxLanes(dm) + 63) / 64, count, 64, [&] { in::EntropyLanesKernel(dm, set); });
-  Launch(dm.G, count, in::kThreads, [&] { in::DecodeKernel(b, dm, set); });
+  in::LaunchDecodeKernels(EmulatedLauncher(), b, dm, set, count);
   std::vector<std::vector<uint16_t>> segments;
   for (uint32_t i = 0; i < count; ++i) {
     segments.emplace_back(out.begin() + i * dm.N, out.begin() + (i + 1) * dm.N);
@@ -69,15 +66,7 @@ std::vector<std::string> EncodeBatch(const SegmentShape& s, const CodecParams& p
   const in::EncodeBatch b{elements.data(), dm.N, out.data(), stride, sizes.data()};
   Carver carver(scratch.data());
   const in::EncodeScratchSet set = in::CarveEncodeScratch(&carver, dm, count);
-  const double target = in::TargetError(s, params);
-  const uint32_t channel_blocks = uint32_t((dm.HD + in::kThreads - 1) / in::kThreads);
-  const uint32_t blocks = in::EncodeBlocks(dm);
-  Launch(channel_blocks, count, in::kThreads, [&] { in::MeansKernel(b, dm, set); });
-  Launch(1, count, in::kThreads, [&] { in::CandidatesKernel(dm, target, set); });
-  Launch(blocks, count, in::kThreads, [&] { in::EvaluateKernel(b, dm, set); });
-  Launch(1, count, in::kThreads,
-         [&] { in::ChooseKernel(b, dm, in::EncodeFixedBytes(dm), raw, set); });
-  Launch(blocks, count, in::kThreads, [&] { in::WriteKernel(b, dm, set); });
+  in::LaunchEncodeKernels(EmulatedLauncher(), b, dm, in::TargetError(s, params), raw, set, count);
   std::vector<std::string> payloads;
   for (uint32_t i = 0; i < count; ++i) {
     EXPECT_LE(sizes[i], raw);
@@ -178,25 +167,34 @@ TEST(KvpoolCudaKernels, EncodeBatchMeetsTheBudgetAndEqualsOneAtATime) {
   std::mt19937_64 rng(9);
   for (DType dtype : {DType::kFp16, DType::kBf16}) {
     for (SegmentKind kind : {SegmentKind::kKey, SegmentKind::kValue}) {
-      const SegmentShape s = Shape(37, 2, 16, dtype, kind);
-      const CodecParams params = Params(0.05f, 32);
-      std::vector<std::vector<uint16_t>> segments;
-      for (int type : {0, 1, 2, 3, 4, 5}) segments.push_back(RandomSegment(s, type, rng));
-      segments.push_back(RandomSegment(s, 0, rng));
-      segments.back()[3] = FromF(dtype, INFINITY);  // Stored raw.
-      const std::vector<std::string> batch = EncodeBatch(s, params, segments);
-      const double target = in::TargetError(s, params);
-      int coded = 0;
-      for (size_t i = 0; i < segments.size(); ++i) {
-        const std::vector<uint16_t> out = RefDecode(s, batch[i]);
-        if (i + 1 < segments.size())
-          EXPECT_LE(RelL2(s, segments[i], out), target) << "segment " << i;
-        EXPECT_EQ(batch[i], EncodeBatch(s, params, {segments[i]})[0]) << "segment " << i;
-        if (uint8_t(batch[i][0]) == in::kModeCoded) ++coded;
+      // Without and with the estimate pass and sampled means (from 8 groups of 16 tokens on).
+      for (const SegmentShape& s :
+           {Shape(37, 2, 16, dtype, kind), Shape(130, 1, 16, dtype, kind)}) {
+        const CodecParams params = Params(0.05f, 32);
+        std::vector<std::vector<uint16_t>> segments;
+        for (int type : {0, 1, 2, 3, 4, 5}) segments.push_back(RandomSegment(s, type, rng));
+        segments.push_back(RandomSegment(s, 0, rng));
+        // Stored raw: an Inf in group 1, which neither the means nor the estimate sample.
+        segments.back()[20 * s.kv_heads * s.head_dim + 3] = FromF(dtype, INFINITY);
+        const std::vector<std::string> batch = EncodeBatch(s, params, segments);
+        const double target = in::TargetError(s, params);
+        int coded = 0;
+        for (size_t i = 0; i < segments.size(); ++i) {
+          const std::vector<uint16_t> out = RefDecode(s, batch[i]);
+          if (i + 1 < segments.size()) {
+            const double err = RelL2(s, segments[i], out);
+            EXPECT_LE(err, target) << "segment " << i;
+            // The step search spends most of the budget on segments with spread (low rank plus
+            // noise, noise, outlier channels); a grid of steps 0.8x apart could leave 36 % unspent.
+            if (i == 0 || i == 1 || i == 5) EXPECT_GE(err, 0.75 * target) << "segment " << i;
+          }
+          EXPECT_EQ(batch[i], EncodeBatch(s, params, {segments[i]})[0]) << "segment " << i;
+          if (uint8_t(batch[i][0]) == in::kModeCoded) ++coded;
+        }
+        EXPECT_EQ(uint8_t(batch.back()[0]), in::kModeRaw);
+        EXPECT_EQ(RefDecode(s, batch.back()), segments.back());
+        EXPECT_GE(coded, 3);  // It does compress.
       }
-      EXPECT_EQ(uint8_t(batch.back()[0]), in::kModeRaw);
-      EXPECT_EQ(RefDecode(s, batch.back()), segments.back());
-      EXPECT_GE(coded, 3);  // It does compress.
     }
   }
 }

@@ -26,8 +26,8 @@ namespace {
 
 using ::kvpool::kernels::packkv_test::Params;
 using ::kvpool::test_util::Shape;
+using ::kvpool::testing::cuda_emulation::EmulatedLauncher;
 using ::kvpool::testing::cuda_emulation::HostBuffer;
-using ::kvpool::testing::cuda_emulation::Launch;
 namespace in = ::kvpool::kernels::packkv::internal;
 
 // What EncodeBatchCuda launches, emulated: each segment's payload (empty when its size is 0).
@@ -35,7 +35,7 @@ std::vector<std::string> EncodeBatch(const SegmentShape& s, const CodecParams& p
                                      const std::vector<std::vector<uint16_t>>& segments) {
   const in::Layout l = in::LayoutFor(s, p);
   const uint32_t count = uint32_t(segments.size());
-  const uint64_t stride = packkv::MaxPayloadBytes(s, p), rows = uint64_t{l.tokens} * l.heads;
+  const uint64_t stride = packkv::MaxPayloadBytes(s, p);
   std::vector<uint16_t> elements;
   for (const std::vector<uint16_t>& v : segments) {
     elements.insert(elements.end(), v.begin(), v.end());
@@ -45,25 +45,8 @@ std::vector<std::string> EncodeBatch(const SegmentShape& s, const CodecParams& p
   const in::EncodeBatch b{elements.data(), s.Elements(), out.data(), stride, sizes.data()};
   Carver carver(scratch.data());
   const in::EncodeScratchSet set = in::CarveEncodeScratch(&carver, l, count);
-  const bool bf16 = s.dtype == DType::kBf16;
-  const double budget_q = in::QuantBudget(p.budget, s.dtype);
-  const uint32_t packs = uint32_t(l.num_packs);
-  Launch(in::Blocks(rows * in::kRowLanes, in::kThreads), count, in::kThreads,
-         [&] { in::RowStats(b, l, bf16, set); });
-  Launch(1, count, in::kSegmentLanes, [&] { in::Scale(l, budget_q, set); });
-  Launch(in::Blocks(rows * 32, in::kThreads), count, in::kThreads, [&] {
-    if (bf16) {
-      in::Quantize<in::DevBf16>(b, l, set);
-    } else {
-      in::Quantize<in::DevFp16>(b, l, set);
-    }
-  });
-  Launch(in::Blocks(l.tokens, in::kThreads) * l.heads, count, in::kThreads,
-         [&] { in::Order(b, l, set); });
-  Launch(packs, count, in::kPackThreads, [&] { in::PackMeta(b, l, set); });
-  Launch(1, count, in::kThreads, [&] { in::EncodeScan(l, set); });
-  Launch(1, count, 1, [&] { in::StoreSize(b, l, set); });
-  Launch(packs, count, in::kPackThreads, in::PackSharedBytes(l), [&] { in::PackWrite(b, l, set); });
+  in::LaunchEncodeKernels(EmulatedLauncher(), b, l, s.dtype == DType::kBf16,
+                          in::QuantBudget(p.budget, s.dtype), set, count);
   std::vector<std::string> payloads;
   for (uint32_t i = 0; i < count; ++i) {
     EXPECT_LE(sizes[i], stride) << "segment " << i;
@@ -78,7 +61,6 @@ std::vector<std::vector<uint16_t>> DecodeBatch(const SegmentShape& s, const Code
                                                const std::vector<std::string>& payloads) {
   const in::Layout l = in::LayoutFor(s, p);
   const uint32_t count = uint32_t(payloads.size());
-  const uint64_t rows = uint64_t{l.tokens} * l.heads;
   uint64_t stride = 0;
   for (const std::string& payload : payloads) stride = std::max<uint64_t>(stride, payload.size());
   HostBuffer staging(stride * count), scratch(in::DecodeScratchBytes(l, count));
@@ -92,18 +74,7 @@ std::vector<std::vector<uint16_t>> DecodeBatch(const SegmentShape& s, const Code
   Carver carver(scratch.data());
   const in::DecodeScratchSet set = in::CarveDecodeScratch(&carver, l, count);
   std::memset(set.flags, 0, set.zeroed_bytes);  // As the launcher does.
-  const bool bf16 = s.dtype == DType::kBf16;
-  const uint32_t packs = uint32_t(l.num_packs);
-  Launch(in::Blocks(rows, in::kThreads), count, in::kThreads,
-         [&] { in::CheckRows(b, l, bf16, set); });
-  if (l.reorder) {
-    Launch(in::Blocks(rows, in::kThreads), count, in::kThreads, [&] { in::CheckPerm(l, set); });
-  }
-  Launch(in::Blocks(l.num_packs, in::kThreads), count, in::kThreads,
-         [&] { in::PackSizes(b, l, set); });
-  Launch(1, count, in::kThreads, [&] { in::DecodeScan(l, set); });
-  Launch(packs, count, in::kPackThreads, in::PackSharedBytes(l),
-         [&] { in::DecodePacks(b, l, bf16, set); });
+  in::LaunchDecodeKernels(EmulatedLauncher(), b, l, s.dtype == DType::kBf16, set, count);
   std::vector<std::vector<uint16_t>> segments;
   for (uint32_t i = 0; i < count; ++i) {
     segments.emplace_back(out.begin() + i * s.Elements(), out.begin() + (i + 1) * s.Elements());

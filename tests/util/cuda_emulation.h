@@ -123,6 +123,16 @@ class HostBuffer {
   std::vector<uint64_t> words_;
 };
 
+// Runs kernel(args...) over grid (grid_x, n) as Launch does: the launcher of the kernel
+// headers' launch sequences (kernels/cuda_scratch.h's StreamLauncher on a GPU).
+struct EmulatedLauncher {
+  template <typename Kernel, typename... A>
+  void operator()(unsigned grid_x, unsigned n, unsigned threads, uint64_t shared_bytes,
+                  Kernel kernel, const A&... args) const {
+    Launch(grid_x, n, threads, shared_bytes, [&] { kernel(args...); });
+  }
+};
+
 struct Half {
   uint16_t bits;
 };
