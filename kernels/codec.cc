@@ -74,6 +74,21 @@ absl::Status CheckPayloadSizes(absl::string_view codec, const uint64_t* sizes, u
   return absl::OkStatus();
 }
 
+absl::Status CheckVariablePayloadSizes(absl::string_view codec, const uint64_t* sizes,
+                                       uint32_t count, uint64_t least, uint64_t stride) {
+  for (uint32_t i = 0; i < count; ++i) {
+    if (sizes[i] < least) {
+      return absl::DataLossError(absl::StrCat(codec, " payload ", i, " of ", sizes[i],
+                                              " bytes is shorter than its fixed part, ", least));
+    }
+    if (count > 1 && sizes[i] > stride) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(codec, ": payload ", i, " is longer than the batch's stride, ", stride));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::string_view PathName(Path path) {
   switch (path) {
     case Path::kRef:

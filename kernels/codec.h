@@ -66,6 +66,10 @@ using CudaDecodeBatchFn = absl::Status(const SegmentShape& shape, const CodecPar
 // batch decoders check every segment with it).
 absl::Status CheckPayloadSizes(absl::string_view codec, const uint64_t* sizes, uint32_t count,
                                uint64_t need);
+// The same for variable-size formats: DataLoss for a size below `least` (the payload's fixed
+// part), InvalidArgument for one above the batch's `stride` (a batch of one has no stride).
+absl::Status CheckVariablePayloadSizes(absl::string_view codec, const uint64_t* sizes,
+                                       uint32_t count, uint64_t least, uint64_t stride);
 
 // The payload functions of one codec (host paths) and its CUDA launchers (null when the build
 // has no CUDA or the codec has no kernel).

@@ -1,16 +1,17 @@
 // The kvpool codec's CUDA launchers: batches of segments of one shape, one set of launches per
-// batch (kvpool_cuda_kernels.cuh holds the kernels and says what each does). A batch larger
-// than the scratch budget (BatchChunk) runs as several such sets, in stream order.
+// batch (kvpool_cuda_kernels.cuh and kvpool_cuda_encoder.cuh hold the kernels and say what each
+// does). A batch larger than the scratch budget (BatchChunk) runs as several such sets, in
+// stream order.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
-#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/carver.h"
 #include "kernels/cuda_scratch.h"
 #include "kernels/cuda_status.h"
 #include "kernels/kvpool.h"
+#include "kernels/kvpool_cuda_encoder.cuh"
 #include "kernels/kvpool_cuda_kernels.cuh"
 
 namespace kvpool::kernels::kvpool {
@@ -65,15 +66,8 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams&, uint
                              const uint64_t* sizes, uint16_t* d_out, uint64_t out_stride,
                              cudaStream_t stream) {
   using namespace internal;  // NOLINT: the format's own helpers.
-  for (uint32_t i = 0; i < count; ++i) {
-    if (sizes[i] < kHeaderBytes) {
-      return absl::DataLossError(
-          absl::StrCat("kvpool: payload ", i, " is shorter than its header"));
-    }
-    if (count > 1 && sizes[i] > payload_stride) {
-      return absl::InvalidArgumentError("kvpool: a payload is longer than the batch's stride");
-    }
-  }
+  KVPOOL_RETURN_IF_ERROR(
+      CheckVariablePayloadSizes("kvpool", sizes, count, kHeaderBytes, payload_stride));
   const Dims dm = MakeDims(shape);
   if (dm.N == 0 || count == 0) return absl::OkStatus();  // Nothing to write (payloads unread).
   const uint32_t chunk = BatchChunk(DecodeScratchBytes(dm, 1), count);

@@ -57,16 +57,8 @@ absl::Status DecodeBatchCuda(const SegmentShape& shape, const CodecParams& param
     return absl::OkStatus();
   }
   const Layout l = LayoutFor(shape, params);
-  for (uint32_t i = 0; i < count; ++i) {
-    if (sizes[i] < l.data_offset) {
-      return absl::DataLossError(absl::StrCat("packkv payload ", i, " of ", sizes[i],
-                                              " bytes is shorter than its fixed part, ",
-                                              l.data_offset));
-    }
-    if (count > 1 && sizes[i] > payload_stride) {
-      return absl::InvalidArgumentError("packkv: a payload is longer than the batch's stride");
-    }
-  }
+  KVPOOL_RETURN_IF_ERROR(
+      CheckVariablePayloadSizes("packkv", sizes, count, l.data_offset, payload_stride));
   if (count == 0) return absl::OkStatus();
   const bool bf16 = shape.dtype == DType::kBf16;
   const uint32_t chunk = BatchChunk(DecodeScratchBytes(l, 1), count);

@@ -1,5 +1,6 @@
-// The kvpool codec's CUDA kernels (kernels/kvpool_cuda_kernels.cuh) run on the host under
-// tests/util/cuda_emulation.h, in batches as the launchers run them: decoding bit for bit
+// The kvpool codec's CUDA kernels (kernels/kvpool_cuda_kernels.cuh, kvpool_cuda_encoder.cuh)
+// run on the host under tests/util/cuda_emulation.h, in batches as the launchers run them:
+// decoding bit for bit
 // against DecodeRef (every payload mode, payloads of different sizes in one batch, corrupt
 // payloads flagged in their own segment only), encoding within the budget and the same bytes
 // in a batch as alone. So their logic (indexing per segment, shared memory, scans, the device
@@ -17,6 +18,7 @@
 #include "common/encoded_segment.h"
 #include "gtest/gtest.h"
 #include "kernels/kvpool.h"
+#include "kernels/kvpool_cuda_encoder.cuh"
 #include "kernels/kvpool_cuda_kernels.cuh"
 #include "tests/kernels/kvpool_test_helpers.h"
 
@@ -25,6 +27,7 @@ namespace {
 
 using ::kvpool::testing::cuda_emulation::EmulatedLauncher;
 using ::kvpool::testing::cuda_emulation::HostBuffer;
+using ::kvpool::testing::cuda_emulation::StagedPayloads;
 namespace in = ::kvpool::kernels::kvpool::internal;
 
 // What DecodeBatchCuda launches, emulated: the payloads at one stride, every segment's output.
@@ -32,16 +35,10 @@ std::vector<std::vector<uint16_t>> DecodeBatch(const SegmentShape& s,
                                                const std::vector<std::string>& payloads) {
   const in::Dims dm = in::MakeDims(s);
   const uint32_t count = uint32_t(payloads.size());
-  uint64_t stride = 0;
-  for (const std::string& p : payloads) stride = std::max<uint64_t>(stride, p.size());
-  HostBuffer staging(stride * count), scratch(in::DecodeScratchBytes(dm, count));
-  std::vector<uint64_t> sizes;
-  for (uint32_t i = 0; i < count; ++i) {
-    std::memcpy(staging.data() + i * stride, payloads[i].data(), payloads[i].size());
-    sizes.push_back(payloads[i].size());
-  }
+  StagedPayloads staged(payloads);
+  HostBuffer scratch(in::DecodeScratchBytes(dm, count));
   std::vector<uint16_t> out(dm.N * count, 0x1234);
-  const in::DecodeBatch b{staging.data(), stride, sizes.data(), out.data(), dm.N};
+  const in::DecodeBatch b{staged.data(), staged.stride(), staged.sizes(), out.data(), dm.N};
   Carver carver(scratch.data());
   const in::DecodeScratchSet set = in::CarveDecodeScratch(&carver, dm, count);
   in::LaunchDecodeKernels(EmulatedLauncher(), b, dm, set, count);

@@ -28,6 +28,7 @@ using ::kvpool::kernels::packkv_test::Params;
 using ::kvpool::test_util::Shape;
 using ::kvpool::testing::cuda_emulation::EmulatedLauncher;
 using ::kvpool::testing::cuda_emulation::HostBuffer;
+using ::kvpool::testing::cuda_emulation::StagedPayloads;
 namespace in = ::kvpool::kernels::packkv::internal;
 
 // What EncodeBatchCuda launches, emulated: each segment's payload (empty when its size is 0).
@@ -61,16 +62,10 @@ std::vector<std::vector<uint16_t>> DecodeBatch(const SegmentShape& s, const Code
                                                const std::vector<std::string>& payloads) {
   const in::Layout l = in::LayoutFor(s, p);
   const uint32_t count = uint32_t(payloads.size());
-  uint64_t stride = 0;
-  for (const std::string& payload : payloads) stride = std::max<uint64_t>(stride, payload.size());
-  HostBuffer staging(stride * count), scratch(in::DecodeScratchBytes(l, count));
-  std::vector<uint64_t> sizes;
-  for (uint32_t i = 0; i < count; ++i) {
-    std::memcpy(staging.data() + i * stride, payloads[i].data(), payloads[i].size());
-    sizes.push_back(payloads[i].size());
-  }
+  StagedPayloads staged(payloads);
+  HostBuffer scratch(in::DecodeScratchBytes(l, count));
   std::vector<uint16_t> out(s.Elements() * count, 0x1234);
-  const in::DecodeBatch b{staging.data(), stride, sizes.data(), out.data(), s.Elements()};
+  const in::DecodeBatch b{staged.data(), staged.stride(), staged.sizes(), out.data(), s.Elements()};
   Carver carver(scratch.data());
   const in::DecodeScratchSet set = in::CarveDecodeScratch(&carver, l, count);
   std::memset(set.flags, 0, set.zeroed_bytes);  // As the launcher does.

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -121,6 +122,32 @@ class HostBuffer {
 
  private:
   std::vector<uint64_t> words_;
+};
+
+// Payloads staged as a batch decoder reads them: payload i at data() + i * stride(), the stride
+// the longest payload's size, with their sizes.
+class StagedPayloads {
+ public:
+  explicit StagedPayloads(const std::vector<std::string>& payloads)
+      : stride_(Longest(payloads)), buffer_(stride_ * payloads.size()) {
+    for (size_t i = 0; i < payloads.size(); ++i) {
+      std::memcpy(buffer_.data() + i * stride_, payloads[i].data(), payloads[i].size());
+      sizes_.push_back(payloads[i].size());
+    }
+  }
+  const uint8_t* data() { return buffer_.data(); }
+  uint64_t stride() const { return stride_; }
+  const uint64_t* sizes() const { return sizes_.data(); }
+
+ private:
+  static uint64_t Longest(const std::vector<std::string>& payloads) {
+    uint64_t n = 0;
+    for (const std::string& p : payloads) n = std::max<uint64_t>(n, p.size());
+    return n;
+  }
+  uint64_t stride_;
+  HostBuffer buffer_;
+  std::vector<uint64_t> sizes_;
 };
 
 // Runs kernel(args...) over grid (grid_x, n) as Launch does: the launcher of the kernel
