@@ -23,12 +23,15 @@
 #include "kernels/codec.h"
 #include "kernels/codec_staging.h"
 #include "kernels/device.h"
+#include "tests/kernels/kivi_test_helpers.h"
 #include "tests/util/segment_shape.h"
 #include "tests/util/status_matchers.h"
 
 namespace kvpool::kernels {
 namespace {
 
+using ::kvpool::kernels::kivi_test::Kivi;
+using ::kvpool::kernels::kivi_test::ShapeCase;
 using ::kvpool::test_util::Shape;
 using ::kvpool::testing::IsOk;
 using ::kvpool::testing::StatusIs;
@@ -36,14 +39,6 @@ using ::testing::ElementsAre;
 
 constexpr uint16_t kGuard = 0xabcd;
 constexpr size_t kGuardElements = 32;
-
-CodecParams Kivi(uint8_t bits, uint16_t group) {
-  CodecParams p;
-  p.codec = CodecId::kKivi;
-  p.bits = bits;
-  p.group = group;
-  return p;
-}
 
 float ToFloat(uint16_t v, DType dtype) {
   return dtype == DType::kBf16 ? Bf16ToFloat(v) : Fp16ToFloat(v);
@@ -292,11 +287,6 @@ class KiviComboTest : public ::testing::TestWithParam<Combo> {
   SegmentShape MakeShape(uint32_t t, uint32_t h, uint32_t d) const {
     return Shape(t, h, d, dtype(), kind());
   }
-};
-
-struct ShapeCase {
-  uint32_t tokens, heads, dim;
-  uint16_t group;
 };
 
 // Regular shapes (the vector paths), odd ones (scalar heads and tails, short last groups,

@@ -182,6 +182,16 @@ struct Bf16 {
 #define KVPOOL_DYNAMIC_SHARED(T, name) \
   T* const name = reinterpret_cast<T*>(::kvpool::testing::cuda_emulation::dynamic_shared.data())
 
+// CUDA's vector types (host alignment: a kernel's 16-byte accesses need only be legal here).
+struct uint2 {
+  unsigned x, y;
+};
+struct uint4 {
+  unsigned x, y, z, w;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
 using std::isfinite;
 using std::isnan;
 template <typename T>
@@ -234,6 +244,9 @@ inline unsigned atomicMax(unsigned* p, unsigned v) {
   return old;
 }
 inline unsigned atomicExch(unsigned* p, unsigned v) {
+  return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+}
+inline unsigned long long atomicExch(unsigned long long* p, unsigned long long v) {
   return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
 }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(unsigned(x)); }
