@@ -68,7 +68,6 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
   }
 
   void OnDone() override {
-    service_->Observe("Get", start_, final_status_);
     service_->CallDone();
     delete this;
   }
@@ -76,6 +75,9 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetResponse> {
  private:
   void FinishWith(const grpc::Status& status) {
     final_status_ = status;
+    // Observed before Finish, as the unary calls are, so that a scrape made after the client
+    // has its status counts the call.
+    service_->Observe("Get", start_, final_status_);
     blocks_.clear();
     Finish(status);
   }

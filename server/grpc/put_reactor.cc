@@ -52,7 +52,6 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   }
 
   void OnDone() override {
-    service_->Observe("Put", start_, final_status_);
     service_->CallDone();
     delete this;
   }
@@ -96,6 +95,9 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
 
   void FinishWith(const absl::Status& status) {
     final_status_ = ToGrpcStatus(status);
+    // Observed before Finish, as the unary calls are, so that a scrape made after the client
+    // has its status counts the call.
+    service_->Observe("Put", start_, final_status_);
     blocks_.clear();  // Release memory now, not when the client acknowledges.
     batch_buffers_.clear();
     Finish(final_status_);
