@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/codec.h"
 
 namespace kvpool::kernels::kvpool::internal {
 namespace {
@@ -212,6 +213,17 @@ absl::Status DecodeStream(const Stream& s, int32_t* codes, uint64_t ld) {
     return cur;
   };
   uint32_t l = 0;
+  while (CpuHasAvx512() && l + 16 <= full) {  // 64, 32 or 16 lanes at a time.
+    const uint32_t groups = l + 64 <= full ? 4 : l + 32 <= full ? 2 : 1;
+    const int64_t bad = DecodeLanesAvx512(s, tables.data(), l, groups, offset, codes, ld);
+    if (bad == -2) break;
+    if (bad >= 0) {
+      return absl::DataLossError(absl::StrCat("kvpool: entropy lane ", l + bad, " is corrupt"));
+    }
+    for (uint32_t i = 0; i < 16 * groups; ++i, ++l) {
+      offset += LoadU32(s.lane_dir + uint64_t{l} * kLaneEntryBytes + 4);
+    }
+  }
   for (; l + 4 <= full; l += 4) {  // Four lanes together, in named cursors (registers).
     LaneCursor a = open(l), b = open(l + 1), c = open(l + 2), d = open(l + 3);
     const DecodeTable* tab[4][kLaneCols];

@@ -218,14 +218,24 @@ uint64_t StreamBound(uint32_t rows, uint32_t cols);
 // Deterministic: every encoder path writes the same bytes. An empty matrix writes nothing.
 void AppendStream(const uint16_t* zz, uint32_t rows, uint32_t cols, std::vector<uint8_t>* out);
 
+// Decodes the 16 x `groups` (1, 2 or 4) full lanes from l0 of a checked stream, whose words
+// start `offset` bytes into s.data, as DecodeLane would each; tables[k] is table k built.
+// Returns -1 when all finished consistently, -2 when the stream's words span 2 GiB or more or
+// `groups` is not 1, 2 or 4 (nothing decoded: the caller decodes lane by lane), else the first
+// inconsistent lane (from 0). Requires AVX-512 F, BW, VL and DQ (CpuHasAvx512).
+// kvpool_entropy_avx512.cc.
+int64_t DecodeLanesAvx512(const Stream& s, const DecodeTable* tables, uint32_t l0, uint32_t groups,
+                          uint64_t offset, int32_t* codes, uint64_t ld);
+
 // CheckStream with a DataLoss status that says what is wrong.
 absl::Status ParseStream(const uint8_t* payload, uint64_t size, uint32_t rows, uint32_t cols,
                          uint64_t* pos, Stream* stream);
 
 // Decodes a parsed stream into codes[t * ld + c] (t < rows, c < cols): the same codes as
-// DecodeLane lane by lane, with four full lanes interleaved (their state chains are
-// independent, so the core overlaps them). DataLoss when a lane is corrupt (checksums catch
-// that first for stored segments; this guards crafted payloads).
+// DecodeLane lane by lane, 16 full lanes at a time on AVX-512 (DecodeLanesAvx512), else with
+// four full lanes interleaved (their state chains are independent, so the core overlaps them).
+// DataLoss when a lane is corrupt (checksums catch that first for stored segments; this guards
+// crafted payloads).
 absl::Status DecodeStream(const Stream& s, int32_t* codes, uint64_t ld);
 
 }  // namespace kvpool::kernels::kvpool::internal

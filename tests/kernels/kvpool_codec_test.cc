@@ -102,6 +102,100 @@ TEST(KvpoolCodec, EntropyStreamsRoundTrip) {
   }
 }
 
+// DecodeStream (16 lanes at a time on AVX-512 where the CPU has it, 4 at a time, one at a time)
+// against DecodeLane, the definition, lane by lane: wide streams (a residual's H x D columns)
+// with escapes and shifted columns give the same codes, and corrupt lane words or lengths fail
+// exactly when a lane fails there; DecodeLanesAvx512 names the first failing lane of its 16,
+// 32 or 64.
+TEST(KvpoolCodec, EntropyStreamsDecodeAsLaneByLane) {
+  using namespace kvpool::internal;  // NOLINT: the format's own helpers.
+  std::mt19937_64 rng(31);
+  int corrupt_runs = 0, failed = 0;
+  for (int n = 0; n < 160; ++n) {
+    const uint32_t rows = 1 + rng() % 48, cols = 256 + rng() % 1100;
+    std::vector<uint16_t> zz(uint64_t{rows} * cols);
+    std::vector<double> sigma(cols);
+    for (double& sg : sigma) sg = std::exp2(double(rng() % 140) / 10.0 - 3.0);  // 0.125 .. 2000
+    for (uint32_t t = 0; t < rows; ++t)
+      for (uint32_t c = 0; c < cols; ++c) {
+        double x = std::normal_distribution<double>(0, sigma[c])(rng);
+        if (rng() % 200 == 0) x = (rng() & 1 ? 1 : -1) * double(rng() % 16384);  // escapes
+        const int32_t q = int32_t(std::max(-16383.0, std::min(16383.0, std::nearbyint(x))));
+        zz[uint64_t{t} * cols + c] = uint16_t(ZigZag(q));
+      }
+    std::vector<uint8_t> bytes = {0xab};
+    AppendStream(zz.data(), rows, cols, &bytes);
+    uint64_t pos = 1;
+    Stream st;
+    ASSERT_TRUE(ParseStream(bytes.data(), bytes.size(), rows, cols, &pos, &st).ok()) << n;
+    const uint64_t data_at = uint64_t(st.data - bytes.data());
+    const bool corrupt = n % 2 == 1;
+    if (corrupt) {  // Flip a few words, or move bytes between two lanes' lengths.
+      ++corrupt_runs;
+      if (rng() % 2 == 0 && bytes.size() > data_at) {
+        for (int k = 0; k < 3; ++k)
+          bytes[data_at + rng() % (bytes.size() - data_at)] ^= 1 << (rng() % 8);
+      } else {
+        const uint32_t a = uint32_t(rng() % st.lanes),
+                       b = (a + 1 + uint32_t(rng() % (st.lanes - 1))) % st.lanes;
+        uint8_t* ea =
+            bytes.data() + (st.lane_dir - bytes.data()) + uint64_t{a} * kLaneEntryBytes + 4;
+        uint8_t* eb =
+            bytes.data() + (st.lane_dir - bytes.data()) + uint64_t{b} * kLaneEntryBytes + 4;
+        const uint32_t la = LoadU32(ea), lb = LoadU32(eb), move = std::min<uint32_t>(la, 2);
+        for (int i = 0; i < 4; ++i) {
+          ea[i] = uint8_t((la - move) >> (8 * i));
+          eb[i] = uint8_t((lb + move) >> (8 * i));
+        }
+      }
+      pos = 1;
+      ASSERT_TRUE(ParseStream(bytes.data(), bytes.size(), rows, cols, &pos, &st).ok()) << n;
+    }
+    std::vector<DecodeTable> tables(st.tables);
+    for (uint32_t k = 0; k < st.tables; ++k) BuildTable(st, k, &tables[k]);
+    std::vector<int32_t> want(uint64_t{rows} * cols, 0);
+    int64_t first_bad = -1;
+    for (uint32_t l = 0; l < st.lanes; ++l) {
+      const uint8_t* e = st.lane_dir + uint64_t{l} * kLaneEntryBytes;
+      const bool ok = DecodeLane(tables.data(), st.column_tables, rows, cols, l, LoadU32(e),
+                                 st.data + LaneOffset(st, l), LoadU32(e + 4), want.data(), cols);
+      if (!ok && first_bad < 0) first_bad = l;
+    }
+    std::vector<int32_t> got(uint64_t{rows} * cols + 5, 77);
+    const absl::Status s = DecodeStream(st, got.data(), cols);
+    ASSERT_EQ(s.ok(), first_bad < 0) << n << " " << s;
+    failed += !s.ok();
+    if (!corrupt) ASSERT_TRUE(s.ok()) << n << " " << s;
+    if (s.ok()) {
+      for (uint64_t i = 0; i < want.size(); ++i) ASSERT_EQ(got[i], want[i]) << n << " " << i;
+    }
+    EXPECT_EQ(got[want.size()], 77);
+    if (!CpuHasAvx512()) continue;
+    const uint32_t groups = 1u << (n / 2 % 3);  // 1, 2, 4
+    for (uint32_t l0 = 0; l0 + 16 * groups <= cols / kLaneCols; l0 += 16 * groups) {
+      std::vector<int32_t> wide(uint64_t{rows} * cols, 0);
+      const int64_t bad =
+          DecodeLanesAvx512(st, tables.data(), l0, groups, LaneOffset(st, l0), wide.data(), cols);
+      int64_t want_bad = -1;
+      for (uint32_t i = 0; i < 16 * groups && want_bad < 0; ++i) {
+        const uint8_t* e = st.lane_dir + uint64_t{l0 + i} * kLaneEntryBytes;
+        std::vector<int32_t> scratch(uint64_t{rows} * cols);
+        if (!DecodeLane(tables.data(), st.column_tables, rows, cols, l0 + i, LoadU32(e),
+                        st.data + LaneOffset(st, l0 + i), LoadU32(e + 4), scratch.data(), cols)) {
+          want_bad = i;
+        }
+      }
+      ASSERT_EQ(bad, want_bad) << n << " lanes from " << l0;
+      if (bad >= 0) continue;
+      for (uint32_t t = 0; t < rows; ++t)
+        for (uint32_t c = l0 * kLaneCols; c < (l0 + 16 * groups) * kLaneCols; ++c) {
+          ASSERT_EQ(wide[uint64_t{t} * cols + c], want[uint64_t{t} * cols + c]) << n;
+        }
+    }
+  }
+  EXPECT_GT(failed, corrupt_runs / 2);  // The corruptions mostly break a lane.
+}
+
 // The entropy encoder divides by multiplying: exact for every frequency a table can hold, at
 // the quotients' edges (multiples of freq and one below) up to the largest state, and at random.
 TEST(KvpoolCodec, EntropyEncoderQuotientsAreExact) {
