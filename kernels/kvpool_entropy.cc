@@ -38,10 +38,12 @@ void Normalise(const uint64_t* counts, uint16_t* freq) {
 }
 
 // The rANS encoder of one lane: symbols are put in reverse decoding order; words come out in
-// reverse reading order.
+// reverse reading order, into a buffer of at least 4 words per code (the most a code takes: an
+// escape's two bytes, the symbol, the low bits). Renormalisation stores its word whether it
+// emits it or not, so the step has no branch the predictor would miss on.
 class LaneEncoder {
  public:
-  explicit LaneEncoder(std::vector<uint16_t>* words) : words_(words) { words_->clear(); }
+  explicit LaneEncoder(uint16_t* words) : words_(words) {}
   // The symbol at [start, start + freq) of the table; `reciprocal` = RansReciprocal(freq).
   void Put(uint32_t start, uint32_t freq, uint64_t reciprocal) {
     Renormalise(freq);
@@ -55,28 +57,22 @@ class LaneEncoder {
     x_ = ((x_ >> (kProbBits - bits)) << kProbBits) + (x_ & (f - 1)) + value * f;
   }
   uint32_t state() const { return x_; }
+  uint64_t words() const { return n_; }
 
  private:
   void Renormalise(uint32_t freq) {
     const uint64_t x_max = uint64_t{kStateLow >> kProbBits} << 16;  // Renormalised: x < x_max.
-    if (x_ >= x_max * freq) {
-      words_->push_back(uint16_t(x_));
-      x_ >>= 16;
-    }
+    const uint32_t emit = x_ >= x_max * freq;
+    words_[n_] = uint16_t(x_);
+    n_ += emit;
+    x_ >>= 16 * emit;  // A shift by 0 or 16, not a select the compiler turns into a branch.
   }
   uint32_t x_ = kStateLow;
-  std::vector<uint16_t>* words_;
+  uint64_t n_ = 0;
+  uint16_t* words_;
 };
 
 }  // namespace
-
-// With m = ceil(2^44 / freq), x * m / 2^44 exceeds x / freq by less than x / 2^44 < 2^-12, and
-// 2^-12 <= 1 / freq, the least distance from x / freq up to the next integer when x / freq is
-// not one: the floor is the same.
-uint64_t RansReciprocal(uint32_t freq) { return ((uint64_t{1} << 44) + freq - 1) / freq; }
-uint32_t RansQuotient(uint32_t x, uint64_t reciprocal) {
-  return uint32_t((static_cast<unsigned __int128>(x) * reciprocal) >> 44);
-}
 
 uint64_t StreamBound(uint32_t rows, uint32_t cols) {
   if (rows == 0 || cols == 0) return 0;
@@ -149,32 +145,51 @@ void AppendStream(const uint16_t* zz, uint32_t rows, uint32_t cols, std::vector<
   }
   for (uint32_t c = 0; c < cols; ++c) p[c / 2] |= uint8_t(table_of[c] << (4 * (c & 1)));
   const uint64_t dir_at = at + 1 + K * kTableBytes + (cols + 1) / 2;
-  std::vector<uint16_t> words;
-  for (uint32_t lane = 0; lane < lanes; ++lane) {
-    const uint32_t c0 = lane * kLaneCols, c1 = std::min(cols, c0 + kLaneCols);
-    LaneEncoder enc(&words);
-    for (uint32_t t = rows; t-- > 0;) {
-      for (uint32_t c = c1; c-- > c0;) {
-        const uint32_t k = table_of[c], sh = shift[k];
-        const uint32_t u = zz[uint64_t{t} * cols + c], hi = u >> sh;
-        if (sh != 0) enc.Uniform(u & ((1u << sh) - 1), sh);
-        uint32_t sym = hi;
-        if (hi >= kEscape) {
-          enc.Uniform((hi - kEscape) >> 8, 8);
-          enc.Uniform((hi - kEscape) & 255, 8);
-          sym = kEscape;
+  // Four lanes at a time: their state chains are independent, so the core overlaps them.
+  const uint64_t per_lane = 4 * uint64_t{rows} * kLaneCols + 1;
+  std::vector<uint16_t> words(4 * per_lane);
+  auto put = [&](LaneEncoder* enc, uint32_t t, uint32_t c) {
+    const uint32_t k = table_of[c], sh = shift[k];
+    const uint32_t u = zz[uint64_t{t} * cols + c], hi = u >> sh;
+    if (sh != 0) enc->Uniform(u & ((1u << sh) - 1), sh);
+    uint32_t sym = hi;
+    if (hi >= kEscape) {
+      enc->Uniform((hi - kEscape) >> 8, 8);
+      enc->Uniform((hi - kEscape) & 255, 8);
+      sym = kEscape;
+    }
+    const uint64_t i = uint64_t{k} * kSymbols + sym;
+    enc->Put(start[i], freq[i], reciprocal[i]);
+  };
+  for (uint32_t l0 = 0; l0 < lanes; l0 += 4) {
+    const uint32_t n = std::min<uint32_t>(4, uint32_t(lanes) - l0);
+    LaneEncoder enc[4] = {LaneEncoder(&words[0]), LaneEncoder(&words[per_lane]),
+                          LaneEncoder(&words[2 * per_lane]), LaneEncoder(&words[3 * per_lane])};
+    if (n == 4 && (l0 + 4) * kLaneCols <= cols) {  // Full lanes: a loop of constant trips.
+      for (uint32_t t = rows; t-- > 0;) {
+        for (uint32_t j = kLaneCols; j-- > 0;) {
+          for (uint32_t k = 0; k < 4; ++k) put(&enc[k], t, (l0 + k) * kLaneCols + j);
         }
-        const uint64_t i = uint64_t{k} * kSymbols + sym;
-        enc.Put(start[i], freq[i], reciprocal[i]);
+      }
+    } else {
+      for (uint32_t t = rows; t-- > 0;) {
+        for (uint32_t j = kLaneCols; j-- > 0;) {
+          for (uint32_t k = 0; k < n; ++k) {
+            const uint32_t c = (l0 + k) * kLaneCols + j;
+            if (c < cols) put(&enc[k], t, c);
+          }
+        }
       }
     }
-    uint8_t* entry = out->data() + dir_at + uint64_t{lane} * kLaneEntryBytes;
-    PutU32(entry, enc.state());
-    PutU32(entry + 4, uint32_t(2 * words.size()));
-    const uint64_t data_at = out->size();
-    out->resize(data_at + 2 * words.size());
-    for (uint64_t i = 0; i < words.size(); ++i) {
-      PutU16(out->data() + data_at + 2 * i, words[words.size() - 1 - i]);
+    for (uint32_t k = 0; k < n; ++k) {
+      uint8_t* entry = out->data() + dir_at + uint64_t{l0 + k} * kLaneEntryBytes;
+      const uint64_t count = enc[k].words();
+      PutU32(entry, enc[k].state());
+      PutU32(entry + 4, uint32_t(2 * count));
+      const uint64_t data_at = out->size();
+      out->resize(data_at + 2 * count);
+      const uint16_t* w = &words[k * per_lane];
+      for (uint64_t i = 0; i < count; ++i) PutU16(out->data() + data_at + 2 * i, w[count - 1 - i]);
     }
   }
 }

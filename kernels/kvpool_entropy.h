@@ -206,10 +206,14 @@ KVPOOL_HD bool DecodeLane(const DecodeTable* tables, const uint8_t* column_table
 }
 
 // The encoder's x / freq (x < 2^32, 1 <= freq <= kProbScale) as a multiplication by
-// RansReciprocal(freq), exact (kvpool_entropy.cc says why); a division's latency was most of
-// the encoder's time.
-uint64_t RansReciprocal(uint32_t freq);
-uint32_t RansQuotient(uint32_t x, uint64_t reciprocal);
+// RansReciprocal(freq), exact; a division's latency was most of the encoder's time. With
+// m = ceil(2^44 / freq), x * m / 2^44 exceeds x / freq by less than x / 2^44 < 2^-12, and
+// 2^-12 <= 1 / freq, the least distance from x / freq up to the next integer when x / freq is
+// not one: the floor is the same.
+inline uint64_t RansReciprocal(uint32_t freq) { return ((uint64_t{1} << 44) + freq - 1) / freq; }
+inline uint32_t RansQuotient(uint32_t x, uint64_t reciprocal) {
+  return uint32_t((static_cast<unsigned __int128>(x) * reciprocal) >> 44);
+}
 
 // Size bound of an encoded stream of a [rows][cols] matrix.
 uint64_t StreamBound(uint32_t rows, uint32_t cols);
