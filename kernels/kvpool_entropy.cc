@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/codec.h"
@@ -147,7 +148,8 @@ void AppendStream(const uint16_t* zz, uint32_t rows, uint32_t cols, std::vector<
   const uint64_t dir_at = at + 1 + K * kTableBytes + (cols + 1) / 2;
   // Four lanes at a time: their state chains are independent, so the core overlaps them.
   const uint64_t per_lane = 4 * uint64_t{rows} * kLaneCols + 1;
-  std::vector<uint16_t> words(4 * per_lane);
+  const std::unique_ptr<uint16_t[]> words(
+      new uint16_t[4 * per_lane]);  // Not zeroed: written first.
   auto put = [&](LaneEncoder* enc, uint32_t t, uint32_t c) {
     const uint32_t k = table_of[c], sh = shift[k];
     const uint32_t u = zz[uint64_t{t} * cols + c], hi = u >> sh;
