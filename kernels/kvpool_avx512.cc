@@ -1,5 +1,6 @@
 // The kvpool codec's fast profile on AVX-512 (F, BW, VL, VBMI, GFNI; kvpool_fast.cc defines
-// it): the encoder's kernels and a decoder for mode 1 payloads without low-rank directions.
+// it): the encoder's kernels and a decoder for mode 1 payloads without low-rank directions;
+// and the default mode's (mode 3) reconstruction after its entropy streams (DecodeEntropyAvx512).
 // Lanes are the 16 tokens of a pack: a 16 x 16 transpose of 16-bit elements turns 16 token
 // rows of 16 columns into 16 packs and back, and a pack's bit planes are a 16 x 16 bit
 // transpose (a byte permutation, GF(2) affine 8 x 8 bit transposes, a byte permutation).
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 
 #include "kernels/codec.h"
 #include "kernels/kvpool_format.h"
@@ -451,6 +453,83 @@ bool DecodePacksAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t
     return false;
   }
   return DecodeCoded(shape, parsed, out);
+}
+
+namespace {
+
+// Stores 16 floats as the dtype (bit-identical to FromFloat: NaN lanes take it).
+template <bool kBf16>
+KVPOOL_AVX512 inline void Store16(__m512 y, uint16_t* out) {
+  if (_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q) != 0) {
+    alignas(64) float f[16];
+    _mm512_store_ps(f, y);
+    for (int l = 0; l < 16; ++l) out[l] = FromFloat(kBf16 ? DType::kBf16 : DType::kFp16, f[l]);
+    return;
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), FromFloats<kBf16>(y));
+}
+
+// out[t][h][d] = (means + sum_j coefficient_j * basis_j) + code * step, the reference's
+// operations in its order, 16 channels at a time; token after token, so the codes and the
+// output stream through once.
+template <bool kBf16>
+KVPOOL_AVX512 void ReconstructT(const SegmentShape& shape, const Parsed& parsed, const LowRank& lr,
+                                const float* steps, const int32_t* codes, uint16_t* out) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
+  const uint32_t R = parsed.coef_cols;
+  const uint64_t HD = uint64_t{H} * D;
+  for (uint32_t t = 0; t < T; ++t) {
+    const int32_t* row = codes + uint64_t{t} * HD;
+    uint16_t* o = out + uint64_t{t} * HD;
+    _mm_prefetch(reinterpret_cast<const char*>(row + 2 * HD), _MM_HINT_T0);
+    for (uint32_t h = 0; h < H; ++h) {
+      const uint32_t r = parsed.ranks[h];
+      const float* coef = lr.coefficients.data() + uint64_t{t} * R + lr.first_col[h];
+      const float* basis = lr.basis.data() + uint64_t{h} * kMaxRank * D;
+      const __m512 step = _mm512_set1_ps(steps[uint64_t{t} * H + h]);
+      for (uint32_t d0 = 0; d0 < D; d0 += 16) {
+        const uint64_t c0 = uint64_t{h} * D + d0;
+        __m512 p = _mm512_loadu_ps(lr.means.data() + c0);
+        for (uint32_t j = 0; j < r; ++j) {
+          p = _mm512_add_ps(p, _mm512_mul_ps(_mm512_set1_ps(coef[j]),
+                                             _mm512_loadu_ps(basis + uint64_t{j} * D + d0)));
+        }
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_loadu_si512(row + c0));
+        Store16<kBf16>(_mm512_add_ps(p, _mm512_mul_ps(q, step)), o + c0);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+absl::Status DecodeEntropyAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out) {
+  if (!CpuHasAvx512() || parsed.mode != kModeEntropy || shape.head_dim % 16 != 0 ||
+      shape.tokens == 0) {
+    return absl::UnimplementedError("kvpool: payload does not take the AVX-512 decoder");
+  }
+  thread_local LowRank lr;
+  thread_local std::vector<float> steps;
+  // The residual codes, [tokens][kv_heads * head_dim]; every element is written by the stream
+  // decoder before it is read, so the buffer is kept between calls and never cleared.
+  thread_local std::unique_ptr<int32_t[]> codes;
+  thread_local uint64_t capacity = 0;
+  absl::Status s = DecodeLowRank(shape, parsed, &lr);
+  if (!s.ok()) return s;
+  const uint64_t n = shape.Elements();
+  if (capacity < n) {
+    codes.reset(new int32_t[n]);
+    capacity = n;
+  }
+  s = DecodeStream(parsed.res_stream, codes.get(), uint64_t{shape.kv_heads} * shape.head_dim);
+  if (!s.ok()) return s;
+  TokenSteps(shape, parsed, &steps);
+  if (shape.dtype == DType::kBf16) {
+    ReconstructT<true>(shape, parsed, lr, steps.data(), codes.get(), out);
+  } else {
+    ReconstructT<false>(shape, parsed, lr, steps.data(), codes.get(), out);
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace kvpool::kernels::kvpool::internal

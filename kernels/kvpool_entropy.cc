@@ -219,7 +219,9 @@ absl::Status ParseStream(const uint8_t* payload, uint64_t size, uint32_t rows, u
 
 absl::Status DecodeStream(const Stream& s, int32_t* codes, uint64_t ld) {
   if (s.rows == 0 || s.cols == 0) return absl::OkStatus();
-  std::vector<DecodeTable> tables(s.tables);
+  // This thread's tables (256 KiB), kept between calls: BuildTable writes every slot, and a
+  // fresh vector of them was a 256 KiB zero fill per stream.
+  thread_local const std::unique_ptr<DecodeTable[]> tables(new DecodeTable[kMaxTables]);
   for (uint32_t k = 0; k < s.tables; ++k) BuildTable(s, k, &tables[k]);
   const uint32_t full = s.cols / kLaneCols;  // Lanes of 16 columns.
   uint64_t offset = 0;
@@ -232,7 +234,7 @@ absl::Status DecodeStream(const Stream& s, int32_t* codes, uint64_t ld) {
   uint32_t l = 0;
   while (CpuHasAvx512() && l + 16 <= full) {  // 64, 32 or 16 lanes at a time.
     const uint32_t groups = l + 64 <= full ? 4 : l + 32 <= full ? 2 : 1;
-    const int64_t bad = DecodeLanesAvx512(s, tables.data(), l, groups, offset, codes, ld);
+    const int64_t bad = DecodeLanesAvx512(s, tables.get(), l, groups, offset, codes, ld);
     if (bad == -2) break;
     if (bad >= 0) {
       return absl::DataLossError(absl::StrCat("kvpool: entropy lane ", l + bad, " is corrupt"));
@@ -241,37 +243,42 @@ absl::Status DecodeStream(const Stream& s, int32_t* codes, uint64_t ld) {
       offset += LoadU32(s.lane_dir + uint64_t{l} * kLaneEntryBytes + 4);
     }
   }
-  for (; l + 4 <= full; l += 4) {  // Four lanes together, in named cursors (registers).
-    LaneCursor a = open(l), b = open(l + 1), c = open(l + 2), d = open(l + 3);
+  // The rest four lanes at a time, in named cursors (registers), the last lane full or not; a
+  // lane's columns beyond `width` and lanes beyond the stream's decode nothing.
+  for (; l < s.lanes; l += 4) {
+    const uint32_t n = std::min<uint32_t>(4, s.lanes - l);
+    LaneCursor cur[4];
+    uint32_t width[4] = {0, 0, 0, 0};
     const DecodeTable* tab[4][kLaneCols];
-    for (uint32_t k = 0; k < 4; ++k)
-      for (uint32_t j = 0; j < kLaneCols; ++j) {
-        tab[k][j] = &tables[ColumnTable(s.column_tables, (l + k) * kLaneCols + j)];
+    for (uint32_t k = 0; k < 4; ++k) {
+      if (k < n) {
+        cur[k] = open(l + k);
+        width[k] = std::min(kLaneCols, s.cols - (l + k) * kLaneCols);
       }
+      for (uint32_t j = 0; j < kLaneCols; ++j) {
+        tab[k][j] =
+            &tables[j < width[k] ? ColumnTable(s.column_tables, (l + k) * kLaneCols + j) : 0];
+      }
+    }
+    LaneCursor a = cur[0], b = cur[1], c = cur[2], d = cur[3];
     for (uint32_t t = 0; t < s.rows && a.ok && b.ok && c.ok && d.ok; ++t) {
       int32_t* row = codes + uint64_t{t} * ld + uint64_t{l} * kLaneCols;
       for (uint32_t j = 0; j < kLaneCols; ++j) {
-        row[j] = DecodeCode(*tab[0][j], &a);
-        row[kLaneCols + j] = DecodeCode(*tab[1][j], &b);
-        row[2 * kLaneCols + j] = DecodeCode(*tab[2][j], &c);
-        row[3 * kLaneCols + j] = DecodeCode(*tab[3][j], &d);
+        if (j < width[0]) row[j] = DecodeCode(*tab[0][j], &a);
+        if (j < width[1]) row[kLaneCols + j] = DecodeCode(*tab[1][j], &b);
+        if (j < width[2]) row[2 * kLaneCols + j] = DecodeCode(*tab[2][j], &c);
+        if (j < width[3]) row[3 * kLaneCols + j] = DecodeCode(*tab[3][j], &d);
       }
     }
-    const LaneCursor* lanes[4] = {&a, &b, &c, &d};
-    for (uint32_t k = 0; k < 4; ++k) {
-      if (!LaneFinished(*lanes[k])) {
-        return absl::DataLossError(absl::StrCat("kvpool: entropy lane ", l + k, " is corrupt"));
+    cur[0] = a, cur[1] = b, cur[2] = c, cur[3] = d;
+    // The lane that failed (the others stopped with it), else one not finished.
+    for (int pass = 0; pass < 2; ++pass) {
+      for (uint32_t k = 0; k < n; ++k) {
+        if (pass == 0 ? !cur[k].ok : !LaneFinished(cur[k])) {
+          return absl::DataLossError(absl::StrCat("kvpool: entropy lane ", l + k, " is corrupt"));
+        }
       }
     }
-  }
-  for (; l < s.lanes; ++l) {  // The rest, one by one.
-    const uint8_t* e = s.lane_dir + uint64_t{l} * kLaneEntryBytes;
-    const uint32_t bytes = LoadU32(e + 4);
-    if (!DecodeLane(tables.data(), s.column_tables, s.rows, s.cols, l, LoadU32(e),
-                    s.data + offset, bytes, codes, ld)) {
-      return absl::DataLossError(absl::StrCat("kvpool: entropy lane ", l, " is corrupt"));
-    }
-    offset += bytes;
   }
   return absl::OkStatus();
 }

@@ -110,11 +110,14 @@ KVPOOL_HD StreamError CheckStream(const uint8_t* payload, uint64_t size, uint32_
 KVPOOL_HD void BuildTable(const Stream& s, uint32_t k, DecodeTable* d) {
   const uint8_t* tb = s.table_bytes + uint64_t{k} * kTableBytes;
   d->shift = tb[0];
-  uint32_t cum = 0;
+  uint32_t* slot = d->slot;  // The frequencies sum to kProbScale (CheckStream): every slot.
   for (uint32_t i = 0; i < kSymbols; ++i) {
     const uint32_t freq = uint32_t(tb[1 + 2 * i]) | uint32_t(tb[2 + 2 * i]) << 8;
-    for (uint32_t n = 0; n < freq; ++n) d->slot[cum + n] = i | freq << 5 | n << 18;
-    cum += freq;
+    const uint32_t entry = i | freq << 5;
+    // A signed count and a pointer: the loop the compiler vectorises (an unsigned index
+    // cum + n may wrap, and kept it scalar).
+    for (int32_t n = 0; n < int32_t(freq); ++n) slot[n] = entry + (uint32_t(n) << 18);
+    slot += freq;
   }
 }
 

@@ -266,6 +266,11 @@ const FastKernels& FastCpuKernels();
 // Decodes a mode 1 payload without low-rank directions (the fast profile's) with AVX-512;
 // false (nothing written) when the payload or the CPU does not qualify.
 bool DecodePacksAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out);
+// Decodes a mode 3 (entropy-coded) payload with AVX-512: the entropy streams as DecodeStream
+// decodes them, the reconstruction 16 channels per vector in the reference's order of float
+// operations (bit-identical). Unimplemented (nothing written) when the payload or the CPU does
+// not qualify (head_dim a multiple of 16); DataLoss when a stream is corrupt.
+absl::Status DecodeEntropyAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out);
 // Tree16: for k = 8, 4, 2, 1: l[i] = l[i] + l[i + k] (i < k); the result is l[0].
 inline float Tree16(float* l) {
   for (int k = 8; k > 0; k >>= 1)

@@ -410,6 +410,37 @@ TEST_P(KvpoolCorrupt, PayloadsFailCleanly) {
 }
 INSTANTIATE_TEST_SUITE_P(EveryMode, KvpoolCorrupt, ::testing::Values(uint8_t{0}, kPacked, kFast));
 
+// A well-formed mode 3 payload whose steps overflow (finite steps near the float maximum: the
+// parser accepts them) decodes to infinities and NaN, the same bits on every host path: the
+// AVX-512 decoder hands vectors holding NaN to the reference's conversion.
+TEST(KvpoolCodec, OverflowingStepsDecodeAlikeOnEveryPath) {
+  std::mt19937_64 rng(5);
+  for (DType dt : {DType::kFp16, DType::kBf16}) {
+    const SegmentShape s = Shape(40, 2, 32, dt, SegmentKind::kKey);
+    const std::vector<uint16_t> v = RandomSegment(s, 5, rng);
+    std::string enc = Encode(Params(0.05f), s, v);
+    const uint64_t at = kSegmentHeaderBytes;
+    ASSERT_EQ(uint8_t(enc[at]), 3);
+    const float huge = 3e38f;
+    std::memcpy(&enc[at + 4], &huge, 4);  // Residual step.
+    std::memcpy(&enc[at + kvpool::internal::kHeaderBytes + s.kv_heads], &huge, 4);  // Mean step.
+    const std::string payload = enc.substr(at);
+    std::vector<uint16_t> ref(s.Elements()), cpu(s.Elements(), 1);
+    const uint8_t* d = reinterpret_cast<const uint8_t*>(payload.data());
+    ASSERT_TRUE(kvpool::DecodeRef(s, Params(0.05f), d, payload.size(), ref.data()).ok());
+    ASSERT_TRUE(kvpool::DecodeCpu(s, Params(0.05f), d, payload.size(), cpu.data()).ok());
+    EXPECT_EQ(ref, cpu);
+    const uint16_t exp = dt == DType::kBf16 ? 0x7f80 : 0x7c00;
+    int nan = 0, inf = 0;
+    for (uint16_t x : ref) {
+      nan += (x & exp) == exp && (x & ~exp & 0x7fff) != 0;
+      inf += (x & 0x7fff) == exp;
+    }
+    EXPECT_GT(nan, 0);
+    EXPECT_GT(inf, 0);
+  }
+}
+
 // CUDA decode == reference decode, bit for bit, on reference and CPU payloads of many random
 // segments; CUDA-encoded payloads (a simpler encoding: rank 0) decode on every path to the same
 // values and meet the budget.

@@ -61,16 +61,18 @@ TEST(KvpoolCodec, EntropyStreamsRoundTrip) {
   }
 }
 
-// DecodeStream (16 lanes at a time on AVX-512 where the CPU has it, 4 at a time, one at a time)
-// against DecodeLane, the definition, lane by lane: wide streams (a residual's H x D columns)
-// with escapes and shifted columns give the same codes, and corrupt lane words or lengths fail
+// DecodeStream (16 lanes at a time on AVX-512 where the CPU has it; else, and the rest, 4 at a
+// time) against DecodeLane, the definition, lane by lane: wide streams (a residual's H x D
+// columns) and narrow ones (coefficients, side information; the last lane partial) with escapes
+// and shifted columns give the same codes, and corrupt lane words or lengths fail
 // exactly when a lane fails there; DecodeLanesAvx512 names the first failing lane of its 16,
 // 32 or 64.
 TEST(KvpoolCodec, EntropyStreamsDecodeAsLaneByLane) {
   std::mt19937_64 rng(31);
   int corrupt_runs = 0, failed = 0;
   for (int n = 0; n < 160; ++n) {
-    const uint32_t rows = 1 + rng() % 48, cols = 256 + rng() % 1100;
+    // A quarter narrow (1 to 5 lanes: a coefficient or side stream), the rest wide.
+    const uint32_t rows = 1 + rng() % 48, cols = n % 8 >= 6 ? 1 + rng() % 80 : 256 + rng() % 1100;
     std::vector<uint16_t> zz =  // sigma 0.125 .. 2000; escapes anywhere
         RandomCodes(rng, rows, cols, 140, -3.0, [&](double x) {
           return rng() % 200 == 0 ? (rng() & 1 ? 1 : -1) * double(rng() % 16384) : x;
@@ -84,7 +86,7 @@ TEST(KvpoolCodec, EntropyStreamsDecodeAsLaneByLane) {
     const bool corrupt = n % 2 == 1;
     if (corrupt) {  // Flip a few words, or move bytes between two lanes' lengths.
       ++corrupt_runs;
-      if (rng() % 2 == 0 && bytes.size() > data_at) {
+      if ((rng() % 2 == 0 || st.lanes < 2) && bytes.size() > data_at) {
         for (int k = 0; k < 3; ++k)
           bytes[data_at + rng() % (bytes.size() - data_at)] ^= 1 << (rng() % 8);
       } else {
