@@ -517,17 +517,24 @@ absl::Status DecodeEntropyAvx512(const SegmentShape& shape, const Parsed& parsed
   absl::Status s = DecodeLowRank(shape, parsed, &lr);
   if (!s.ok()) return s;
   const uint64_t n = shape.Elements();
-  if (capacity < n) {
+  // Segments beyond 4 MiB of codes (e.g. 1024 tokens of 8 x 128) take a buffer of their own,
+  // so that no thread holds more than that after a large one.
+  constexpr uint64_t kKept = uint64_t{1} << 20;
+  std::unique_ptr<int32_t[]> own;
+  if (n > kKept) {
+    own.reset(new int32_t[n]);
+  } else if (capacity < n) {
     codes.reset(new int32_t[n]);
     capacity = n;
   }
-  s = DecodeStream(parsed.res_stream, codes.get(), uint64_t{shape.kv_heads} * shape.head_dim);
+  int32_t* c = n > kKept ? own.get() : codes.get();
+  s = DecodeStream(parsed.res_stream, c, uint64_t{shape.kv_heads} * shape.head_dim);
   if (!s.ok()) return s;
   TokenSteps(shape, parsed, &steps);
   if (shape.dtype == DType::kBf16) {
-    ReconstructT<true>(shape, parsed, lr, steps.data(), codes.get(), out);
+    ReconstructT<true>(shape, parsed, lr, steps.data(), c, out);
   } else {
-    ReconstructT<false>(shape, parsed, lr, steps.data(), codes.get(), out);
+    ReconstructT<false>(shape, parsed, lr, steps.data(), c, out);
   }
   return absl::OkStatus();
 }
