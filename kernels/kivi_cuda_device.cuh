@@ -170,6 +170,20 @@ __device__ inline void ZeroPadding(const Geometry& geo, uint8_t* out) {
   for (uint32_t i = 4 * geo.groups; i < geo.codes_offset; ++i) out[i] = 0;
 }
 
+// Points a kernel's input and output (and an encoder's size slot) at its segment of the
+// batch, blockIdx.y. Templates, so that the kernels' __restrict__ parameters keep it.
+template <typename In, typename Out>
+__device__ __forceinline__ void SelectSegment(const Batch& batch, In& in, Out& out) {
+  in += blockIdx.y * batch.in_stride;
+  out += blockIdx.y * batch.out_stride;
+}
+template <typename In, typename Out>
+__device__ __forceinline__ void SelectSegment(const Batch& batch, In& in, Out& out,
+                                              uint64_t*& d_size) {
+  SelectSegment(batch, in, out);
+  d_size += blockIdx.y;
+}
+
 __device__ inline void StoreSizeAndPadding(const Geometry& geo, uint8_t* out, uint64_t* d_size) {
   ZeroPadding(geo, out);
   if (blockIdx.x == 0 && threadIdx.x == 0) *d_size = geo.size;

@@ -58,9 +58,7 @@ namespace kvpool::kernels::kivi::internal {
 
 __global__ void KeyStats(Geometry geo, Batch batch, const uint16_t* __restrict__ in, uint8_t* out,
                          uint64_t* d_size) {
-  in += blockIdx.y * batch.in_stride;
-  out += blockIdx.y * batch.out_stride;
-  d_size += blockIdx.y;
+  SelectSegment(batch, in, out, d_size);
   StoreSizeAndPadding(geo, out, d_size);
   for (uint32_t g = blockIdx.x * blockDim.x + threadIdx.x; g < geo.groups;
        g += gridDim.x * blockDim.x) {
@@ -83,9 +81,7 @@ __global__ void KeyStats(Geometry geo, Batch batch, const uint16_t* __restrict__
 
 __global__ void ValueStats(Geometry geo, Batch batch, const uint16_t* __restrict__ in, uint8_t* out,
                            uint64_t* d_size) {
-  in += blockIdx.y * batch.in_stride;
-  out += blockIdx.y * batch.out_stride;
-  d_size += blockIdx.y;
+  SelectSegment(batch, in, out, d_size);
   StoreSizeAndPadding(geo, out, d_size);
   const uint64_t threads = uint64_t{geo.groups} * geo.width;
   // Block-uniform trip count: every lane of a warp reaches the shuffles together.
@@ -119,9 +115,7 @@ __global__ void ValueStats(Geometry geo, Batch batch, const uint16_t* __restrict
 
 __global__ void Quantize(Geometry geo, Batch batch, const uint16_t* __restrict__ in, uint8_t* out,
                          uint64_t* d_size) {
-  in += blockIdx.y * batch.in_stride;
-  out += blockIdx.y * batch.out_stride;
-  d_size += blockIdx.y;
+  SelectSegment(batch, in, out, d_size);
   const uint32_t chunks = (geo.elements + 7) / 8, levels = (1u << geo.bits) - 1;
   for (uint32_t k = blockIdx.x * blockDim.x + threadIdx.x; k < chunks;
        k += gridDim.x * blockDim.x) {
@@ -263,9 +257,7 @@ __device__ __forceinline__ uint32_t KeyItemStride() { return gridDim.x * blockDi
 template <uint32_t kBits>
 __global__ void KeyEncode(Geometry geo, Batch batch, const uint16_t* __restrict__ in, uint8_t* out,
                           uint64_t* d_size) {
-  in += blockIdx.y * batch.in_stride;
-  out += blockIdx.y * batch.out_stride;
-  d_size += blockIdx.y;
+  SelectSegment(batch, in, out, d_size);
   ZeroPadding(geo, out);
   uint8_t* codes = out + geo.codes_offset;
   const uint32_t lane = threadIdx.x % 32, q = lane / 8, octets = geo.channels / 8;
@@ -347,8 +339,7 @@ __global__ void KeyEncode(Geometry geo, Batch batch, const uint16_t* __restrict_
 template <uint32_t kBits>
 __global__ void KeyDecode(Geometry geo, Batch batch, const uint8_t* __restrict__ payload,
                           uint16_t* __restrict__ out) {
-  payload += blockIdx.y * batch.in_stride;
-  out += blockIdx.y * batch.out_stride;
+  SelectSegment(batch, payload, out);
   const uint8_t* codes = payload + geo.codes_offset;
   const uint32_t lane = threadIdx.x % 32, q = lane / 8, octets = geo.channels / 8;
   for (uint32_t base = FirstKeyItem(); base < geo.groups / 8; base += KeyItemStride()) {
@@ -402,9 +393,7 @@ __device__ __forceinline__ uint32_t ValueGroupStride(const Geometry& geo) {
 template <uint32_t kBits>
 __global__ void ValueEncode(Geometry geo, Batch batch, const uint16_t* __restrict__ in,
                             uint8_t* out, uint64_t* d_size) {
-  in += blockIdx.y * batch.in_stride;
-  out += blockIdx.y * batch.out_stride;
-  d_size += blockIdx.y;
+  SelectSegment(batch, in, out, d_size);
   ZeroPadding(geo, out);
   uint8_t* codes = out + geo.codes_offset;
   const uint32_t lane = threadIdx.x % 32, j = 8 * (lane % geo.lanes), step = 32 / geo.lanes;
@@ -471,8 +460,7 @@ __global__ void ValueEncode(Geometry geo, Batch batch, const uint16_t* __restric
 template <uint32_t kBits>
 __global__ void ValueDecode(Geometry geo, Batch batch, const uint8_t* __restrict__ payload,
                             uint16_t* __restrict__ out) {
-  payload += blockIdx.y * batch.in_stride;
-  out += blockIdx.y * batch.out_stride;
+  SelectSegment(batch, payload, out);
   const uint8_t* codes = payload + geo.codes_offset;
   const uint32_t lane = threadIdx.x % 32, j = 8 * (lane % geo.lanes), step = 32 / geo.lanes;
   const uint32_t next = 8 * geo.lanes;
@@ -511,8 +499,7 @@ __global__ void ValueDecode(Geometry geo, Batch batch, const uint8_t* __restrict
 
 __global__ void Decode(Geometry geo, Batch batch, const uint8_t* __restrict__ payload,
                        uint16_t* __restrict__ out) {
-  payload += blockIdx.y * batch.in_stride;
-  out += blockIdx.y * batch.out_stride;
+  SelectSegment(batch, payload, out);
   const uint32_t chunks = (geo.elements + 7) / 8;
   for (uint32_t k = blockIdx.x * blockDim.x + threadIdx.x; k < chunks;
        k += gridDim.x * blockDim.x) {

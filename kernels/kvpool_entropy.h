@@ -239,8 +239,9 @@ absl::Status ParseStream(const uint8_t* payload, uint64_t size, uint32_t rows, u
                          uint64_t* pos, Stream* stream);
 
 // Decodes a parsed stream into codes[t * ld + c] (t < rows, c < cols): the same codes as
-// DecodeLane lane by lane, 16 full lanes at a time on AVX-512 (DecodeLanesAvx512), else with
-// four full lanes interleaved (their state chains are independent, so the core overlaps them).
+// DecodeLane lane by lane, 16 full lanes at a time on AVX-512 (DecodeLanesAvx512); the rest
+// (all of them without AVX-512, the last one full or not) four lanes interleaved (their state
+// chains are independent, so the core overlaps them).
 // DataLoss when a lane is corrupt (checksums catch that first for stored segments; this guards
 // crafted payloads).
 absl::Status DecodeStream(const Stream& s, int32_t* codes, uint64_t ld);
