@@ -105,7 +105,7 @@ std::string Name(const CodecParams& p) {
     case CodecId::kKivi: return absl::StrFormat("kivi-%d", p.bits);
     case CodecId::kPackKv: return absl::StrFormat("packkv e=%g", p.budget);
     case CodecId::kKvpool:
-      return absl::StrFormat("kvpool%s e=%g", IsKvpoolFastProfile(p) ? "-fast" : "", p.budget);
+      return absl::StrFormat("kvpool%s e=%g", KvpoolProfileSuffix(p), p.budget);
   }
   return "?";
 }

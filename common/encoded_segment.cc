@@ -34,6 +34,21 @@ uint64_t SegmentChecksum(absl::string_view header, absl::string_view payload) {
 
 }  // namespace
 
+absl::StatusOr<uint8_t> KvpoolProfileFlags(absl::string_view name) {
+  if (name.empty() || name == "default") return uint8_t{0};
+  if (name == "fast") return kKvpoolFastProfile;
+  if (name == "entropy") return kKvpoolEntropyProfile;
+  return absl::InvalidArgumentError(
+      absl::StrCat("kvpool profile must be 'default', 'fast' or 'entropy', got '", name, "'"));
+}
+
+absl::string_view KvpoolProfileSuffix(const CodecParams& p) {
+  if (p.codec != CodecId::kKvpool) return "";
+  if (p.flags & kKvpoolFastProfile) return "-fast";
+  if (p.flags & kKvpoolEntropyProfile) return "-entropy";
+  return "";
+}
+
 absl::StatusOr<CodecId> ParseCodecName(absl::string_view name) {
   if (name == "raw") return CodecId::kRaw;
   if (name == "kivi") return CodecId::kKivi;

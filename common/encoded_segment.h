@@ -44,12 +44,16 @@ absl::string_view CodecName(CodecId codec);
 // Codec parameters, 16 bytes on the wire:
 //   0 1 bits (kivi: 2, 4 or 8; packkv: max bits; others 0)
 //   1 1 flags (bit 0: packkv token re-ordering; kvpool: bit 2 packed mode, bit 3 equal token
-//       weights, bit 4 the fast profile; kernels/kvpool_ref.cc)
+//       weights, bit 4 the fast profile, bit 5 the entropy profile; kernels/kvpool_ref.cc)
 //   2 2 group size (kivi: G, default 32; packkv: pack size, 16)
 //   4 4 error budget, float32 (packkv, kvpool: relative L2 per segment)
 //   8 8 reserved, 0 (codec-specific extensions)
 // CodecParams::flags of kvpool's fast profile (kernels/kvpool_fast.cc).
 inline constexpr uint8_t kKvpoolFastProfile = 16;
+// CodecParams::flags of kvpool's packed payload (mode 1, kernels/kvpool_ref.cc).
+inline constexpr uint8_t kKvpoolPackedMode = 4;
+// CodecParams::flags of kvpool's entropy profile (payload mode 3, kernels/kvpool_ref.cc).
+inline constexpr uint8_t kKvpoolEntropyProfile = 32;
 
 struct CodecParams {
   CodecId codec = CodecId::kRaw;
@@ -68,6 +72,17 @@ struct CodecParams {
 // True for kvpool's fast profile.
 inline bool IsKvpoolFastProfile(const CodecParams& p) {
   return p.codec == CodecId::kKvpool && (p.flags & kKvpoolFastProfile) != 0;
+}
+
+// kvpool's profiles by name: "default" (or "": payload mode 4, rows), "fast" (mode 1 without
+// low-rank parts), "entropy" (mode 3): their CodecParams::flags; InvalidArgument for others.
+absl::StatusOr<uint8_t> KvpoolProfileFlags(absl::string_view name);
+// "", "-fast" or "-entropy": the suffix tools print after "kvpool" for these flags.
+absl::string_view KvpoolProfileSuffix(const CodecParams& p);
+
+// True for kvpool's default profile (payload mode 4: no fast, packed or entropy flag).
+inline bool IsKvpoolRowsMode(const CodecParams& p) {
+  return p.codec == CodecId::kKvpool && (p.flags & (kKvpoolFastProfile | kKvpoolEntropyProfile | kKvpoolPackedMode)) == 0;
 }
 
 struct SegmentShape {

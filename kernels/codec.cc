@@ -117,11 +117,13 @@ bool HasNonFinite(DType dtype, absl::Span<const uint16_t> elements) {
   return false;
 }
 
-bool EncoderDetectsNonFinite(const CodecParams& params) { return IsKvpoolFastProfile(params); }
+bool EncoderDetectsNonFinite(const CodecParams& params) {
+  return IsKvpoolFastProfile(params) || IsKvpoolRowsMode(params);
+}
 
 bool EncoderWritesEveryByte(const CodecParams& params) {
   return params.codec == CodecId::kRaw || params.codec == CodecId::kKivi ||
-         IsKvpoolFastProfile(params);
+         IsKvpoolFastProfile(params) || IsKvpoolRowsMode(params);
 }
 
 bool CpuHasAvx2() {

@@ -9,11 +9,8 @@
 #include "kernels/kvpool_format.h"
 
 namespace kvpool::kernels::kvpool::internal {
-namespace {
 
-// Symmetric eigen-decomposition of a small k x k matrix (cyclic Jacobi): a -> diagonal,
-// v -> eigenvectors in columns.
-void Jacobi(int k, std::vector<double>* a, std::vector<double>* v) {
+void Jacobi(int k, std::vector<double>* a, std::vector<double>* v, double tolerance) {
   v->assign(k * k, 0);
   for (int i = 0; i < k; ++i) (*v)[i * k + i] = 1;
   double* m = a->data();
@@ -23,7 +20,7 @@ void Jacobi(int k, std::vector<double>* a, std::vector<double>* v) {
       diag += m[p * k + p] * m[p * k + p];
       for (int q = p + 1; q < k; ++q) off += m[p * k + q] * m[p * k + q];
     }
-    if (off < 1e-30 || off <= 1e-24 * diag) break;  // Converged far beyond float precision.
+    if (off < 1e-30 || off <= tolerance * diag) break;
     for (int p = 0; p < k; ++p) {
       for (int q = p + 1; q < k; ++q) {
         if (std::fabs(m[p * k + q]) < 1e-300) continue;
@@ -50,7 +47,6 @@ void Jacobi(int k, std::vector<double>* a, std::vector<double>* v) {
   }
 }
 
-// Sign of the sketch entry for token t, sketch row j.
 double Omega(uint32_t t, uint32_t j) {
   uint32_t h = t * 0x9E3779B1u ^ (j + 1) * 0x85EBCA77u;
   h ^= h >> 15;
@@ -59,6 +55,7 @@ double Omega(uint32_t t, uint32_t j) {
   return (h & 1) ? 1.0 : -1.0;
 }
 
+namespace {
 
 // Orthonormalises the k rows of s (k x D, double, Gram-Schmidt twice) into q (float); returns
 // the number kept.

@@ -16,10 +16,9 @@
 #include <memory>
 
 #include "kernels/codec.h"
+#include "kernels/kvpool_avx512.h"
 #include "kernels/kvpool_format.h"
 
-#define KVPOOL_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512dq,gfni,f16c,bmi2,lzcnt")))
 
 namespace kvpool::kernels::kvpool::internal {
 namespace {
@@ -120,23 +119,6 @@ KVPOOL_AVX512 inline __m512i TransposeBitsPair(const Tables& tb, __m512i v) {
   return _mm512_permutexvar_epi8(tb.scatter2, v);
 }
 
-template <bool kBf16>
-KVPOOL_AVX512 inline __m512 ToFloats(__m256i h) {
-  if constexpr (kBf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  return _mm512_cvtph_ps(h);
-}
-
-// Round to nearest even into the dtype (no NaN reaches here).
-template <bool kBf16>
-KVPOOL_AVX512 inline __m256i FromFloats(__m512 y) {
-  if constexpr (kBf16) {
-    const __m512i u = _mm512_castps_si512(y);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-  }
-  return _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
 
 // The 16 token rows of columns c0 .. c0 + 15 (rows >= valid: 0) as 16 packs.
 KVPOOL_AVX512 inline void LoadPacks(const Tables& tb, const uint16_t* in, uint64_t HD,

@@ -11,6 +11,7 @@
 #include "common/half.h"
 #include "kernels/kvpool.h"
 #include "kernels/kvpool_format.h"
+#include "kernels/kvpool_rows.h"
 #include "kernels/simd_avx2.h"
 
 namespace kvpool::kernels::kvpool {
@@ -374,6 +375,11 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
   if (params.flags & internal::kFlagFast) {
     return internal::FastEncode(shape, params, in, keys, internal::FastCpuKernels(), out, capacity);
   }
+  if (!(params.flags & (internal::kFlagPacked | internal::kFlagEntropy))) {
+    const internal::RowKernels* rows = internal::RowKernelsAvx512(shape.head_dim);
+    return internal::EncodeRows(shape, params, in, keys, internal::FastCpuKernels(),
+                                rows ? *rows : internal::RowKernelsRef(), out, capacity);
+  }
   thread_local Analysis a;  // Scratch reused by this thread's encodes (a few MiB at most).
   internal::Analyze(shape, params, in, keys, CpuKernels(), &a);
   return internal::FinishEncode(shape, params, in, CpuKernels(), &a, out, capacity);
@@ -381,6 +387,13 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
 
 absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out) {
+  if (size > 0 && payload[0] == internal::kModeRows) {
+    thread_local internal::ParsedRows rows;
+    absl::Status s = internal::ParseRows(shape, payload, size, &rows);
+    if (!s.ok()) return s;
+    if (internal::DecodeRowsAvx512(shape, rows, out)) return absl::OkStatus();
+    return internal::DecodeRowsRef(shape, payload, size, out);
+  }
   if (!CpuHasAvx2() || shape.head_dim % 8 != 0) {
     return DecodeRef(shape, params, payload, size, out);
   }

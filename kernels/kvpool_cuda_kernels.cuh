@@ -35,6 +35,7 @@
 #include "kernels/kvpool_entropy.h"
 #include "kernels/kvpool_format.h"
 #include "kernels/kvpool_kernels.cuh"
+#include "kernels/kvpool_rows_cuda.cuh"
 
 namespace kvpool::kernels::kvpool::internal {
 
@@ -79,6 +80,7 @@ struct DecodeLayout {
   uint64_t means, directions, coef_widths, coef_data, res_widths, res_data;  // Offsets.
   uint64_t classes;   // Offset of the token class nibbles, 0 when there are none.
   Stream streams[3];  // Mode 3: means and basis, coefficients, residual.
+  RowsLayout rows;    // Mode 4.
 };
 
 // One segment's decoding scratch.
@@ -92,6 +94,8 @@ struct DecodeScratch {
   int32_t* side_codes;   // Mode 3: [D][H + coef_cols], room for coef_cols = 8 * H
   int32_t* coef_codes;   // Mode 3: [G * 16][coef_cols], room for coef_cols = 8 * H
   int32_t* res_codes;    // Mode 3: [G * 16][HD]
+  RowsHeadDev* rows_heads;  // Mode 4: [H]
+  uint64_t* row_off;               // Mode 4: [H * T + 1] data offset of row h * T + t
 };
 
 // A batch's decoding scratch: each array of DecodeScratch repeated for segments 0, 1, ..
@@ -112,6 +116,8 @@ struct DecodeScratchSet {
     s.side_codes = first.side_codes + uint64_t{y} * D * (kMaxRank + 1) * H;
     s.coef_codes = first.coef_codes + y * CoefCount();
     s.res_codes = first.res_codes + uint64_t{y} * G * kPack * HD;
+    s.rows_heads = first.rows_heads + uint64_t{y} * H;
+    s.row_off = first.row_off + uint64_t{y} * (uint64_t{G} * kPack * H + 1);
     return s;
   }
 };
@@ -154,6 +160,7 @@ __device__ inline int ParseHead(const uint8_t* p, uint64_t size, const Dims& dm,
     L->ok = size == kHeaderBytes + 2 * dm.N;
     return 2;
   }
+  if (p[0] == kModeRows) return RowsHeads(p, size, dm.T, dm.H, dm.D, s.rows_heads, &L->rows) ? 3 : 0;
   if ((p[0] != kModeCoded && p[0] != kModeEntropy) || !isfinite(L->step) || !(L->step > 0)) {
     return 0;
   }
@@ -239,6 +246,12 @@ static __global__ void __launch_bounds__(kThreads)
     widths_at = s.layout->coef_widths;
   }
   __syncthreads();
+  if (state == 3) {
+    __shared__ uint32_t warp_sums[kThreads / 32];
+    RowsParse(p, size, dm.T, dm.H, dm.D, dm.bf16, s.rows_heads, s.row_off, &s.layout->rows,
+              &s.layout->ok, warp_sums);
+    return;
+  }
   if (state != 1) return;
   GroupBytes(p + widths_at, dm.G, cols, s.coef_group);
   __syncthreads();
@@ -343,6 +356,10 @@ static __global__ void __launch_bounds__(kThreads)
     }
     return;
   }
+  if (L.mode == kModeRows) {
+    RowsDecodeGroup(p, L.rows, dm.T, dm.H, dm.D, dm.bf16, s.rows_heads, s.row_off, g, n, out);
+    return;
+  }
   if (L.mode == kModeEntropy) {  // Codes from EntropyLanesKernel.
     const uint32_t R = L.coef_cols;
     float* coef = s.coefficients + uint64_t{g} * kPack * R;
@@ -434,6 +451,8 @@ inline DecodeScratchSet CarveDecodeScratch(Carver* c, const Dims& dm, uint32_t c
   set.first.side_codes = c->Take<int32_t>(n * dm.D * (kMaxRank + 1) * dm.H);
   set.first.coef_codes = c->Take<int32_t>(n * set.CoefCount());
   set.first.res_codes = c->Take<int32_t>(n * dm.G * kPack * dm.HD);
+  set.first.rows_heads = c->Take<RowsHeadDev>(n * dm.H);
+  set.first.row_off = c->Take<uint64_t>(n * (uint64_t{dm.G} * kPack * dm.H + 1));
   return set;
 }
 

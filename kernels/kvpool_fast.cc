@@ -114,9 +114,20 @@ uint64_t QuantizeRef(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, ui
   return out == nullptr ? 0 : uint64_t(data - out);
 }
 
-// Decoded means m of `in` (the dtype's values of column sum / n over the groups MeanStride
-// samples, n tokens) and the sampled energy scaled to all T tokens; false when a sampled
-// element is not finite.
+struct Scratch {
+  std::vector<float> sums, sq, m, km, dist, steps, scale;
+  std::vector<uint16_t> stored, kstored;
+  std::vector<uint8_t> classes, buffer;
+};
+
+// EncodeSegment stores segments with NaN or Inf elements with the raw codec; it leaves finding
+// them to this encoder (EncoderDetectsNonFinite), which reads every element anyway.
+absl::Status NonFinite() {
+  return absl::InvalidArgumentError("kvpool: elements not finite (stored raw)");
+}
+
+}  // namespace
+
 bool DecodedMeans(const SegmentShape& shape, const uint16_t* in, const FastKernels& kn,
                   std::vector<float>* sums, std::vector<float>* sq, std::vector<float>* m,
                   std::vector<uint16_t>* stored, double* energy) {
@@ -136,44 +147,28 @@ bool DecodedMeans(const SegmentShape& shape, const uint16_t* in, const FastKerne
   return true;
 }
 
-struct Scratch {
-  std::vector<float> sums, sq, m, km, dist, steps, scale;
-  std::vector<uint16_t> stored, kstored;
-  std::vector<uint8_t> classes, buffer;
-};
-
-// Token classes [T][H] from the keys `keys` (their decoded means km); empty when all equal.
-void Classes(const SegmentShape& shape, const uint16_t* keys, const float* km,
-             const FastKernels& kn, Scratch* s) {
+void FastClasses(const SegmentShape& shape, const uint16_t* keys, const float* km,
+                 const FastKernels& kn, std::vector<float>* dist, std::vector<uint8_t>* classes) {
   const uint32_t T = shape.tokens, H = shape.kv_heads;
-  s->classes.clear();
+  classes->clear();
   if (T < 2) return;
-  s->dist.resize(uint64_t{T} * H);
-  kn.distances(shape.dtype, keys, T, H, shape.head_dim, km, s->dist.data());
-  std::vector<uint8_t>& classes = s->classes;
-  classes.assign(uint64_t{T} * H, 0);
+  dist->resize(uint64_t{T} * H);
+  kn.distances(shape.dtype, keys, T, H, shape.head_dim, km, dist->data());
+  classes->assign(uint64_t{T} * H, 0);
   bool varied = false;
   for (uint32_t h = 0; h < H; ++h) {
     double total = 0;
-    for (uint32_t t = 0; t < T; ++t) total += double(s->dist[uint64_t{t} * H + h]);
+    for (uint32_t t = 0; t < T; ++t) total += double((*dist)[uint64_t{t} * H + h]);
     if (!(total > 0) || !std::isfinite(total)) continue;
     const double per_z = 2 * kTokenWeighting / std::log(2.0) * T / total;
     for (uint32_t t = 0; t < T; ++t) {
       const uint64_t i = uint64_t{t} * H + h;
-      classes[i] = ClassOf(double(s->dist[i]), per_z);
-      varied = varied || classes[i] != classes[0];
+      (*classes)[i] = ClassOf(double((*dist)[i]), per_z);
+      varied = varied || (*classes)[i] != (*classes)[0];
     }
   }
-  if (!varied) classes.clear();
+  if (!varied) classes->clear();
 }
-
-// EncodeSegment stores segments with NaN or Inf elements with the raw codec; it leaves finding
-// them to this encoder (EncoderDetectsNonFinite), which reads every element anyway.
-absl::Status NonFinite() {
-  return absl::InvalidArgumentError("kvpool: elements not finite (stored raw)");
-}
-
-}  // namespace
 
 const FastKernels& FastRefKernels() {
   static const FastKernels k = {&StatsRef, &MeansRef, &DistancesRef, &QuantizeRef};
@@ -195,11 +190,11 @@ absl::StatusOr<uint64_t> FastEncode(const SegmentShape& shape, const CodecParams
   s.classes.clear();
   if (!(params.flags & kFlagEqualTokens)) {
     if (shape.kind == SegmentKind::kKey) {
-      Classes(shape, in, s.m.data(), kn, &s);
+      FastClasses(shape, in, s.m.data(), kn, &s.dist, &s.classes);
     } else if (!KeyClasses(shape, keys.payload, &s.classes) && keys.elements != nullptr &&
                DecodedMeans(shape, keys.elements, kn, &s.sums, &s.sq, &s.km, &s.kstored,
                             &key_energy)) {
-      Classes(shape, keys.elements, s.km.data(), kn, &s);
+      FastClasses(shape, keys.elements, s.km.data(), kn, &s.dist, &s.classes);
     }
   }
   // Step multipliers [G][H][16] (tokens >= T: 1) and their weight sum(scale^2) * D.

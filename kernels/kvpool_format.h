@@ -27,12 +27,14 @@ inline constexpr uint8_t kModeCoded = 1;    // Pack streams (bit planes).
 // Entropy-coded streams (kvpool_entropy.h), means and basis too. Mode 2 (means and basis as
 // fixed-width numbers) is retired: decoders reject it like any unknown mode.
 inline constexpr uint8_t kModeEntropy = 3;
-inline constexpr uint8_t kFlagPacked = 4;   // CodecParams::flags: write mode 1, not mode 3.
+inline constexpr uint8_t kFlagPacked = kKvpoolPackedMode;  // CodecParams::flags: write mode 1.
 // CodecParams::flags: weight every token equally (no token classes).
 inline constexpr uint8_t kFlagEqualTokens = 8;
 // CodecParams::flags: the fast profile (kvpool_fast.cc): mode 1 without low-rank directions,
 // token classes, a step from one estimate; encodes and decodes at memory speed.
 inline constexpr uint8_t kFlagFast = kKvpoolFastProfile;
+// CodecParams::flags: the entropy profile, mode 3 (the default before mode 4).
+inline constexpr uint8_t kFlagEntropy = kKvpoolEntropyProfile;
 // Header byte 1 (modes 1 and 3): a token class map follows the direction entries.
 inline constexpr uint8_t kHeadClasses = 1;
 // Token weighting strength: a token whose key lies z times the head's mean squared distance
@@ -195,6 +197,13 @@ struct EncodeKernels {
 const EncodeKernels& RefKernels();
 inline uint64_t PackBound(uint64_t packs) { return (packs + 1) / 2 + packs * 32 + 32; }
 
+// Symmetric eigen-decomposition of a small k x k matrix (cyclic Jacobi, until the
+// off-diagonal's squares fall below `tolerance` times the diagonal's): a -> diagonal, v ->
+// eigenvectors in columns. kvpool_analysis.cc.
+void Jacobi(int k, std::vector<double>* a, std::vector<double>* v, double tolerance = 1e-24);
+// Sign (+-1) of the sketch entry for token t, sketch row j. kvpool_analysis.cc.
+double Omega(uint32_t t, uint32_t j);
+
 // Token classes (mode 3 without kFlagEqualTokens): TokenClasses of the segment itself for
 // keys; for values those `keys.payload` carries (KeyClasses), else TokenClasses of
 // `keys.elements` (none when null).
@@ -263,6 +272,16 @@ const FastKernels& FastRefKernels();
 // AVX-512 (F, BW, VL, VBMI, GFNI) kernels when the CPU has them (CpuHasAvx512()), else the
 // reference's. kvpool_avx512.cc.
 const FastKernels& FastCpuKernels();
+// The decoded means m of `in` (the dtype's values of column sum / n over the groups MeanStride
+// samples, n tokens; `stored` the elements) and the sampled energy scaled to all T tokens; false
+// when a sampled element is not finite. kvpool_fast.cc.
+bool DecodedMeans(const SegmentShape& shape, const uint16_t* in, const FastKernels& kn,
+                  std::vector<float>* sums, std::vector<float>* sq, std::vector<float>* m,
+                  std::vector<uint16_t>* stored, double* energy);
+// Token classes [T][H] of the keys `keys` given their decoded means km (FastKernels::distances,
+// then ClassOf per head); empty when all are equal. kvpool_fast.cc.
+void FastClasses(const SegmentShape& shape, const uint16_t* keys, const float* km,
+                 const FastKernels& kn, std::vector<float>* dist, std::vector<uint8_t>* classes);
 // Decodes a mode 1 payload without low-rank directions (the fast profile's) with AVX-512;
 // false (nothing written) when the payload or the CPU does not qualify.
 bool DecodePacksAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out);

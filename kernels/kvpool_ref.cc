@@ -95,6 +95,7 @@
 #include "common/half.h"
 #include "kernels/kvpool.h"
 #include "kernels/kvpool_format.h"
+#include "kernels/kvpool_rows.h"
 
 namespace kvpool::kernels::kvpool {
 namespace internal {
@@ -384,6 +385,9 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
 
 bool KeyClasses(const SegmentShape& shape, absl::Span<const uint8_t> payload,
                 std::vector<uint8_t>* classes) {
+  if (!payload.empty() && payload[0] == kModeRows) {
+    return RowKeyClasses(shape, payload.data(), payload.size(), classes);
+  }
   SegmentShape key = shape;
   key.kind = SegmentKind::kKey;
   Parsed parsed;
@@ -641,6 +645,10 @@ absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams&
   if (params.flags & internal::kFlagFast) {
     return internal::FastEncode(shape, params, in, keys, internal::FastRefKernels(), out, capacity);
   }
+  if (!(params.flags & (internal::kFlagPacked | internal::kFlagEntropy))) {
+    return internal::EncodeRows(shape, params, in, keys, internal::FastRefKernels(),
+                                internal::RowKernelsRef(), out, capacity);
+  }
   internal::Analysis a;
   internal::Analyze(shape, params, in, keys, internal::RefKernels(), &a);
   return internal::FinishEncode(shape, params, in, internal::RefKernels(), &a, out, capacity);
@@ -649,6 +657,7 @@ absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams&
 absl::Status DecodeRef(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out) {
   using namespace internal;  // NOLINT: the format's own helpers.
+  if (size > 0 && payload[0] == kModeRows) return DecodeRowsRef(shape, payload, size, out);
   Parsed parsed;
   absl::Status s = ParsePayload(shape, payload, size, &parsed);
   if (!s.ok()) return s;

@@ -121,12 +121,13 @@ absl::StatusOr<CodecParams> CodecValue(const YAML::Node& node, const std::string
   if (node["profile"]) {
     KVPOOL_ASSIGN_OR_RETURN(std::string profile,
                             Scalar<std::string>(node["profile"], where + ".profile"));
-    if (p.codec != CodecId::kKvpool || (profile != "fast" && profile != "default")) {
+    auto flags = KvpoolProfileFlags(profile);
+    if (p.codec != CodecId::kKvpool || !flags.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          where, ".profile must be 'default' or 'fast', and only for codec kvpool; got '", profile,
-          "'"));
+          where, ".profile must be 'default', 'fast' or 'entropy', and only for codec kvpool; got '",
+          profile, "'"));
     }
-    if (profile == "fast") p.flags |= kKvpoolFastProfile;
+    p.flags |= *flags;
   }
   auto normalized = kernels::NormalizeParams(p);
   if (!normalized.ok()) return Annotate(normalized.status(), where);

@@ -56,7 +56,7 @@ std::string Describe(const CodecParams& p) {
     case CodecId::kPackKv:
       return absl::StrFormat("packkv e=%.3g", p.budget);
     case CodecId::kKvpool:
-      return absl::StrFormat("kvpool%s e=%.3g", IsKvpoolFastProfile(p) ? "-fast" : "", p.budget);
+      return absl::StrFormat("kvpool%s e=%.3g", KvpoolProfileSuffix(p), p.budget);
   }
   return "?";
 }
@@ -79,8 +79,8 @@ absl::StatusOr<std::vector<CodecParams>> EvalSet(const CliOptions& o) {
     if (!absl::SimpleAtof(b, &budget)) {
       return absl::InvalidArgumentError(absl::StrCat("bad --budgets entry '", b, "'"));
     }
-    set.push_back(
-        CodecParams{CodecId::kKvpool, 0, uint8_t(o.fast ? kKvpoolFastProfile : 0), 0, budget});
+    KVPOOL_ASSIGN_OR_RETURN(const uint8_t flags, KvpoolProfileFlags(o.profile));
+    set.push_back(CodecParams{CodecId::kKvpool, 0, flags, 0, budget});
   }
   for (CodecParams& p : set) {
     KVPOOL_ASSIGN_OR_RETURN(p, kernels::NormalizeParams(p));

@@ -59,9 +59,12 @@ absl::StatusOr<CodecParams> CodecFromFlags(const CliOptions& o) {
   p.bits = static_cast<uint8_t>(o.bits);
   p.group = static_cast<uint16_t>(o.group);
   p.budget = o.budget;
-  if (o.fast) {
-    if (id != CodecId::kKvpool) return absl::InvalidArgumentError("--fast is a kvpool profile");
-    p.flags = kKvpoolFastProfile;
+  if (!o.profile.empty()) {
+    if (id != CodecId::kKvpool) {
+      return absl::InvalidArgumentError(absl::StrCat("--", o.profile == "fast" ? "fast" : "profile",
+                                                     " is a kvpool profile"));
+    }
+    KVPOOL_ASSIGN_OR_RETURN(p.flags, KvpoolProfileFlags(o.profile));
   }
   return kernels::NormalizeParams(p);
 }

@@ -25,7 +25,7 @@ struct CliOptions {
   uint32_t bits = 0;
   uint32_t group = 0;
   float budget = 0;
-  bool fast = false;  // kvpool's fast profile (CodecParams::flags 16).
+  std::string profile;  // kvpool: "" (default), "default", "fast", "entropy".
   bool server_decode = false;
   std::string budgets;   // codec eval: kvpool budgets to compare, comma-separated.
   std::string extra_key;

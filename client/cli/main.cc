@@ -39,8 +39,10 @@ ABSL_FLAG(std::string, codec, "", "raw | kivi | packkv | kvpool (put: default th
 ABSL_FLAG(uint32_t, bits, 0, "codec bits (kivi: 2, 4, 8; packkv: max bit width)");
 ABSL_FLAG(uint32_t, group, 0, "codec group size (kivi: G; packkv: tokens per pack)");
 ABSL_FLAG(float, budget, 0, "packkv, kvpool: relative L2 error budget per segment");
-ABSL_FLAG(bool, fast, false,
-          "kvpool: the fast profile (bit planes, no low-rank or entropy coding; AVX-512 speed)");
+ABSL_FLAG(std::string, profile, "",
+          "kvpool: default (rows: low rank, fixed bits per row), fast (bit planes, no low rank), "
+          "entropy (entropy-coded, the largest ratio, slowest on a CPU)");
+ABSL_FLAG(bool, fast, false, "kvpool: --profile=fast");
 ABSL_FLAG(std::string, budgets, "0.01,0.02,0.05,0.1",
           "codec eval: kvpool error budgets to compare (without --codec)");
 ABSL_FLAG(bool, server_decode, false, "get: the daemon decodes (default: this client decodes)");
@@ -108,7 +110,7 @@ int main(int argc, char** argv) {
   o.budget = absl::GetFlag(FLAGS_budget);
   o.server_decode = absl::GetFlag(FLAGS_server_decode);
   o.budgets = absl::GetFlag(FLAGS_budgets);
-  o.fast = absl::GetFlag(FLAGS_fast);
+  o.profile = absl::GetFlag(FLAGS_fast) ? "fast" : absl::GetFlag(FLAGS_profile);
   o.extra_key = absl::GetFlag(FLAGS_extra_key);
   o.json = absl::GetFlag(FLAGS_json);
   o.layers = absl::GetFlag(FLAGS_layers);

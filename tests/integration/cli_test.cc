@@ -136,7 +136,7 @@ TEST_F(CliTest, CodecEncodeDecodeEval) {
             0)
       << out;
   EXPECT_THAT(out, HasSubstr("kvpool e=0.05"));
-  EXPECT_LT(ReadFileToString(P("kv.kvz"))->size(), ReadFileToString(P("kv.npy"))->size() / 3);
+  EXPECT_LT(ReadFileToString(P("kv.kvz"))->size(), ReadFileToString(P("kv.npy"))->size() / 2);
   ASSERT_EQ(Kvpool({"codec", "decode", "--in", P("kv.kvz"), "--out", P("back.npy")}, &out), 0);
   EXPECT_EQ(ReadNpy(P("back.npy"))->shape, ReadNpy(P("kv.npy"))->shape);
   // The fast profile: the same budget in more bytes (no low-rank part, no entropy coding).
@@ -155,6 +155,18 @@ TEST_F(CliTest, CodecEncodeDecodeEval) {
                    &out),
             1);
   EXPECT_THAT(out, HasSubstr("--fast is a kvpool profile"));
+  // The entropy profile (mode 3) and an unknown one.
+  ASSERT_EQ(Kvpool({"codec", "encode", "--codec=kvpool", "--profile=entropy", "--budget=0.05",
+                    "--in", P("kv.npy"), "--out", P("entropy.kvz")},
+                   &out),
+            0)
+      << out;
+  EXPECT_THAT(out, HasSubstr("kvpool-entropy e=0.05"));
+  EXPECT_EQ(Kvpool({"codec", "encode", "--codec=kvpool", "--profile=fastest", "--in", P("kv.npy"),
+                    "--out", P("x.kvz")},
+                   &out),
+            1);
+  EXPECT_THAT(out, HasSubstr("'default', 'fast' or 'entropy'"));
   // A corrupted file is refused with one line.
   std::string bytes = *ReadFileToString(P("kv.kvz"));
   bytes[bytes.size() / 2] ^= 0x40;

@@ -95,18 +95,18 @@ TEST(KvpoolCudaKernels, DecodeBatchIsTheReferenceForEveryMode) {
     const SegmentShape keys = Shape(40, 2, 16, dtype, SegmentKind::kKey);
     const SegmentShape values = Shape(40, 2, 16, dtype, SegmentKind::kValue);
     for (const SegmentShape& s : {keys, values}) {
-      // One batch: the default mode (entropy-coded, token classes for keys), bit-plane packs
-      // with and without low-rank parts, the fast profile, a raw payload (NaN input), at
+      // One batch: the default mode (rows), the entropy-coded mode (token classes for keys),
+      // bit-plane packs with and without low-rank parts, the fast profile, a raw payload (NaN input), at
       // several budgets and segment kinds: payloads of different sizes.
       std::vector<std::string> payloads;
       std::vector<uint16_t> nan_segment = RandomSegment(s, 0, rng);
       nan_segment[7] = FromF(dtype, NAN);
       std::string raw(in::RawPayloadBytes(s), '\0');
-      auto size = kvpool::EncodeRef(s, Params(0.05f), nan_segment.data(),
+      auto size = kvpool::EncodeRef(s, Params(0.05f, 0, kEntropy), nan_segment.data(),
                                     reinterpret_cast<uint8_t*>(raw.data()), raw.size());
       ASSERT_TRUE(size.ok()) << size.status();
       payloads.push_back(raw.substr(0, *size));
-      for (uint8_t flags : {uint8_t{0}, kPacked, kFast}) {
+      for (uint8_t flags : {uint8_t{0}, kEntropy, kPacked, kFast}) {
         for (float budget : {0.01f, 0.2f}) {
           for (Path path : {Path::kRef, Path::kCpu}) {
             const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 6), rng);
@@ -121,7 +121,8 @@ TEST(KvpoolCudaKernels, DecodeBatchIsTheReferenceForEveryMode) {
         EXPECT_EQ(got[i], RefDecode(s, payloads[i]))
             << "payload " << i << " mode " << int(payloads[i][0]);
       }
-      EXPECT_EQ(modes, (std::set<uint8_t>{in::kModeRaw, in::kModeCoded, in::kModeEntropy}));
+      EXPECT_EQ(modes, (std::set<uint8_t>{in::kModeRaw, in::kModeCoded, in::kModeEntropy,
+                                          in::kModeRows}));
     }
   }
 }
@@ -133,11 +134,12 @@ TEST(KvpoolCudaKernels, CorruptPayloadsAreFlaggedInTheirOwnSegment) {
   const SegmentShape s = Shape(40, 2, 16, DType::kFp16, SegmentKind::kKey);
   const std::vector<std::string> good = {
       PayloadOf(Encode(Params(0.05f), s, RandomSegment(s, 0, rng))),
-      PayloadOf(Encode(Params(0.05f, 0, kPacked), s, RandomSegment(s, 0, rng)))};
+      PayloadOf(Encode(Params(0.05f, 0, kPacked), s, RandomSegment(s, 0, rng))),
+      PayloadOf(Encode(Params(0.05f, 0, kEntropy), s, RandomSegment(s, 0, rng)))};
   const std::vector<uint16_t> sentinel(s.Elements(), in::kInvalidOutput);
   int rejected = 0;
-  for (int n = 0; n < 24; ++n) {
-    std::string p = good[n % 2];
+  for (int n = 0; n < 36; ++n) {
+    std::string p = good[n % 3];
     if (n % 3 == 0) {
       p.resize(in::kHeaderBytes + rng() % (p.size() - in::kHeaderBytes));
     } else if (n % 3 == 1) {
@@ -145,9 +147,9 @@ TEST(KvpoolCudaKernels, CorruptPayloadsAreFlaggedInTheirOwnSegment) {
     } else {
       for (int k = 0; k < 1 + n % 4; ++k) p[rng() % p.size()] ^= char(1 + rng() % 255);
     }
-    const std::vector<std::vector<uint16_t>> got = DecodeBatch(s, {good[0], p, good[1]});
+    const std::vector<std::vector<uint16_t>> got = DecodeBatch(s, {good[0], p, good[2]});
     EXPECT_EQ(got[0], RefDecode(s, good[0])) << n;
-    EXPECT_EQ(got[2], RefDecode(s, good[1])) << n;
+    EXPECT_EQ(got[2], RefDecode(s, good[2])) << n;
     absl::Status status;
     const std::vector<uint16_t> want = RefDecode(s, p, &status);
     if (status.ok()) {
@@ -157,7 +159,7 @@ TEST(KvpoolCudaKernels, CorruptPayloadsAreFlaggedInTheirOwnSegment) {
       ++rejected;
     }
   }
-  EXPECT_GT(rejected, 12);
+  EXPECT_GT(rejected, 18);
 }
 
 TEST(KvpoolCudaKernels, EncodeBatchMeetsTheBudgetAndEqualsOneAtATime) {

@@ -28,6 +28,7 @@ inline CodecParams Params(float budget, uint64_t extra = 0, uint8_t flags = 0) {
 }
 inline constexpr uint8_t kPacked = kvpool::internal::kFlagPacked;
 inline constexpr uint8_t kFast = kvpool::internal::kFlagFast;
+inline constexpr uint8_t kEntropy = kvpool::internal::kFlagEntropy;  // Mode 3.
 
 inline float ToF(DType dt, uint16_t h) {
   return dt == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h);

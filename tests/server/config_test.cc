@@ -303,6 +303,7 @@ model_codecs:
   llama: {codec: kivi, bits: 2}
   qwen: {codec: packkv, budget: 0.05, group: 8}
   mistral: {codec: kvpool, budget: 0.05, profile: fast}
+  gemma: {codec: kvpool, profile: entropy}
 encode_threads: 3
 )",
                               &o),
@@ -320,6 +321,7 @@ encode_threads: 3
   EXPECT_EQ(mistral.codec, CodecId::kKvpool);
   EXPECT_NE(mistral.flags & kKvpoolFastProfile, 0);
   EXPECT_EQ(o.service.codecs.For("llama").flags & kKvpoolFastProfile, 0);
+  EXPECT_EQ(o.service.codecs.For("gemma").flags, kKvpoolEntropyProfile);
   EXPECT_EQ(o.encode_threads, 3);
 }
 
@@ -335,7 +337,7 @@ TEST(ConfigCodecTest, BadCodecsNameTheKeyAndChangeNothing) {
       {"codec: {codec: kivi, bits: 3}", "kivi bits must be 2, 4 or 8"},
       {"codec: {codec: kivi, colour: red}", "unknown config key 'codec.colour'"},
       {"codec: {codec: kivi, profile: fast}", "only for codec kvpool"},
-      {"codec: {codec: kvpool, profile: fastest}", "codec.profile must be 'default' or 'fast'"},
+      {"codec: {codec: kvpool, profile: fastest}", "codec.profile must be 'default', 'fast' or 'entropy'"},
       {"model_codecs: {m: {codec: kivi, bits: 5}}", "model_codecs.m"},
       {"model_codecs: [a, b]", "'model_codecs' must be a map"},
       {"encode_threads: -1", "encode_threads"},

@@ -1,0 +1,653 @@
+// The kvpool codec's payload mode 4 on AVX-512 (F, BW, VL, DQ, VBMI; kvpool_rows.cc defines the
+// format and the reference kernels): the encoder's row kernels and the decoder, for head_dim a
+// multiple of 32 up to kMaxDim. Float operations are the reference's, in its order (16 lanes
+// d mod 16, channels in order, Tree16 to combine), so payloads and decoded values are
+// bit-identical to the reference's. A row's 32 channels are one 32-bit word of each plane.
+// GCC 12 warns of its own intrinsics headers (their undefined-value helpers) once inlined.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "kernels/kvpool_avx512.h"
+#include "kernels/kvpool_rows.h"
+
+namespace kvpool::kernels::kvpool::internal {
+namespace {
+
+constexpr uint32_t kMaxDim = 512;  // Widest head the fast kernels take (stack buffers).
+
+// Tree16 of the 16 lanes (l[i] = l[i] + l[i + k] for k = 8, 4, 2, 1).
+KVPOOL_AVX512 inline float Tree16v(__m512 v) {
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+template <bool kBf16>
+KVPOOL_AVX512 inline __m512 LoadFloats16(const uint16_t* p) {
+  return ToFloats<kBf16>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <bool kBf16>
+KVPOOL_AVX512 inline __m512 RoundTrip(__m512 y) {
+  return ToFloats<kBf16>(FromFloats<kBf16>(y));
+}
+
+// Outlier lanes of channels 16k .. 16k + 15.
+inline __mmask16 OutlierLanes(const RowHead& hd, uint32_t k) {
+  return __mmask16(hd.outlier_masks[k / 2] >> (16 * (k & 1)));
+}
+
+// The Tree16 sums of 8 vectors at once (the same additions in the same order as Tree16v), left
+// in the lanes of one vector: lane 4k the sum of v[k], lane 4k + 1 that of v[4 + k] (k < 4).
+KVPOOL_AVX512 inline __m512 Tree16x8v(const __m512* v) {
+  __m512 a[4], b[2];
+  for (int i = 0; i < 4; ++i) {  // l[i] + l[i + 8]: [v0 | v1], [v2 | v3], ...
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+  }
+  for (int i = 0; i < 2; ++i) {  // + l[i + 4]: 128-bit lanes [v0, v1, v2, v3], [v4 .. v7]
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xdd));
+  }
+  // + l[i + 2]: lane j of 128-bit lane k: v_k (j < 2), v_{4+k} (j >= 2)
+  const __m512 c = _mm512_add_ps(_mm512_shuffle_ps(b[0], b[1], 0x44), _mm512_shuffle_ps(b[0], b[1], 0xee));
+  // + l[i + 1]: lane 0 of 128-bit lane k: v_k, lane 1: v_{4+k}
+  return _mm512_add_ps(_mm512_shuffle_ps(c, c, 0x88), _mm512_shuffle_ps(c, c, 0xdd));
+}
+
+// out[j] = Tree16 of v[j], j < 8.
+KVPOOL_AVX512 inline void Tree16x8(const __m512* v, float* out) {
+  alignas(64) float f[16];
+  _mm512_store_ps(f, Tree16x8v(v));
+  for (int k = 0; k < 4; ++k) {
+    out[k] = f[4 * k];
+    out[4 + k] = f[4 * k + 1];
+  }
+}
+
+// Projects N rows x[r] of one head (as RowKernels::project), interleaved so that their
+// dependency chains overlap: x as floats into xf[r * kMaxDim ..], the prediction into
+// zf[r * kMaxDim ..], the coefficient codes into c[r * kMaxRank ..]. Non-finite elements show
+// as a non-finite energy.
+template <bool kBf16, uint32_t R, uint32_t N>
+KVPOOL_AVX512 inline void ProjectCore(const RowHead& hd, const uint16_t* const* x, float* xf,
+                                      float* zf, int16_t* c, RowStats* st) {
+  const uint32_t D = hd.D, nv = D / 16;
+  __m512 dot[N][8], dist[N], en[N];
+#pragma GCC unroll 2
+  for (uint32_t r = 0; r < N; ++r) {
+    for (uint32_t j = 0; j < 8; ++j) dot[r][j] = _mm512_setzero_ps();
+    dist[r] = en[r] = _mm512_setzero_ps();
+  }
+  for (uint32_t k = 0; k < nv; ++k) {
+    const __m512 m = _mm512_loadu_ps(hd.means + 16 * k);
+    const float* chunk = hd.chunks + 128 * k;
+#pragma GCC unroll 2
+    for (uint32_t r = 0; r < N; ++r) {
+      const __m512 v = LoadFloats16<kBf16>(x[r] + 16 * k);
+      _mm512_store_ps(xf + r * kMaxDim + 16 * k, v);
+      const __m512 xc = _mm512_sub_ps(v, m);
+      for (uint32_t j = 0; j < R; ++j) {
+        dot[r][j] = _mm512_fmadd_ps(xc, _mm512_load_ps(chunk + 16 * j), dot[r][j]);
+      }
+      dist[r] = _mm512_fmadd_ps(xc, xc, dist[r]);
+      en[r] = _mm512_fmadd_ps(v, v, en[r]);
+    }
+  }
+  __m512i bc[N][4];
+  if constexpr (R > 0) {
+    // The coefficient codes in vector lanes (no trip through memory): lane j = dot j.
+    const __mmask16 live = __mmask16((1u << R) - 1);
+    const __m512 inv = _mm512_maskz_loadu_ps(live, hd.inv_step);
+    const __m512 lim = _mm512_set1_ps(float(kMaxCoefCode));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+#pragma GCC unroll 2
+    for (uint32_t r = 0; r < N; ++r) {
+      const __m512 sums = _mm512_permutexvar_ps(order, Tree16x8v(dot[r]));
+      const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(sums, inv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 clamped =
+          _mm512_min_ps(lim, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), q));
+      const __m256i codes = _mm512_cvtepi32_epi16(_mm512_maskz_cvtps_epi32(live, clamped));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(c + r * kMaxRank), _mm256_castsi256_si128(codes));
+      const __m512i wide = _mm512_castsi256_si512(codes);
+      for (uint32_t i = 0; i < (R + 1) / 2; ++i) {
+        bc[r][i] = _mm512_permutexvar_epi32(_mm512_set1_epi32(int(i)), wide);
+      }
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(hd.lr_scale);
+  __m512 reg[N], out[N];
+#pragma GCC unroll 2
+  for (uint32_t r = 0; r < N; ++r) reg[r] = out[r] = _mm512_setzero_ps();
+  for (uint32_t k = 0; k < nv; ++k) {
+    const __m512 m = _mm512_loadu_ps(hd.means + 16 * k);
+    const __mmask16 om = OutlierLanes(hd, k);
+#pragma GCC unroll 2
+    for (uint32_t r = 0; r < N; ++r) {
+      __m512i P = _mm512_setzero_si512();
+      for (uint32_t i = 0; i < (R + 1) / 2; ++i) {
+        P = _mm512_add_epi32(P, _mm512_madd_epi16(_mm512_load_si512(hd.pairs + 128 * k + 32 * i), bc[r][i]));
+      }
+      const __m512 zv = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), m);
+      _mm512_storeu_ps(zf + r * kMaxDim + 16 * k, zv);
+      const __m512 res = _mm512_sub_ps(_mm512_load_ps(xf + r * kMaxDim + 16 * k), zv);
+      if (om == 0) {  // fma(0, 0, out) would leave out as it is.
+        reg[r] = _mm512_fmadd_ps(res, res, reg[r]);
+      } else {
+        const __m512 rr = _mm512_maskz_mov_ps(__mmask16(~om), res);
+        const __m512 ro = _mm512_maskz_mov_ps(om, res);
+        reg[r] = _mm512_fmadd_ps(rr, rr, reg[r]);
+        out[r] = _mm512_fmadd_ps(ro, ro, out[r]);
+      }
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  if constexpr (N == 2) {
+    const __m512 v[8] = {dist[0], en[0], reg[0], out[0], dist[1], en[1], reg[1], out[1]};
+    float sums[8];
+    Tree16x8(v, sums);
+    for (uint32_t r = 0; r < 2; ++r) st[r] = {sums[4 * r], sums[4 * r + 2], sums[4 * r + 3], sums[4 * r + 1]};
+  } else {
+    const __m512 v[8] = {dist[0], en[0], reg[0], out[0], zero, zero, zero, zero};
+    float sums[8];
+    Tree16x8(v, sums);
+    st[0] = {sums[0], sums[2], sums[3], sums[1]};
+  }
+}
+
+// Quantises N projected rows (as RowKernels::quantize) from their floats xf[r * kMaxDim ..] and
+// predictions zf[r * kMaxDim ..], row r with meta[r] and half step hs[r], its planes at out[r]
+// (kWrite; else only the error); err[r] its squared error. Vectors without outlier channels
+// take a shorter path, and in rows without planes only the prediction's rounding is measured
+// (n = 0: y = to_dtype(fma(hs, 0, z)), whose error equals to_dtype(z)'s, -0 and +0 alike).
+template <bool kBf16, uint32_t N, bool kWrite>
+KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const float* zf,
+                                       const uint8_t* meta, const float* hs, uint8_t* const* out,
+                                       float* err_out) {
+  const uint32_t D = hd.D, nv = D / 16;
+  uint32_t b[N], bo[N], word[N][kMaxPlanes] = {}, extra[N][kMaxPlanes] = {}, seen = 0;
+  __m512 vinv[N], vhs[N], half_r[N], top_r[N], half_o[N], top_o[N], err[N];
+  const __m512 two = _mm512_set1_ps(2.f), zero = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (uint32_t r = 0; r < N; ++r) {
+    b[r] = meta[r] & 15;
+    bo[r] = hd.outliers ? b[r] + hd.extra : b[r];
+    vinv[r] = _mm512_set1_ps(1.f / (2.f * hs[r]));
+    vhs[r] = _mm512_set1_ps(hs[r]);
+    half_r[r] = _mm512_set1_ps(b[r] ? float(1u << (b[r] - 1)) : 0.f);
+    top_r[r] = _mm512_set1_ps(float((1u << b[r]) - 1));
+    half_o[r] = _mm512_set1_ps(bo[r] ? float(1u << (bo[r] - 1)) : 0.f);
+    top_o[r] = _mm512_set1_ps(float((1u << bo[r]) - 1));
+    err[r] = zero;
+  }
+  for (uint32_t k = 0; k < nv; ++k) {
+    const __mmask16 om = OutlierLanes(hd, k);
+#pragma GCC unroll 2
+    for (uint32_t r = 0; r < N; ++r) {
+      const __m512 v = _mm512_load_ps(xf + r * kMaxDim + 16 * k);
+      const __m512 zv = _mm512_loadu_ps(zf + r * kMaxDim + 16 * k);
+      __m512 u;
+      if (om == 0) {
+        if (b[r] == 0) {  // Nothing to quantise: the prediction's rounding alone.
+          const __m512 e = _mm512_sub_ps(RoundTrip<kBf16>(zv), v);
+          err[r] = _mm512_fmadd_ps(e, e, err[r]);
+          continue;
+        }
+        const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, zv), vinv[r]),
+                                              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        u = _mm512_min_ps(top_r[r], _mm512_max_ps(zero, _mm512_add_ps(q, half_r[r])));
+        const __m512 n = _mm512_sub_ps(_mm512_mul_ps(two, u), top_r[r]);
+        const __m512 e = _mm512_sub_ps(RoundTrip<kBf16>(_mm512_fmadd_ps(vhs[r], n, zv)), v);
+        err[r] = _mm512_fmadd_ps(e, e, err[r]);
+      } else {
+        const __mmask16 active = __mmask16((b[r] ? 0xffff : 0) | (bo[r] ? om : 0));
+        const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, zv), vinv[r]),
+                                              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        const __m512 top = _mm512_mask_blend_ps(om, top_r[r], top_o[r]);
+        u = _mm512_add_ps(q, _mm512_mask_blend_ps(om, half_r[r], half_o[r]));
+        u = _mm512_maskz_mov_ps(active, _mm512_min_ps(top, _mm512_max_ps(zero, u)));
+        const __m512 n = _mm512_maskz_sub_ps(active, _mm512_mul_ps(two, u), top);
+        const __m512 e = _mm512_sub_ps(RoundTrip<kBf16>(_mm512_fmadd_ps(vhs[r], n, zv)), v);
+        err[r] = _mm512_fmadd_ps(e, e, err[r]);
+      }
+      if constexpr (kWrite) {
+        const __m512i ui = _mm512_cvtps_epi32(u);
+        const uint32_t shift = 16 * (k & 1);
+        for (uint32_t p = 0; p < b[r]; ++p) {
+          word[r][p] |= uint32_t(_mm512_test_epi32_mask(ui, _mm512_set1_epi32(1 << p))) << shift;
+        }
+        if (om != 0) {
+          for (uint32_t p = 0; p < hd.extra; ++p) {
+            const uint32_t bits =
+                _mm512_mask_test_epi32_mask(om, ui, _mm512_set1_epi32(1 << (b[r] + p)));
+            extra[r][p] |= _pext_u32(bits, om) << seen;
+          }
+        }
+      }
+    }
+    if constexpr (kWrite) {
+      if (k & 1) {
+#pragma GCC unroll 2
+        for (uint32_t r = 0; r < N; ++r) {
+          for (uint32_t p = 0; p < b[r]; ++p) {
+            std::memcpy(out[r] + p * (D / 8) + 4 * (k / 2), &word[r][p], 4);
+            word[r][p] = 0;
+          }
+        }
+      }
+    }
+    seen += uint32_t(__builtin_popcount(om));
+  }
+#pragma GCC unroll 2
+  for (uint32_t r = 0; r < N; ++r) {
+    if (kWrite && hd.outliers) {
+      const uint64_t ob = PlaneBytes(hd.outliers);
+      for (uint32_t p = 0; p < hd.extra; ++p) {
+        std::memcpy(out[r] + b[r] * (D / 8) + p * ob, &extra[r][p], ob);
+      }
+    }
+    err_out[r] = Tree16v(err[r]);
+  }
+}
+
+template <bool kBf16, uint32_t R>
+KVPOOL_AVX512 bool ProjectR(const RowHead& hd, const uint16_t* const* x, uint32_t rows,
+                            int16_t* coefs, float* z, RowStats* st) {
+  alignas(64) float xf[2 * kMaxDim], zf[2 * kMaxDim];
+  if (rows == 2) {
+    ProjectCore<kBf16, R, 2>(hd, x, xf, zf, coefs, st);
+    std::memcpy(z + hd.D, zf + kMaxDim, hd.D * sizeof(float));
+  } else {
+    ProjectCore<kBf16, R, 1>(hd, x, xf, zf, coefs, st);
+  }
+  std::memcpy(z, zf, hd.D * sizeof(float));
+  return std::isfinite(st[0].energy) && (rows == 1 || std::isfinite(st[1].energy));
+}
+
+template <bool kBf16, uint32_t R>
+KVPOOL_AVX512 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t rows,
+                           int16_t* coefs, ChooseFn choose, void* ctx, uint8_t* out, RowStats* st,
+                           uint8_t* meta, float* err) {
+  alignas(64) float xf[2 * kMaxDim], zf[2 * kMaxDim];
+  float hs[2];
+  if (rows == 2) {
+    ProjectCore<kBf16, R, 2>(hd, x, xf, zf, coefs, st);
+    if (!std::isfinite(st[0].energy) || !std::isfinite(st[1].energy)) return false;
+    meta[0] = choose(ctx, 0, st[0], &hs[0]);
+    meta[1] = choose(ctx, 1, st[1], &hs[1]);
+    uint8_t* dst[2] = {out, out + RowBytesOf(hd, meta[0])};
+    QuantizeCore<kBf16, 2, true>(hd, xf, zf, meta, hs, dst, err);
+    return true;
+  }
+  ProjectCore<kBf16, R, 1>(hd, x, xf, zf, coefs, st);
+  if (!std::isfinite(st[0].energy)) return false;
+  meta[0] = choose(ctx, 0, st[0], &hs[0]);
+  QuantizeCore<kBf16, 1, true>(hd, xf, zf, meta, hs, &out, err);
+  return true;
+}
+
+template <bool kBf16>
+KVPOOL_AVX512 float QuantizeT(const RowHead& hd, const uint16_t* x, const float* z, uint8_t meta,
+                              float hs, uint8_t* out) {
+  alignas(64) float xf[kMaxDim];
+  for (uint32_t k = 0; k < hd.D / 16; ++k) _mm512_store_ps(xf + 16 * k, LoadFloats16<kBf16>(x + 16 * k));
+  float err;
+  if (out != nullptr) {
+    QuantizeCore<kBf16, 1, true>(hd, xf, z, &meta, &hs, &out, &err);
+  } else {
+    QuantizeCore<kBf16, 1, false>(hd, xf, z, &meta, &hs, &out, &err);
+  }
+  return err;
+}
+
+// The rank's instance of F<kBf16, R>::Run.
+template <template <bool, uint32_t> class F, bool kBf16, typename... Args>
+KVPOOL_AVX512 auto ForRank(uint32_t r, Args... args) {
+  switch (r) {
+    case 0: return F<kBf16, 0>::Run(args...);
+    case 1: return F<kBf16, 1>::Run(args...);
+    case 2: return F<kBf16, 2>::Run(args...);
+    case 3: return F<kBf16, 3>::Run(args...);
+    case 4: return F<kBf16, 4>::Run(args...);
+    case 5: return F<kBf16, 5>::Run(args...);
+    case 6: return F<kBf16, 6>::Run(args...);
+    case 7: return F<kBf16, 7>::Run(args...);
+    default: return F<kBf16, 8>::Run(args...);
+  }
+}
+template <bool kBf16, uint32_t R>
+struct ProjectOf {
+  template <typename... Args>
+  KVPOOL_AVX512 static bool Run(Args... args) { return ProjectR<kBf16, R>(args...); }
+};
+template <bool kBf16, uint32_t R>
+struct EncodeOf {
+  template <typename... Args>
+  KVPOOL_AVX512 static bool Run(Args... args) { return EncodeR<kBf16, R>(args...); }
+};
+
+template <uint32_t K>
+KVPOOL_AVX512 void AccumulateK(const float* x, uint64_t ld, uint32_t count, const float* w,
+                               uint32_t D, float* out) {
+  for (uint32_t d = 0; d < D; d += 32) {
+    __m512 acc[K][2];
+    for (uint32_t j = 0; j < K; ++j) {
+      acc[j][0] = _mm512_loadu_ps(out + j * D + d);
+      acc[j][1] = _mm512_loadu_ps(out + j * D + d + 16);
+    }
+    for (uint32_t n = 0; n < count; ++n) {
+      const __m512 a = _mm512_loadu_ps(x + n * ld + d), b = _mm512_loadu_ps(x + n * ld + d + 16);
+      for (uint32_t j = 0; j < K; ++j) {
+        const __m512 wj = _mm512_set1_ps(w[uint64_t{n} * K + j]);
+        acc[j][0] = _mm512_fmadd_ps(wj, a, acc[j][0]);
+        acc[j][1] = _mm512_fmadd_ps(wj, b, acc[j][1]);
+      }
+    }
+    for (uint32_t j = 0; j < K; ++j) {
+      _mm512_storeu_ps(out + j * D + d, acc[j][0]);
+      _mm512_storeu_ps(out + j * D + d + 16, acc[j][1]);
+    }
+  }
+}
+
+template <uint32_t K>
+KVPOOL_AVX512 void DotK(const float* x, uint64_t ld, uint32_t count, const float* s, uint32_t D,
+                        float* y) {
+  for (uint32_t n = 0; n < count; ++n) {
+    __m512 acc[8];
+    for (uint32_t j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+    for (uint32_t d = 0; d < D; d += 16) {
+      const __m512 v = _mm512_loadu_ps(x + n * ld + d);
+      for (uint32_t j = 0; j < K; ++j) acc[j] = _mm512_fmadd_ps(v, _mm512_loadu_ps(s + j * D + d), acc[j]);
+    }
+    float sums[8];
+    Tree16x8(acc, sums);
+    for (uint32_t j = 0; j < K; ++j) y[uint64_t{n} * K + j] = sums[j];
+  }
+}
+
+template <template <uint32_t> class F, typename... Args>
+KVPOOL_AVX512 void ByRank(uint32_t k, Args... args) {
+  switch (k) {
+    case 1: return F<1>::Run(args...);
+    case 2: return F<2>::Run(args...);
+    case 3: return F<3>::Run(args...);
+    case 4: return F<4>::Run(args...);
+    case 5: return F<5>::Run(args...);
+    case 6: return F<6>::Run(args...);
+    case 7: return F<7>::Run(args...);
+    case 8: return F<8>::Run(args...);
+    default: return;
+  }
+}
+template <uint32_t K>
+struct AccumulateOf {
+  KVPOOL_AVX512 static void Run(const float* x, uint64_t ld, uint32_t count, const float* w,
+                                uint32_t D, float* out) {
+    AccumulateK<K>(x, ld, count, w, D, out);
+  }
+};
+template <uint32_t K>
+struct DotOf {
+  KVPOOL_AVX512 static void Run(const float* x, uint64_t ld, uint32_t count, const float* s,
+                                uint32_t D, float* y) {
+    DotK<K>(x, ld, count, s, D, y);
+  }
+};
+
+KVPOOL_AVX512 void Accumulate(const float* x, uint64_t ld, uint32_t count, const float* w,
+                              uint32_t k, uint32_t D, float* out) {
+  ByRank<AccumulateOf>(k, x, ld, count, w, D, out);
+}
+
+KVPOOL_AVX512 void Dot(const float* x, uint64_t ld, uint32_t count, const float* s, uint32_t k,
+                       uint32_t D, float* y) {
+  ByRank<DotOf>(k, x, ld, count, s, D, y);
+}
+
+KVPOOL_AVX512 void Planes(const int16_t* codes, uint32_t T, uint32_t width, uint8_t* out) {
+  const uint64_t pb = PlaneBytes(T);
+  const __m512i offset = _mm512_set1_epi16(int16_t(1 << (width - 1)));
+  for (uint32_t t = 0; t < T; t += 32) {
+    const __mmask32 valid = T - t >= 32 ? ~__mmask32{0} : (__mmask32{1} << (T - t)) - 1;
+    const __m512i u = _mm512_add_epi16(_mm512_maskz_loadu_epi16(valid, codes + t), offset);
+    const uint64_t bytes = std::min<uint64_t>(4, pb - t / 8);
+    for (uint32_t p = 0; p < width; ++p) {
+      const uint32_t bits = _mm512_mask_test_epi16_mask(valid, u, _mm512_set1_epi16(int16_t(1 << p)));
+      std::memcpy(out + p * pb + t / 8, &bits, bytes);
+    }
+  }
+}
+
+template <bool kBf16>
+KVPOOL_AVX512 float LoadT(const uint16_t* x, uint64_t n, float* out, float* sums) {
+  __m512 en = _mm512_setzero_ps();
+  uint64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m512 v = LoadFloats16<kBf16>(x + c);
+    _mm512_storeu_ps(out + c, v);
+    _mm512_storeu_ps(sums + c, _mm512_add_ps(_mm512_loadu_ps(sums + c), v));
+    en = _mm512_fmadd_ps(v, v, en);
+  }
+  alignas(64) float l[16];
+  _mm512_store_ps(l, en);
+  for (; c < n; ++c) {
+    out[c] = ToFloat(kBf16 ? DType::kBf16 : DType::kFp16, x[c]);
+    sums[c] = sums[c] + out[c];
+    l[c % 16] = std::fma(out[c], out[c], l[c % 16]);
+  }
+  return Tree16(l);
+}
+
+KVPOOL_AVX512 float Load(DType dtype, const uint16_t* x, uint64_t n, float* out, float* sums) {
+  return dtype == DType::kBf16 ? LoadT<true>(x, n, out, sums) : LoadT<false>(x, n, out, sums);
+}
+
+KVPOOL_AVX512 float Centre(const float* x, const float* m, uint32_t D, float* xc, float* var) {
+  __m512 l = _mm512_setzero_ps();
+  for (uint32_t d = 0; d < D; d += 16) {
+    const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(m + d));
+    _mm512_storeu_ps(xc + d, v);
+    _mm512_storeu_ps(var + d, _mm512_add_ps(_mm512_loadu_ps(var + d), _mm512_mul_ps(v, v)));
+    l = _mm512_fmadd_ps(v, v, l);
+  }
+  return Tree16v(l);
+}
+
+KVPOOL_AVX512 bool Project(const RowHead& hd, DType dtype, const uint16_t* const* x,
+                           uint32_t rows, int16_t* coefs, float* z, RowStats* st) {
+  return dtype == DType::kBf16 ? ForRank<ProjectOf, true>(hd.rank, hd, x, rows, coefs, z, st)
+                               : ForRank<ProjectOf, false>(hd.rank, hd, x, rows, coefs, z, st);
+}
+
+KVPOOL_AVX512 float Quantize(const RowHead& hd, DType dtype, const uint16_t* x, const float* z,
+                             uint8_t meta, float hs, uint8_t* out) {
+  return dtype == DType::kBf16 ? QuantizeT<true>(hd, x, z, meta, hs, out)
+                               : QuantizeT<false>(hd, x, z, meta, hs, out);
+}
+
+KVPOOL_AVX512 bool Encode(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t rows,
+                          int16_t* coefs, ChooseFn choose, void* ctx, uint8_t* out, RowStats* st,
+                          uint8_t* meta, float* err) {
+  return dtype == DType::kBf16
+             ? ForRank<EncodeOf, true>(hd.rank, hd, x, rows, coefs, choose, ctx, out, st, meta, err)
+             : ForRank<EncodeOf, false>(hd.rank, hd, x, rows, coefs, choose, ctx, out, st, meta, err);
+}
+
+// ---- Decoding ------------------------------------------------------------------------------
+
+// Up to 32 bits of a bit plane of `bytes` bytes, starting at bit 8 * byte (zero beyond it).
+inline uint32_t Bits32(const uint8_t* plane, uint64_t bytes, uint64_t byte) {
+  uint32_t v = 0;
+  if (byte < bytes) std::memcpy(&v, plane + byte, std::min<uint64_t>(4, bytes - byte));
+  return v;
+}
+
+// Per-segment tables of the decoder, kept per thread.
+struct DecodeScratch {
+  std::vector<int16_t> coefs;  // [H][kMaxRank][T32] codes, T32 = T rounded up to 32.
+  std::vector<float> means;    // [H][D]
+  AlignedVector<int16_t> pairs;  // [H][D / 16][4][16][2] (RowHead::pairs' layout)
+  std::vector<int16_t> index;  // [H][D / 32][32] lane -> outlier index (vpermw)
+  std::vector<uint32_t> mask;  // [H][D / 32] outlier lanes
+};
+
+template <bool kBf16>
+KVPOOL_AVX512 void Tables(const SegmentShape& shape, const ParsedRows& parsed, DecodeScratch* s) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
+  const uint32_t T32 = (T + 31) / 32 * 32;
+  const uint64_t pb = PlaneBytes(T);
+  s->coefs.resize(uint64_t{H} * kMaxRank * T32);
+  s->means.resize(uint64_t{H} * D);
+  s->pairs.assign(uint64_t{H} * kMaxRank * D, 0);
+  s->index.assign(uint64_t{H} * D, 0);
+  s->mask.assign(uint64_t{H} * (D / 32), 0);
+  for (uint32_t h = 0; h < H; ++h) {
+    const ParsedRows::Head& hd = parsed.heads[h];
+    const uint8_t* plane = parsed.coefs + hd.coef;
+    for (uint32_t j = 0; j < hd.rank; ++j) {
+      const uint32_t w = hd.widths[j];
+      int16_t* c = &s->coefs[(uint64_t{h} * kMaxRank + j) * T32];
+      for (uint32_t t = 0; t < T32; t += 32) {
+        __m512i acc = _mm512_set1_epi16(w ? int16_t(-(1 << (w - 1))) : 0);
+        for (uint32_t p = 0; p < w; ++p) {
+          const __mmask32 bits = Bits32(plane + p * pb, pb, t / 8);
+          acc = _mm512_mask_add_epi16(acc, bits, acc, _mm512_set1_epi16(int16_t(1 << p)));
+        }
+        _mm512_storeu_si512(c + t, acc);
+      }
+      plane += w * pb;
+    }
+    for (uint32_t d = 0; d < D; d += 16) {
+      const __m256i e =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(parsed.means + 2 * (uint64_t{h} * D + d)));
+      _mm512_storeu_ps(&s->means[uint64_t{h} * D + d], ToFloats<kBf16>(e));
+    }
+    const int8_t* basis = reinterpret_cast<const int8_t*>(parsed.basis + hd.basis);
+    int16_t* pairs = &s->pairs[uint64_t{h} * kMaxRank * D];
+    for (uint32_t j = 0; j < hd.rank; ++j)
+      for (uint32_t d = 0; d < D; ++d) {
+        pairs[((uint64_t{d / 16} * 4 + j / 2) * 16 + d % 16) * 2 + j % 2] = basis[j * D + d];
+      }
+    for (uint32_t k = 0; k < hd.outliers; ++k) {
+      const uint32_t d = Load16(parsed.outliers + 2 * (hd.outlier + k));
+      s->index[uint64_t{h} * D + d] = int16_t(k);
+      s->mask[uint64_t{h} * (D / 32) + d / 32] |= 1u << (d % 32);
+    }
+  }
+}
+
+// Decodes the T rows of head h (RowHead-like tables in `s`), starting at row data `row`;
+// returns the end of its rows' data.
+template <bool kBf16, uint32_t R>
+KVPOOL_AVX512 const uint8_t* DecodeHead(const SegmentShape& shape, const ParsedRows& parsed,
+                                        const DecodeScratch& s, uint32_t h, const uint8_t* row,
+                                        uint16_t* out) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
+  const uint32_t T32 = (T + 31) / 32 * 32, chunks = D / 32;
+  const uint64_t pd = D / 8, HD = uint64_t{H} * D;
+  const ParsedRows::Head& hd = parsed.heads[h];
+  const __m512 scale = _mm512_set1_ps(hd.lr_scale);
+  const float* m = &s.means[uint64_t{h} * D];
+  const int16_t* pairs = &s.pairs[uint64_t{h} * 8 * D];
+  const int16_t* coefs = &s.coefs[uint64_t{h} * kMaxRank * T32];
+  const uint8_t* metas = parsed.metas + uint64_t{h} * T;
+  for (uint32_t t = 0; t < T; ++t) {
+    const uint8_t meta = metas[t];
+    const uint32_t b = meta & 15;
+    const __m512 vhs = _mm512_set1_ps(RowHalfStep(hd.unit, meta));
+    __m512i bc[4];
+    for (uint32_t i = 0; i < (R + 1) / 2; ++i) {
+      const uint32_t lo = uint16_t(coefs[2 * i * T32 + t]);
+      const uint32_t hi = 2 * i + 1 < R ? uint16_t(coefs[(2 * i + 1) * T32 + t]) : 0;
+      bc[i] = _mm512_set1_epi32(int32_t(lo | (hi << 16)));
+    }
+    // The outlier channels' high planes, outlier k in lane k.
+    __m512i adj = _mm512_setzero_si512();
+    if (hd.outliers) {
+      const uint64_t ob = PlaneBytes(hd.outliers);
+      adj = _mm512_set1_epi16(int16_t(-((1 << (b + hd.extra)) - (1 << b))));
+      const uint8_t* planes = row + b * pd;
+      for (uint32_t q = 0; q < hd.extra; ++q) {
+        const __mmask32 bits = Bits32(planes + q * ob, ob, 0);
+        adj = _mm512_mask_add_epi16(adj, bits, adj, _mm512_set1_epi16(int16_t(1 << (b + q + 1))));
+      }
+    }
+    uint16_t* o = out + uint64_t{t} * HD + uint64_t{h} * D;
+    for (uint32_t ch = 0; ch < chunks; ++ch) {
+      __m512i n = _mm512_set1_epi16(int16_t(-((1 << b) - 1)));
+      for (uint32_t p = 0; p < b; ++p) {
+        uint32_t bits;
+        std::memcpy(&bits, row + p * pd + 4 * ch, 4);
+        n = _mm512_mask_add_epi16(n, bits, n, _mm512_set1_epi16(int16_t(1 << (p + 1))));
+      }
+      if (hd.outliers) {
+        const uint64_t at = uint64_t{h} * chunks + ch;
+        const __m512i index = _mm512_loadu_si512(&s.index[at * 32]);
+        n = _mm512_mask_add_epi16(n, s.mask[at], n, _mm512_permutexvar_epi16(index, adj));
+      }
+      for (uint32_t half = 0; half < 2; ++half) {
+        const uint32_t k = 2 * ch + half;
+        const __m256i nh = half ? _mm512_extracti64x4_epi64(n, 1) : _mm512_castsi512_si256(n);
+        const __m512 nf = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(nh));
+        __m512i P = _mm512_setzero_si512();
+        for (uint32_t i = 0; i < (R + 1) / 2; ++i) {
+          P = _mm512_add_epi32(P, _mm512_madd_epi16(_mm512_load_si512(pairs + 128 * k + 32 * i), bc[i]));
+        }
+        const __m512 zv = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), _mm512_loadu_ps(m + 16 * k));
+        const __m256i y = FromFloats<kBf16>(_mm512_fmadd_ps(vhs, nf, zv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * k), y);
+      }
+    }
+    row += RowBytes(hd, D, meta);
+  }
+  return row;
+}
+
+template <bool kBf16, uint32_t R>
+struct DecodeHeadOf {
+  template <typename... Args>
+  KVPOOL_AVX512 static const uint8_t* Run(Args... args) { return DecodeHead<kBf16, R>(args...); }
+};
+
+template <bool kBf16>
+KVPOOL_AVX512 void DecodeT(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out) {
+  thread_local DecodeScratch s;
+  Tables<kBf16>(shape, parsed, &s);
+  const uint8_t* row = parsed.rows;
+  for (uint32_t h = 0; h < shape.kv_heads; ++h) {
+    row = ForRank<DecodeHeadOf, kBf16>(parsed.heads[h].rank, std::cref(shape), std::cref(parsed),
+                                      std::cref(s), h, row, out);
+  }
+}
+
+}  // namespace
+
+const RowKernels* RowKernelsAvx512(uint32_t head_dim) {
+  static const RowKernels k = {&Project, &Quantize, &Encode, &Accumulate,
+                               &Dot,     &Planes,   &Load,   &Centre};
+  if (!CpuHasAvx512() || head_dim % 32 != 0 || head_dim > kMaxDim) return nullptr;
+  return &k;
+}
+
+bool DecodeRowsAvx512(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out) {
+  if (!CpuHasAvx512() || shape.head_dim % 32 != 0 || shape.tokens == 0) return false;
+  if (shape.dtype == DType::kBf16) {
+    DecodeT<true>(shape, parsed, out);
+  } else {
+    DecodeT<false>(shape, parsed, out);
+  }
+  return true;
+}
+
+}  // namespace kvpool::kernels::kvpool::internal

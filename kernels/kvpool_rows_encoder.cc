@@ -1,0 +1,275 @@
+// The encoder of the kvpool codec's payload mode 4 (kvpool_rows.cc documents the format),
+// shared by the reference and the fast CPU path, which differ only in their kernels (the
+// sample's conversion: EncodeKernels::load; classes from key elements: FastKernels; the basis
+// search and the rows: RowKernels).
+//
+// Per segment:
+//   1. A sample of at most 64 tokens (every s-th): the means per channel (column sums / n,
+//      stored as the dtype), the energy, the centred rows and their variance per channel.
+//   2. Per head, from the sample (kvpool_rows_plan.cc): the low-rank basis, kept direction by
+//      direction while the bits it saves in the residual exceed its own; int8 basis codes; the
+//      outlier channels (residual variance above 4x the median, the 32 largest at most), their
+//      extra planes E; the head's unit u (the regular channels' rms); the coefficient step.
+//   3. The step search on the sample, projected as the full pass will: each row takes the b
+//      that minimises b * D + mu * w * err(b) (err from a Gaussian model of its spread, w its
+//      token class's weight 2^(k/2)); mu is bisected until the sample's predicted error, scaled
+//      to all rows, is kRowsAim of the allowed one.
+//   4. The full pass, head after head, two rows at a time: project (coefficients, prediction,
+//      spread), choose b and j, quantise, append the rows' planes. When the measured error
+//      exceeds the budget, mu grows by the miss and the pass repeats (at most kRowsPasses, then
+//      the segment is stored raw).
+// Key segments compute their token classes in the same pass, from their distance to the
+// means, with the per-head scale estimated on the sample; their payload carries them for the
+// value segment, which takes them as they are (or, without it, from the keys' elements).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/kvpool_rows_plan.h"
+
+namespace kvpool::kernels::kvpool::internal {
+namespace {
+
+constexpr double kRowsAim = 0.95;     // Aim this fraction of the allowed squared error.
+constexpr int kRowsPasses = 6;        // Full passes before storing raw.
+constexpr uint32_t kSampleRows = 64;  // Tokens sampled for the basis and the step search.
+
+struct Scratch {
+  Sample sample;
+  std::vector<float> sums, sq, km, dist, z;
+  std::vector<uint16_t> kstored;
+  std::vector<uint8_t> classes, buffer;
+  std::vector<HeadPlan> heads;
+  std::vector<int16_t> coefs;   // [H][kMaxRank][T]
+};
+
+absl::Status NonFinite() {
+  return absl::InvalidArgumentError("kvpool: elements not finite (stored raw)");
+}
+
+// What the full pass's ChooseFn needs to decide a row.
+struct Choice {
+  const HeadPlan* head;
+  RowRule rule;
+  float steps[256];  // RowHalfStep of every meta byte.
+  bool key_classes;  // Key segments' classes: ClassOf(dist, head->per_z); else given[i].
+  uint8_t given[2];
+  uint8_t chosen[2];  // Out: the rows' classes.
+};
+
+uint8_t ChooseRow(void* ctx, uint32_t i, const RowStats& st, float* hs) {
+  Choice* c = static_cast<Choice*>(ctx);
+  c->chosen[i] = c->key_classes ? ClassOf(double(st.dist), c->head->per_z) : c->given[i];
+  const uint8_t meta = ChooseMeta(c->rule, st, c->chosen[i]);
+  *hs = c->steps[meta];
+  return meta;
+}
+
+// The payload's layout: fixed sections, then rows from rows_at, coefficients last.
+struct Layout {
+  uint64_t class_bytes, metas_at, rows_at, bound;
+};
+
+Layout PayloadLayout(const SegmentShape& shape, const std::vector<HeadPlan>& heads,
+                     bool key_classes) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
+  uint64_t basis = 0, outliers = 0;
+  for (const HeadPlan& hp : heads) {
+    basis += uint64_t{hp.view.rank} * D;
+    outliers += 2 * uint64_t{hp.view.outliers};
+  }
+  Layout l;
+  l.class_bytes = key_classes ? (uint64_t{T} * H + 1) / 2 : 0;
+  l.metas_at = kHeaderBytes + uint64_t{H} * kRowHeadBytes + 2 * uint64_t{H} * D + basis +
+               outliers + l.class_bytes;
+  l.rows_at = l.metas_at + uint64_t{T} * H;
+  l.bound = l.rows_at + uint64_t{T} * H * kMaxPlanes * (PlaneBytes(D) + 4) +
+            uint64_t{H} * kMaxRank * kMaxCoefWidth * PlaneBytes(T);
+  return l;
+}
+
+// Header, means, basis codes and outlier channels (head entries come last, with the widths).
+void WriteFixedSections(const SegmentShape& shape, const Scratch& s, bool key_classes,
+                        const Layout& l, uint8_t* dst) {
+  const uint64_t HD = uint64_t{shape.kv_heads} * shape.head_dim;
+  std::memset(dst, 0, l.rows_at);
+  dst[0] = kModeRows;
+  dst[1] = key_classes ? kHeadClasses : 0;
+  uint64_t at = kHeaderBytes + uint64_t{shape.kv_heads} * kRowHeadBytes;
+  for (uint64_t c = 0; c < HD; ++c, at += 2) {
+    dst[at] = uint8_t(s.sample.stored[c]);
+    dst[at + 1] = uint8_t(s.sample.stored[c] >> 8);
+  }
+  for (const HeadPlan& hp : s.heads) {
+    std::memcpy(dst + at, hp.codes.data(), hp.codes.size());
+    at += hp.codes.size();
+  }
+  for (const HeadPlan& hp : s.heads)
+    for (uint32_t d : hp.outlier) {
+      dst[at++] = uint8_t(d);
+      dst[at++] = uint8_t(d >> 8);
+    }
+}
+
+struct PassResult {
+  bool finite = true;
+  double err = 0, energy = 0;
+  uint64_t end = 0;  // One past the last row's data.
+};
+
+// One full pass at `mu`: every row's meta, class (keys), planes and coefficient codes.
+PassResult FullPass(const SegmentShape& shape, const uint16_t* in, const RowKernels& rk,
+                    bool key_classes, double mu, const Layout& l, Scratch* s, uint8_t* dst) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
+  uint8_t* classes = dst + l.metas_at - l.class_bytes;
+  uint8_t* metas = dst + l.metas_at;
+  if (key_classes) std::memset(classes, 0, l.class_bytes);
+  PassResult res;
+  res.end = l.rows_at;
+  Choice choice{};
+  choice.key_classes = key_classes;
+  for (uint32_t h = 0; h < H; ++h) {
+    const HeadPlan& hp = s->heads[h];
+    choice.head = &hp;
+    MakeRowRule(hp, mu, &choice.rule);
+    for (uint32_t m = 0; m < 256; ++m) choice.steps[m] = RowHalfStep(hp.unit, uint8_t(m));
+    for (uint32_t t = 0; t < T; t += 2) {
+      const uint32_t rows = std::min(2u, T - t);
+      const uint16_t* x[2] = {in + (uint64_t{t} * H + h) * D, in + (uint64_t{t + 1} * H + h) * D};
+      if (t + 8 < T) {  // Rows of one head lie H * D elements apart: prefetch 4 pairs ahead.
+        const char* ahead = reinterpret_cast<const char*>(in + (uint64_t{t + 8} * H + h) * D);
+        for (uint64_t b = 0; b < 2 * uint64_t{D}; b += 64) {
+          __builtin_prefetch(ahead + b);
+          __builtin_prefetch(ahead + 2 * uint64_t{H} * D + b);
+        }
+      }
+      for (uint32_t i = 0; i < rows; ++i) {
+        choice.given[i] = s->classes.empty() ? 0 : s->classes[uint64_t{t + i} * H + h];
+      }
+      RowStats st[2];
+      int16_t c[2 * kMaxRank];
+      uint8_t meta[2];
+      float err[2];
+      if (!rk.encode(hp.view, shape.dtype, x, rows, c, &ChooseRow, &choice, dst + res.end, st,
+                     meta, err)) {
+        res.finite = false;
+        return res;
+      }
+      for (uint32_t i = 0; i < rows; ++i) {
+        for (uint32_t j = 0; j < hp.view.rank; ++j) {
+          s->coefs[(uint64_t{h} * kMaxRank + j) * T + t + i] = c[i * kMaxRank + j];
+        }
+        const uint64_t k = uint64_t{t + i} * H + h;  // Class map nibble.
+        if (key_classes) classes[k / 2] |= uint8_t(choice.chosen[i] << (4 * (k & 1)));
+        metas[uint64_t{h} * T + t + i] = meta[i];
+        res.err += err[i];
+        res.energy += st[i].energy;
+        res.end += RowBytesOf(hp.view, meta[i]);
+      }
+    }
+  }
+  return res;
+}
+
+// The head entries and the coefficient planes after the rows (from `size`); the payload's
+// size, or 0 when it would pass `bound`.
+uint64_t FinishPayload(const SegmentShape& shape, const RowKernels& rk, const Scratch& s,
+                       uint64_t size, uint64_t bound, uint8_t* dst) {
+  const uint32_t T = shape.tokens;
+  for (uint32_t h = 0; h < shape.kv_heads; ++h) {
+    const RowHead& v = s.heads[h].view;
+    uint8_t* e = dst + kHeaderBytes + uint64_t{h} * kRowHeadBytes;
+    e[0] = uint8_t(v.rank);
+    e[1] = uint8_t(v.outliers);
+    e[2] = uint8_t(v.extra);
+    std::memcpy(e + 4, &s.heads[h].unit, 4);
+    std::memcpy(e + 8, &v.lr_scale, 4);
+    for (uint32_t j = 0; j < v.rank; ++j) {
+      const int16_t* codes = &s.coefs[(uint64_t{h} * kMaxRank + j) * T];
+      int32_t lo = 0, hi = 0;
+      for (uint32_t t = 0; t < T; ++t) {
+        lo = std::min<int32_t>(lo, codes[t]);
+        hi = std::max<int32_t>(hi, codes[t]);
+      }
+      uint32_t width = 0;  // The fewest bits holding [lo, hi] as c + 2^(width - 1).
+      while ((width == 0 && (lo | hi) != 0) ||
+             (width > 0 && (lo < -(1 << (width - 1)) || hi > (1 << (width - 1)) - 1))) {
+        ++width;
+      }
+      e[12 + j / 2] |= uint8_t(width << (4 * (j & 1)));
+      if (size + uint64_t{width} * PlaneBytes(T) > bound) return 0;
+      if (width > 0) rk.planes(codes, T, width, dst + size);
+      size += width * PlaneBytes(T);
+    }
+  }
+  return size;
+}
+
+// Values' token classes: from their keys' payload, else from the keys' elements; none for
+// keys (the pass computes theirs) or when tokens are weighted equally.
+void ValueClasses(const SegmentShape& shape, const LayerKeys& keys, const FastKernels& fast,
+                  bool weighted, Scratch* s) {
+  s->classes.clear();
+  if (!weighted || shape.kind != SegmentKind::kValue) return;
+  if (KeyClasses(shape, keys.payload, &s->classes) || keys.elements == nullptr) return;
+  double unused;
+  if (DecodedMeans(shape, keys.elements, fast, &s->sums, &s->sq, &s->km, &s->kstored, &unused)) {
+    FastClasses(shape, keys.elements, s->km.data(), fast, &s->dist, &s->classes);
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams& params,
+                                    const uint16_t* in, const LayerKeys& keys,
+                                    const FastKernels& fast, const RowKernels& rk, uint8_t* out,
+                                    uint64_t capacity) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads;
+  if (shape.Elements() == 0) return WriteRawPayload(shape, in, out, capacity);
+  thread_local Scratch s;
+  const bool weighted = !(params.flags & kFlagEqualTokens) && T >= 2;
+  const bool key_classes = weighted && shape.kind == SegmentKind::kKey;
+  ValueClasses(shape, keys, fast, weighted, &s);
+  const uint32_t stride = std::max(1u, T / kSampleRows), count = (T + stride - 1) / stride;
+  if (!LoadSample(shape, rk, in, stride, count, &s.sample)) return NonFinite();
+  const double target = TargetError(shape, params);
+  const double allowed_estimate = target * target * s.sample.energy;
+  s.heads.resize(H);
+  const SampleClasses classes{key_classes, &s.classes};
+  for (uint32_t h = 0; h < H; ++h) {
+    PlanHead(shape, rk, s.sample, h, allowed_estimate / double(shape.Elements()), classes,
+             &s.heads[h]);
+  }
+  s.coefs.assign(uint64_t{H} * kMaxRank * T, 0);
+  double mu = SolveMu(s.heads, double(T) / count, kRowsAim * allowed_estimate);
+  const Layout l = PayloadLayout(shape, s.heads, key_classes);
+  s.buffer.resize(l.bound);
+  uint8_t* dst = s.buffer.data();
+  WriteFixedSections(shape, s, key_classes, l, dst);
+  uint64_t size = 0;
+  double last_mu = 0, last_err = 0;
+  for (int pass = 0; pass < kRowsPasses && size == 0; ++pass) {
+    const PassResult r = FullPass(shape, in, rk, key_classes, mu, l, &s, dst);
+    if (!r.finite || !std::isfinite(r.err) || !std::isfinite(r.energy)) return NonFinite();
+    const double allowed = target * target * r.energy;
+    if (r.err <= allowed) {
+      size = r.end;
+      break;
+    }
+    // The error falls about as mu^-alpha: alpha 1 at first, then measured between passes.
+    double alpha = 1;
+    if (last_mu > 0 && last_err > r.err && mu > last_mu) {
+      alpha = std::min(2.0, std::max(0.25, std::log(last_err / r.err) / std::log(mu / last_mu)));
+    }
+    last_mu = mu;
+    last_err = r.err;
+    mu *= std::max(1.1, std::min(1e6, std::pow(r.err / (kRowsAim * allowed), 1 / alpha)));
+  }
+  if (size > 0) size = FinishPayload(shape, rk, s, size, l.bound, dst);
+  if (size == 0 || size >= RawPayloadBytes(shape)) return WriteRawPayload(shape, in, out, capacity);
+  if (capacity < size) return absl::InvalidArgumentError("kvpool: output too small");
+  std::memcpy(out, dst, size);
+  return size;
+}
+
+}  // namespace kvpool::kernels::kvpool::internal

@@ -1,0 +1,98 @@
+// Internal to the kvpool codec's mode 4 encoder (kvpool_rows_encoder.cc): what it decides from
+// a sample of a segment's tokens before its full pass, and how it decides each row. Defined in
+// kvpool_rows_plan.cc; deterministic, so that both host paths (which differ only in their
+// kernels) write the same payload. Not a public API. Thread-compatible.
+#ifndef KVPOOL_KERNELS_KVPOOL_ROWS_PLAN_H_
+#define KVPOOL_KERNELS_KVPOOL_ROWS_PLAN_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/kvpool_rows.h"
+
+namespace kvpool::kernels::kvpool::internal {
+
+// Tokens n * stride (n < count) of a segment.
+struct Sample {
+  uint32_t count = 0, stride = 1;
+  std::vector<uint16_t> stored;  // [H * D] the means as the dtype (what the payload holds)
+  std::vector<float> means;      // [H * D] their values
+  std::vector<float> xs;         // [H][count][D] the sampled rows less the means
+  std::vector<float> var;        // [H][D] mean square of xs per channel
+  std::vector<float> dist;       // [H][count] each row's squared distance from the means
+  std::vector<float> raw;        // [count][H * D] the sampled rows as floats (scratch)
+  double energy = 0;             // The segment's sum of squares, estimated from the sample.
+};
+
+// Loads the sample (RowKernels::load and centre), its means and statistics. False when a
+// sampled element is not finite (or too large to square).
+bool LoadSample(const SegmentShape& shape, const RowKernels& rk, const uint16_t* in,
+                uint32_t stride, uint32_t count, Sample* sample);
+
+// What the step search knows of a sampled row: its class weight times its regular channels'
+// variance, and its residual energy in regular and outlier channels.
+struct ModelRow {
+  double a = 0, regular = 0, outlier = 0;
+};
+
+// The token classes the step search weights the sample's rows by: key segments' from each
+// row's distance to the means (ClassOf with the head's per_z), values' from `classes` ([T][H],
+// their keys'; empty: all 0).
+struct SampleClasses {
+  bool keys = false;
+  const std::vector<uint8_t>* classes = nullptr;
+};
+
+// One head's plan: RowHead's arrays and what the row decisions use.
+struct HeadPlan {
+  std::vector<float> basis, inv_step;
+  AlignedVector<float> chunks;
+  std::vector<int8_t> codes;
+  AlignedVector<int16_t> pairs;
+  std::vector<uint8_t> is_outlier;
+  std::vector<uint32_t> outlier, masks;
+  float unit = 1;
+  double unit2 = 1;
+  double per_z = 0;  // Key segments: ClassOf's scale for this head.
+  std::vector<ModelRow> model;  // The sample's rows, for the step search.
+  RowHead view;
+};
+
+// Plans head h from the sample: basis (rank by the bits it saves), outlier channels and their
+// extra planes, the unit, the coefficient step (kCoefStep residual steps at `d_avg`, the
+// budget's squared error per element, or at the residual's spread where that is finer), and
+// the sample's model rows: each row's residual after the basis, from the basis search's own
+// projections, split between regular and outlier channels as the head's variance is.
+void PlanHead(const SegmentShape& shape, const RowKernels& rk, const Sample& sample, uint32_t h,
+              double d_avg, const SampleClasses& classes, HeadPlan* hp);
+
+// The Lagrange multiplier mu at which the sample's rows (the heads' model rows), choosing their
+// planes as RowRule does, have a model error that, times `scale`, is at most `aim`
+// (bisected in log2 mu to 1/32 of an octave).
+double SolveMu(const std::vector<HeadPlan>& heads, double scale, double aim);
+
+// How one head's rows choose their meta byte in a full pass at mu: b planes minimising
+// b + mu * 2^(k/2) * (model error per channel) for a row of token class k, and the scale index
+// nearest the row's spread (b = 0 rows with outlier channels: the outliers'), as thresholds on
+// the row's regular and outlier energies.
+struct RowRule {
+  float planes[kClasses][kMaxPlanes];  // Plane p + 1 when regular >= planes[k][p].
+  float scale[kMaxPlanes];             // Scale index j + 1 when regular >= scale[j].
+  float outlier_scale[kMaxPlanes];     // The same for b = 0 rows, on the outlier energy.
+  uint32_t cap;                        // 15 - E.
+};
+void MakeRowRule(const HeadPlan& hp, double mu, RowRule* rule);
+
+inline uint8_t ChooseMeta(const RowRule& rule, const RowStats& st, uint8_t cls) {
+  uint32_t b = 0, j = 0;
+  for (uint32_t p = 0; p < kMaxPlanes; ++p) b += st.regular >= rule.planes[cls][p];
+  b = b < rule.cap ? b : rule.cap;
+  const float* scale = b > 0 ? rule.scale : rule.outlier_scale;
+  const float energy = b > 0 ? st.regular : st.outlier;
+  for (uint32_t p = 0; p < kMaxPlanes; ++p) j += energy >= scale[p];
+  return uint8_t(b | (j << 4));
+}
+
+}  // namespace kvpool::kernels::kvpool::internal
+
+#endif  // KVPOOL_KERNELS_KVPOOL_ROWS_PLAN_H_
