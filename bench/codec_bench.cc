@@ -138,6 +138,8 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
                                   CodecParams{CodecId::kKivi, 4, 0, 32},
                                   CodecParams{CodecId::kPackKv, 8, 0, 16, 0.02f},
                                   CodecParams{CodecId::kKvpool, 0, 0, 0, 0.05f},
+                                  CodecParams{CodecId::kKvpool, 0, 0, 0, 0.2f},
+                                  CodecParams{CodecId::kKvpool, 0, kKvpoolEntropyProfile, 0, 0.05f},
                                   CodecParams{CodecId::kKvpool, 0, kKvpoolFastProfile, 0, 0.05f}};
   struct Row {
     std::string name, codec, path;

@@ -52,6 +52,8 @@
 // With the bounds above no intermediate is NaN; every path gives the same bits.
 #include "kernels/kvpool_rows.h"
 
+#include <cpuid.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -68,11 +70,6 @@ float LoadF32(const uint8_t* p) {
 }
 
 bool Bit(const uint8_t* plane, uint64_t i) { return (plane[i / 8] >> (i % 8)) & 1; }
-
-bool FiniteElement(DType dtype, uint16_t e) {
-  const uint16_t exp = dtype == DType::kBf16 ? 0x7f80 : 0x7c00;
-  return (e & exp) != exp;
-}
 
 // True when the bits of `plane` (n bits used) beyond n are 0.
 bool PaddingClear(const uint8_t* plane, uint64_t n) {
@@ -131,17 +128,16 @@ absl::Status ParseHeads(const SegmentShape& shape, const uint8_t* payload, uint6
   const uint64_t HD = uint64_t{H} * D;
   if (size - *pos < 2 * HD) return Truncated("means");
   parsed->means = payload + *pos;
-  for (uint64_t c = 0; c < HD; ++c) {
-    if (!FiniteElement(shape.dtype, Load16(parsed->means + 2 * c))) {
-      return absl::DataLossError("kvpool: a mean is not finite");
-    }
-  }
+  const uint16_t exp = shape.dtype == DType::kBf16 ? 0x7f80 : 0x7c00;
+  uint32_t infinite = 0;  // No early exit: the loop vectorises.
+  for (uint64_t c = 0; c < HD; ++c) infinite |= (Load16(parsed->means + 2 * c) & exp) == exp;
+  if (infinite) return absl::DataLossError("kvpool: a mean is not finite");
   *pos += 2 * HD;
   if (size - *pos < basis) return Truncated("basis");
   parsed->basis = payload + *pos;
-  for (uint64_t i = 0; i < basis; ++i) {
-    if (parsed->basis[i] == 0x80) return absl::DataLossError("kvpool: basis code -128");
-  }
+  uint32_t low = 0;
+  for (uint64_t i = 0; i < basis; ++i) low |= parsed->basis[i] == 0x80;
+  if (low) return absl::DataLossError("kvpool: basis code -128");
   *pos += basis;
   if (size - *pos < 2 * outliers) return Truncated("outlier channels");
   parsed->outliers = payload + *pos;
@@ -201,13 +197,17 @@ absl::Status ParseRows(const SegmentShape& shape, const uint8_t* payload, uint64
   pos += rows;
   uint64_t bytes = 0;
   bool padded = D % 8 != 0;
-  for (uint64_t i = 0; i < rows; ++i) {
-    const ParsedRows::Head& hd = parsed->heads[i / T];
-    const uint8_t meta = parsed->metas[i];
-    if ((meta & 15) + hd.extra > kMaxPlanes) {
-      return absl::DataLossError("kvpool: a row has more than 15 planes");
+  for (uint32_t h = 0; h < H; ++h) {  // Per head: its planes per row, b summed, largest b.
+    ParsedRows::Head& hd = parsed->heads[h];
+    const uint8_t* m = parsed->metas + uint64_t{h} * T;
+    uint32_t planes = 0, top = 0;
+    for (uint32_t t = 0; t < T; ++t) {
+      planes += m[t] & 15;
+      top = std::max<uint32_t>(top, m[t] & 15);
     }
-    bytes += RowBytes(hd, D, meta);
+    if (top + hd.extra > kMaxPlanes) return absl::DataLossError("kvpool: a row has more than 15 planes");
+    hd.rows = bytes;
+    bytes += planes * PlaneBytes(D) + uint64_t{T} * (hd.outliers ? hd.extra * PlaneBytes(hd.outliers) : 0);
     padded = padded || (hd.outliers % 8 != 0 && hd.extra > 0);
   }
   if (size - pos < bytes) return Truncated("row data");
@@ -297,6 +297,15 @@ absl::Status DecodeRowsRef(const SegmentShape& shape, const uint8_t* payload, ui
     }
   }
   return absl::OkStatus();
+}
+
+bool DecodeRowsAvx512(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out) {
+  static const bool vnni = [] {
+    unsigned a, b, c, d;
+    return CpuHasAvx512() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & bit_AVX512VNNI);
+  }();
+  if (!CpuHasAvx512() || shape.head_dim % 32 != 0 || shape.tokens == 0) return false;
+  return vnni ? DecodeRowsAvx512Vnni(shape, parsed, out) : DecodeRowsAvx512Base(shape, parsed, out);
 }
 
 bool RowKeyClasses(const SegmentShape& shape, const uint8_t* payload, uint64_t size,

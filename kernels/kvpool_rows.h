@@ -94,6 +94,7 @@ struct ParsedRows {
     uint64_t basis = 0;     // Offset of its basis codes from `basis`.
     uint64_t outlier = 0;   // Index of its first outlier channel in `outliers`.
     uint64_t coef = 0;      // Offset of its coefficient planes from `coefs`.
+    uint64_t rows = 0;      // Offset of its first row's data from `rows`.
   };
   std::vector<Head> heads;
   const uint8_t* means = nullptr;     // [H][D] elements of the dtype.
@@ -122,8 +123,11 @@ void DecodeRowCoefficients(const SegmentShape& shape, const ParsedRows& parsed, 
 absl::Status DecodeRowsRef(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
                            uint16_t* out);
 // Decodes a parsed mode 4 payload with AVX-512 (bit-identical); false (nothing written) when the
-// CPU or the shape does not qualify (head_dim a multiple of 32). kvpool_rows_avx512.cc.
+// CPU or the shape does not qualify (head_dim a multiple of 32). kvpool_rows.cc dispatches to
+// the build of kvpool_rows_decode_avx512.cc for the CPU (with or without VNNI).
 bool DecodeRowsAvx512(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
+bool DecodeRowsAvx512Base(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
+bool DecodeRowsAvx512Vnni(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
 
 // ---- The encoder --------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 // The kvpool codec's payload mode 4 on AVX-512 (F, BW, VL, DQ, VBMI; kvpool_rows.cc defines the
-// format and the reference kernels): the encoder's row kernels and the decoder, for head_dim a
-// multiple of 32 up to kMaxDim. Float operations are the reference's, in its order (16 lanes
+// format and the reference kernels): the encoder's row kernels, for head_dim a multiple of 32 up
+// to kMaxDim (the decoder is kvpool_rows_decode_avx512.cc). Float operations are the reference's, in its order (16 lanes
 // d mod 16, channels in order, Tree16 to combine), so payloads and decoded values are
 // bit-identical to the reference's. A row's 32 channels are one 32-bit word of each plane.
 // GCC 12 warns of its own intrinsics headers (their undefined-value helpers) once inlined.
@@ -336,17 +336,24 @@ struct EncodeOf {
   KVPOOL_AVX512 static bool Run(Args... args) { return EncodeR<kBf16, R>(args...); }
 };
 
+// Lanes of 16 columns from d on, of D: all, or the tail's.
+inline __mmask16 Columns(uint32_t d, uint32_t D) {
+  return D - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - d)) - 1);
+}
+
 template <uint32_t K>
 KVPOOL_AVX512 void AccumulateK(const float* x, uint64_t ld, uint32_t count, const float* w,
                                uint32_t D, float* out) {
   for (uint32_t d = 0; d < D; d += 32) {
+    const __mmask16 m0 = Columns(d, D), m1 = d + 16 < D ? Columns(d + 16, D) : 0;
     __m512 acc[K][2];
     for (uint32_t j = 0; j < K; ++j) {
-      acc[j][0] = _mm512_loadu_ps(out + j * D + d);
-      acc[j][1] = _mm512_loadu_ps(out + j * D + d + 16);
+      acc[j][0] = _mm512_maskz_loadu_ps(m0, out + j * D + d);
+      acc[j][1] = _mm512_maskz_loadu_ps(m1, out + j * D + d + 16);
     }
     for (uint32_t n = 0; n < count; ++n) {
-      const __m512 a = _mm512_loadu_ps(x + n * ld + d), b = _mm512_loadu_ps(x + n * ld + d + 16);
+      const __m512 a = _mm512_maskz_loadu_ps(m0, x + n * ld + d);
+      const __m512 b = _mm512_maskz_loadu_ps(m1, x + n * ld + d + 16);
       for (uint32_t j = 0; j < K; ++j) {
         const __m512 wj = _mm512_set1_ps(w[uint64_t{n} * K + j]);
         acc[j][0] = _mm512_fmadd_ps(wj, a, acc[j][0]);
@@ -354,8 +361,8 @@ KVPOOL_AVX512 void AccumulateK(const float* x, uint64_t ld, uint32_t count, cons
       }
     }
     for (uint32_t j = 0; j < K; ++j) {
-      _mm512_storeu_ps(out + j * D + d, acc[j][0]);
-      _mm512_storeu_ps(out + j * D + d + 16, acc[j][1]);
+      _mm512_mask_storeu_ps(out + j * D + d, m0, acc[j][0]);
+      _mm512_mask_storeu_ps(out + j * D + d + 16, m1, acc[j][1]);
     }
   }
 }
@@ -367,8 +374,11 @@ KVPOOL_AVX512 void DotK(const float* x, uint64_t ld, uint32_t count, const float
     __m512 acc[8];
     for (uint32_t j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
     for (uint32_t d = 0; d < D; d += 16) {
-      const __m512 v = _mm512_loadu_ps(x + n * ld + d);
-      for (uint32_t j = 0; j < K; ++j) acc[j] = _mm512_fmadd_ps(v, _mm512_loadu_ps(s + j * D + d), acc[j]);
+      const __mmask16 m = Columns(d, D);
+      const __m512 v = _mm512_maskz_loadu_ps(m, x + n * ld + d);
+      for (uint32_t j = 0; j < K; ++j) {  // Lanes past D keep their sums as they are.
+        acc[j] = _mm512_mask3_fmadd_ps(v, _mm512_maskz_loadu_ps(m, s + j * D + d), acc[j], m);
+      }
     }
     float sums[8];
     Tree16x8(acc, sums);
@@ -484,153 +494,6 @@ KVPOOL_AVX512 bool Encode(const RowHead& hd, DType dtype, const uint16_t* const*
              : ForRank<EncodeOf, false>(hd.rank, hd, x, rows, coefs, choose, ctx, out, st, meta, err);
 }
 
-// ---- Decoding ------------------------------------------------------------------------------
-
-// Up to 32 bits of a bit plane of `bytes` bytes, starting at bit 8 * byte (zero beyond it).
-inline uint32_t Bits32(const uint8_t* plane, uint64_t bytes, uint64_t byte) {
-  uint32_t v = 0;
-  if (byte < bytes) std::memcpy(&v, plane + byte, std::min<uint64_t>(4, bytes - byte));
-  return v;
-}
-
-// Per-segment tables of the decoder, kept per thread.
-struct DecodeScratch {
-  std::vector<int16_t> coefs;  // [H][kMaxRank][T32] codes, T32 = T rounded up to 32.
-  std::vector<float> means;    // [H][D]
-  AlignedVector<int16_t> pairs;  // [H][D / 16][4][16][2] (RowHead::pairs' layout)
-  std::vector<int16_t> index;  // [H][D / 32][32] lane -> outlier index (vpermw)
-  std::vector<uint32_t> mask;  // [H][D / 32] outlier lanes
-};
-
-template <bool kBf16>
-KVPOOL_AVX512 void Tables(const SegmentShape& shape, const ParsedRows& parsed, DecodeScratch* s) {
-  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
-  const uint32_t T32 = (T + 31) / 32 * 32;
-  const uint64_t pb = PlaneBytes(T);
-  s->coefs.resize(uint64_t{H} * kMaxRank * T32);
-  s->means.resize(uint64_t{H} * D);
-  s->pairs.assign(uint64_t{H} * kMaxRank * D, 0);
-  s->index.assign(uint64_t{H} * D, 0);
-  s->mask.assign(uint64_t{H} * (D / 32), 0);
-  for (uint32_t h = 0; h < H; ++h) {
-    const ParsedRows::Head& hd = parsed.heads[h];
-    const uint8_t* plane = parsed.coefs + hd.coef;
-    for (uint32_t j = 0; j < hd.rank; ++j) {
-      const uint32_t w = hd.widths[j];
-      int16_t* c = &s->coefs[(uint64_t{h} * kMaxRank + j) * T32];
-      for (uint32_t t = 0; t < T32; t += 32) {
-        __m512i acc = _mm512_set1_epi16(w ? int16_t(-(1 << (w - 1))) : 0);
-        for (uint32_t p = 0; p < w; ++p) {
-          const __mmask32 bits = Bits32(plane + p * pb, pb, t / 8);
-          acc = _mm512_mask_add_epi16(acc, bits, acc, _mm512_set1_epi16(int16_t(1 << p)));
-        }
-        _mm512_storeu_si512(c + t, acc);
-      }
-      plane += w * pb;
-    }
-    for (uint32_t d = 0; d < D; d += 16) {
-      const __m256i e =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(parsed.means + 2 * (uint64_t{h} * D + d)));
-      _mm512_storeu_ps(&s->means[uint64_t{h} * D + d], ToFloats<kBf16>(e));
-    }
-    const int8_t* basis = reinterpret_cast<const int8_t*>(parsed.basis + hd.basis);
-    int16_t* pairs = &s->pairs[uint64_t{h} * kMaxRank * D];
-    for (uint32_t j = 0; j < hd.rank; ++j)
-      for (uint32_t d = 0; d < D; ++d) {
-        pairs[((uint64_t{d / 16} * 4 + j / 2) * 16 + d % 16) * 2 + j % 2] = basis[j * D + d];
-      }
-    for (uint32_t k = 0; k < hd.outliers; ++k) {
-      const uint32_t d = Load16(parsed.outliers + 2 * (hd.outlier + k));
-      s->index[uint64_t{h} * D + d] = int16_t(k);
-      s->mask[uint64_t{h} * (D / 32) + d / 32] |= 1u << (d % 32);
-    }
-  }
-}
-
-// Decodes the T rows of head h (RowHead-like tables in `s`), starting at row data `row`;
-// returns the end of its rows' data.
-template <bool kBf16, uint32_t R>
-KVPOOL_AVX512 const uint8_t* DecodeHead(const SegmentShape& shape, const ParsedRows& parsed,
-                                        const DecodeScratch& s, uint32_t h, const uint8_t* row,
-                                        uint16_t* out) {
-  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
-  const uint32_t T32 = (T + 31) / 32 * 32, chunks = D / 32;
-  const uint64_t pd = D / 8, HD = uint64_t{H} * D;
-  const ParsedRows::Head& hd = parsed.heads[h];
-  const __m512 scale = _mm512_set1_ps(hd.lr_scale);
-  const float* m = &s.means[uint64_t{h} * D];
-  const int16_t* pairs = &s.pairs[uint64_t{h} * 8 * D];
-  const int16_t* coefs = &s.coefs[uint64_t{h} * kMaxRank * T32];
-  const uint8_t* metas = parsed.metas + uint64_t{h} * T;
-  for (uint32_t t = 0; t < T; ++t) {
-    const uint8_t meta = metas[t];
-    const uint32_t b = meta & 15;
-    const __m512 vhs = _mm512_set1_ps(RowHalfStep(hd.unit, meta));
-    __m512i bc[4];
-    for (uint32_t i = 0; i < (R + 1) / 2; ++i) {
-      const uint32_t lo = uint16_t(coefs[2 * i * T32 + t]);
-      const uint32_t hi = 2 * i + 1 < R ? uint16_t(coefs[(2 * i + 1) * T32 + t]) : 0;
-      bc[i] = _mm512_set1_epi32(int32_t(lo | (hi << 16)));
-    }
-    // The outlier channels' high planes, outlier k in lane k.
-    __m512i adj = _mm512_setzero_si512();
-    if (hd.outliers) {
-      const uint64_t ob = PlaneBytes(hd.outliers);
-      adj = _mm512_set1_epi16(int16_t(-((1 << (b + hd.extra)) - (1 << b))));
-      const uint8_t* planes = row + b * pd;
-      for (uint32_t q = 0; q < hd.extra; ++q) {
-        const __mmask32 bits = Bits32(planes + q * ob, ob, 0);
-        adj = _mm512_mask_add_epi16(adj, bits, adj, _mm512_set1_epi16(int16_t(1 << (b + q + 1))));
-      }
-    }
-    uint16_t* o = out + uint64_t{t} * HD + uint64_t{h} * D;
-    for (uint32_t ch = 0; ch < chunks; ++ch) {
-      __m512i n = _mm512_set1_epi16(int16_t(-((1 << b) - 1)));
-      for (uint32_t p = 0; p < b; ++p) {
-        uint32_t bits;
-        std::memcpy(&bits, row + p * pd + 4 * ch, 4);
-        n = _mm512_mask_add_epi16(n, bits, n, _mm512_set1_epi16(int16_t(1 << (p + 1))));
-      }
-      if (hd.outliers) {
-        const uint64_t at = uint64_t{h} * chunks + ch;
-        const __m512i index = _mm512_loadu_si512(&s.index[at * 32]);
-        n = _mm512_mask_add_epi16(n, s.mask[at], n, _mm512_permutexvar_epi16(index, adj));
-      }
-      for (uint32_t half = 0; half < 2; ++half) {
-        const uint32_t k = 2 * ch + half;
-        const __m256i nh = half ? _mm512_extracti64x4_epi64(n, 1) : _mm512_castsi512_si256(n);
-        const __m512 nf = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(nh));
-        __m512i P = _mm512_setzero_si512();
-        for (uint32_t i = 0; i < (R + 1) / 2; ++i) {
-          P = _mm512_add_epi32(P, _mm512_madd_epi16(_mm512_load_si512(pairs + 128 * k + 32 * i), bc[i]));
-        }
-        const __m512 zv = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), _mm512_loadu_ps(m + 16 * k));
-        const __m256i y = FromFloats<kBf16>(_mm512_fmadd_ps(vhs, nf, zv));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * k), y);
-      }
-    }
-    row += RowBytes(hd, D, meta);
-  }
-  return row;
-}
-
-template <bool kBf16, uint32_t R>
-struct DecodeHeadOf {
-  template <typename... Args>
-  KVPOOL_AVX512 static const uint8_t* Run(Args... args) { return DecodeHead<kBf16, R>(args...); }
-};
-
-template <bool kBf16>
-KVPOOL_AVX512 void DecodeT(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out) {
-  thread_local DecodeScratch s;
-  Tables<kBf16>(shape, parsed, &s);
-  const uint8_t* row = parsed.rows;
-  for (uint32_t h = 0; h < shape.kv_heads; ++h) {
-    row = ForRank<DecodeHeadOf, kBf16>(parsed.heads[h].rank, std::cref(shape), std::cref(parsed),
-                                      std::cref(s), h, row, out);
-  }
-}
-
 }  // namespace
 
 const RowKernels* RowKernelsAvx512(uint32_t head_dim) {
@@ -640,14 +503,5 @@ const RowKernels* RowKernelsAvx512(uint32_t head_dim) {
   return &k;
 }
 
-bool DecodeRowsAvx512(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out) {
-  if (!CpuHasAvx512() || shape.head_dim % 32 != 0 || shape.tokens == 0) return false;
-  if (shape.dtype == DType::kBf16) {
-    DecodeT<true>(shape, parsed, out);
-  } else {
-    DecodeT<false>(shape, parsed, out);
-  }
-  return true;
-}
 
 }  // namespace kvpool::kernels::kvpool::internal

@@ -1,6 +1,8 @@
 // The kvpool codec's payload mode 4 (kernels/kvpool_rows.cc): a hand-built payload, the
 // budget on random segments, the fast CPU path against the reference byte for byte and bit for
 // bit, odd shapes, token classes, and malformed payloads.
+#include <cpuid.h>
+
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -149,6 +151,37 @@ TEST(KvpoolRows, FastPathIsTheReferenceAndTheBudgetHolds) {
   }
   EXPECT_EQ(checked, 240);
   EXPECT_GT(coded, 60);  // Most key segments take mode 4, the rest (one token, tight budgets) raw.
+}
+
+// Both builds of the AVX-512 decoder (with and without VNNI) give the reference's values, on
+// the CPUs that can run them.
+TEST(KvpoolRows, BothAvx512DecodersAreTheReference) {
+  if (!CpuHasAvx512()) GTEST_SKIP() << "no AVX-512";
+  unsigned a, b, c, d;
+  const bool vnni = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & bit_AVX512VNNI);
+  std::mt19937_64 rng(21);
+  int checked = 0;
+  for (int n = 0; n < 24; ++n) {
+    const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
+    SegmentShape s = Shape(n % 3 ? 64 : 37, 1 + n % 3, n % 4 ? 128 : 64, dt,
+                           n % 4 < 2 ? SegmentKind::kKey : SegmentKind::kValue);
+    const std::vector<uint16_t> v = RandomSegment(s, n % 6, rng);
+    const std::string p = PayloadOf(Encode(*NormalizeParams(Params(n % 5 ? 0.1f : 0.01f)), s, v));
+    if (uint8_t(p[0]) != in::kModeRows) continue;
+    std::vector<uint16_t> ref, out(s.Elements());
+    ASSERT_TRUE(DecodePayload(s, p, Path::kRef, &ref).ok());
+    in::ParsedRows parsed;
+    ASSERT_TRUE(in::ParseRows(s, reinterpret_cast<const uint8_t*>(p.data()), p.size(), &parsed).ok());
+    ASSERT_TRUE(in::DecodeRowsAvx512Base(s, parsed, out.data()));
+    EXPECT_EQ(out, ref) << n;
+    if (vnni) {
+      std::fill(out.begin(), out.end(), 0);
+      ASSERT_TRUE(in::DecodeRowsAvx512Vnni(s, parsed, out.data()));
+      EXPECT_EQ(out, ref) << n;
+    }
+    ++checked;
+  }
+  EXPECT_GT(checked, 16);
 }
 
 TEST(KvpoolRows, OddShapesTakeTheReferenceKernelsAndHoldTheBudget) {
