@@ -241,13 +241,13 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
              &s.heads[h]);
   }
   s.coefs.assign(uint64_t{H} * kMaxRank * T, 0);
-  double mu = SolveMu(s.heads, double(T) / count, kRowsAim * allowed_estimate);
+  const StepModel model(s.heads, double(T) / count);
+  double mu = model.Solve(kRowsAim * allowed_estimate);
   const Layout l = PayloadLayout(shape, s.heads, key_classes);
   s.buffer.resize(l.bound);
   uint8_t* dst = s.buffer.data();
   WriteFixedSections(shape, s, key_classes, l, dst);
   uint64_t size = 0;
-  double last_mu = 0, last_err = 0;
   for (int pass = 0; pass < kRowsPasses && size == 0; ++pass) {
     const PassResult r = FullPass(shape, in, rk, key_classes, mu, l, &s, dst);
     if (!r.finite || !std::isfinite(r.err) || !std::isfinite(r.energy)) return NonFinite();
@@ -256,14 +256,12 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
       size = r.end;
       break;
     }
-    // The error falls about as mu^-alpha: alpha 1 at first, then measured between passes.
-    double alpha = 1;
-    if (last_mu > 0 && last_err > r.err && mu > last_mu) {
-      alpha = std::min(2.0, std::max(0.25, std::log(last_err / r.err) / std::log(mu / last_mu)));
-    }
-    last_mu = mu;
-    last_err = r.err;
-    mu *= std::max(1.1, std::min(1e6, std::pow(r.err / (kRowsAim * allowed), 1 / alpha)));
+    // Missed: the model, scaled by its miss at this mu, again; at least 10% more mu (the miss
+    // grows with mu where the model's shape is off).
+    const double predicted = model.Predicted(mu);
+    const double ratio = predicted > 0 ? r.err / predicted : 2;
+    const double next = model.Solve(kRowsAim * allowed / std::max(1.0, ratio) * std::pow(0.9, pass));
+    mu = std::max(mu * 1.1, next);
   }
   if (size > 0) size = FinishPayload(shape, rk, s, size, l.bound, dst);
   if (size == 0 || size >= RawPayloadBytes(shape)) return WriteRawPayload(shape, in, out, capacity);

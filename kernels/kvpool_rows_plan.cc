@@ -372,53 +372,59 @@ void PlanHead(const SegmentShape& shape, const RowKernels& rk, const Sample& sp,
   v.outlier_masks = hp->masks.data();
 }
 
-double SolveMu(const std::vector<HeadPlan>& heads, double scale, double aim) {
-  const Tables& tb = GetTables();
+StepModel::StepModel(const std::vector<HeadPlan>& heads, double scale)
+    : heads_(heads), scale_(scale), count_(heads.empty() ? 0 : uint32_t(heads[0].model.size())) {
   // Per head, the rows sorted by a and prefix sums of their energies: at a given mu the rows
   // with b planes form a run, found by binary search.
-  const uint32_t H = uint32_t(heads.size());
-  const uint32_t count = H ? uint32_t(heads[0].model.size()) : 0;
-  std::vector<double> a(uint64_t{H} * count), reg(uint64_t{H} * (count + 1)),
-      out(uint64_t{H} * (count + 1));
+  const uint32_t H = uint32_t(heads.size()), count = count_;
+  a_.resize(uint64_t{H} * count);
+  regular_.resize(uint64_t{H} * (count + 1));
+  outlier_.resize(uint64_t{H} * (count + 1));
   std::vector<ModelRow> sorted;
   for (uint32_t h = 0; h < H; ++h) {
     sorted = heads[h].model;
-    ModelRow* r = sorted.data();
-    std::sort(r, r + count, [](const ModelRow& x, const ModelRow& y) { return x.a < y.a; });
-    double* pr = &reg[uint64_t{h} * (count + 1)];
-    double* po = &out[uint64_t{h} * (count + 1)];
+    std::sort(sorted.begin(), sorted.end(),
+              [](const ModelRow& x, const ModelRow& y) { return x.a < y.a; });
+    double* pr = &regular_[uint64_t{h} * (count + 1)];
+    double* po = &outlier_[uint64_t{h} * (count + 1)];
     pr[0] = po[0] = 0;
     for (uint32_t n = 0; n < count; ++n) {
-      a[uint64_t{h} * count + n] = r[n].a;
-      pr[n + 1] = pr[n] + r[n].regular;
-      po[n + 1] = po[n] + r[n].outlier;
+      a_[uint64_t{h} * count + n] = sorted[n].a;
+      pr[n + 1] = pr[n] + sorted[n].regular;
+      po[n + 1] = po[n] + sorted[n].outlier;
     }
   }
-  auto predicted = [&](double mu) {
-    const double inv = 1 / mu;
-    double e = 0;
-    for (uint32_t h = 0; h < H; ++h) {
-      const double* ah = &a[uint64_t{h} * count];
-      const double* pr = &reg[uint64_t{h} * (count + 1)];
-      const double* po = &out[uint64_t{h} * (count + 1)];
-      const uint32_t extra = heads[h].view.extra, cap = kMaxPlanes - extra;
-      uint32_t from = 0;
-      for (uint32_t b = 0; b <= cap && from < count; ++b) {  // Rows [from, to) take b planes.
-        const uint32_t to =
-            b == cap ? count : uint32_t(std::lower_bound(ah + from, ah + count, tb.bit[b] * inv) - ah);
-        if (to > from) {
-          e += (pr[to] - pr[from]) * kDistortion[b] +
-               (po[to] - po[from]) * kDistortion[std::min(kMaxPlanes, b + extra)];
-          from = to;
-        }
+}
+
+double StepModel::Predicted(double mu) const {
+  const Tables& tb = GetTables();
+  const uint32_t count = count_;
+  const double inv = 1 / mu;
+  double e = 0;
+  for (uint32_t h = 0; h < heads_.size(); ++h) {
+    const double* ah = &a_[uint64_t{h} * count];
+    const double* pr = &regular_[uint64_t{h} * (count + 1)];
+    const double* po = &outlier_[uint64_t{h} * (count + 1)];
+    const uint32_t extra = heads_[h].view.extra, cap = kMaxPlanes - extra;
+    uint32_t from = 0;
+    for (uint32_t b = 0; b <= cap && from < count; ++b) {  // Rows [from, to) take b planes.
+      const uint32_t to =
+          b == cap ? count : uint32_t(std::lower_bound(ah + from, ah + count, tb.bit[b] * inv) - ah);
+      if (to > from) {
+        e += (pr[to] - pr[from]) * kDistortion[b] +
+             (po[to] - po[from]) * kDistortion[std::min(kMaxPlanes, b + extra)];
+        from = to;
       }
     }
-    return e * scale;
-  };
+  }
+  return e * scale_;
+}
+
+double StepModel::Solve(double aim) const {
   double lo = -64, hi = 64;  // log2 mu
   while (hi - lo > 1.0 / 32) {
     const double mid = (lo + hi) / 2;
-    (predicted(std::exp2(mid)) > aim ? lo : hi) = mid;
+    (Predicted(std::exp2(mid)) > aim ? lo : hi) = mid;
   }
   return std::exp2(hi);
 }

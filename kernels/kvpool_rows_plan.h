@@ -66,10 +66,22 @@ struct HeadPlan {
 void PlanHead(const SegmentShape& shape, const RowKernels& rk, const Sample& sample, uint32_t h,
               double d_avg, const SampleClasses& classes, HeadPlan* hp);
 
-// The Lagrange multiplier mu at which the sample's rows (the heads' model rows), choosing their
-// planes as RowRule does, have a model error that, times `scale`, is at most `aim`
-// (bisected in log2 mu to 1/32 of an octave).
-double SolveMu(const std::vector<HeadPlan>& heads, double scale, double aim);
+// The step search's model: the error the sample's rows (the heads' model rows) would have,
+// choosing their planes as RowRule does at a given mu, scaled to all rows.
+class StepModel {
+ public:
+  // `scale`: rows of the segment per sampled row.
+  StepModel(const std::vector<HeadPlan>& heads, double scale);
+  double Predicted(double mu) const;
+  // The smallest mu (to 1/32 of an octave, within 2^+-64) whose prediction is at most `aim`.
+  double Solve(double aim) const;
+
+ private:
+  const std::vector<HeadPlan>& heads_;
+  double scale_;
+  uint32_t count_;
+  std::vector<double> a_, regular_, outlier_;  // Per head: sorted a, prefix sums.
+};
 
 // How one head's rows choose their meta byte in a full pass at mu: b planes minimising
 // b + mu * 2^(k/2) * (model error per channel) for a row of token class k, and the scale index

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "client/synthetic.h"
 #include "common/half.h"
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
@@ -195,6 +196,38 @@ TEST(KvpoolRows, OddShapesTakeTheReferenceKernelsAndHoldTheBudget) {
     const CodecParams p = *NormalizeParams(Params(n % 3 ? 0.05f : 0.3f));
     EncodeBoth(p, s, RandomSegment(s, 5, rng), RandomSegment(s, int(rng() % 6), rng), &checked);
     if (HasFailure()) FAIL() << "segment " << n;
+  }
+}
+
+// On `kvpool gen` data every budget codes (no segment falls back to raw, even where the
+// low-rank part alone almost meets the budget and the step search must find the few rows that
+// need planes) and a larger budget never costs more bytes.
+TEST(KvpoolRows, EveryBudgetCodesAndRatioGrowsWithBudget) {
+  client::SyntheticOptions o;
+  o.num_layers = 2;
+  o.num_kv_heads = 4;
+  o.head_dim = 64;
+  o.tokens = 256;
+  const std::string kv = client::SyntheticKv(o);
+  const uint16_t* e = reinterpret_cast<const uint16_t*>(kv.data());
+  const uint64_t n = uint64_t{o.tokens} * o.num_kv_heads * o.head_dim;
+  uint64_t last = ~uint64_t{0};
+  for (float budget : {0.02f, 0.1f, 0.2f, 0.25f, 0.3f, 0.35f, 0.4f, 0.5f}) {
+    const CodecParams p = *NormalizeParams(Params(budget));
+    uint64_t bytes = 0;
+    for (uint32_t l = 0; l < o.num_layers; ++l) {
+      SegmentShape s = Shape(o.tokens, o.num_kv_heads, o.head_dim);
+      const std::vector<uint16_t> k(e + 2 * l * n, e + (2 * l + 1) * n);
+      const std::vector<uint16_t> v(e + (2 * l + 1) * n, e + (2 * l + 2) * n);
+      int checked = 0;
+      const Pair enc = EncodeBoth(p, s, k, v, &checked);
+      for (const std::string& seg : {enc.keys, enc.values}) {
+        EXPECT_EQ(uint8_t(seg[kSegmentHeaderBytes]), in::kModeRows) << "budget " << budget;
+        bytes += seg.size();
+      }
+    }
+    EXPECT_LE(bytes, last) << "budget " << budget;
+    last = bytes;
   }
 }
 
