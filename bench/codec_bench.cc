@@ -291,7 +291,7 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       "each ratio against the memcpy measured beside that figure (best of 3 rounds each);\n"
       "encode/decode: the codec's payload functions; seg enc/dec: whole segments through\n"
       "EncodeSegment / DecodeSegment (header, checksum, allocation), as the daemon runs them\n"
-      "  %-18s %-5s %8s %8s %7s %8s %8s %8s %8s %8s %8s\n",
+      "  %-21s %-5s %8s %8s %7s %8s %8s %8s %8s %8s %8s\n",
       segs.count, kSegTokens, kHeads, kDim, absl::StrFormat("%.0f", total_bytes / 1048576.0),
       "codec", "path", "encode", "decode", "ratio", "enc/mcpy", "dec/mcpy", "seg enc", "seg dec",
       "mcpy@enc", "mcpy@dec");
@@ -300,15 +300,15 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
     // The cuda rows measure payload kernels only: no ratio of their own.
     const std::string ratio = r.ratio > 0 ? absl::StrFormat("%6.2fx", r.ratio) : "      -";
     std::cout << absl::StrFormat(
-        "  %-18s %-5s %8.2f %8.2f %s %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f\n", r.name, r.path,
+        "  %-21s %-5s %8.2f %8.2f %s %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f\n", r.name, r.path,
         r.encode, r.decode, ratio, share(r.encode, r.encode_anchor),
         share(r.decode, r.decode_anchor), share(r.segment_encode, r.segment_encode_anchor),
         share(r.segment_decode, r.segment_decode_anchor), r.encode_anchor, r.decode_anchor);
   }
-  std::cout << absl::StrFormat("  %-18s %-5s %9.2f   (best memcpy round of this run)\n", "memcpy",
+  std::cout << absl::StrFormat("  %-21s %-5s %9.2f   (best memcpy round of this run)\n", "memcpy",
                                "cpu", memcpy_gbps);
   if (d2d > 0) {
-    std::cout << absl::StrFormat("  %-16s %-5s %9.2f   (anchor for cuda rows)\n", "d2d copy",
+    std::cout << absl::StrFormat("  %-19s %-5s %9.2f   (anchor for cuda rows)\n", "d2d copy",
                                  "cuda", d2d);
     std::cout << "  cuda rows, encode/decode GB/s by kind: " << absl::StrJoin(by_kind, "; ")
               << "\n";

@@ -385,22 +385,25 @@ absl::Status ParsePayload(const SegmentShape& shape, const uint8_t* payload, uin
 
 bool KeyClasses(const SegmentShape& shape, absl::Span<const uint8_t> payload,
                 std::vector<uint8_t>* classes) {
+  const uint8_t* map = nullptr;
   if (!payload.empty() && payload[0] == kModeRows) {
-    return RowKeyClasses(shape, payload.data(), payload.size(), classes);
-  }
-  SegmentShape key = shape;
-  key.kind = SegmentKind::kKey;
-  Parsed parsed;
-  uint64_t end = 0;
-  if (!ParseHead(key, payload.data(), payload.size(), &parsed, &end).ok() ||
-      parsed.mode == kModeRaw) {
-    return false;
+    if (!RowKeyClassMap(shape, payload.data(), payload.size(), &map)) return false;
+  } else {
+    SegmentShape key = shape;
+    key.kind = SegmentKind::kKey;
+    Parsed parsed;
+    uint64_t end = 0;
+    if (!ParseHead(key, payload.data(), payload.size(), &parsed, &end).ok() ||
+        parsed.mode == kModeRaw) {
+      return false;
+    }
+    map = parsed.classes;
   }
   classes->clear();
-  if (parsed.classes == nullptr) return true;
+  if (map == nullptr) return true;
   classes->resize(uint64_t{shape.tokens} * shape.kv_heads);
   for (uint64_t i = 0; i < classes->size(); ++i) {
-    (*classes)[i] = (parsed.classes[i / 2] >> (4 * (i & 1))) & 15;
+    (*classes)[i] = (map[i / 2] >> (4 * (i & 1))) & 15;
   }
   return true;
 }

@@ -308,19 +308,14 @@ bool DecodeRowsAvx512(const SegmentShape& shape, const ParsedRows& parsed, uint1
   return vnni ? DecodeRowsAvx512Vnni(shape, parsed, out) : DecodeRowsAvx512Base(shape, parsed, out);
 }
 
-bool RowKeyClasses(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
-                   std::vector<uint8_t>* classes) {
+bool RowKeyClassMap(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
+                    const uint8_t** map) {
   SegmentShape key = shape;
   key.kind = SegmentKind::kKey;
   ParsedRows parsed;
   uint64_t pos = 0;
   if (!ParseHeads(key, payload, size, &parsed, &pos).ok()) return false;
-  classes->clear();
-  if (parsed.classes == nullptr) return true;
-  classes->resize(uint64_t{shape.tokens} * shape.kv_heads);
-  for (uint64_t i = 0; i < classes->size(); ++i) {
-    (*classes)[i] = (parsed.classes[i / 2] >> (4 * (i & 1))) & 15;
-  }
+  *map = parsed.classes;
   return true;
 }
 

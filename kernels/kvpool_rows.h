@@ -220,9 +220,11 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
                                     const FastKernels& fast, const RowKernels& rows, uint8_t* out,
                                     uint64_t capacity);
 
-// The token classes a mode 4 key payload carries (KeyClasses for this mode).
-bool RowKeyClasses(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
-                   std::vector<uint8_t>* classes);
+// The class map (nibbles, [tokens][kv_heads]) of a mode 4 key payload for a value segment of
+// `shape`, or nullptr when it has none; false when the payload is malformed up to the map
+// (KeyClasses for this mode).
+bool RowKeyClassMap(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
+                    const uint8_t** map);
 
 }  // namespace kvpool::kernels::kvpool::internal
 

@@ -23,8 +23,8 @@ data_dir: kvpool-data           # on-disk state
 log_level: info                 # debug | info | warning | error
 encode_threads: 0               # threads encoding puts and decoding server-side gets; 0 = one per core
 codec:                          # how segments are stored when a put does not say
-  codec: kvpool                 # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget)
-  budget: 0.02                  # relative L2 error per segment (attention-output error ~0.04)
+  codec: kvpool                 # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget, profile)
+  budget: 0.02                  # relative L2 error per segment (attention-output error ~0.015)
 model_codecs: {}                # per model id, e.g. {llama-3-8b: {codec: kivi, bits: 4}}
 fusion:                         # joint encoding of similar segments across blocks (README: Fusion)
   mode: off                     # off | online (each put against the index) | batch (within a put)

@@ -137,7 +137,7 @@ absl::Status RunCodecEval(const CliOptions& o) {
   if (!o.json) {
     std::cout << absl::StrFormat(
         "%s: [%d][2][%d][%d][%d] %s, %d-token blocks; attention: %d queries per head, logit "
-        "std %.1f\n%-18s %7s %6s %9s %9s %9s %9s %10s\n",
+        "std %.1f\n%-21s %7s %6s %9s %9s %9s %9s %10s\n",
         o.in, shape.layers, shape.tokens, shape.kv_heads, shape.head_dim, DTypeName(shape.dtype),
         tpb, 16, 2.0, "codec", "ratio", "bits", "rel_l2", "key_l2", "value_l2", "max_abs",
         "attn_err");
@@ -163,7 +163,7 @@ absl::Status RunCodecEval(const CliOptions& o) {
           set[i].budget, ratio, bits, q.rel_l2, q.key_rel_l2, q.value_rel_l2, q.max_abs,
           q.attn_rel_l2);
     } else {
-      std::cout << absl::StrFormat("%-18s %6.2fx %6.2f %9.3g %9.3g %9.3g %9.3g %10.3g\n",
+      std::cout << absl::StrFormat("%-21s %6.2fx %6.2f %9.3g %9.3g %9.3g %9.3g %10.3g\n",
                                    Describe(set[i]), ratio, bits, q.rel_l2, q.key_rel_l2,
                                    q.value_rel_l2, q.max_abs, q.attn_rel_l2);
     }
