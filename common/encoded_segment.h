@@ -82,7 +82,8 @@ absl::string_view KvpoolProfileSuffix(const CodecParams& p);
 
 // True for kvpool's default profile (payload mode 4: no fast, packed or entropy flag).
 inline bool IsKvpoolRowsMode(const CodecParams& p) {
-  return p.codec == CodecId::kKvpool && (p.flags & (kKvpoolFastProfile | kKvpoolEntropyProfile | kKvpoolPackedMode)) == 0;
+  constexpr uint8_t kOtherModes = kKvpoolFastProfile | kKvpoolEntropyProfile | kKvpoolPackedMode;
+  return p.codec == CodecId::kKvpool && (p.flags & kOtherModes) == 0;
 }
 
 struct SegmentShape {

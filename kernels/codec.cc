@@ -151,6 +151,14 @@ bool CpuHasAvx512() {
   return has;
 }
 
+bool CpuHasAvx512Vnni() {
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    return CpuHasAvx512() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & bit_AVX512VNNI);
+  }();
+  return has;
+}
+
 absl::StatusOr<CodecParams> NormalizeParams(CodecParams p) {
   switch (p.codec) {
     case CodecId::kRaw:

@@ -161,6 +161,10 @@ bool CpuHasAvx2();
 // AVX2 (the kvpool codec's fast profile uses them; without, it runs the reference kernels).
 bool CpuHasAvx512();
 
+// True when CpuHasAvx512() and the CPU has AVX-512 VNNI (kvpool's mode 4 decoder has a build
+// for it).
+bool CpuHasAvx512Vnni();
+
 }  // namespace kvpool::kernels
 
 #endif  // KVPOOL_KERNELS_CODEC_H_

@@ -19,7 +19,6 @@
 #include "kernels/kvpool_avx512.h"
 #include "kernels/kvpool_format.h"
 
-
 namespace kvpool::kernels::kvpool::internal {
 namespace {
 
@@ -118,7 +117,6 @@ KVPOOL_AVX512 inline __m512i TransposeBitsPair(const Tables& tb, __m512i v) {
   v = _mm512_gf2p8affine_epi64_epi8(id, v, 0);
   return _mm512_permutexvar_epi8(tb.scatter2, v);
 }
-
 
 // The 16 token rows of columns c0 .. c0 + 15 (rows >= valid: 0) as 16 packs.
 KVPOOL_AVX512 inline void LoadPacks(const Tables& tb, const uint16_t* in, uint64_t HD,

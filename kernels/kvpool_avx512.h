@@ -7,7 +7,8 @@
 #include <immintrin.h>
 
 #define KVPOOL_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512dq,gfni,f16c,bmi2,lzcnt,prfchw")))
+  __attribute__((     \
+      target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512dq,gfni,f16c,bmi2,lzcnt,prfchw")))
 
 namespace kvpool::kernels::kvpool::internal {
 

@@ -375,7 +375,7 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
   if (params.flags & internal::kFlagFast) {
     return internal::FastEncode(shape, params, in, keys, internal::FastCpuKernels(), out, capacity);
   }
-  if (!(params.flags & (internal::kFlagPacked | internal::kFlagEntropy))) {
+  if (IsKvpoolRowsMode(params)) {
     const internal::RowKernels* rows = internal::RowKernelsAvx512(shape.head_dim);
     return internal::EncodeRows(shape, params, in, keys, internal::FastCpuKernels(),
                                 rows ? *rows : internal::RowKernelsRef(), out, capacity);
@@ -388,11 +388,7 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
 absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out) {
   if (size > 0 && payload[0] == internal::kModeRows) {
-    thread_local internal::ParsedRows rows;
-    absl::Status s = internal::ParseRows(shape, payload, size, &rows);
-    if (!s.ok()) return s;
-    if (internal::DecodeRowsAvx512(shape, rows, out)) return absl::OkStatus();
-    return internal::DecodeRowsRef(shape, payload, size, out);
+    return internal::DecodeRows(shape, payload, size, /*fast=*/true, out);
   }
   if (!CpuHasAvx2() || shape.head_dim % 8 != 0) {
     return DecodeRef(shape, params, payload, size, out);

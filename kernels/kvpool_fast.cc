@@ -120,13 +120,11 @@ struct Scratch {
   std::vector<uint8_t> classes, buffer;
 };
 
-// EncodeSegment stores segments with NaN or Inf elements with the raw codec; it leaves finding
-// them to this encoder (EncoderDetectsNonFinite), which reads every element anyway.
+}  // namespace
+
 absl::Status NonFinite() {
   return absl::InvalidArgumentError("kvpool: elements not finite (stored raw)");
 }
-
-}  // namespace
 
 bool DecodedMeans(const SegmentShape& shape, const uint16_t* in, const FastKernels& kn,
                   std::vector<float>* sums, std::vector<float>* sq, std::vector<float>* m,

@@ -282,6 +282,10 @@ bool DecodedMeans(const SegmentShape& shape, const uint16_t* in, const FastKerne
 // then ClassOf per head); empty when all are equal. kvpool_fast.cc.
 void FastClasses(const SegmentShape& shape, const uint16_t* keys, const float* km,
                  const FastKernels& kn, std::vector<float>* dist, std::vector<uint8_t>* classes);
+// What the encoders that find non-finite elements themselves return for them (the fast
+// profile's and mode 4's: EncoderDetectsNonFinite); EncodeSegment then stores the segment with
+// the raw codec. kvpool_fast.cc.
+absl::Status NonFinite();
 // Decodes a mode 1 payload without low-rank directions (the fast profile's) with AVX-512;
 // false (nothing written) when the payload or the CPU does not qualify.
 bool DecodePacksAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out);

@@ -648,7 +648,7 @@ absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams&
   if (params.flags & internal::kFlagFast) {
     return internal::FastEncode(shape, params, in, keys, internal::FastRefKernels(), out, capacity);
   }
-  if (!(params.flags & (internal::kFlagPacked | internal::kFlagEntropy))) {
+  if (IsKvpoolRowsMode(params)) {
     return internal::EncodeRows(shape, params, in, keys, internal::FastRefKernels(),
                                 internal::RowKernelsRef(), out, capacity);
   }
@@ -660,7 +660,7 @@ absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams&
 absl::Status DecodeRef(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out) {
   using namespace internal;  // NOLINT: the format's own helpers.
-  if (size > 0 && payload[0] == kModeRows) return DecodeRowsRef(shape, payload, size, out);
+  if (size > 0 && payload[0] == kModeRows) return DecodeRows(shape, payload, size, /*fast=*/false, out);
   Parsed parsed;
   absl::Status s = ParsePayload(shape, payload, size, &parsed);
   if (!s.ok()) return s;

@@ -52,8 +52,6 @@
 // With the bounds above no intermediate is NaN; every path gives the same bits.
 #include "kernels/kvpool_rows.h"
 
-#include <cpuid.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -67,13 +65,6 @@ float LoadF32(const uint8_t* p) {
   float f;
   std::memcpy(&f, p, 4);
   return f;
-}
-
-bool Bit(const uint8_t* plane, uint64_t i) { return (plane[i / 8] >> (i % 8)) & 1; }
-
-// True when the bits of `plane` (n bits used) beyond n are 0.
-bool PaddingClear(const uint8_t* plane, uint64_t n) {
-  return n % 8 == 0 || (plane[n / 8] >> (n % 8)) == 0;
 }
 
 absl::Status Truncated(const char* what) {
@@ -109,8 +100,7 @@ absl::Status ParseHeads(const SegmentShape& shape, const uint8_t* payload, uint6
         (hd.outliers == 0 && hd.extra != 0) || e[3] != 0) {
       return absl::DataLossError("kvpool: bad outlier channel count or extra planes");
     }
-    if (!(hd.unit > 0 && hd.unit <= kMaxHeadScale) ||
-        !(std::fabs(hd.lr_scale) <= kMaxHeadScale)) {
+    if (!(hd.unit > 0 && hd.unit <= kMaxHeadScale) || !(std::fabs(hd.lr_scale) <= kMaxHeadScale)) {
       return absl::DataLossError("kvpool: head unit or low-rank scale out of range");
     }
     for (uint32_t j = 0; j < kMaxRank; ++j) {
@@ -205,9 +195,10 @@ absl::Status ParseRows(const SegmentShape& shape, const uint8_t* payload, uint64
       planes += m[t] & 15;
       top = std::max<uint32_t>(top, m[t] & 15);
     }
-    if (top + hd.extra > kMaxPlanes) return absl::DataLossError("kvpool: a row has more than 15 planes");
+    if (top + hd.extra > kMaxPlanes)
+      return absl::DataLossError("kvpool: a row has more than 15 planes");
     hd.rows = bytes;
-    bytes += planes * PlaneBytes(D) + uint64_t{T} * (hd.outliers ? hd.extra * PlaneBytes(hd.outliers) : 0);
+    bytes += planes * PlaneBytes(D) + uint64_t{T} * RowDataBytes(D, hd.outliers, hd.extra, 0);
     padded = padded || (hd.outliers % 8 != 0 && hd.extra > 0);
   }
   if (size - pos < bytes) return Truncated("row data");
@@ -244,7 +235,7 @@ void DecodeRowCoefficients(const SegmentShape& shape, const ParsedRows& parsed, 
       const uint32_t w = hd.widths[j];
       for (uint32_t t = 0; t < T; ++t) {
         int32_t c = 0;
-        for (uint32_t p = 0; p < w; ++p) c |= int32_t(Bit(plane + p * PlaneBytes(T), t)) << p;
+        for (uint32_t p = 0; p < w; ++p) c |= int32_t(PlaneBit(plane + p * PlaneBytes(T), t)) << p;
         if (w > 0) c -= 1 << (w - 1);
         coefs[(uint64_t{h} * kMaxRank + j) * T + t] = int16_t(c);
       }
@@ -253,11 +244,7 @@ void DecodeRowCoefficients(const SegmentShape& shape, const ParsedRows& parsed, 
   }
 }
 
-absl::Status DecodeRowsRef(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
-                           uint16_t* out) {
-  ParsedRows parsed;
-  absl::Status s = ParseRows(shape, payload, size, &parsed);
-  if (!s.ok()) return s;
+void DecodeRowsRef(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
   const uint64_t HD = uint64_t{H} * D;
   std::vector<int16_t> coefs(uint64_t{H} * kMaxRank * T);
@@ -273,14 +260,15 @@ absl::Status DecodeRowsRef(const SegmentShape& shape, const uint8_t* payload, ui
       for (uint32_t d = 0; d < D; ++d) {
         n[d] = 0;
         for (uint32_t p = 0; p < b; ++p) {
-          n[d] += Bit(row + p * PlaneBytes(D), d) ? (1 << p) : -(1 << p);
+          n[d] += PlaneBit(row + p * PlaneBytes(D), d) ? (1 << p) : -(1 << p);
         }
       }
       const uint8_t* extra = row + b * PlaneBytes(D);
       for (uint32_t k = 0; k < hd.outliers; ++k) {
         const uint32_t d = Load16(parsed.outliers + 2 * (hd.outlier + k));
         for (uint32_t q = 0; q < hd.extra; ++q) {
-          n[d] += Bit(extra + q * PlaneBytes(hd.outliers), k) ? (1 << (b + q)) : -(1 << (b + q));
+          n[d] +=
+              PlaneBit(extra + q * PlaneBytes(hd.outliers), k) ? (1 << (b + q)) : -(1 << (b + q));
         }
       }
       row += RowBytes(hd, D, meta);
@@ -296,16 +284,21 @@ absl::Status DecodeRowsRef(const SegmentShape& shape, const uint8_t* payload, ui
       }
     }
   }
+}
+
+absl::Status DecodeRows(const SegmentShape& shape, const uint8_t* payload, uint64_t size, bool fast,
+                        uint16_t* out) {
+  thread_local ParsedRows parsed;
+  absl::Status s = ParseRows(shape, payload, size, &parsed);
+  if (!s.ok()) return s;
+  if (!fast || !DecodeRowsAvx512(shape, parsed, out)) DecodeRowsRef(shape, parsed, out);
   return absl::OkStatus();
 }
 
 bool DecodeRowsAvx512(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out) {
-  static const bool vnni = [] {
-    unsigned a, b, c, d;
-    return CpuHasAvx512() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & bit_AVX512VNNI);
-  }();
   if (!CpuHasAvx512() || shape.head_dim % 32 != 0 || shape.tokens == 0) return false;
-  return vnni ? DecodeRowsAvx512Vnni(shape, parsed, out) : DecodeRowsAvx512Base(shape, parsed, out);
+  return CpuHasAvx512Vnni() ? DecodeRowsAvx512Vnni(shape, parsed, out)
+                            : DecodeRowsAvx512Base(shape, parsed, out);
 }
 
 bool RowKeyClassMap(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
@@ -342,7 +335,8 @@ bool ProjectRowRef(const RowHead& hd, DType dtype, const uint16_t* x, int16_t* c
   }
   for (uint32_t d = 0; d < hd.D; ++d) {
     int32_t P = 0;
-    for (uint32_t j = 0; j < hd.rank; ++j) P += int32_t(coefs[j]) * hd.codes[uint64_t{j} * hd.D + d];
+    for (uint32_t j = 0; j < hd.rank; ++j)
+      P += int32_t(coefs[j]) * hd.codes[uint64_t{j} * hd.D + d];
     z[d] = std::fma(hd.lr_scale, float(P), hd.means[d]);
     const float r = ToFloat(dtype, x[d]) - z[d];
     float* acc = hd.is_outlier[d] ? out : reg;
@@ -355,22 +349,12 @@ bool ProjectRowRef(const RowHead& hd, DType dtype, const uint16_t* x, int16_t* c
   return std::isfinite(st->energy);
 }
 
-bool ProjectRef(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t rows,
-                int16_t* coefs, float* z, RowStats* st) {
-  bool finite = true;
-  for (uint32_t i = 0; i < rows; ++i) {
-    finite = ProjectRowRef(hd, dtype, x[i], coefs + i * kMaxRank, z + i * hd.D, &st[i]) && finite;
-  }
-  return finite;
-}
-
 float QuantizeRowRef(const RowHead& hd, DType dtype, const uint16_t* x, const float* z,
                      uint8_t meta, float hs, uint8_t* out) {
   const uint32_t D = hd.D, b = meta & 15;
   const float inv = 1.f / (2.f * hs);
-  const uint64_t bytes = b * PlaneBytes(D) + (hd.outliers ? hd.extra * PlaneBytes(hd.outliers) : 0);
-  if (out != nullptr) std::memset(out, 0, bytes);
-  uint8_t* extra = out == nullptr ? nullptr : out + b * PlaneBytes(D);
+  std::memset(out, 0, RowBytesOf(hd, meta));
+  uint8_t* extra = out + b * PlaneBytes(D);
   float err[16] = {};
   for (uint32_t d = 0, k = 0; d < D; ++d) {
     const float v = ToFloat(dtype, x[d]);
@@ -386,7 +370,6 @@ float QuantizeRowRef(const RowHead& hd, DType dtype, const uint16_t* x, const fl
     const float y = ToFloat(dtype, FromFloat(dtype, std::fma(hs, n, z[d])));
     const float e = y - v;
     err[d % 16] = std::fma(e, e, err[d % 16]);
-    if (out == nullptr) continue;
     const uint32_t code = uint32_t(u);
     for (uint32_t p = 0; p < b; ++p) {
       out[p * PlaneBytes(D) + d / 8] |= uint8_t(((code >> p) & 1) << (d % 8));
@@ -423,7 +406,8 @@ void AccumulateRef(const float* x, uint64_t ld, uint32_t count, const float* w, 
   for (uint32_t j = 0; j < k; ++j)
     for (uint32_t d = 0; d < D; ++d) {
       float acc = out[j * D + d];
-      for (uint32_t n = 0; n < count; ++n) acc = std::fma(w[uint64_t{n} * k + j], x[n * ld + d], acc);
+      for (uint32_t n = 0; n < count; ++n)
+        acc = std::fma(w[uint64_t{n} * k + j], x[n * ld + d], acc);
       out[j * D + d] = acc;
     }
 }
@@ -442,7 +426,8 @@ void PlanesRef(const int16_t* codes, uint32_t T, uint32_t width, uint8_t* out) {
   std::memset(out, 0, width * PlaneBytes(T));
   for (uint32_t t = 0; t < T; ++t) {
     const uint32_t u = uint32_t(codes[t] + (1 << (width - 1)));
-    for (uint32_t p = 0; p < width; ++p) out[p * PlaneBytes(T) + t / 8] |= uint8_t(((u >> p) & 1) << (t % 8));
+    for (uint32_t p = 0; p < width; ++p)
+      out[p * PlaneBytes(T) + t / 8] |= uint8_t(((u >> p) & 1) << (t % 8));
   }
 }
 
@@ -469,8 +454,8 @@ float CentreRef(const float* x, const float* m, uint32_t D, float* xc, float* va
 }  // namespace
 
 const RowKernels& RowKernelsRef() {
-  static const RowKernels k = {&ProjectRef, &QuantizeRowRef, &EncodeRowRef, &AccumulateRef,
-                               &DotRef,     &PlanesRef,      &LoadRef,      &CentreRef};
+  static const RowKernels k = {&EncodeRowRef, &AccumulateRef, &DotRef,
+                               &PlanesRef,    &LoadRef,       &CentreRef};
   return k;
 }
 

@@ -20,10 +20,10 @@
 namespace kvpool::kernels::kvpool::internal {
 
 inline constexpr uint8_t kModeRows = 4;
-inline constexpr uint32_t kRowHeadBytes = 16;  // Per head: r, n_o, E, 0, f32 u, f32 p, widths.
-inline constexpr uint32_t kMaxOutliers = 32;   // Outlier channels per head, at most.
-inline constexpr uint32_t kMaxPlanes = 15;     // b + E of any row.
-inline constexpr uint32_t kMaxCoefWidth = 15;  // Bits per coefficient code.
+inline constexpr uint32_t kRowHeadBytes = 16;    // Per head: r, n_o, E, 0, f32 u, f32 p, widths.
+inline constexpr uint32_t kMaxOutliers = 32;     // Outlier channels per head, at most.
+inline constexpr uint32_t kMaxPlanes = 15;       // b + E of any row.
+inline constexpr uint32_t kMaxCoefWidth = 15;    // Bits per coefficient code.
 inline constexpr float kMaxHeadScale = 0x1p64f;  // |u| and |p| bound: decoding never overflows
                                                  // into NaN (README of the format).
 inline constexpr int32_t kMaxCoefCode = (1 << (kMaxCoefWidth - 1)) - 1;
@@ -42,22 +42,38 @@ KVPOOL_HD constexpr float RowScale(uint32_t j) {
 // row whose only planes are its outlier channels') 1.
 KVPOOL_HD constexpr float HalfStep(uint32_t b) {
   switch (b) {
-    case 0: return 1.0f;
-    case 1: return 0.798f;
-    case 2: return 0.49785f;
-    case 3: return 0.293f;
-    case 4: return 0.1676f;
-    case 5: return 0.09405f;
-    case 6: return 0.05205f;
-    case 7: return 0.02845f;
-    case 8: return 0.0154f;
-    case 9: return 0.0083f;
-    case 10: return 0.0044f;
-    case 11: return 0.00235f;
-    case 12: return 0.00126f;
-    case 13: return 0.00067f;
-    case 14: return 0.00036f;
-    default: return 0.00019f;
+    case 0:
+      return 1.0f;
+    case 1:
+      return 0.798f;
+    case 2:
+      return 0.49785f;
+    case 3:
+      return 0.293f;
+    case 4:
+      return 0.1676f;
+    case 5:
+      return 0.09405f;
+    case 6:
+      return 0.05205f;
+    case 7:
+      return 0.02845f;
+    case 8:
+      return 0.0154f;
+    case 9:
+      return 0.0083f;
+    case 10:
+      return 0.0044f;
+    case 11:
+      return 0.00235f;
+    case 12:
+      return 0.00126f;
+    case 13:
+      return 0.00067f;
+    case 14:
+      return 0.00036f;
+    default:
+      return 0.00019f;
   }
 }
 
@@ -66,7 +82,21 @@ KVPOOL_HD float RowHalfStep(float unit, uint8_t meta) {
   return (unit * RowScale(meta >> 4)) * HalfStep(meta & 15);
 }
 
-inline uint64_t PlaneBytes(uint32_t n) { return (uint64_t{n} + 7) / 8; }
+KVPOOL_HD uint64_t PlaneBytes(uint32_t n) { return (uint64_t{n} + 7) / 8; }
+
+// Bit i of a bit plane (byte i / 8, bit i % 8).
+KVPOOL_HD bool PlaneBit(const uint8_t* plane, uint64_t i) { return (plane[i / 8] >> (i % 8)) & 1; }
+
+// True when the bits of `plane` (n bits used) beyond n are 0.
+KVPOOL_HD bool PaddingClear(const uint8_t* plane, uint64_t n) {
+  return n % 8 == 0 || (plane[n / 8] >> (n % 8)) == 0;
+}
+
+// Bytes of a row's data: b planes of its D channels, then its head's E extra planes of the n
+// outlier channels (none when n = 0).
+KVPOOL_HD uint64_t RowDataBytes(uint32_t D, uint32_t outliers, uint32_t extra, uint32_t b) {
+  return b * PlaneBytes(D) + (outliers ? extra * PlaneBytes(outliers) : 0);
+}
 
 // Vectors whose data starts on a 64-byte boundary, for the fast kernels' aligned loads.
 template <typename T>
@@ -75,12 +105,18 @@ struct Align64 {
   Align64() = default;
   template <typename U>
   Align64(const Align64<U>&) {}  // NOLINT: allocators convert implicitly.
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, size_t) { ::operator delete (p, std::align_val_t{64}); }
   template <typename U>
-  bool operator==(const Align64<U>&) const { return true; }
+  bool operator==(const Align64<U>&) const {
+    return true;
+  }
   template <typename U>
-  bool operator!=(const Align64<U>&) const { return false; }
+  bool operator!=(const Align64<U>&) const {
+    return false;
+  }
 };
 template <typename T>
 using AlignedVector = std::vector<T, Align64<T>>;
@@ -91,10 +127,10 @@ struct ParsedRows {
     uint32_t rank = 0, outliers = 0, extra = 0;
     float unit = 0, lr_scale = 0;
     uint8_t widths[kMaxRank] = {};
-    uint64_t basis = 0;     // Offset of its basis codes from `basis`.
-    uint64_t outlier = 0;   // Index of its first outlier channel in `outliers`.
-    uint64_t coef = 0;      // Offset of its coefficient planes from `coefs`.
-    uint64_t rows = 0;      // Offset of its first row's data from `rows`.
+    uint64_t basis = 0;    // Offset of its basis codes from `basis`.
+    uint64_t outlier = 0;  // Index of its first outlier channel in `outliers`.
+    uint64_t coef = 0;     // Offset of its coefficient planes from `coefs`.
+    uint64_t rows = 0;     // Offset of its first row's data from `rows`.
   };
   std::vector<Head> heads;
   const uint8_t* means = nullptr;     // [H][D] elements of the dtype.
@@ -109,7 +145,7 @@ struct ParsedRows {
 
 // Bytes of row (h, t)'s data given its meta byte.
 inline uint64_t RowBytes(const ParsedRows::Head& hd, uint32_t D, uint8_t meta) {
-  return (meta & 15) * PlaneBytes(D) + (hd.outliers ? hd.extra * PlaneBytes(hd.outliers) : 0);
+  return RowDataBytes(D, hd.outliers, hd.extra, meta & 15);
 }
 
 // Validates every field of a mode 4 payload against `size` (DataLoss naming what is wrong).
@@ -119,9 +155,12 @@ absl::Status ParseRows(const SegmentShape& shape, const uint8_t* payload, uint64
 // The coefficient codes of every row, coefs[(h * kMaxRank + j) * T + t] (0 for j >= r).
 void DecodeRowCoefficients(const SegmentShape& shape, const ParsedRows& parsed, int16_t* coefs);
 
-// Decodes a mode 4 payload with plain loops (the definition).
-absl::Status DecodeRowsRef(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
-                           uint16_t* out);
+// Decodes a parsed mode 4 payload with plain loops (the definition).
+void DecodeRowsRef(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
+// Parses a mode 4 payload and decodes it: with AVX-512 where DecodeRowsAvx512 qualifies, else
+// DecodeRowsRef (`fast` false: always DecodeRowsRef).
+absl::Status DecodeRows(const SegmentShape& shape, const uint8_t* payload, uint64_t size, bool fast,
+                        uint16_t* out);
 // Decodes a parsed mode 4 payload with AVX-512 (bit-identical); false (nothing written) when the
 // CPU or the shape does not qualify (head_dim a multiple of 32). kvpool_rows.cc dispatches to
 // the build of kvpool_rows_decode_avx512.cc for the CPU (with or without VNNI).
@@ -131,21 +170,26 @@ bool DecodeRowsAvx512Vnni(const SegmentShape& shape, const ParsedRows& parsed, u
 
 // ---- The encoder --------------------------------------------------------------------------
 
+// Where RowHead::pairs (and the AVX-512 decoder's copy) keeps basis code j of channel d.
+inline uint64_t PairSlot(uint32_t d, uint32_t j) {
+  return ((uint64_t{d / 16} * 4 + j / 2) * 16 + d % 16) * 2 + j % 2;
+}
+
 // One head's fixed parts as the row kernels use them (built by the encoder per segment).
 struct RowHead {
   uint32_t D = 0, rank = 0, outliers = 0, extra = 0;
-  const float* means = nullptr;        // [D] decoded means.
-  const float* basis = nullptr;        // [rank][D] the decoded basis, float(code) * basis scale.
-  const float* inv_step = nullptr;     // [rank] 1 / (coefficient step * |basis_j|^2).
-  const int8_t* codes = nullptr;       // [rank][D] basis codes.
+  const float* means = nullptr;     // [D] decoded means.
+  const float* basis = nullptr;     // [rank][D] the decoded basis, float(code) * basis scale.
+  const float* inv_step = nullptr;  // [rank] 1 / (coefficient step * |basis_j|^2).
+  const int8_t* codes = nullptr;    // [rank][D] basis codes.
   // The same for the fast kernels (head_dim a multiple of 16), 16 channels at a time: chunks
   // [D / 16][8][16] (direction j of channels 16k.. at (8k + j) * 16, zero for j >= rank) and
   // pairs [D / 16][4][16][2] (codes of directions 2i, 2i + 1 of channel 16k + l at
   // ((4k + i) * 16 + l) * 2, zero beyond rank).
   const float* chunks = nullptr;
   const int16_t* pairs = nullptr;
-  const uint8_t* is_outlier = nullptr; // [D] 1 for outlier channels.
-  const uint32_t* outlier = nullptr;   // [outliers] the outlier channels, increasing.
+  const uint8_t* is_outlier = nullptr;      // [D] 1 for outlier channels.
+  const uint32_t* outlier = nullptr;        // [outliers] the outlier channels, increasing.
   const uint32_t* outlier_masks = nullptr;  // [D / 32] bit d % 32 set for outlier channels.
   float lr_scale = 0;
 };
@@ -164,26 +208,19 @@ using ChooseFn = uint8_t (*)(void* ctx, uint32_t i, const RowStats& stats, float
 // The encoder's inner loops: the reference's are plain loops (kvpool_rows.cc), the AVX-512
 // ones compute the same operations in the same order, so both write the same payload.
 struct RowKernels {
-  // Row x (D elements of the dtype): coefficient codes c_j = clamp(nearbyint(dot_j * inv_step_j),
-  // +-kMaxCoefCode) where dot_j = Tree16 of 16 lanes of fma((x - m), basis_j, .); the prediction
-  // z[d] = fma(lr_scale, float(sum_j c_j * code_j[d]), m[d]) into z; stats of x - m (dist), of x
-  // (energy) and of x - z. False when the energy is not finite (an element not finite, or
-  // too large to square).
-  // For `rows` (1 or 2) rows x[i] of one head, their coefficient codes at coefs + i * kMaxRank,
-  // predictions at z + i * D and stats[i].
-  bool (*project)(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t rows,
-                  int16_t* coefs, float* z, RowStats* stats);
-  // Quantises row x against z with `meta` (b residual planes, half step hs = RowHalfStep): per
-  // element v = floor((x - z) * inv) with inv = 1 / (2 hs), code u = clamp(v + 2^(n-1), 0,
-  // 2^n - 1) with n = b (regular) or b + E (outlier channels), decoded
-  // y = to_dtype(fma(hs, 2u - (2^n - 1), z)); writes the row's planes at `out` (when not null)
-  // and returns the squared error Tree16 of 16 lanes of fma(y - x, y - x, .).
-  float (*quantize)(const RowHead& hd, DType dtype, const uint16_t* x, const float* z,
-                    uint8_t meta, float hs, uint8_t* out);
-  // The full pass, for `rows` (1 or 2) rows x[i] of one head: project (coefficient codes at
-  // coefs + i * kMaxRank, stats[i]), meta[i] = choose(ctx, i, stats[i], &hs), quantize into
-  // `out` (row 1's planes right after row 0's), the errors into err[i]. False as project's
-  // (then nothing else is defined).
+  // The full pass, for `rows` (1 or 2) rows x[i] (D elements of the dtype) of one head:
+  //   project: coefficient codes c_j = clamp(nearbyint(dot_j * inv_step_j), +-kMaxCoefCode)
+  //     where dot_j = Tree16 of 16 lanes of fma((x - m), basis_j, .), at coefs + i * kMaxRank;
+  //     the prediction z[d] = fma(lr_scale, float(sum_j c_j * code_j[d]), m[d]); stats[i] of
+  //     x - m (dist), of x (energy) and of x - z;
+  //   meta[i] = choose(ctx, i, stats[i], &hs);
+  //   quantise against z with meta[i] (b residual planes, half step hs = RowHalfStep): per
+  //     element v = floor((x - z) * inv) with inv = 1 / (2 hs), code u = clamp(v + 2^(n-1), 0,
+  //     2^n - 1) with n = b (regular) or b + E (outlier channels), decoded
+  //     y = to_dtype(fma(hs, 2u - (2^n - 1), z)); the row's planes into `out` (row 1's right
+  //     after row 0's), its squared error Tree16 of 16 lanes of fma(y - x, y - x, .) into err[i].
+  // False when an energy is not finite (an element not finite, or too large to square); then
+  // nothing else is defined.
   bool (*encode)(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t rows,
                  int16_t* coefs, ChooseFn choose, void* ctx, uint8_t* out, RowStats* stats,
                  uint8_t* meta, float* err);
@@ -192,8 +229,8 @@ struct RowKernels {
   void (*accumulate)(const float* x, uint64_t ld, uint32_t count, const float* w, uint32_t k,
                      uint32_t D, float* out);
   // y[n * k + j] = Tree16 of 16 lanes (d mod 16) of fma(x[n][d], s[j * D + d], .).
-  void (*dot)(const float* x, uint64_t ld, uint32_t count, const float* s, uint32_t k,
-              uint32_t D, float* y);
+  void (*dot)(const float* x, uint64_t ld, uint32_t count, const float* s, uint32_t k, uint32_t D,
+              float* y);
   // Writes `width` (>= 1) planes of ceil(T / 8) bytes at `out`: bit t of plane p = bit p of
   // codes[t] + 2^(width - 1).
   void (*planes)(const int16_t* codes, uint32_t T, uint32_t width, uint8_t* out);
@@ -207,7 +244,7 @@ struct RowKernels {
 const RowKernels& RowKernelsRef();
 // Bytes of a row's data given its meta byte (RowBytes for the encoder's heads).
 inline uint64_t RowBytesOf(const RowHead& hd, uint8_t meta) {
-  return (meta & 15) * PlaneBytes(hd.D) + (hd.outliers ? hd.extra * PlaneBytes(hd.outliers) : 0);
+  return RowDataBytes(hd.D, hd.outliers, hd.extra, meta & 15);
 }
 // The AVX-512 kernels when the CPU has them and head_dim is a multiple of 32, else null.
 const RowKernels* RowKernelsAvx512(uint32_t head_dim);

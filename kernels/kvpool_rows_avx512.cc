@@ -1,9 +1,9 @@
 // The kvpool codec's payload mode 4 on AVX-512 (F, BW, VL, DQ, VBMI; kvpool_rows.cc defines the
 // format and the reference kernels): the encoder's row kernels, for head_dim a multiple of 32 up
-// to kMaxDim (the decoder is kvpool_rows_decode_avx512.cc). Float operations are the reference's, in its order (16 lanes
-// d mod 16, channels in order, Tree16 to combine), so payloads and decoded values are
-// bit-identical to the reference's. A row's 32 channels are one 32-bit word of each plane.
-// GCC 12 warns of its own intrinsics headers (their undefined-value helpers) once inlined.
+// to kMaxDim (the decoder is kvpool_rows_decode_avx512.cc). Float operations are the reference's,
+// in its order (16 lanes d mod 16, channels in order, Tree16 to combine), so payloads and decoded
+// values are bit-identical to the reference's. A row's 32 channels are one 32-bit word of each
+// plane. GCC 12 warns of its own intrinsics headers (their undefined-value helpers) once inlined.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
@@ -59,7 +59,8 @@ KVPOOL_AVX512 inline __m512 Tree16x8v(const __m512* v) {
                          _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xdd));
   }
   // + l[i + 2]: lane j of 128-bit lane k: v_k (j < 2), v_{4+k} (j >= 2)
-  const __m512 c = _mm512_add_ps(_mm512_shuffle_ps(b[0], b[1], 0x44), _mm512_shuffle_ps(b[0], b[1], 0xee));
+  const __m512 c =
+      _mm512_add_ps(_mm512_shuffle_ps(b[0], b[1], 0x44), _mm512_shuffle_ps(b[0], b[1], 0xee));
   // + l[i + 1]: lane 0 of 128-bit lane k: v_k, lane 1: v_{4+k}
   return _mm512_add_ps(_mm512_shuffle_ps(c, c, 0x88), _mm512_shuffle_ps(c, c, 0xdd));
 }
@@ -74,7 +75,7 @@ KVPOOL_AVX512 inline void Tree16x8(const __m512* v, float* out) {
   }
 }
 
-// Projects N rows x[r] of one head (as RowKernels::project), interleaved so that their
+// Projects N rows x[r] of one head (RowKernels::encode's projection), interleaved so that their
 // dependency chains overlap: x as floats into xf[r * kMaxDim ..], the prediction into
 // zf[r * kMaxDim ..], the coefficient codes into c[r * kMaxRank ..]. Non-finite elements show
 // as a non-finite energy.
@@ -136,7 +137,8 @@ KVPOOL_AVX512 inline void ProjectCore(const RowHead& hd, const uint16_t* const* 
     for (uint32_t r = 0; r < N; ++r) {
       __m512i P = _mm512_setzero_si512();
       for (uint32_t i = 0; i < (R + 1) / 2; ++i) {
-        P = _mm512_add_epi32(P, _mm512_madd_epi16(_mm512_load_si512(hd.pairs + 128 * k + 32 * i), bc[r][i]));
+        P = _mm512_add_epi32(
+            P, _mm512_madd_epi16(_mm512_load_si512(hd.pairs + 128 * k + 32 * i), bc[r][i]));
       }
       const __m512 zv = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), m);
       _mm512_storeu_ps(zf + r * kMaxDim + 16 * k, zv);
@@ -156,7 +158,8 @@ KVPOOL_AVX512 inline void ProjectCore(const RowHead& hd, const uint16_t* const* 
     const __m512 v[8] = {dist[0], en[0], reg[0], out[0], dist[1], en[1], reg[1], out[1]};
     float sums[8];
     Tree16x8(v, sums);
-    for (uint32_t r = 0; r < 2; ++r) st[r] = {sums[4 * r], sums[4 * r + 2], sums[4 * r + 3], sums[4 * r + 1]};
+    for (uint32_t r = 0; r < 2; ++r)
+      st[r] = {sums[4 * r], sums[4 * r + 2], sums[4 * r + 3], sums[4 * r + 1]};
   } else {
     const __m512 v[8] = {dist[0], en[0], reg[0], out[0], zero, zero, zero, zero};
     float sums[8];
@@ -165,12 +168,12 @@ KVPOOL_AVX512 inline void ProjectCore(const RowHead& hd, const uint16_t* const* 
   }
 }
 
-// Quantises N projected rows (as RowKernels::quantize) from their floats xf[r * kMaxDim ..] and
-// predictions zf[r * kMaxDim ..], row r with meta[r] and half step hs[r], its planes at out[r]
-// (kWrite; else only the error); err[r] its squared error. Vectors without outlier channels
+// Quantises N projected rows (RowKernels::encode's quantisation) from their floats
+// xf[r * kMaxDim ..] and predictions zf[r * kMaxDim ..], row r with meta[r] and half step hs[r],
+// its planes at out[r]; err[r] its squared error. Vectors without outlier channels
 // take a shorter path, and in rows without planes only the prediction's rounding is measured
 // (n = 0: y = to_dtype(fma(hs, 0, z)), whose error equals to_dtype(z)'s, -0 and +0 alike).
-template <bool kBf16, uint32_t N, bool kWrite>
+template <bool kBf16, uint32_t N>
 KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const float* zf,
                                        const uint8_t* meta, const float* hs, uint8_t* const* out,
                                        float* err_out) {
@@ -220,29 +223,25 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
         const __m512 e = _mm512_sub_ps(RoundTrip<kBf16>(_mm512_fmadd_ps(vhs[r], n, zv)), v);
         err[r] = _mm512_fmadd_ps(e, e, err[r]);
       }
-      if constexpr (kWrite) {
-        const __m512i ui = _mm512_cvtps_epi32(u);
-        const uint32_t shift = 16 * (k & 1);
-        for (uint32_t p = 0; p < b[r]; ++p) {
-          word[r][p] |= uint32_t(_mm512_test_epi32_mask(ui, _mm512_set1_epi32(1 << p))) << shift;
-        }
-        if (om != 0) {
-          for (uint32_t p = 0; p < hd.extra; ++p) {
-            const uint32_t bits =
-                _mm512_mask_test_epi32_mask(om, ui, _mm512_set1_epi32(1 << (b[r] + p)));
-            extra[r][p] |= _pext_u32(bits, om) << seen;
-          }
+      const __m512i ui = _mm512_cvtps_epi32(u);
+      const uint32_t shift = 16 * (k & 1);
+      for (uint32_t p = 0; p < b[r]; ++p) {
+        word[r][p] |= uint32_t(_mm512_test_epi32_mask(ui, _mm512_set1_epi32(1 << p))) << shift;
+      }
+      if (om != 0) {
+        for (uint32_t p = 0; p < hd.extra; ++p) {
+          const uint32_t bits =
+              _mm512_mask_test_epi32_mask(om, ui, _mm512_set1_epi32(1 << (b[r] + p)));
+          extra[r][p] |= _pext_u32(bits, om) << seen;
         }
       }
     }
-    if constexpr (kWrite) {
-      if (k & 1) {
+    if (k & 1) {  // A 32-bit word of each plane is complete.
 #pragma GCC unroll 2
-        for (uint32_t r = 0; r < N; ++r) {
-          for (uint32_t p = 0; p < b[r]; ++p) {
-            std::memcpy(out[r] + p * (D / 8) + 4 * (k / 2), &word[r][p], 4);
-            word[r][p] = 0;
-          }
+      for (uint32_t r = 0; r < N; ++r) {
+        for (uint32_t p = 0; p < b[r]; ++p) {
+          std::memcpy(out[r] + p * (D / 8) + 4 * (k / 2), &word[r][p], 4);
+          word[r][p] = 0;
         }
       }
     }
@@ -250,7 +249,7 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
   }
 #pragma GCC unroll 2
   for (uint32_t r = 0; r < N; ++r) {
-    if (kWrite && hd.outliers) {
+    if (hd.outliers) {
       const uint64_t ob = PlaneBytes(hd.outliers);
       for (uint32_t p = 0; p < hd.extra; ++p) {
         std::memcpy(out[r] + b[r] * (D / 8) + p * ob, &extra[r][p], ob);
@@ -258,20 +257,6 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
     }
     err_out[r] = Tree16v(err[r]);
   }
-}
-
-template <bool kBf16, uint32_t R>
-KVPOOL_AVX512 bool ProjectR(const RowHead& hd, const uint16_t* const* x, uint32_t rows,
-                            int16_t* coefs, float* z, RowStats* st) {
-  alignas(64) float xf[2 * kMaxDim], zf[2 * kMaxDim];
-  if (rows == 2) {
-    ProjectCore<kBf16, R, 2>(hd, x, xf, zf, coefs, st);
-    std::memcpy(z + hd.D, zf + kMaxDim, hd.D * sizeof(float));
-  } else {
-    ProjectCore<kBf16, R, 1>(hd, x, xf, zf, coefs, st);
-  }
-  std::memcpy(z, zf, hd.D * sizeof(float));
-  return std::isfinite(st[0].energy) && (rows == 1 || std::isfinite(st[1].energy));
 }
 
 template <bool kBf16, uint32_t R>
@@ -286,54 +271,46 @@ KVPOOL_AVX512 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t
     meta[0] = choose(ctx, 0, st[0], &hs[0]);
     meta[1] = choose(ctx, 1, st[1], &hs[1]);
     uint8_t* dst[2] = {out, out + RowBytesOf(hd, meta[0])};
-    QuantizeCore<kBf16, 2, true>(hd, xf, zf, meta, hs, dst, err);
+    QuantizeCore<kBf16, 2>(hd, xf, zf, meta, hs, dst, err);
     return true;
   }
   ProjectCore<kBf16, R, 1>(hd, x, xf, zf, coefs, st);
   if (!std::isfinite(st[0].energy)) return false;
   meta[0] = choose(ctx, 0, st[0], &hs[0]);
-  QuantizeCore<kBf16, 1, true>(hd, xf, zf, meta, hs, &out, err);
+  QuantizeCore<kBf16, 1>(hd, xf, zf, meta, hs, &out, err);
   return true;
-}
-
-template <bool kBf16>
-KVPOOL_AVX512 float QuantizeT(const RowHead& hd, const uint16_t* x, const float* z, uint8_t meta,
-                              float hs, uint8_t* out) {
-  alignas(64) float xf[kMaxDim];
-  for (uint32_t k = 0; k < hd.D / 16; ++k) _mm512_store_ps(xf + 16 * k, LoadFloats16<kBf16>(x + 16 * k));
-  float err;
-  if (out != nullptr) {
-    QuantizeCore<kBf16, 1, true>(hd, xf, z, &meta, &hs, &out, &err);
-  } else {
-    QuantizeCore<kBf16, 1, false>(hd, xf, z, &meta, &hs, &out, &err);
-  }
-  return err;
 }
 
 // The rank's instance of F<kBf16, R>::Run.
 template <template <bool, uint32_t> class F, bool kBf16, typename... Args>
 KVPOOL_AVX512 auto ForRank(uint32_t r, Args... args) {
   switch (r) {
-    case 0: return F<kBf16, 0>::Run(args...);
-    case 1: return F<kBf16, 1>::Run(args...);
-    case 2: return F<kBf16, 2>::Run(args...);
-    case 3: return F<kBf16, 3>::Run(args...);
-    case 4: return F<kBf16, 4>::Run(args...);
-    case 5: return F<kBf16, 5>::Run(args...);
-    case 6: return F<kBf16, 6>::Run(args...);
-    case 7: return F<kBf16, 7>::Run(args...);
-    default: return F<kBf16, 8>::Run(args...);
+    case 0:
+      return F<kBf16, 0>::Run(args...);
+    case 1:
+      return F<kBf16, 1>::Run(args...);
+    case 2:
+      return F<kBf16, 2>::Run(args...);
+    case 3:
+      return F<kBf16, 3>::Run(args...);
+    case 4:
+      return F<kBf16, 4>::Run(args...);
+    case 5:
+      return F<kBf16, 5>::Run(args...);
+    case 6:
+      return F<kBf16, 6>::Run(args...);
+    case 7:
+      return F<kBf16, 7>::Run(args...);
+    default:
+      return F<kBf16, 8>::Run(args...);
   }
 }
 template <bool kBf16, uint32_t R>
-struct ProjectOf {
-  template <typename... Args>
-  KVPOOL_AVX512 static bool Run(Args... args) { return ProjectR<kBf16, R>(args...); }
-};
-template <bool kBf16, uint32_t R>
 struct EncodeOf {
   template <typename... Args>
-  KVPOOL_AVX512 static bool Run(Args... args) { return EncodeR<kBf16, R>(args...); }
+  KVPOOL_AVX512 static bool Run(Args... args) {
+    return EncodeR<kBf16, R>(args...);
+  }
 };
 
 // Lanes of 16 columns from d on, of D: all, or the tail's.
@@ -389,15 +366,24 @@ KVPOOL_AVX512 void DotK(const float* x, uint64_t ld, uint32_t count, const float
 template <template <uint32_t> class F, typename... Args>
 KVPOOL_AVX512 void ByRank(uint32_t k, Args... args) {
   switch (k) {
-    case 1: return F<1>::Run(args...);
-    case 2: return F<2>::Run(args...);
-    case 3: return F<3>::Run(args...);
-    case 4: return F<4>::Run(args...);
-    case 5: return F<5>::Run(args...);
-    case 6: return F<6>::Run(args...);
-    case 7: return F<7>::Run(args...);
-    case 8: return F<8>::Run(args...);
-    default: return;
+    case 1:
+      return F<1>::Run(args...);
+    case 2:
+      return F<2>::Run(args...);
+    case 3:
+      return F<3>::Run(args...);
+    case 4:
+      return F<4>::Run(args...);
+    case 5:
+      return F<5>::Run(args...);
+    case 6:
+      return F<6>::Run(args...);
+    case 7:
+      return F<7>::Run(args...);
+    case 8:
+      return F<8>::Run(args...);
+    default:
+      return;
   }
 }
 template <uint32_t K>
@@ -433,7 +419,8 @@ KVPOOL_AVX512 void Planes(const int16_t* codes, uint32_t T, uint32_t width, uint
     const __m512i u = _mm512_add_epi16(_mm512_maskz_loadu_epi16(valid, codes + t), offset);
     const uint64_t bytes = std::min<uint64_t>(4, pb - t / 8);
     for (uint32_t p = 0; p < width; ++p) {
-      const uint32_t bits = _mm512_mask_test_epi16_mask(valid, u, _mm512_set1_epi16(int16_t(1 << p)));
+      const uint32_t bits =
+          _mm512_mask_test_epi16_mask(valid, u, _mm512_set1_epi16(int16_t(1 << p)));
       std::memcpy(out + p * pb + t / 8, &bits, bytes);
     }
   }
@@ -474,34 +461,21 @@ KVPOOL_AVX512 float Centre(const float* x, const float* m, uint32_t D, float* xc
   return Tree16v(l);
 }
 
-KVPOOL_AVX512 bool Project(const RowHead& hd, DType dtype, const uint16_t* const* x,
-                           uint32_t rows, int16_t* coefs, float* z, RowStats* st) {
-  return dtype == DType::kBf16 ? ForRank<ProjectOf, true>(hd.rank, hd, x, rows, coefs, z, st)
-                               : ForRank<ProjectOf, false>(hd.rank, hd, x, rows, coefs, z, st);
-}
-
-KVPOOL_AVX512 float Quantize(const RowHead& hd, DType dtype, const uint16_t* x, const float* z,
-                             uint8_t meta, float hs, uint8_t* out) {
-  return dtype == DType::kBf16 ? QuantizeT<true>(hd, x, z, meta, hs, out)
-                               : QuantizeT<false>(hd, x, z, meta, hs, out);
-}
-
 KVPOOL_AVX512 bool Encode(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t rows,
                           int16_t* coefs, ChooseFn choose, void* ctx, uint8_t* out, RowStats* st,
                           uint8_t* meta, float* err) {
   return dtype == DType::kBf16
              ? ForRank<EncodeOf, true>(hd.rank, hd, x, rows, coefs, choose, ctx, out, st, meta, err)
-             : ForRank<EncodeOf, false>(hd.rank, hd, x, rows, coefs, choose, ctx, out, st, meta, err);
+             : ForRank<EncodeOf, false>(hd.rank, hd, x, rows, coefs, choose, ctx, out, st, meta,
+                                        err);
 }
 
 }  // namespace
 
 const RowKernels* RowKernelsAvx512(uint32_t head_dim) {
-  static const RowKernels k = {&Project, &Quantize, &Encode, &Accumulate,
-                               &Dot,     &Planes,   &Load,   &Centre};
+  static const RowKernels k = {&Encode, &Accumulate, &Dot, &Planes, &Load, &Centre};
   if (!CpuHasAvx512() || head_dim % 32 != 0 || head_dim > kMaxDim) return nullptr;
   return &k;
 }
-
 
 }  // namespace kvpool::kernels::kvpool::internal

@@ -34,14 +34,6 @@ struct RowsLayout {
   uint64_t means, classes, basis, basis_bytes, metas, data, coefs;
 };
 
-__device__ inline uint64_t PlaneBytesDev(uint32_t n) { return (uint64_t{n} + 7) / 8; }
-__device__ inline uint32_t BitDev(const uint8_t* plane, uint64_t i) {
-  return (plane[i / 8] >> (i % 8)) & 1u;
-}
-__device__ inline bool PaddingClearDev(const uint8_t* plane, uint64_t n) {
-  return n % 8 == 0 || (plane[n / 8] >> (n % 8)) == 0;
-}
-
 // Thread 0: header, head entries and the sizes of the fixed sections; offsets into *L.
 // False on any inconsistency (ParseHeads' checks that need no loop over elements).
 __device__ inline bool RowsHeads(const uint8_t* p, uint64_t size, uint32_t T, uint32_t H,
@@ -138,7 +130,7 @@ __device__ inline void RowsParse(const uint8_t* p, uint64_t size, uint32_t T, ui
       const RowsHeadDev& hd = heads[i / T];
       const uint32_t b = metas[i] & 15;
       mine |= b + hd.extra > kMaxPlanes;
-      bytes = uint32_t(b * PlaneBytesDev(D) + (hd.outliers ? hd.extra * PlaneBytesDev(hd.outliers) : 0));
+      bytes = uint32_t(RowDataBytes(D, hd.outliers, hd.extra, b));
     }
     uint32_t total;
     const uint32_t before = BlockExclusiveScan<uint32_t>(bytes, warp_sums, &total);
@@ -150,7 +142,7 @@ __device__ inline void RowsParse(const uint8_t* p, uint64_t size, uint32_t T, ui
     uint64_t coefs = 0;
     for (uint32_t h = 0; h < H; ++h) {
       heads[h].coef = L->data + carry + coefs;
-      for (uint32_t j = 0; j < heads[h].rank; ++j) coefs += heads[h].widths[j] * PlaneBytesDev(T);
+      for (uint32_t j = 0; j < heads[h].rank; ++j) coefs += heads[h].widths[j] * PlaneBytes(T);
     }
     const uint64_t start = L->data;
     mine |= size - start < carry || size - start - carry != coefs;
@@ -165,15 +157,16 @@ __device__ inline void RowsParse(const uint8_t* p, uint64_t size, uint32_t T, ui
     const RowsHeadDev& hd = heads[i / T];
     const uint8_t* row = p + L->data + row_off[i];
     const uint32_t b = metas[i] & 15;
-    for (uint32_t q = 0; q < b && D % 8 != 0; ++q) mine |= !PaddingClearDev(row + q * PlaneBytesDev(D), D);
-    row += b * PlaneBytesDev(D);
+    for (uint32_t q = 0; q < b && D % 8 != 0; ++q)
+      mine |= !PaddingClear(row + q * PlaneBytes(D), D);
+    row += b * PlaneBytes(D);
     for (uint32_t q = 0; hd.outliers % 8 != 0 && q < hd.extra; ++q) {
-      mine |= !PaddingClearDev(row + q * PlaneBytesDev(hd.outliers), hd.outliers);
+      mine |= !PaddingClear(row + q * PlaneBytes(hd.outliers), hd.outliers);
     }
   }
-  const uint64_t planes = (size - L->coefs) / PlaneBytesDev(T);
+  const uint64_t planes = (size - L->coefs) / PlaneBytes(T);
   for (uint64_t q = threadIdx.x; T % 8 != 0 && q < planes; q += kThreads) {
-    mine |= !PaddingClearDev(p + L->coefs + q * PlaneBytesDev(T), T);
+    mine |= !PaddingClear(p + L->coefs + q * PlaneBytes(T), T);
   }
   if (mine) atomicExch(reinterpret_cast<unsigned*>(&bad), 1u);
   __syncthreads();
@@ -184,19 +177,19 @@ __device__ inline void RowsParse(const uint8_t* p, uint64_t size, uint32_t T, ui
 __device__ inline int32_t RowsCoefDev(const uint8_t* p, const RowsHeadDev& hd, uint32_t j,
                                       uint32_t t, uint32_t T) {
   const uint8_t* plane = p + hd.coef;
-  for (uint32_t i = 0; i < j; ++i) plane += hd.widths[i] * PlaneBytesDev(T);
+  for (uint32_t i = 0; i < j; ++i) plane += hd.widths[i] * PlaneBytes(T);
   const uint32_t w = hd.widths[j];
   int32_t c = 0;
-  for (uint32_t q = 0; q < w; ++q) c |= int32_t(BitDev(plane + q * PlaneBytesDev(T), t)) << q;
+  for (uint32_t q = 0; q < w; ++q) c |= int32_t(PlaneBit(plane + q * PlaneBytes(T), t)) << q;
   return w ? c - (1 << (w - 1)) : 0;
 }
 
 // Elements of rows (h, t) for the n tokens of group g: a thread per element, DecodeRowsRef's
 // operations in its order.
 __device__ inline void RowsDecodeGroup(const uint8_t* p, const RowsLayout& L, uint32_t T,
-                                       uint32_t H, uint32_t D, bool bf16,
-                                       const RowsHeadDev* heads, const uint64_t* row_off,
-                                       uint32_t g, uint32_t n, uint16_t* out) {
+                                       uint32_t H, uint32_t D, bool bf16, const RowsHeadDev* heads,
+                                       const uint64_t* row_off, uint32_t g, uint32_t n,
+                                       uint16_t* out) {
   const uint64_t HD = uint64_t{H} * D, count = uint64_t{n} * HD;
   for (uint64_t e = threadIdx.x; e < count; e += kThreads) {
     const uint32_t i = uint32_t(e / HD), h = uint32_t((e % HD) / D), d = uint32_t(e % D);
@@ -207,12 +200,13 @@ __device__ inline void RowsDecodeGroup(const uint8_t* p, const RowsLayout& L, ui
     const uint32_t b = meta & 15;
     const uint8_t* row = p + L.data + row_off[r];
     int32_t q = 0;
-    for (uint32_t k = 0; k < b; ++k) q += BitDev(row + k * PlaneBytesDev(D), d) ? (1 << k) : -(1 << k);
+    for (uint32_t k = 0; k < b; ++k)
+      q += PlaneBit(row + k * PlaneBytes(D), d) ? (1 << k) : -(1 << k);
     for (uint32_t k = 0; k < hd.outliers; ++k) {
       if (Load16Dev(p + hd.outlier + 2 * k) != d) continue;
-      const uint8_t* extra = row + b * PlaneBytesDev(D);
+      const uint8_t* extra = row + b * PlaneBytes(D);
       for (uint32_t x = 0; x < hd.extra; ++x) {
-        q += BitDev(extra + x * PlaneBytesDev(hd.outliers), k) ? (1 << (b + x)) : -(1 << (b + x));
+        q += PlaneBit(extra + x * PlaneBytes(hd.outliers), k) ? (1 << (b + x)) : -(1 << (b + x));
       }
     }
     int32_t P = 0;

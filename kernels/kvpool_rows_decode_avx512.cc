@@ -20,9 +20,10 @@
 #include "kernels/kvpool_rows.h"
 
 #ifdef KVPOOL_ROWS_VNNI
-#define KVPOOL_ROWS_TARGET                                                                    \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512dq,gfni,f16c,bmi2,lzcnt," \
-                        "prfchw,avx512vnni")))
+#define KVPOOL_ROWS_TARGET                                                         \
+  __attribute__((                                                                  \
+      target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512dq,gfni,f16c,bmi2,lzcnt," \
+             "prfchw,avx512vnni")))
 #define KVPOOL_ROWS_DECODE DecodeRowsAvx512Vnni
 #else
 #define KVPOOL_ROWS_TARGET KVPOOL_AVX512
@@ -50,16 +51,17 @@ inline uint32_t Bits32(const uint8_t* plane, uint64_t bytes, uint64_t byte) {
 
 // Per-segment tables of the decoder, kept per thread.
 struct DecodeScratch {
-  std::vector<int16_t> coefs;  // [H][kMaxRank][T32] codes, T32 = T rounded up to 32.
+  std::vector<int16_t> coefs;       // [H][kMaxRank][T32] codes, T32 = T rounded up to 32.
   std::vector<int32_t> pair_coefs;  // [H][4][T32]: (code 2i, code 2i + 1) of token t.
-  std::vector<float> means;    // [H][D]
-  AlignedVector<int16_t> pairs;  // [H][D / 16][4][16][2] (RowHead::pairs' layout)
-  std::vector<int16_t> index;  // [H][D / 32][32] lane -> outlier index (vpermw)
-  std::vector<uint32_t> mask;  // [H][D / 32] outlier lanes
+  std::vector<float> means;         // [H][D]
+  AlignedVector<int16_t> pairs;     // [H][D / 16][4][16][2] (RowHead::pairs' layout)
+  std::vector<int16_t> index;       // [H][D / 32][32] lane -> outlier index (vpermw)
+  std::vector<uint32_t> mask;       // [H][D / 32] outlier lanes
 };
 
 template <bool kBf16>
-KVPOOL_ROWS_TARGET void Tables(const SegmentShape& shape, const ParsedRows& parsed, DecodeScratch* s) {
+KVPOOL_ROWS_TARGET void Tables(const SegmentShape& shape, const ParsedRows& parsed,
+                               DecodeScratch* s) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
   const uint32_t T32 = (T + 31) / 32 * 32;
   const uint64_t pb = PlaneBytes(T);
@@ -85,7 +87,8 @@ KVPOOL_ROWS_TARGET void Tables(const SegmentShape& shape, const ParsedRows& pars
       }
       plane += w * pb;
     }
-    for (uint32_t i = 0; i < (hd.rank + 1) / 2; ++i) {  // Pairs of codes as the predictions take them.
+    // Pairs of codes as the predictions take them.
+    for (uint32_t i = 0; i < (hd.rank + 1) / 2; ++i) {
       const int16_t* lo = &s->coefs[(uint64_t{h} * kMaxRank + 2 * i) * T32];
       const int16_t* hi = lo + T32;
       int32_t* pc = &s->pair_coefs[(uint64_t{h} * 4 + i) * T32];
@@ -95,20 +98,22 @@ KVPOOL_ROWS_TARGET void Tables(const SegmentShape& shape, const ParsedRows& pars
         const __m512i b = odd ? _mm512_setzero_si512() : _mm512_loadu_si512(hi + t);
         // Interleave by 16-bit lanes: unpack within 128-bit lanes, then put them in order.
         const __m512i l = _mm512_unpacklo_epi16(a, b), u = _mm512_unpackhi_epi16(a, b);
-        _mm512_storeu_si512(pc + t, _mm512_permutex2var_epi64(l, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), u));
-        _mm512_storeu_si512(pc + t + 16, _mm512_permutex2var_epi64(l, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), u));
+        _mm512_storeu_si512(
+            pc + t, _mm512_permutex2var_epi64(l, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), u));
+        _mm512_storeu_si512(pc + t + 16, _mm512_permutex2var_epi64(
+                                             l, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), u));
       }
     }
     for (uint32_t d = 0; d < D; d += 16) {
-      const __m256i e =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(parsed.means + 2 * (uint64_t{h} * D + d)));
+      const __m256i e = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(parsed.means + 2 * (uint64_t{h} * D + d)));
       _mm512_storeu_ps(&s->means[uint64_t{h} * D + d], ToFloats<kBf16>(e));
     }
     const int8_t* basis = reinterpret_cast<const int8_t*>(parsed.basis + hd.basis);
     int16_t* pairs = &s->pairs[uint64_t{h} * kMaxRank * D];
     for (uint32_t j = 0; j < hd.rank; ++j)
       for (uint32_t d = 0; d < D; ++d) {
-        pairs[((uint64_t{d / 16} * 4 + j / 2) * 16 + d % 16) * 2 + j % 2] = basis[j * D + d];
+        pairs[PairSlot(d, j)] = basis[j * D + d];
       }
     for (uint32_t k = 0; k < hd.outliers; ++k) {
       const uint32_t d = Load16(parsed.outliers + 2 * (hd.outlier + k));
@@ -122,8 +127,8 @@ KVPOOL_ROWS_TARGET void Tables(const SegmentShape& shape, const ParsedRows& pars
 // the D elements at o; `h` the head's index in the scratch tables.
 template <bool kBf16, uint32_t R>
 KVPOOL_ROWS_TARGET void DecodeRow(const ParsedRows::Head& hd, const DecodeScratch& s, uint32_t h,
-                             uint32_t D, uint8_t meta, const uint8_t* row, const int32_t* c,
-                             uint64_t pitch, uint16_t* o) {
+                                  uint32_t D, uint8_t meta, const uint8_t* row, const int32_t* c,
+                                  uint64_t pitch, uint16_t* o) {
   const uint32_t b = meta & 15, chunks = D / 32;
   const uint64_t pd = D / 8;
   const __m512 vhs = _mm512_set1_ps(RowHalfStep(hd.unit, meta));
@@ -152,7 +157,8 @@ KVPOOL_ROWS_TARGET void DecodeRow(const ParsedRows::Head& hd, const DecodeScratc
         for (uint32_t i = 0; i < (R + 1) / 2; ++i) {
           P = PairDot(P, _mm512_load_si512(pairs + 128 * k + 32 * i), bc[i]);
         }
-        const __m512 zv = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), _mm512_loadu_ps(m + 16 * k));
+        const __m512 zv =
+            _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), _mm512_loadu_ps(m + 16 * k));
         const __m256i y = FromFloats<kBf16>(_mm512_add_ps(zv, _mm512_setzero_ps()));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * k), y);
       }
@@ -199,7 +205,8 @@ DecodeRowFn DecodeRowFor(uint32_t rank) {
 // Token after token, head after head, so that the output streams out in order; each head's rows
 // (head-major in the payload) are read through a pointer of their own.
 template <bool kBf16>
-KVPOOL_ROWS_TARGET void DecodeT(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out) {
+KVPOOL_ROWS_TARGET void DecodeT(const SegmentShape& shape, const ParsedRows& parsed,
+                                uint16_t* out) {
   thread_local DecodeScratch s;
   thread_local std::vector<const uint8_t*> rows;
   thread_local std::vector<DecodeRowFn> fns;
@@ -219,7 +226,8 @@ KVPOOL_ROWS_TARGET void DecodeT(const SegmentShape& shape, const ParsedRows& par
       const uint8_t meta = parsed.metas[uint64_t{h} * T + t];
       _mm_prefetch(reinterpret_cast<const char*>(rows[h]) + 256, _MM_HINT_T0);
       if (t + 4 < T) {  // The output 4 tokens ahead, for writing.
-        const char* ahead = reinterpret_cast<const char*>(o + 4 * uint64_t{H} * D + uint64_t{h} * D);
+        const char* ahead =
+            reinterpret_cast<const char*>(o + 4 * uint64_t{H} * D + uint64_t{h} * D);
         for (uint32_t b = 0; b < 2 * D; b += 64) __builtin_prefetch(ahead + b, 1);
       }
       fns[h](hd, s, h, D, meta, rows[h], &s.pair_coefs[uint64_t{h} * 4 * T32 + t], T32,

@@ -16,8 +16,8 @@
 //      to all rows, is kRowsAim of the allowed one.
 //   4. The full pass, head after head, two rows at a time: project (coefficients, prediction,
 //      spread), choose b and j, quantise, append the rows' planes. When the measured error
-//      exceeds the budget, mu grows by the miss and the pass repeats (at most kRowsPasses, then
-//      the segment is stored raw).
+//      exceeds the budget, mu is solved again from the model scaled by its miss (StepModel) and
+//      the pass repeats (at most kRowsPasses, then the segment is stored raw).
 // Key segments compute their token classes in the same pass, from their distance to the
 // means, with the per-head scale estimated on the sample; their payload carries them for the
 // value segment, which takes them as they are (or, without it, from the keys' elements).
@@ -40,12 +40,8 @@ struct Scratch {
   std::vector<uint16_t> kstored;
   std::vector<uint8_t> classes, buffer;
   std::vector<HeadPlan> heads;
-  std::vector<int16_t> coefs;   // [H][kMaxRank][T]
+  std::vector<int16_t> coefs;  // [H][kMaxRank][T]
 };
-
-absl::Status NonFinite() {
-  return absl::InvalidArgumentError("kvpool: elements not finite (stored raw)");
-}
 
 // What the full pass's ChooseFn needs to decide a row.
 struct Choice {
@@ -80,8 +76,8 @@ Layout PayloadLayout(const SegmentShape& shape, const std::vector<HeadPlan>& hea
   }
   Layout l;
   l.class_bytes = key_classes ? (uint64_t{T} * H + 1) / 2 : 0;
-  l.metas_at = kHeaderBytes + uint64_t{H} * kRowHeadBytes + 2 * uint64_t{H} * D + basis +
-               outliers + l.class_bytes;
+  l.metas_at = kHeaderBytes + uint64_t{H} * kRowHeadBytes + 2 * uint64_t{H} * D + basis + outliers +
+               l.class_bytes;
   l.rows_at = l.metas_at + uint64_t{T} * H;
   l.bound = l.rows_at + uint64_t{T} * H * kMaxPlanes * (PlaneBytes(D) + 4) +
             uint64_t{H} * kMaxRank * kMaxCoefWidth * PlaneBytes(T);
@@ -150,8 +146,8 @@ PassResult FullPass(const SegmentShape& shape, const uint16_t* in, const RowKern
       int16_t c[2 * kMaxRank];
       uint8_t meta[2];
       float err[2];
-      if (!rk.encode(hp.view, shape.dtype, x, rows, c, &ChooseRow, &choice, dst + res.end, st,
-                     meta, err)) {
+      if (!rk.encode(hp.view, shape.dtype, x, rows, c, &ChooseRow, &choice, dst + res.end, st, meta,
+                     err)) {
         res.finite = false;
         return res;
       }
@@ -248,7 +244,7 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
   uint8_t* dst = s.buffer.data();
   WriteFixedSections(shape, s, key_classes, l, dst);
   uint64_t size = 0;
-  for (int pass = 0; pass < kRowsPasses && size == 0; ++pass) {
+  for (int pass = 0; pass < kRowsPasses; ++pass) {
     const PassResult r = FullPass(shape, in, rk, key_classes, mu, l, &s, dst);
     if (!r.finite || !std::isfinite(r.err) || !std::isfinite(r.energy)) return NonFinite();
     const double allowed = target * target * r.energy;
@@ -260,7 +256,8 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
     // grows with mu where the model's shape is off).
     const double predicted = model.Predicted(mu);
     const double ratio = predicted > 0 ? r.err / predicted : 2;
-    const double next = model.Solve(kRowsAim * allowed / std::max(1.0, ratio) * std::pow(0.9, pass));
+    const double next =
+        model.Solve(kRowsAim * allowed / std::max(1.0, ratio) * std::pow(0.9, pass));
     mu = std::max(mu * 1.1, next);
   }
   if (size > 0) size = FinishPayload(shape, rk, s, size, l.bound, dst);

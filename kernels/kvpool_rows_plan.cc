@@ -17,7 +17,7 @@ constexpr double kBasisBits = 8.0, kCoefBits = 6.0;
 
 // Mean squared error per unit variance of a row with b planes (a Gaussian at HalfStep(b)).
 constexpr double kDistortion[kMaxPlanes + 1] = {
-    1.0,     0.3634,  0.1188,   0.03744, 0.01154, 0.00349, 0.00104, 0.000306,
+    1.0,     0.3634,  0.1188,  0.03744,  0.01154, 0.00349, 0.00104, 0.000306,
     8.9e-05, 2.3e-05, 6.5e-06, 1.84e-06, 5.3e-07, 1.5e-07, 4.3e-08, 1.2e-08};
 
 struct Tables {
@@ -52,44 +52,6 @@ const float* SketchSigns() {
     return w;
   }();
   return signs.data();
-}
-
-// Eigen-decomposition of the symmetric k x k (k <= 8) matrix a (cyclic Jacobi, at most 8
-// sweeps, until the off-diagonal holds 1e-8 of the squares: eigenvectors within about 1e-4,
-// beyond what int8 basis codes keep): a -> diagonal, v -> eigenvectors in columns.
-void SmallJacobi(uint32_t k, double (&a)[kMaxRank][kMaxRank], double (&v)[kMaxRank][kMaxRank]) {
-  for (uint32_t i = 0; i < k; ++i)
-    for (uint32_t j = 0; j < k; ++j) v[i][j] = i == j;
-  for (int sweep = 0; sweep < 8; ++sweep) {
-    double off = 0, diag = 0;
-    for (uint32_t p = 0; p < k; ++p) {
-      diag += a[p][p] * a[p][p];
-      for (uint32_t q = p + 1; q < k; ++q) off += a[p][q] * a[p][q];
-    }
-    if (!(off > 1e-8 * diag) || !(off > 1e-300)) return;
-    for (uint32_t p = 0; p < k; ++p)
-      for (uint32_t q = p + 1; q < k; ++q) {
-        if (std::fabs(a[p][q]) < 1e-300) continue;
-        const double theta = (a[q][q] - a[p][p]) / (2 * a[p][q]);
-        const double t = (theta >= 0 ? 1 : -1) / (std::fabs(theta) + std::sqrt(theta * theta + 1));
-        const double cs = 1 / std::sqrt(t * t + 1), sn = t * cs;
-        for (uint32_t r = 0; r < k; ++r) {  // columns p, q
-          const double x = a[r][p], y = a[r][q];
-          a[r][p] = cs * x - sn * y;
-          a[r][q] = sn * x + cs * y;
-        }
-        for (uint32_t r = 0; r < k; ++r) {  // rows p, q
-          const double x = a[p][r], y = a[q][r];
-          a[p][r] = cs * x - sn * y;
-          a[q][r] = sn * x + cs * y;
-        }
-        for (uint32_t r = 0; r < k; ++r) {
-          const double x = v[r][p], y = v[r][q];
-          v[r][p] = cs * x - sn * y;
-          v[r][q] = sn * x + cs * y;
-        }
-      }
-  }
 }
 
 // The sample's low-rank directions: a sketched subspace iteration (kmax random sign
@@ -134,19 +96,23 @@ void SampleBasis(const RowKernels& rk, const float* xs, uint32_t count, uint32_t
   for (uint32_t n = 0; n < count; ++n)
     for (uint32_t a = 0; a < k; ++a) ct[a * count + n] = c[n * k + a];
   rk.dot(ct.data(), count, k, ct.data(), k, count, g.data());  // The Gram matrix C^T C.
-  double gram[kMaxRank][kMaxRank], v[kMaxRank][kMaxRank];
+  std::vector<double> gram(uint64_t{k} * k), v;
   for (uint32_t a = 0; a < k; ++a)
-    for (uint32_t b = 0; b < k; ++b) gram[a][b] = 0.5 * (double(g[a * k + b]) + g[b * k + a]);
-  SmallJacobi(k, gram, v);
+    for (uint32_t b = 0; b < k; ++b) gram[a * k + b] = 0.5 * (double(g[a * k + b]) + g[b * k + a]);
+  // Until the off-diagonal holds 1e-8 of the squares: eigenvectors within about 1e-4, beyond
+  // what int8 basis codes keep.
+  Jacobi(int(k), &gram, &v, 1e-8);
+  const auto eigenvalue = [&](uint32_t i) { return gram[i * k + i]; };
   uint32_t order[kMaxRank];
   for (uint32_t i = 0; i < k; ++i) order[i] = i;
-  std::stable_sort(order, order + k, [&](uint32_t a, uint32_t b) { return gram[a][a] > gram[b][b]; });
+  std::stable_sort(order, order + k,
+                   [&](uint32_t a, uint32_t b) { return eigenvalue(a) > eigenvalue(b); });
   std::vector<float> rot(uint64_t{k} * k);  // rot[i][j]: q_i's weight in direction j
   for (uint32_t i = 0; i < k; ++i)
-    for (uint32_t j = 0; j < k; ++j) rot[i * k + j] = float(v[i][order[j]]);
+    for (uint32_t j = 0; j < k; ++j) rot[i * k + j] = float(v[i * k + order[j]]);
   dirs->assign(uint64_t{k} * D, 0.f);
   rk.accumulate(q.data(), D, k, rot.data(), k, D, dirs->data());
-  for (uint32_t j = 0; j < k; ++j) variances->push_back(gram[order[j]][order[j]] / count);
+  for (uint32_t j = 0; j < k; ++j) variances->push_back(eigenvalue(order[j]) / count);
   proj->assign(uint64_t{count} * k, 0.f);
   for (uint32_t n = 0; n < count; ++n) {
     float* __restrict p = proj->data() + uint64_t{n} * k;
@@ -160,8 +126,7 @@ void SampleBasis(const RowKernels& rk, const float* xs, uint32_t count, uint32_t
 
 // The directions of head h kept: rank by threshold and by the bits each saves (its variance
 // against the noise floor left by all the directions found).
-uint32_t ChooseRank(const SegmentShape& shape, const std::vector<double>& variances,
-                    double trace) {
+uint32_t ChooseRank(const SegmentShape& shape, const std::vector<double>& variances, double trace) {
   const uint32_t T = shape.tokens, D = shape.head_dim;
   uint32_t r = uint32_t(variances.size());
   double rest = trace;
@@ -226,7 +191,8 @@ uint32_t ChooseOutliers(const std::vector<double>& var, HeadPlan* hp) {
     if (var[d] > kOutlierRatio * median) over.push_back(d);
   }
   if (over.empty()) return 0;
-  std::stable_sort(over.begin(), over.end(), [&](uint32_t a, uint32_t b) { return var[a] > var[b]; });
+  std::stable_sort(over.begin(), over.end(),
+                   [&](uint32_t a, uint32_t b) { return var[a] > var[b]; });
   if (over.size() > kMaxOutliers) over.resize(kMaxOutliers);
   const uint32_t extra = uint32_t(std::ceil(0.5 * std::log2(var[over[0]] / median)));
   std::sort(over.begin(), over.end());
@@ -241,7 +207,7 @@ void FastLayouts(uint32_t r, uint32_t D, HeadPlan* hp) {
   for (uint32_t j = 0; j < r && D % 16 == 0; ++j)
     for (uint32_t d = 0; d < D; ++d) {
       hp->chunks[(uint64_t{d / 16} * 8 + j) * 16 + d % 16] = hp->basis[j * D + d];
-      hp->pairs[((uint64_t{d / 16} * 4 + j / 2) * 16 + d % 16) * 2 + j % 2] = hp->codes[j * D + d];
+      hp->pairs[PairSlot(d, j)] = hp->codes[j * D + d];
     }
   hp->masks.assign((D + 31) / 32, 0);
   for (uint32_t d : hp->outlier) hp->masks[d / 32] |= 1u << (d % 32);
@@ -295,7 +261,8 @@ bool LoadSample(const SegmentShape& shape, const RowKernels& rk, const uint16_t*
       const char* next = reinterpret_cast<const char*>(in + uint64_t{n + 1} * stride * HD);
       for (uint64_t b = 0; b < 2 * HD; b += 64) __builtin_prefetch(next + b);
     }
-    energy += rk.load(shape.dtype, in + uint64_t{n} * stride * HD, HD, &sp->raw[n * HD], sums.data());
+    energy +=
+        rk.load(shape.dtype, in + uint64_t{n} * stride * HD, HD, &sp->raw[n * HD], sums.data());
   }
   sp->energy = energy * shape.tokens / count;
   if (!std::isfinite(sp->energy)) return false;
@@ -409,7 +376,8 @@ double StepModel::Predicted(double mu) const {
     uint32_t from = 0;
     for (uint32_t b = 0; b <= cap && from < count; ++b) {  // Rows [from, to) take b planes.
       const uint32_t to =
-          b == cap ? count : uint32_t(std::lower_bound(ah + from, ah + count, tb.bit[b] * inv) - ah);
+          b == cap ? count
+                   : uint32_t(std::lower_bound(ah + from, ah + count, tb.bit[b] * inv) - ah);
       if (to > from) {
         e += (pr[to] - pr[from]) * kDistortion[b] +
              (po[to] - po[from]) * kDistortion[std::min(kMaxPlanes, b + extra)];
@@ -440,7 +408,8 @@ void MakeRowRule(const HeadPlan& hp, double mu, RowRule* rule) {
       rule->planes[k][p] = nreg ? float(tb.bit[p] * nreg / (mu * tb.weight[k])) : INFINITY;
     }
     rule->scale[p] = float(tb.scale[p] * hp.unit2 * nreg);
-    rule->outlier_scale[p] = v.outliers ? float(tb.scale[p] * hp.unit2 * v.outliers / (g * g)) : INFINITY;
+    rule->outlier_scale[p] =
+        v.outliers ? float(tb.scale[p] * hp.unit2 * v.outliers / (g * g)) : INFINITY;
   }
 }
 

@@ -53,7 +53,7 @@ struct HeadPlan {
   std::vector<uint32_t> outlier, masks;
   float unit = 1;
   double unit2 = 1;
-  double per_z = 0;  // Key segments: ClassOf's scale for this head.
+  double per_z = 0;             // Key segments: ClassOf's scale for this head.
   std::vector<ModelRow> model;  // The sample's rows, for the step search.
   RowHead view;
 };

@@ -1,7 +1,7 @@
 // The kvpool codec's payload mode 4 (kernels/kvpool_rows.cc): a hand-built payload, the
 // budget on random segments, the fast CPU path against the reference byte for byte and bit for
 // bit, odd shapes, token classes, and malformed payloads.
-#include <cpuid.h>
+#include "kernels/kvpool_rows.h"
 
 #include <cmath>
 #include <cstring>
@@ -14,7 +14,6 @@
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
 #include "kernels/kvpool.h"
-#include "kernels/kvpool_rows.h"
 #include "tests/kernels/kvpool_test_helpers.h"
 #include "tests/util/segment_shape.h"
 
@@ -51,9 +50,9 @@ std::string HandPayload(DType dt) {
   p += char(1);  // outliers
   p += char(1);  // E
   p += char(0);
-  PutF32(&p, 0.5f);    // unit
-  PutF32(&p, 0.25f);   // low-rank scale
-  p += char(2);        // width of direction 0
+  PutF32(&p, 0.5f);   // unit
+  PutF32(&p, 0.25f);  // low-rank scale
+  p += char(2);       // width of direction 0
   p += std::string(3, '\0');
   for (int d = 0; d < 8; ++d) {
     const uint16_t m = FromF(dt, 1.0f);
@@ -124,7 +123,8 @@ Pair EncodeBoth(const CodecParams& p, const SegmentShape& s, const std::vector<u
       EXPECT_EQ(ev, out.values) << "value payloads differ";
     }
   }
-  for (const auto& [enc, seg, orig] : {std::tuple{out.keys, ks, k}, std::tuple{out.values, vs, v}}) {
+  for (const auto& [enc, seg, orig] :
+       {std::tuple{out.keys, ks, k}, std::tuple{out.values, vs, v}}) {
     const std::vector<uint16_t> a = Decode(enc, seg, Path::kRef), b = Decode(enc, seg, Path::kCpu);
     EXPECT_EQ(a, b);
     EXPECT_LE(RelL2(seg, orig, a), p.budget * (seg.kind == SegmentKind::kKey ? 24 / 64.0 : 1.0));
@@ -158,8 +158,7 @@ TEST(KvpoolRows, FastPathIsTheReferenceAndTheBudgetHolds) {
 // the CPUs that can run them.
 TEST(KvpoolRows, BothAvx512DecodersAreTheReference) {
   if (!CpuHasAvx512()) GTEST_SKIP() << "no AVX-512";
-  unsigned a, b, c, d;
-  const bool vnni = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & bit_AVX512VNNI);
+  const bool vnni = CpuHasAvx512Vnni();
   std::mt19937_64 rng(21);
   int checked = 0;
   for (int n = 0; n < 24; ++n) {
@@ -172,7 +171,8 @@ TEST(KvpoolRows, BothAvx512DecodersAreTheReference) {
     std::vector<uint16_t> ref, out(s.Elements());
     ASSERT_TRUE(DecodePayload(s, p, Path::kRef, &ref).ok());
     in::ParsedRows parsed;
-    ASSERT_TRUE(in::ParseRows(s, reinterpret_cast<const uint8_t*>(p.data()), p.size(), &parsed).ok());
+    ASSERT_TRUE(
+        in::ParseRows(s, reinterpret_cast<const uint8_t*>(p.data()), p.size(), &parsed).ok());
     ASSERT_TRUE(in::DecodeRowsAvx512Base(s, parsed, out.data()));
     EXPECT_EQ(out, ref) << n;
     if (vnni) {
@@ -270,12 +270,14 @@ TEST(KvpoolRows, KeyClassesGoToTheValuesAndAttendedTokensGetMorePlanes) {
   std::mt19937_64 rng(9);
   SegmentShape s = Shape(128, 2, 64);
   std::vector<uint16_t> k = RandomSegment(s, 1, rng), v = RandomSegment(s, 1, rng);
-  for (uint32_t d = 0; d < 64; ++d) k[(40 * 2 + 1) * 64 + d] = FromF(s.dtype, 6.f);  // Token 40, head 1.
+  for (uint32_t d = 0; d < 64; ++d)
+    k[(40 * 2 + 1) * 64 + d] = FromF(s.dtype, 6.f);  // Token 40, head 1.
   const CodecParams p = *NormalizeParams(Params(0.2f));
   const std::string ek = Encode(p, s, k, Path::kCpu);
   const std::string pk = PayloadOf(ek);
   std::vector<uint8_t> classes;
-  ASSERT_TRUE(in::KeyClasses(s, {reinterpret_cast<const uint8_t*>(pk.data()), pk.size()}, &classes));
+  ASSERT_TRUE(
+      in::KeyClasses(s, {reinterpret_cast<const uint8_t*>(pk.data()), pk.size()}, &classes));
   ASSERT_EQ(classes.size(), 256u);
   EXPECT_EQ(classes[40 * 2 + 1], 15);
   EXPECT_LT(classes[40 * 2], 6);
@@ -283,7 +285,8 @@ TEST(KvpoolRows, KeyClassesGoToTheValuesAndAttendedTokensGetMorePlanes) {
   const std::string with = PayloadOf(Encode(p, s, v, Path::kCpu, k, ek));
   const std::string without = PayloadOf(Encode(p, s, v, Path::kCpu));
   in::ParsedRows a, b;
-  ASSERT_TRUE(in::ParseRows(s, reinterpret_cast<const uint8_t*>(with.data()), with.size(), &a).ok());
+  ASSERT_TRUE(
+      in::ParseRows(s, reinterpret_cast<const uint8_t*>(with.data()), with.size(), &a).ok());
   ASSERT_TRUE(
       in::ParseRows(s, reinterpret_cast<const uint8_t*>(without.data()), without.size(), &b).ok());
   EXPECT_EQ(a.classes, nullptr);  // Values carry no class map.
@@ -305,7 +308,8 @@ TEST(KvpoolRows, MalformedFieldsAreDataLoss) {
   const std::string good = ValidPayload(&s);
   ASSERT_EQ(uint8_t(good[0]), in::kModeRows);
   in::ParsedRows parsed;
-  ASSERT_TRUE(in::ParseRows(s, reinterpret_cast<const uint8_t*>(good.data()), good.size(), &parsed).ok());
+  ASSERT_TRUE(
+      in::ParseRows(s, reinterpret_cast<const uint8_t*>(good.data()), good.size(), &parsed).ok());
   ASSERT_GT(parsed.heads[0].rank, 0u);
   ASSERT_GT(parsed.heads[0].outliers, 0u);
   const uint64_t head = in::kHeaderBytes;
@@ -341,7 +345,8 @@ TEST(KvpoolRows, MalformedFieldsAreDataLoss) {
     }
   }
   // Outlier channels out of order, a row with 16 planes, padding bits set.
-  const uint64_t outliers = uint64_t(parsed.outliers - reinterpret_cast<const uint8_t*>(good.data()));
+  const uint64_t outliers =
+      uint64_t(parsed.outliers - reinterpret_cast<const uint8_t*>(good.data()));
   const uint64_t metas = uint64_t(parsed.metas - reinterpret_cast<const uint8_t*>(good.data()));
   const uint64_t last = good.size() - 1;  // The last coefficient plane's byte of tokens 32-36.
   std::vector<std::string> more = {patched(outliers, std::string("\x40\x00", 2)),
@@ -374,7 +379,8 @@ TEST(KvpoolRows, RandomCorruptionNeverCrashesAndPathsAgree) {
         for (int i = 0; i < 8; ++i) p[rng() % p.size()] = char(rng());
     }
     std::vector<uint16_t> a, b;
-    const absl::Status sa = DecodePayload(s, p, Path::kRef, &a), sb = DecodePayload(s, p, Path::kCpu, &b);
+    const absl::Status sa = DecodePayload(s, p, Path::kRef, &a),
+                       sb = DecodePayload(s, p, Path::kCpu, &b);
     ASSERT_EQ(sa.code(), sb.code()) << n;
     if (sa.ok()) {
       ASSERT_EQ(a, b) << n;
