@@ -168,17 +168,47 @@ KVPOOL_AVX512 inline void ProjectCore(const RowHead& hd, const uint16_t* const* 
   }
 }
 
+// A row's planes p < b (b <= 8) from its codes' low bytes (`bytes`, bit p of channel d's
+// code: bit p of bytes[d]; the shift 8 for the high bytes' planes 8 .. b - 1), 64 channels at a
+// time: the bytes reversed within each qword, a GF(2) affine map that transposes each 8x8 bit
+// block (byte i of qword j: bit i of channels 8j .. 8j + 7) and a byte transpose (qword i:
+// plane i of the 64 channels).
+KVPOOL_AVX512 inline void BytePlanes(const uint8_t* bytes, uint32_t D, uint32_t from, uint32_t to,
+                                     uint8_t* out) {
+  const __m512i reverse =
+      _mm512_set_epi8(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                      14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4,
+                      5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i select = _mm512_set1_epi64(int64_t(0x8040201008040201ull));
+  const __m512i transpose = _mm512_set_epi8(
+      63, 55, 47, 39, 31, 23, 15, 7, 62, 54, 46, 38, 30, 22, 14, 6, 61, 53, 45, 37, 29, 21, 13, 5,
+      60, 52, 44, 36, 28, 20, 12, 4, 59, 51, 43, 35, 27, 19, 11, 3, 58, 50, 42, 34, 26, 18, 10, 2,
+      57, 49, 41, 33, 25, 17, 9, 1, 56, 48, 40, 32, 24, 16, 8, 0);
+  const uint32_t pb = D / 8;
+  for (uint32_t g = 0; g < D; g += 64) {
+    const __m512i x = _mm512_shuffle_epi8(_mm512_load_si512(bytes + g), reverse);
+    const __m512i t =
+        _mm512_permutexvar_epi8(transpose, _mm512_gf2p8affine_epi64_epi8(select, x, 0));
+    alignas(64) uint64_t planes[8];
+    _mm512_store_si512(planes, t);
+    const uint32_t n = std::min(8u, (D - g) / 8);  // Bytes of each plane from these channels.
+    for (uint32_t p = from; p < to; ++p) std::memcpy(out + p * pb + g / 8, &planes[p - from], n);
+  }
+}
+
 // Quantises N projected rows (RowKernels::encode's quantisation) from their floats
 // xf[r * kMaxDim ..] and predictions zf[r * kMaxDim ..], row r with meta[r] and half step hs[r],
 // its planes at out[r]; err[r] its squared error. Vectors without outlier channels
 // take a shorter path, and in rows without planes only the prediction's rounding is measured
 // (n = 0: y = to_dtype(fma(hs, 0, z)), whose error equals to_dtype(z)'s, -0 and +0 alike).
+// The codes' bytes go to a buffer from which BytePlanes takes the regular planes.
 template <bool kBf16, uint32_t N>
 KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const float* zf,
                                        const uint8_t* meta, const float* hs, uint8_t* const* out,
                                        float* err_out) {
   const uint32_t D = hd.D, nv = D / 16;
-  uint32_t b[N], bo[N], word[N][kMaxPlanes] = {}, extra[N][kMaxPlanes] = {}, seen = 0;
+  uint32_t b[N], bo[N], extra[N][kMaxPlanes] = {}, seen = 0;
+  alignas(64) uint8_t low[N][kMaxDim], high[N][kMaxDim];
   __m512 vinv[N], vhs[N], half_r[N], top_r[N], half_o[N], top_o[N], err[N];
   const __m512 two = _mm512_set1_ps(2.f), zero = _mm512_setzero_ps();
 #pragma GCC unroll 2
@@ -209,7 +239,7 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
         const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, zv), vinv[r]),
                                               _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
         u = _mm512_min_ps(top_r[r], _mm512_max_ps(zero, _mm512_add_ps(q, half_r[r])));
-        const __m512 n = _mm512_sub_ps(_mm512_mul_ps(two, u), top_r[r]);
+        const __m512 n = _mm512_fmsub_ps(two, u, top_r[r]);  // 2u is exact: one rounding.
         const __m512 e = _mm512_sub_ps(RoundTrip<kBf16>(_mm512_fmadd_ps(vhs[r], n, zv)), v);
         err[r] = _mm512_fmadd_ps(e, e, err[r]);
       } else {
@@ -219,14 +249,15 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
         const __m512 top = _mm512_mask_blend_ps(om, top_r[r], top_o[r]);
         u = _mm512_add_ps(q, _mm512_mask_blend_ps(om, half_r[r], half_o[r]));
         u = _mm512_maskz_mov_ps(active, _mm512_min_ps(top, _mm512_max_ps(zero, u)));
-        const __m512 n = _mm512_maskz_sub_ps(active, _mm512_mul_ps(two, u), top);
+        const __m512 n = _mm512_maskz_fmsub_ps(active, two, u, top);
         const __m512 e = _mm512_sub_ps(RoundTrip<kBf16>(_mm512_fmadd_ps(vhs[r], n, zv)), v);
         err[r] = _mm512_fmadd_ps(e, e, err[r]);
       }
       const __m512i ui = _mm512_cvtps_epi32(u);
-      const uint32_t shift = 16 * (k & 1);
-      for (uint32_t p = 0; p < b[r]; ++p) {
-        word[r][p] |= uint32_t(_mm512_test_epi32_mask(ui, _mm512_set1_epi32(1 << p))) << shift;
+      _mm_store_si128(reinterpret_cast<__m128i*>(low[r] + 16 * k), _mm512_cvtepi32_epi8(ui));
+      if (b[r] > 8) {
+        _mm_store_si128(reinterpret_cast<__m128i*>(high[r] + 16 * k),
+                        _mm512_cvtepi32_epi8(_mm512_srli_epi32(ui, 8)));
       }
       if (om != 0) {
         for (uint32_t p = 0; p < hd.extra; ++p) {
@@ -236,19 +267,12 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
         }
       }
     }
-    if (k & 1) {  // A 32-bit word of each plane is complete.
-#pragma GCC unroll 2
-      for (uint32_t r = 0; r < N; ++r) {
-        for (uint32_t p = 0; p < b[r]; ++p) {
-          std::memcpy(out[r] + p * (D / 8) + 4 * (k / 2), &word[r][p], 4);
-          word[r][p] = 0;
-        }
-      }
-    }
     seen += uint32_t(__builtin_popcount(om));
   }
 #pragma GCC unroll 2
   for (uint32_t r = 0; r < N; ++r) {
+    if (b[r] > 0) BytePlanes(low[r], D, 0, std::min(8u, b[r]), out[r]);
+    if (b[r] > 8) BytePlanes(high[r], D, 8, b[r], out[r]);
     if (hd.outliers) {
       const uint64_t ob = PlaneBytes(hd.outliers);
       for (uint32_t p = 0; p < hd.extra; ++p) {
