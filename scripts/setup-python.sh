@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the Python virtual environment used by tests/python (a gRPC client that no one in
-# the project wrote) and install its packages. Idempotent: when the venv exists and the
-# packages import, it changes nothing and prints one line.
+# the project wrote; the codecs' figures) and scripts/plot-codecs.py (matplotlib), and install
+# its packages. Idempotent: when the venv exists and the packages import, it changes nothing
+# and prints one line.
 #
 #   scripts/setup-python.sh            # venv at build/venv (relative to the repo root)
 #   KVPOOL_VENV=/tmp/v scripts/setup-python.sh
@@ -25,8 +26,9 @@ packages=(
   "grpcio-tools${grpc_spec}"
   "grpcio-health-checking${grpc_spec}"
   "grpcio-reflection${grpc_spec}"
+  "matplotlib>=3.7,<4"
 )
-import_check='import grpc, grpc_tools.protoc, grpc_health.v1.health_pb2_grpc, grpc_reflection.v1alpha.reflection_pb2_grpc'
+import_check='import grpc, grpc_tools.protoc, grpc_health.v1.health_pb2_grpc, grpc_reflection.v1alpha.reflection_pb2_grpc, matplotlib'
 
 fail() {
   echo "setup-python: $*" >&2
@@ -72,7 +74,7 @@ if ! venv_ok; then
 fi
 
 if [[ $created -eq 0 ]] && "$venv/bin/python" -c "$import_check" >/dev/null 2>&1; then
-  echo "setup-python: venv $venv already has grpcio, grpcio-tools, grpcio-health-checking, grpcio-reflection"
+  echo "setup-python: venv $venv already has grpcio, grpcio-tools, grpcio-health-checking, grpcio-reflection, matplotlib"
   exit 0
 fi
 
@@ -84,7 +86,7 @@ fi
 
 version="$("$venv/bin/python" -c 'import grpc; print(grpc.__version__)')"
 if [[ $created -eq 1 ]]; then
-  echo "setup-python: created venv $venv and installed grpcio $version with tools, health-checking, reflection"
+  echo "setup-python: created venv $venv and installed grpcio $version with tools, health-checking, reflection, and matplotlib"
 else
-  echo "setup-python: installed grpcio $version with tools, health-checking, reflection into venv $venv"
+  echo "setup-python: installed grpcio $version with tools, health-checking, reflection, and matplotlib into venv $venv"
 fi
