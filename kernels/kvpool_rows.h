@@ -205,6 +205,10 @@ struct RowStats {
 // half step (the encoder's per-row decision, between projecting and quantising).
 using ChooseFn = uint8_t (*)(void* ctx, uint32_t i, const RowStats& stats, float* hs);
 
+// Planes' worth of room past a row's start that RowKernels::encode may write (whole groups of
+// eight planes, stored without branching on the row's b).
+inline constexpr uint32_t kRowStoreRoom = 16;
+
 // The encoder's inner loops: the reference's are plain loops (kvpool_rows.cc), the AVX-512
 // ones compute the same operations in the same order, so both write the same payload.
 struct RowKernels {
@@ -219,6 +223,8 @@ struct RowKernels {
   //     2^n - 1) with n = b (regular) or b + E (outlier channels), decoded
   //     y = to_dtype(fma(hs, 2u - (2^n - 1), z)); the row's planes into `out` (row 1's right
   //     after row 0's), its squared error Tree16 of 16 lanes of fma(y - x, y - x, .) into err[i].
+  //     It may write scratch bytes past a row's own, up to kRowStoreRoom planes of ceil(D / 8)
+  //     bytes from the row's start, which `out` must hold; what follows overwrites them.
   // False when an energy is not finite (an element not finite, or too large to square); then
   // nothing else is defined.
   bool (*encode)(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t rows,

@@ -168,13 +168,10 @@ KVPOOL_AVX512 inline void ProjectCore(const RowHead& hd, const uint16_t* const* 
   }
 }
 
-// A row's planes p < b (b <= 8) from its codes' low bytes (`bytes`, bit p of channel d's
-// code: bit p of bytes[d]; the shift 8 for the high bytes' planes 8 .. b - 1), 64 channels at a
-// time: the bytes reversed within each qword, a GF(2) affine map that transposes each 8x8 bit
-// block (byte i of qword j: bit i of channels 8j .. 8j + 7) and a byte transpose (qword i:
-// plane i of the 64 channels).
-KVPOOL_AVX512 inline void BytePlanes(const uint8_t* bytes, uint32_t D, uint32_t from, uint32_t to,
-                                     uint8_t* out) {
+// The eight bit planes of 64 bytes (bit p of byte d), qword p holding plane p (bit d: bit p of
+// byte d): the bytes reversed within each qword, a GF(2) affine map that transposes each 8x8 bit
+// block (byte i of qword j: bit i of bytes 8j .. 8j + 7) and a byte transpose.
+KVPOOL_AVX512 inline __m512i PlanesOf64(const uint8_t* bytes) {
   const __m512i reverse =
       _mm512_set_epi8(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
                       14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4,
@@ -184,15 +181,33 @@ KVPOOL_AVX512 inline void BytePlanes(const uint8_t* bytes, uint32_t D, uint32_t 
       63, 55, 47, 39, 31, 23, 15, 7, 62, 54, 46, 38, 30, 22, 14, 6, 61, 53, 45, 37, 29, 21, 13, 5,
       60, 52, 44, 36, 28, 20, 12, 4, 59, 51, 43, 35, 27, 19, 11, 3, 58, 50, 42, 34, 26, 18, 10, 2,
       57, 49, 41, 33, 25, 17, 9, 1, 56, 48, 40, 32, 24, 16, 8, 0);
+  const __m512i x = _mm512_shuffle_epi8(_mm512_load_si512(bytes), reverse);
+  return _mm512_permutexvar_epi8(transpose, _mm512_gf2p8affine_epi64_epi8(select, x, 0));
+}
+
+// A row's planes from .. from + 7 from its codes' bytes (`bytes`, channel d's code's low byte
+// for planes 0 .. 7, its high byte for planes 8 .. 15), 64 channels at a time. All eight planes
+// are stored whatever the row's b, so that the stores do not branch on it: those past the row's
+// own are overwritten by what follows (RowKernels::encode's kRowStoreRoom).
+KVPOOL_AVX512 inline void BytePlanes(const uint8_t* bytes, uint32_t D, uint32_t from,
+                                     uint8_t* out) {
   const uint32_t pb = D / 8;
-  for (uint32_t g = 0; g < D; g += 64) {
-    const __m512i x = _mm512_shuffle_epi8(_mm512_load_si512(bytes + g), reverse);
-    const __m512i t =
-        _mm512_permutexvar_epi8(transpose, _mm512_gf2p8affine_epi64_epi8(select, x, 0));
-    alignas(64) uint64_t planes[8];
-    _mm512_store_si512(planes, t);
-    const uint32_t n = std::min(8u, (D - g) / 8);  // Bytes of each plane from these channels.
-    for (uint32_t p = from; p < to; ++p) std::memcpy(out + p * pb + g / 8, &planes[p - from], n);
+  uint8_t* dst = out + from * pb;
+  if (D == 64) {  // Plane p: qword p.
+    _mm512_storeu_si512(dst, PlanesOf64(bytes));
+  } else if (D == 128) {  // Plane p: qword p of channels 0 .. 63, then of 64 .. 127.
+    const __m512i a = PlanesOf64(bytes), b = PlanesOf64(bytes + 64);
+    _mm512_storeu_si512(
+        dst, _mm512_permutex2var_epi64(a, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), b));
+    _mm512_storeu_si512(
+        dst + 64, _mm512_permutex2var_epi64(a, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), b));
+  } else {
+    for (uint32_t g = 0; g < D; g += 64) {
+      alignas(64) uint64_t q[8];
+      _mm512_store_si512(q, PlanesOf64(bytes + g));
+      const uint32_t n = std::min(8u, (D - g) / 8);  // Bytes of each plane from these channels.
+      for (uint32_t p = 0; p < 8; ++p) std::memcpy(dst + p * pb + g / 8, &q[p], n);
+    }
   }
 }
 
@@ -271,8 +286,8 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
   }
 #pragma GCC unroll 2
   for (uint32_t r = 0; r < N; ++r) {
-    if (b[r] > 0) BytePlanes(low[r], D, 0, std::min(8u, b[r]), out[r]);
-    if (b[r] > 8) BytePlanes(high[r], D, 8, b[r], out[r]);
+    if (b[r] > 0) BytePlanes(low[r], D, 0, out[r]);
+    if (b[r] > 8) BytePlanes(high[r], D, 8, out[r]);
     if (hd.outliers) {
       const uint64_t ob = PlaneBytes(hd.outliers);
       for (uint32_t p = 0; p < hd.extra; ++p) {

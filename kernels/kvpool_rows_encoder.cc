@@ -240,7 +240,7 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
   const StepModel model(s.heads, double(T) / count);
   double mu = model.Solve(kRowsAim * allowed_estimate);
   const Layout l = PayloadLayout(shape, s.heads, key_classes);
-  s.buffer.resize(l.bound);
+  s.buffer.resize(l.bound + uint64_t{kRowStoreRoom} * PlaneBytes(shape.head_dim));
   uint8_t* dst = s.buffer.data();
   WriteFixedSections(shape, s, key_classes, l, dst);
   uint64_t size = 0;
