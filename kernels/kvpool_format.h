@@ -231,9 +231,13 @@ absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecPara
 
 // Token class of a squared distance from the head's mean key, given per_z =
 // 2 * kTokenWeighting / ln 2 * tokens / (sum of the head's squared distances).
+// Clamped first (a NaN to the top class too), then rounded to nearest even by adding and
+// subtracting 1.5 * 2^52: nearbyint's result without its library call (a baseline x86-64 build
+// calls nearbyint, which saves and restores the floating-point environment) or a branch.
 inline uint8_t ClassOf(double dist, double per_z) {
-  const double k = __builtin_nearbyint(dist * per_z);
-  return uint8_t(k < kClasses - 1 ? k : kClasses - 1);
+  const double x = dist * per_z, top = kClasses - 1;
+  const double z = x < top ? x : top;
+  return uint8_t((z + 0x1.8p52) - 0x1.8p52);
 }
 
 // The fast profile's inner loops (kvpool_fast.cc defines them; the fast CPU path computes the
