@@ -42,10 +42,17 @@ KVPOOL_ROWS_TARGET inline __m512i PairDot(__m512i acc, __m512i a, __m512i b) {
 #endif
 }
 
-// Up to 32 bits of a bit plane of `bytes` bytes, starting at bit 8 * byte (zero beyond it).
+// Up to 32 bits of a bit plane of `bytes` bytes, starting at bit 8 * byte (zero beyond it). A
+// plane's last bytes are put together in a register: copied to memory byte by byte and read back
+// as a word, they stalled on store forwarding (a tenth of the decode).
 inline uint32_t Bits32(const uint8_t* plane, uint64_t bytes, uint64_t byte) {
+  if (byte + 4 <= bytes) {
+    uint32_t v;
+    std::memcpy(&v, plane + byte, 4);
+    return v;
+  }
   uint32_t v = 0;
-  if (byte < bytes) std::memcpy(&v, plane + byte, std::min<uint64_t>(4, bytes - byte));
+  for (uint64_t i = byte; i < bytes; ++i) v |= uint32_t(plane[i]) << (8 * (i - byte));
   return v;
 }
 
