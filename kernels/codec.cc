@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -126,10 +128,27 @@ bool EncoderWritesEveryByte(const CodecParams& params) {
          IsKvpoolFastProfile(params) || IsKvpoolRowsMode(params);
 }
 
+namespace {
+
+// KVPOOL_MAX_ISA's cap: 2 (no limit, also when unset), 1 (avx2: no AVX-512), 0 (sse2: neither).
+int MaxIsa() {
+  static const int level = [] {
+    const char* v = std::getenv("KVPOOL_MAX_ISA");
+    if (v == nullptr || *v == 0 || std::strcmp(v, "avx512") == 0) return 2;
+    if (std::strcmp(v, "avx2") == 0) return 1;
+    if (std::strcmp(v, "sse2") == 0) return 0;
+    std::fprintf(stderr, "kvpool: ignoring KVPOOL_MAX_ISA=%s (avx512, avx2 or sse2)\n", v);
+    return 2;
+  }();
+  return level;
+}
+
+}  // namespace
+
 bool CpuHasAvx2() {
   static const bool has = [] {
     unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    if (MaxIsa() < 1 || !__get_cpuid(1, &a, &b, &c, &d)) return false;
     const bool fma = c & bit_FMA, f16c = c & bit_F16C, osxsave = c & bit_OSXSAVE;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     return fma && f16c && osxsave && (b & bit_AVX2);
@@ -140,7 +159,7 @@ bool CpuHasAvx2() {
 bool CpuHasAvx512() {
   static const bool has = [] {
     unsigned a, b, c, d;
-    if (!CpuHasAvx2() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (MaxIsa() < 2 || !CpuHasAvx2() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     const bool isa = (b & bit_AVX512F) && (b & bit_AVX512BW) && (b & bit_AVX512VL) &&
                      (b & bit_AVX512DQ) && (b & bit_BMI2) && (c & bit_AVX512VBMI) && (c & bit_GFNI);
     if (!isa || !__get_cpuid(0x80000001, &a, &b, &c, &d) || !(c & bit_LZCNT)) return false;

@@ -154,6 +154,10 @@ bool EncoderDetectsNonFinite(const CodecParams& params);
 // into zeroed bytes). tests/kernels/codec_test.cc checks it against buffers of garbage.
 bool EncoderWritesEveryByte(const CodecParams& params);
 
+// The environment variable KVPOOL_MAX_ISA caps what the next three report, read once per
+// process: avx2 (no AVX-512), sse2 (neither AVX2 nor AVX-512) or avx512 (no cap, as unset), so
+// that a CPU with more runs the paths of one with less (tests, benchmarks, a suspect kernel).
+
 // True when the CPU has AVX2, FMA and F16C (the fast CPU paths use them).
 bool CpuHasAvx2();
 

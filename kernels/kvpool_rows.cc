@@ -291,7 +291,9 @@ absl::Status DecodeRows(const SegmentShape& shape, const uint8_t* payload, uint6
   thread_local ParsedRows parsed;
   absl::Status s = ParseRows(shape, payload, size, &parsed);
   if (!s.ok()) return s;
-  if (!fast || !DecodeRowsAvx512(shape, parsed, out)) DecodeRowsRef(shape, parsed, out);
+  if (!fast || !(DecodeRowsAvx512(shape, parsed, out) || DecodeRowsAvx2(shape, parsed, out))) {
+    DecodeRowsRef(shape, parsed, out);
+  }
   return absl::OkStatus();
 }
 

@@ -158,7 +158,7 @@ void DecodeRowCoefficients(const SegmentShape& shape, const ParsedRows& parsed, 
 // Decodes a parsed mode 4 payload with plain loops (the definition).
 void DecodeRowsRef(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
 // Parses a mode 4 payload and decodes it: with AVX-512 where DecodeRowsAvx512 qualifies, else
-// DecodeRowsRef (`fast` false: always DecodeRowsRef).
+// with AVX2 where DecodeRowsAvx2 does, else DecodeRowsRef (`fast` false: always DecodeRowsRef).
 absl::Status DecodeRows(const SegmentShape& shape, const uint8_t* payload, uint64_t size, bool fast,
                         uint16_t* out);
 // Decodes a parsed mode 4 payload with AVX-512 (bit-identical); false (nothing written) when the
@@ -167,6 +167,10 @@ absl::Status DecodeRows(const SegmentShape& shape, const uint8_t* payload, uint6
 bool DecodeRowsAvx512(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
 bool DecodeRowsAvx512Base(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
 bool DecodeRowsAvx512Vnni(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
+// The same with AVX2, FMA and F16C (kvpool_rows_decode_avx2.cc), for CPUs without AVX-512;
+// false (nothing written) when the CPU or the shape does not qualify (head_dim a multiple of 32,
+// at most 512).
+bool DecodeRowsAvx2(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
 
 // ---- The encoder --------------------------------------------------------------------------
 

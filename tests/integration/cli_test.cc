@@ -189,6 +189,36 @@ TEST_F(CliTest, CodecEncodeDecodeEval) {
   EXPECT_THAT(out, HasSubstr("attn_err"));
 }
 
+// KVPOOL_MAX_ISA=avx2 / sse2 make this CPU run the AVX2 and the reference paths of every codec:
+// codec eval (which encodes and decodes every segment) gives the same figures to the last digit,
+// as every path writes and decodes the same bytes; an unknown value is named and ignored.
+TEST_F(CliTest, IsaCapGivesTheSameCodecResults) {
+  std::string out;
+  ASSERT_EQ(Kvpool({"gen", "--out", P("kv.npy"), "--layers=2", "--kv-heads=2", "--head-dim=64",
+                    "--tokens=256", "--seed=4"},
+                   &out),
+            0)
+      << out;
+  const std::vector<std::string> eval = {testing::KvpoolCliPath(), "codec", "eval", "--in",
+                                         P("kv.npy"), "--json", "--budgets=0.02,0.2"};
+  const auto run = [&](const std::string& isa) {
+    std::vector<std::string> argv = {"/usr/bin/env", "KVPOOL_MAX_ISA=" + isa};
+    argv.insert(argv.end(), eval.begin(), eval.end());
+    std::string text;
+    auto code = RunCommand(argv, absl::Seconds(120), &text);
+    EXPECT_THAT(code, IsOk());
+    EXPECT_EQ(code.ok() ? *code : -1, 0) << isa << ": " << text;
+    return text;
+  };
+  const std::string all = run("avx512");
+  EXPECT_THAT(all, HasSubstr("\"name\": \"kvpool e=0.2\""));
+  EXPECT_EQ(run("avx2"), all);
+  EXPECT_EQ(run("sse2"), all);
+  const std::string bogus = run("avx1024");
+  EXPECT_THAT(bogus, HasSubstr("ignoring KVPOOL_MAX_ISA=avx1024 (avx512, avx2 or sse2)"));
+  EXPECT_THAT(bogus, HasSubstr(all));
+}
+
 TEST_F(CliTest, FailuresExitNonZeroWithOneLine) {
   std::string out;
   ASSERT_EQ(Kvpool({"gen", "--out", P("kv.npy"), "--token-ids", P("ids.npy"), "--tokens=40"},

@@ -185,6 +185,57 @@ TEST(KvpoolRows, BothAvx512DecodersAreTheReference) {
   EXPECT_GT(checked, 16);
 }
 
+// The AVX2 decoder (CPUs without AVX-512) gives the reference's values: both dtypes, head_dim
+// 32 to 256, rows with no planes and with more than 8, heads with and without a low-rank part
+// and outlier channels (counted, so that the data keeps covering them); other shapes it
+// declines.
+TEST(KvpoolRows, Avx2DecoderIsTheReference) {
+  if (!CpuHasAvx2()) GTEST_SKIP() << "no AVX2";
+  std::mt19937_64 rng(31);
+  const float budgets[] = {0.003f, 0.02f, 0.1f, 0.5f};
+  const uint32_t dims[] = {32, 64, 96, 128, 256};
+  const uint32_t tokens[] = {1, 17, 64, 130};
+  int checked = 0, no_planes = 0, wide = 0, outliers = 0, low_rank = 0;
+  for (int n = 0; n < 64; ++n) {
+    const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
+    const SegmentShape s = Shape(tokens[n % 4], 1 + rng() % 3, dims[rng() % 5], dt,
+                                 n % 3 ? SegmentKind::kKey : SegmentKind::kValue);
+    const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 6), rng);
+    const std::string p = PayloadOf(Encode(*NormalizeParams(Params(budgets[rng() % 4])), s, v));
+    if (uint8_t(p[0]) != in::kModeRows) continue;
+    std::vector<uint16_t> ref, out(s.Elements(), 0);
+    ASSERT_TRUE(DecodePayload(s, p, Path::kRef, &ref).ok());
+    in::ParsedRows parsed;
+    ASSERT_TRUE(
+        in::ParseRows(s, reinterpret_cast<const uint8_t*>(p.data()), p.size(), &parsed).ok());
+    ASSERT_TRUE(in::DecodeRowsAvx2(s, parsed, out.data()));
+    EXPECT_EQ(out, ref) << n;
+    for (uint64_t i = 0; i < uint64_t{s.tokens} * s.kv_heads; ++i) {
+      no_planes += (parsed.metas[i] & 15) == 0;
+      wide += (parsed.metas[i] & 15) > 8;
+    }
+    for (const in::ParsedRows::Head& hd : parsed.heads) {
+      outliers += hd.outliers > 0 && hd.extra > 0;
+      low_rank += hd.rank > 0;
+    }
+    ++checked;
+  }
+  EXPECT_GT(checked, 30);
+  EXPECT_GT(no_planes, 0);
+  EXPECT_GT(wide, 0);
+  EXPECT_GT(outliers, 0);
+  EXPECT_GT(low_rank, 0);
+  const SegmentShape odd = Shape(64, 1, 48, DType::kFp16);  // head_dim not a multiple of 32
+  const std::vector<uint16_t> v = RandomSegment(odd, 2, rng);
+  const std::string p = PayloadOf(Encode(*NormalizeParams(Params(0.05f)), odd, v));
+  ASSERT_EQ(uint8_t(p[0]), in::kModeRows);
+  in::ParsedRows parsed;
+  ASSERT_TRUE(
+      in::ParseRows(odd, reinterpret_cast<const uint8_t*>(p.data()), p.size(), &parsed).ok());
+  std::vector<uint16_t> out(odd.Elements());
+  EXPECT_FALSE(in::DecodeRowsAvx2(odd, parsed, out.data()));
+}
+
 TEST(KvpoolRows, OddShapesTakeTheReferenceKernelsAndHoldTheBudget) {
   std::mt19937_64 rng(5);
   const uint32_t dims[] = {1, 3, 8, 12, 33, 48};
