@@ -377,6 +377,7 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
   }
   if (IsKvpoolRowsMode(params)) {
     const internal::RowKernels* rows = internal::RowKernelsAvx512(shape.head_dim);
+    if (rows == nullptr) rows = internal::RowKernelsAvx2(shape.head_dim);
     return internal::EncodeRows(shape, params, in, keys, internal::FastCpuKernels(),
                                 rows ? *rows : internal::RowKernelsRef(), out, capacity);
   }

@@ -258,6 +258,9 @@ inline uint64_t RowBytesOf(const RowHead& hd, uint8_t meta) {
 }
 // The AVX-512 kernels when the CPU has them and head_dim is a multiple of 32, else null.
 const RowKernels* RowKernelsAvx512(uint32_t head_dim);
+// The AVX2 kernels (kvpool_rows_avx2.cc) when the CPU has AVX2, FMA and F16C and head_dim is a
+// multiple of 32, else null: for CPUs without AVX-512.
+const RowKernels* RowKernelsAvx2(uint32_t head_dim);
 
 // The encoder of mode 4 (kvpool_rows_encoder.cc): `fast` for a value segment's token classes
 // from its keys' elements (when their payload does not carry them), `rows` for everything

@@ -236,6 +236,61 @@ TEST(KvpoolRows, Avx2DecoderIsTheReference) {
   EXPECT_FALSE(in::DecodeRowsAvx2(odd, parsed, out.data()));
 }
 
+// The AVX2 encoder kernels (CPUs without AVX-512) write the reference kernels' payloads byte for
+// byte: keys, and values with their keys' payload, over both dtypes, head_dim 32 to 256 (their
+// sample's Gram products of any length), budgets from more than 8 planes a row to none.
+TEST(KvpoolRows, Avx2EncoderIsTheReference) {
+  const in::RowKernels* avx2 = in::RowKernelsAvx2(128);
+  if (avx2 == nullptr) GTEST_SKIP() << "no AVX2";
+  EXPECT_EQ(in::RowKernelsAvx2(48), nullptr);  // head_dim not a multiple of 32
+  std::mt19937_64 rng(41);
+  const float budgets[] = {0.003f, 0.02f, 0.1f, 0.3f, 0.6f};
+  const uint32_t dims[] = {32, 64, 96, 128, 256};
+  const uint32_t tokens[] = {1, 16, 17, 64, 200, 256};
+  int coded = 0, wide = 0;
+  for (int n = 0; n < 40; ++n) {
+    const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
+    SegmentShape s = Shape(tokens[rng() % 6], 1 + rng() % 3, dims[rng() % 5], dt);
+    const CodecParams p = *NormalizeParams(Params(budgets[rng() % 5]));
+    const int type = int(rng() % 6);
+    const std::vector<uint16_t> k = RandomSegment(s, type == 1 ? 1 : 5, rng);
+    const std::vector<uint16_t> v = RandomSegment(s, type, rng);
+    std::string key_payload;
+    for (int kind = 0; kind < 2; ++kind) {
+      s.kind = kind ? SegmentKind::kValue : SegmentKind::kKey;
+      const std::vector<uint16_t>& x = kind ? v : k;
+      kernels::LayerKeys keys;
+      if (kind) {
+        keys.elements = k.data();
+        keys.payload = {reinterpret_cast<const uint8_t*>(key_payload.data()), key_payload.size()};
+      }
+      std::string out[2];
+      for (int path = 0; path < 2; ++path) {
+        out[path].resize(2 * s.Bytes() + 4096);
+        auto size = in::EncodeRows(s, p, x.data(), keys, in::FastRefKernels(),
+                                   path ? *avx2 : in::RowKernelsRef(),
+                                   reinterpret_cast<uint8_t*>(out[path].data()), out[path].size());
+        ASSERT_TRUE(size.ok()) << size.status();
+        out[path].resize(*size);
+      }
+      EXPECT_EQ(out[1], out[0]) << "segment " << n << " kind " << kind;
+      if (uint8_t(out[0][0]) == in::kModeRows) {
+        ++coded;
+        in::ParsedRows parsed;
+        ASSERT_TRUE(in::ParseRows(s, reinterpret_cast<const uint8_t*>(out[0].data()),
+                                  out[0].size(), &parsed)
+                        .ok());
+        for (uint64_t i = 0; i < uint64_t{s.tokens} * s.kv_heads; ++i) {
+          wide += (parsed.metas[i] & 15) > 8;
+        }
+      }
+      if (!kind) key_payload = out[0];
+    }
+  }
+  EXPECT_GT(coded, 40);
+  EXPECT_GT(wide, 0);
+}
+
 TEST(KvpoolRows, OddShapesTakeTheReferenceKernelsAndHoldTheBudget) {
   std::mt19937_64 rng(5);
   const uint32_t dims[] = {1, 3, 8, 12, 33, 48};

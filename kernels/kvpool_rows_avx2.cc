@@ -1,0 +1,346 @@
+// The kvpool codec's payload mode 4 encoder kernels (RowKernels) on AVX2 with FMA and F16C, for
+// CPUs without the AVX-512 of kvpool_rows_avx512.cc; head_dim a multiple of 32 up to
+// kMaxDim. Float operations are the reference's in its order (kvpool_rows.cc): a sum over 16
+// lanes d mod 16 is two 8-lane vectors, lanes 0-7 and 8-15 of each 16 channels, combined by
+// Tree16's additions in Tree16's order, so the payloads are the reference's, byte for byte.
+// A row's 32 channels are one 32-bit word of each plane: its codes packed to bytes, plane p is
+// the bytes' bit p moved to the top (a 16-bit shift) and gathered by vpmovmskb.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/kvpool_rows.h"
+#include "kernels/simd_avx2.h"
+
+namespace kvpool::kernels::kvpool::internal {
+namespace {
+
+constexpr uint32_t kMaxDim = 512;  // Widest head these kernels take (stack buffers).
+
+using simd::Load8;
+
+// Tree16 of lanes 0-7 (lo) and 8-15 (hi): l[i] + l[i + 8], then + 4, + 2, + 1.
+KVPOOL_AVX2 inline float Tree16(__m256 lo, __m256 hi) {
+  const __m256 a = _mm256_add_ps(lo, hi);
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 inline __m256 RoundTrip(__m256 y) {
+  alignas(16) uint16_t h[8];
+  simd::Store8<kBf16>(h, y);
+  return Load8<kBf16>(h);
+}
+
+// Lanes of channels d .. d + 7 that are outlier channels, as an all-ones mask per lane.
+KVPOOL_AVX2 inline __m256i OutlierLanes8(const RowHead& hd, uint32_t d) {
+  const uint32_t bits = (hd.outlier_masks[d / 32] >> (d % 32)) & 0xff;
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(bits)), lane), lane);
+}
+
+// 32 codes (int32) to their bytes: low (bits 0-7) or, with shift 8, bits 8-15.
+KVPOOL_AVX2 inline __m256i CodeBytes(const int32_t* u, int shift) {
+  const __m256i low = _mm256_set1_epi32(0xff);
+  __m256i v[4];
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_and_si256(
+        _mm256_srli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(u + 8 * i)), shift),
+        low);
+  }
+  const __m256i ab = _mm256_packus_epi32(v[0], v[1]), cd = _mm256_packus_epi32(v[2], v[3]);
+  return _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd),
+                                     _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Plane p (< 8) of 32 code bytes: bit p of byte i at bit i.
+KVPOOL_AVX2 inline uint32_t BytePlane(__m256i bytes, int p) {
+  return uint32_t(_mm256_movemask_epi8(_mm256_sll_epi16(bytes, _mm_cvtsi32_si128(7 - p))));
+}
+
+// One row of RowKernels::encode: projection, the choice, quantisation, planes.
+template <bool kBf16, uint32_t R>
+KVPOOL_AVX2 bool EncodeRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* coefs,
+                               ChooseFn choose, void* ctx, uint32_t i, uint8_t* out, RowStats* st,
+                               uint8_t* meta, float* err_out) {
+  const uint32_t D = hd.D;
+  alignas(32) float xf[kMaxDim], zf[kMaxDim];
+  alignas(32) int32_t codes[kMaxDim];
+  // Projection, lanes 0-7 of each 16 channels, then lanes 8-15 (8 dot products in registers).
+  __m256 dot[2][8], dist[2], en[2];
+  for (uint32_t half = 0; half < 2; ++half) {
+    __m256 acc[8], ds = _mm256_setzero_ps(), e = _mm256_setzero_ps();
+    for (uint32_t j = 0; j < R; ++j) acc[j] = _mm256_setzero_ps();
+    for (uint32_t d = 8 * half; d < D; d += 16) {
+      const __m256 v = Load8<kBf16>(x + d);
+      _mm256_store_ps(xf + d, v);
+      const __m256 xc = _mm256_sub_ps(v, _mm256_loadu_ps(hd.means + d));
+      const float* chunk = hd.chunks + 128 * (d / 16) + d % 16;  // direction j at + 16 j
+      for (uint32_t j = 0; j < R; ++j) {
+        acc[j] = _mm256_fmadd_ps(xc, _mm256_loadu_ps(chunk + 16 * j), acc[j]);
+      }
+      ds = _mm256_fmadd_ps(xc, xc, ds);
+      e = _mm256_fmadd_ps(v, v, e);
+    }
+    for (uint32_t j = 0; j < R; ++j) dot[half][j] = acc[j];
+    dist[half] = ds;
+    en[half] = e;
+  }
+  __m256i bc[4];
+  for (uint32_t j = 0; j < R; ++j) {
+    const float q = _mm_cvtss_f32(
+        _mm_round_ss(_mm_setzero_ps(), _mm_set_ss(Tree16(dot[0][j], dot[1][j]) * hd.inv_step[j]),
+                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    coefs[j] = int16_t(std::min(float(kMaxCoefCode), std::max(-float(kMaxCoefCode), q)));
+  }
+  for (uint32_t k = 0; k < (R + 1) / 2; ++k) {
+    const uint32_t lo = uint16_t(coefs[2 * k]);
+    const uint32_t hi = 2 * k + 1 < R ? uint16_t(coefs[2 * k + 1]) : 0;
+    bc[k] = _mm256_set1_epi32(int(lo | hi << 16));
+  }
+  // Prediction and the residual's energy, regular and outlier channels apart.
+  const __m256 scale = _mm256_set1_ps(hd.lr_scale), zero = _mm256_setzero_ps();
+  __m256 reg[2] = {zero, zero}, outl[2] = {zero, zero};
+  for (uint32_t d = 0; d < D; d += 8) {
+    const uint32_t half = (d / 8) & 1;
+    const int16_t* slot = hd.pairs + PairSlot(d, 0);  // Pair k of channels d .. d + 7 at + 32 k.
+    __m256i P = _mm256_setzero_si256();
+    for (uint32_t k = 0; k < (R + 1) / 2; ++k) {
+      P = _mm256_add_epi32(
+          P, _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(slot + 32 * k)),
+                               bc[k]));
+    }
+    const __m256 z = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(P), _mm256_loadu_ps(hd.means + d));
+    _mm256_store_ps(zf + d, z);
+    const __m256 r = _mm256_sub_ps(_mm256_load_ps(xf + d), z);
+    if (hd.outliers == 0) {
+      reg[half] = _mm256_fmadd_ps(r, r, reg[half]);
+    } else {  // fma(0, 0, acc) leaves acc as it is (never -0).
+      const __m256 om = _mm256_castsi256_ps(OutlierLanes8(hd, d));
+      const __m256 rr = _mm256_andnot_ps(om, r), ro = _mm256_and_ps(om, r);
+      reg[half] = _mm256_fmadd_ps(rr, rr, reg[half]);
+      outl[half] = _mm256_fmadd_ps(ro, ro, outl[half]);
+    }
+  }
+  *st = {Tree16(dist[0], dist[1]), Tree16(reg[0], reg[1]), Tree16(outl[0], outl[1]),
+         Tree16(en[0], en[1])};
+  if (!std::isfinite(st->energy)) return false;
+  float hs;
+  *meta = choose(ctx, i, *st, &hs);
+  // Quantisation (the reference's QuantizeRowRef): codes into `codes`, error in 16 lanes.
+  const uint32_t b = *meta & 15, bo = hd.outliers ? b + hd.extra : b;
+  const __m256 vinv = _mm256_set1_ps(1.f / (2.f * hs)), vhs = _mm256_set1_ps(hs);
+  const __m256 half_r = _mm256_set1_ps(b ? float(1u << (b - 1)) : 0.f);
+  const __m256 top_r = _mm256_set1_ps(float((1u << b) - 1));
+  const __m256 half_o = _mm256_set1_ps(bo ? float(1u << (bo - 1)) : 0.f);
+  const __m256 top_o = _mm256_set1_ps(float((1u << bo) - 1));
+  const __m256 two = _mm256_set1_ps(2.f);
+  const __m256 live_r = _mm256_castsi256_ps(_mm256_set1_epi32(b ? -1 : 0));
+  const __m256 live_o = _mm256_castsi256_ps(_mm256_set1_epi32(bo ? -1 : 0));
+  __m256 err[2] = {zero, zero};
+  for (uint32_t d = 0; d < D; d += 8) {
+    const uint32_t half = (d / 8) & 1;
+    const __m256 v = _mm256_load_ps(xf + d), z = _mm256_load_ps(zf + d);
+    const __m256 om = hd.outliers ? _mm256_castsi256_ps(OutlierLanes8(hd, d)) : _mm256_setzero_ps();
+    const __m256 top = _mm256_blendv_ps(top_r, top_o, om);
+    const __m256 live = _mm256_blendv_ps(live_r, live_o, om);
+    const __m256 q = _mm256_floor_ps(_mm256_mul_ps(_mm256_sub_ps(v, z), vinv));
+    __m256 u = _mm256_add_ps(q, _mm256_blendv_ps(half_r, half_o, om));
+    u = _mm256_and_ps(live, _mm256_min_ps(top, _mm256_max_ps(zero, u)));
+    const __m256 n = _mm256_and_ps(live, _mm256_fmsub_ps(two, u, top));  // 2u exact
+    const __m256 e = _mm256_sub_ps(RoundTrip<kBf16>(_mm256_fmadd_ps(vhs, n, z)), v);
+    err[half] = _mm256_fmadd_ps(e, e, err[half]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(codes + d), _mm256_cvtps_epi32(u));
+  }
+  *err_out = Tree16(err[0], err[1]);
+  // Planes: b regular planes of every channel, then E extra planes of the outlier channels.
+  const uint64_t pd = D / 8;
+  for (uint32_t c = 0; c < D; c += 32) {
+    const __m256i low = CodeBytes(codes + c, 0);
+    for (uint32_t p = 0; p < std::min(b, 8u); ++p) {
+      const uint32_t w = BytePlane(low, int(p));
+      std::memcpy(out + p * pd + c / 8, &w, 4);
+    }
+    if (b > 8) {
+      const __m256i high = CodeBytes(codes + c, 8);
+      for (uint32_t p = 8; p < b; ++p) {
+        const uint32_t w = BytePlane(high, int(p - 8));
+        std::memcpy(out + p * pd + c / 8, &w, 4);
+      }
+    }
+  }
+  if (hd.outliers) {
+    const uint64_t ob = PlaneBytes(hd.outliers);
+    for (uint32_t q = 0; q < hd.extra; ++q) {
+      uint32_t bits = 0;
+      for (uint32_t k = 0; k < hd.outliers; ++k) {
+        bits |= ((uint32_t(codes[hd.outlier[k]]) >> (b + q)) & 1u) << k;
+      }
+      std::memcpy(out + b * pd + q * ob, &bits, ob);
+    }
+  }
+  return true;
+}
+
+template <bool kBf16, uint32_t R>
+KVPOOL_AVX2 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t rows, int16_t* coefs,
+                         ChooseFn choose, void* ctx, uint8_t* out, RowStats* st, uint8_t* meta,
+                         float* err) {
+  for (uint32_t i = 0; i < rows; ++i) {
+    if (!EncodeRowAvx2<kBf16, R>(hd, x[i], coefs + i * kMaxRank, choose, ctx, i, out, &st[i],
+                                 &meta[i], &err[i])) {
+      return false;
+    }
+    out += RowBytesOf(hd, meta[i]);
+  }
+  return true;
+}
+
+using EncodeFn = bool (*)(const RowHead&, const uint16_t* const*, uint32_t, int16_t*, ChooseFn,
+                          void*, uint8_t*, RowStats*, uint8_t*, float*);
+
+template <bool kBf16>
+EncodeFn EncodeFor(uint32_t rank) {
+  static constexpr EncodeFn kFns[kMaxRank + 1] = {
+      &EncodeR<kBf16, 0>, &EncodeR<kBf16, 1>, &EncodeR<kBf16, 2>,
+      &EncodeR<kBf16, 3>, &EncodeR<kBf16, 4>, &EncodeR<kBf16, 5>,
+      &EncodeR<kBf16, 6>, &EncodeR<kBf16, 7>, &EncodeR<kBf16, 8>};
+  return kFns[rank];
+}
+
+bool Encode(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t rows, int16_t* coefs,
+            ChooseFn choose, void* ctx, uint8_t* out, RowStats* st, uint8_t* meta, float* err) {
+  const EncodeFn fn = dtype == DType::kBf16 ? EncodeFor<true>(hd.rank) : EncodeFor<false>(hd.rank);
+  return fn(hd, x, rows, coefs, choose, ctx, out, st, meta, err);
+}
+
+// out[j * D + d]: fma chain over n in order, 8 channels at a time (the reference's per element).
+KVPOOL_AVX2 void Accumulate(const float* x, uint64_t ld, uint32_t count, const float* w, uint32_t k,
+                            uint32_t D, float* out) {
+  for (uint32_t j = 0; j < k; ++j) {
+    uint32_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      __m256 acc = _mm256_loadu_ps(out + j * D + d);
+      for (uint32_t n = 0; n < count; ++n) {
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(w[uint64_t{n} * k + j]),
+                              _mm256_loadu_ps(x + n * ld + d), acc);
+      }
+      _mm256_storeu_ps(out + j * D + d, acc);
+    }
+    for (; d < D; ++d) {
+      float acc = out[j * D + d];
+      for (uint32_t n = 0; n < count; ++n)
+        acc = std::fma(w[uint64_t{n} * k + j], x[n * ld + d], acc);
+      out[j * D + d] = acc;
+    }
+  }
+}
+
+// Up to 8 floats from p (lanes at `count` and beyond zero).
+KVPOOL_AVX2 inline __m256 LoadUpTo8(const float* p, uint32_t count) {
+  if (count >= 8) return _mm256_loadu_ps(p);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(count)), lane));
+}
+
+// y[n * k + j]: 16 lanes d mod 16 (two vectors), Tree16. Past D the lanes add fma(0, 0, .),
+// which leaves them as they are (they never hold -0).
+KVPOOL_AVX2 void Dot(const float* x, uint64_t ld, uint32_t count, const float* s, uint32_t k,
+                     uint32_t D, float* y) {
+  for (uint32_t n = 0; n < count; ++n)
+    for (uint32_t j = 0; j < k; ++j) {
+      __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+      const float* a = x + n * ld;
+      const float* b = s + uint64_t{j} * D;
+      uint32_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        lo = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), lo);
+        hi = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), hi);
+      }
+      if (d < D) {
+        const uint32_t rest = D - d;
+        lo = _mm256_fmadd_ps(LoadUpTo8(a + d, rest), LoadUpTo8(b + d, rest), lo);
+        if (rest > 8) {
+          hi = _mm256_fmadd_ps(LoadUpTo8(a + d + 8, rest - 8), LoadUpTo8(b + d + 8, rest - 8), hi);
+        }
+      }
+      y[uint64_t{n} * k + j] = Tree16(lo, hi);
+    }
+}
+
+// Plane p of codes + 2^(width - 1), 32 tokens at a time: bit p moved to the sign of each 16-bit
+// lane, packed to bytes (signed saturation keeps the sign) and gathered by vpmovmskb.
+KVPOOL_AVX2 void Planes(const int16_t* codes, uint32_t T, uint32_t width, uint8_t* out) {
+  const uint64_t pb = PlaneBytes(T);
+  const __m256i offset = _mm256_set1_epi16(int16_t(1 << (width - 1)));
+  for (uint32_t t = 0; t < T; t += 32) {
+    alignas(32) int16_t c[32] = {};
+    std::memcpy(c, codes + t, 2 * std::min(32u, T - t));
+    const uint32_t valid = T - t >= 32 ? ~0u : (1u << (T - t)) - 1;
+    const __m256i a =
+        _mm256_add_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(c)), offset);
+    const __m256i b =
+        _mm256_add_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(c + 16)), offset);
+    const uint64_t bytes = std::min<uint64_t>(4, pb - t / 8);
+    for (uint32_t p = 0; p < width; ++p) {
+      const __m128i shift = _mm_cvtsi32_si128(15 - int(p));
+      const __m256i packed = _mm256_permute4x64_epi64(
+          _mm256_packs_epi16(_mm256_sll_epi16(a, shift), _mm256_sll_epi16(b, shift)), 0xd8);
+      const uint32_t bits = uint32_t(_mm256_movemask_epi8(packed)) & valid;
+      std::memcpy(out + p * pb + t / 8, &bits, bytes);
+    }
+  }
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 float LoadT(const uint16_t* x, uint64_t n, float* out, float* sums) {
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  uint64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m256 a = Load8<kBf16>(x + c), b = Load8<kBf16>(x + c + 8);
+    _mm256_storeu_ps(out + c, a);
+    _mm256_storeu_ps(out + c + 8, b);
+    _mm256_storeu_ps(sums + c, _mm256_add_ps(_mm256_loadu_ps(sums + c), a));
+    _mm256_storeu_ps(sums + c + 8, _mm256_add_ps(_mm256_loadu_ps(sums + c + 8), b));
+    lo = _mm256_fmadd_ps(a, a, lo);
+    hi = _mm256_fmadd_ps(b, b, hi);
+  }
+  alignas(32) float l[16];
+  _mm256_store_ps(l, lo);
+  _mm256_store_ps(l + 8, hi);
+  for (; c < n; ++c) {
+    out[c] = ToFloat(kBf16 ? DType::kBf16 : DType::kFp16, x[c]);
+    sums[c] = sums[c] + out[c];
+    l[c % 16] = std::fma(out[c], out[c], l[c % 16]);
+  }
+  return Tree16(_mm256_load_ps(l), _mm256_load_ps(l + 8));
+}
+
+KVPOOL_AVX2 float Load(DType dtype, const uint16_t* x, uint64_t n, float* out, float* sums) {
+  return dtype == DType::kBf16 ? LoadT<true>(x, n, out, sums) : LoadT<false>(x, n, out, sums);
+}
+
+KVPOOL_AVX2 float Centre(const float* x, const float* m, uint32_t D, float* xc, float* var) {
+  __m256 l[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (uint32_t d = 0; d < D; d += 8) {
+    const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(m + d));
+    _mm256_storeu_ps(xc + d, v);
+    _mm256_storeu_ps(var + d, _mm256_add_ps(_mm256_loadu_ps(var + d), _mm256_mul_ps(v, v)));
+    l[(d / 8) & 1] = _mm256_fmadd_ps(v, v, l[(d / 8) & 1]);
+  }
+  return Tree16(l[0], l[1]);
+}
+
+}  // namespace
+
+const RowKernels* RowKernelsAvx2(uint32_t head_dim) {
+  static const RowKernels k = {&Encode, &Accumulate, &Dot, &Planes, &Load, &Centre};
+  if (!CpuHasAvx2() || head_dim % 32 != 0 || head_dim > kMaxDim) return nullptr;
+  return &k;
+}
+
+}  // namespace kvpool::kernels::kvpool::internal
