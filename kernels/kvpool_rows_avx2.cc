@@ -29,11 +29,17 @@ KVPOOL_AVX2 inline float Tree16(__m256 lo, __m256 hi) {
   return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
 }
 
+// y rounded to the dtype (nearest even) and back, in registers (simd::Store8's rounding).
 template <bool kBf16>
 KVPOOL_AVX2 inline __m256 RoundTrip(__m256 y) {
-  alignas(16) uint16_t h[8];
-  simd::Store8<kBf16>(h, y);
-  return Load8<kBf16>(h);
+  if constexpr (kBf16) {
+    const __m256i u = _mm256_castps_si256(y);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xffff0000u))));
+  } else {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
+  }
 }
 
 // Lanes of channels d .. d + 7 that are outlier channels, as an all-ones mask per lane.
