@@ -108,10 +108,9 @@ KVPOOL_AVX2 void DotK(const float* rows, uint64_t ld, uint32_t count, uint32_t s
 void DotAvx2(const float* rows, uint64_t ld, uint32_t count, uint32_t stride, const float* s,
              uint32_t k, uint32_t D, float* y) {
   if (D % 8 != 0 || k > 8) return internal::RefKernels().dot(rows, ld, count, stride, s, k, D, y);
-  using Fn = void (*)(const float*, uint64_t, uint32_t, uint32_t, const float*, uint32_t, float*);
-  static constexpr Fn kFns[9] = {nullptr,  &DotK<1>, &DotK<2>, &DotK<3>, &DotK<4>,
-                                 &DotK<5>, &DotK<6>, &DotK<7>, &DotK<8>};
-  if (k > 0) kFns[k](rows, ld, count, stride, s, D, y);
+  if (k == 0) return;
+  internal::ForRank(k, [](auto K) { return &DotK<decltype(K)::value ? decltype(K)::value : 1>; })(
+      rows, ld, count, stride, s, D, y);
 }
 
 KVPOOL_AVX2 void AccumulateAvx2(const float* rows, uint64_t ld, uint32_t count, uint32_t stride,

@@ -4,8 +4,11 @@
 #ifndef KVPOOL_KERNELS_KVPOOL_FORMAT_H_
 #define KVPOOL_KERNELS_KVPOOL_FORMAT_H_
 
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -326,6 +329,21 @@ absl::StatusOr<uint64_t> WriteRawPayload(const SegmentShape& shape, const uint16
 
 float ToFloat(DType dtype, uint16_t h);
 uint16_t FromFloat(DType dtype, float f);
+
+// The instance of a kernel template for a rank known at run time: ForRank(r, pick) returns
+// pick(std::integral_constant<uint32_t, r>()) for r <= kMaxRank, e.g.
+//   ForRank(rank, [](auto R) { return &Kernel<decltype(R)::value>; })
+// with the table of all the ranks' instances built once per call site.
+template <typename Pick, size_t... R>
+auto RankTable(Pick pick, std::index_sequence<R...>) {
+  using Fn = decltype(pick(std::integral_constant<uint32_t, 0>()));
+  return std::array<Fn, sizeof...(R)>{pick(std::integral_constant<uint32_t, uint32_t(R)>())...};
+}
+template <typename Pick>
+auto ForRank(uint32_t rank, Pick pick) {
+  static const auto table = RankTable(pick, std::make_index_sequence<kMaxRank + 1>());
+  return table[rank];
+}
 
 }  // namespace kvpool::kernels::kvpool::internal
 

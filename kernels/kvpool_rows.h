@@ -148,6 +148,28 @@ inline uint64_t RowBytes(const ParsedRows::Head& hd, uint32_t D, uint8_t meta) {
   return RowDataBytes(D, hd.outliers, hd.extra, meta & 15);
 }
 
+// The fast decoders' walk over a parsed payload: token after token, head after head, so that
+// the output streams out in order, each head's rows (head-major in the payload) read through a
+// pointer of their own; row(h, t, meta, data, o) decodes row (h, t) from `data` into the D
+// elements at o.
+template <typename Row>
+void ForEachRowTokenMajor(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out,
+                          Row row) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
+  thread_local std::vector<const uint8_t*> rows;
+  rows.resize(H);
+  for (uint32_t h = 0; h < H; ++h) rows[h] = parsed.rows + parsed.heads[h].rows;
+  for (uint32_t t = 0; t < T; ++t) {
+    uint16_t* o = out + uint64_t{t} * H * D;
+    for (uint32_t h = 0; h < H; ++h) {
+      const uint8_t meta = parsed.metas[uint64_t{h} * T + t];
+      __builtin_prefetch(rows[h] + 256);
+      row(h, t, meta, rows[h], o + uint64_t{h} * D);
+      rows[h] += RowBytes(parsed.heads[h], D, meta);
+    }
+  }
+}
+
 // Validates every field of a mode 4 payload against `size` (DataLoss naming what is wrong).
 absl::Status ParseRows(const SegmentShape& shape, const uint8_t* payload, uint64_t size,
                        ParsedRows* parsed);

@@ -29,19 +29,6 @@ KVPOOL_AVX2 inline float Tree16(__m256 lo, __m256 hi) {
   return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
 }
 
-// y rounded to the dtype (nearest even) and back, in registers (simd::Store8's rounding).
-template <bool kBf16>
-KVPOOL_AVX2 inline __m256 RoundTrip(__m256 y) {
-  if constexpr (kBf16) {
-    const __m256i u = _mm256_castps_si256(y);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xffff0000u))));
-  } else {
-    return _mm256_cvtph_ps(_mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
-  }
-}
-
 // Lanes of channels d .. d + 7 that are outlier channels, as an all-ones mask per lane.
 KVPOOL_AVX2 inline __m256i OutlierLanes8(const RowHead& hd, uint32_t d) {
   const uint32_t bits = (hd.outlier_masks[d / 32] >> (d % 32)) & 0xff;
@@ -158,7 +145,7 @@ KVPOOL_AVX2 bool EncodeRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* co
     __m256 u = _mm256_add_ps(q, _mm256_blendv_ps(half_r, half_o, om));
     u = _mm256_and_ps(live, _mm256_min_ps(top, _mm256_max_ps(zero, u)));
     const __m256 n = _mm256_and_ps(live, _mm256_fmsub_ps(two, u, top));  // 2u exact
-    const __m256 e = _mm256_sub_ps(RoundTrip<kBf16>(_mm256_fmadd_ps(vhs, n, z)), v);
+    const __m256 e = _mm256_sub_ps(simd::RoundTrip8<kBf16>(_mm256_fmadd_ps(vhs, n, z)), v);
     err[half] = _mm256_fmadd_ps(e, e, err[half]);
     _mm256_store_si256(reinterpret_cast<__m256i*>(codes + d), _mm256_cvtps_epi32(u));
   }
@@ -206,21 +193,12 @@ KVPOOL_AVX2 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t r
   return true;
 }
 
-using EncodeFn = bool (*)(const RowHead&, const uint16_t* const*, uint32_t, int16_t*, ChooseFn,
-                          void*, uint8_t*, RowStats*, uint8_t*, float*);
-
-template <bool kBf16>
-EncodeFn EncodeFor(uint32_t rank) {
-  static constexpr EncodeFn kFns[kMaxRank + 1] = {
-      &EncodeR<kBf16, 0>, &EncodeR<kBf16, 1>, &EncodeR<kBf16, 2>,
-      &EncodeR<kBf16, 3>, &EncodeR<kBf16, 4>, &EncodeR<kBf16, 5>,
-      &EncodeR<kBf16, 6>, &EncodeR<kBf16, 7>, &EncodeR<kBf16, 8>};
-  return kFns[rank];
-}
-
 bool Encode(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t rows, int16_t* coefs,
             ChooseFn choose, void* ctx, uint8_t* out, RowStats* st, uint8_t* meta, float* err) {
-  const EncodeFn fn = dtype == DType::kBf16 ? EncodeFor<true>(hd.rank) : EncodeFor<false>(hd.rank);
+  const auto fn =
+      dtype == DType::kBf16
+          ? ForRank(hd.rank, [](auto R) { return &EncodeR<true, decltype(R)::value>; })
+          : ForRank(hd.rank, [](auto R) { return &EncodeR<false, decltype(R)::value>; });
   return fn(hd, x, rows, coefs, choose, ctx, out, st, meta, err);
 }
 

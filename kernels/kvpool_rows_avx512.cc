@@ -320,38 +320,6 @@ KVPOOL_AVX512 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t
   return true;
 }
 
-// The rank's instance of F<kBf16, R>::Run.
-template <template <bool, uint32_t> class F, bool kBf16, typename... Args>
-KVPOOL_AVX512 auto ForRank(uint32_t r, Args... args) {
-  switch (r) {
-    case 0:
-      return F<kBf16, 0>::Run(args...);
-    case 1:
-      return F<kBf16, 1>::Run(args...);
-    case 2:
-      return F<kBf16, 2>::Run(args...);
-    case 3:
-      return F<kBf16, 3>::Run(args...);
-    case 4:
-      return F<kBf16, 4>::Run(args...);
-    case 5:
-      return F<kBf16, 5>::Run(args...);
-    case 6:
-      return F<kBf16, 6>::Run(args...);
-    case 7:
-      return F<kBf16, 7>::Run(args...);
-    default:
-      return F<kBf16, 8>::Run(args...);
-  }
-}
-template <bool kBf16, uint32_t R>
-struct EncodeOf {
-  template <typename... Args>
-  KVPOOL_AVX512 static bool Run(Args... args) {
-    return EncodeR<kBf16, R>(args...);
-  }
-};
-
 // Lanes of 16 columns from d on, of D: all, or the tail's.
 inline __mmask16 Columns(uint32_t d, uint32_t D) {
   return D - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - d)) - 1);
@@ -402,52 +370,18 @@ KVPOOL_AVX512 void DotK(const float* x, uint64_t ld, uint32_t count, const float
   }
 }
 
-template <template <uint32_t> class F, typename... Args>
-KVPOOL_AVX512 void ByRank(uint32_t k, Args... args) {
-  switch (k) {
-    case 1:
-      return F<1>::Run(args...);
-    case 2:
-      return F<2>::Run(args...);
-    case 3:
-      return F<3>::Run(args...);
-    case 4:
-      return F<4>::Run(args...);
-    case 5:
-      return F<5>::Run(args...);
-    case 6:
-      return F<6>::Run(args...);
-    case 7:
-      return F<7>::Run(args...);
-    case 8:
-      return F<8>::Run(args...);
-    default:
-      return;
-  }
-}
-template <uint32_t K>
-struct AccumulateOf {
-  KVPOOL_AVX512 static void Run(const float* x, uint64_t ld, uint32_t count, const float* w,
-                                uint32_t D, float* out) {
-    AccumulateK<K>(x, ld, count, w, D, out);
-  }
-};
-template <uint32_t K>
-struct DotOf {
-  KVPOOL_AVX512 static void Run(const float* x, uint64_t ld, uint32_t count, const float* s,
-                                uint32_t D, float* y) {
-    DotK<K>(x, ld, count, s, D, y);
-  }
-};
-
 KVPOOL_AVX512 void Accumulate(const float* x, uint64_t ld, uint32_t count, const float* w,
                               uint32_t k, uint32_t D, float* out) {
-  ByRank<AccumulateOf>(k, x, ld, count, w, D, out);
+  if (k == 0) return;
+  ForRank(k, [](auto K) { return &AccumulateK < decltype(K)::value ? decltype(K)::value : 1 > ; })(
+      x, ld, count, w, D, out);
 }
 
 KVPOOL_AVX512 void Dot(const float* x, uint64_t ld, uint32_t count, const float* s, uint32_t k,
                        uint32_t D, float* y) {
-  ByRank<DotOf>(k, x, ld, count, s, D, y);
+  if (k == 0) return;
+  ForRank(k, [](auto K) { return &DotK < decltype(K)::value ? decltype(K)::value : 1 > ; })(
+      x, ld, count, s, D, y);
 }
 
 KVPOOL_AVX512 void Planes(const int16_t* codes, uint32_t T, uint32_t width, uint8_t* out) {
@@ -503,10 +437,11 @@ KVPOOL_AVX512 float Centre(const float* x, const float* m, uint32_t D, float* xc
 KVPOOL_AVX512 bool Encode(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t rows,
                           int16_t* coefs, ChooseFn choose, void* ctx, uint8_t* out, RowStats* st,
                           uint8_t* meta, float* err) {
-  return dtype == DType::kBf16
-             ? ForRank<EncodeOf, true>(hd.rank, hd, x, rows, coefs, choose, ctx, out, st, meta, err)
-             : ForRank<EncodeOf, false>(hd.rank, hd, x, rows, coefs, choose, ctx, out, st, meta,
-                                        err);
+  const auto fn =
+      dtype == DType::kBf16
+          ? ForRank(hd.rank, [](auto R) { return &EncodeR<true, decltype(R)::value>; })
+          : ForRank(hd.rank, [](auto R) { return &EncodeR<false, decltype(R)::value>; });
+  return fn(hd, x, rows, coefs, choose, ctx, out, st, meta, err);
 }
 
 }  // namespace

@@ -165,43 +165,24 @@ KVPOOL_AVX2 void DecodeRowAvx2(const ParsedRows::Head& hd, const Avx2Scratch& s,
   for (uint32_t k = 0; k < hd.outliers; ++k) adj[outlier[k]] = 0;
 }
 
-using Avx2RowFn = void (*)(const ParsedRows::Head&, const Avx2Scratch&, uint32_t, uint32_t, uint8_t,
-                           const uint8_t*, const int32_t*, uint64_t, int32_t*, uint16_t*);
-
-template <bool kBf16>
-Avx2RowFn Avx2RowFor(uint32_t rank) {
-  static constexpr Avx2RowFn kFns[kMaxRank + 1] = {
-      &DecodeRowAvx2<kBf16, 0>, &DecodeRowAvx2<kBf16, 1>, &DecodeRowAvx2<kBf16, 2>,
-      &DecodeRowAvx2<kBf16, 3>, &DecodeRowAvx2<kBf16, 4>, &DecodeRowAvx2<kBf16, 5>,
-      &DecodeRowAvx2<kBf16, 6>, &DecodeRowAvx2<kBf16, 7>, &DecodeRowAvx2<kBf16, 8>};
-  return kFns[rank];
-}
-
 template <bool kBf16>
 KVPOOL_AVX2 void DecodeAvx2T(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out) {
   thread_local Avx2Scratch s;
-  thread_local std::vector<const uint8_t*> rows;
-  thread_local std::vector<Avx2RowFn> fns;
+  using RowFn = decltype(&DecodeRowAvx2<kBf16, 0>);
+  thread_local std::vector<RowFn> fns;
   Avx2Tables<kBf16>(shape, parsed, &s);
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
-  rows.resize(H);
   fns.resize(H);
   for (uint32_t h = 0; h < H; ++h) {
-    rows[h] = parsed.rows + parsed.heads[h].rows;
-    fns[h] = Avx2RowFor<kBf16>(parsed.heads[h].rank);
+    fns[h] = ForRank(parsed.heads[h].rank,
+                     [](auto R) { return &DecodeRowAvx2<kBf16, decltype(R)::value>; });
   }
   alignas(32) int32_t adj[512] = {};  // kMaxDim of the fast paths (head_dim checked below).
-  for (uint32_t t = 0; t < T; ++t) {
-    uint16_t* o = out + uint64_t{t} * H * D;
-    for (uint32_t h = 0; h < H; ++h) {
-      const ParsedRows::Head& hd = parsed.heads[h];
-      const uint8_t meta = parsed.metas[uint64_t{h} * T + t];
-      _mm_prefetch(reinterpret_cast<const char*>(rows[h]) + 256, _MM_HINT_T0);
-      fns[h](hd, s, h, D, meta, rows[h], &s.pair_coefs[uint64_t{h} * 4 * T + t], T, adj,
-             o + uint64_t{h} * D);
-      rows[h] += RowBytes(hd, D, meta);
-    }
-  }
+  ForEachRowTokenMajor(shape, parsed, out,
+                       [&](uint32_t h, uint32_t t, uint8_t meta, const uint8_t* row, uint16_t* o) {
+                         fns[h](parsed.heads[h], s, h, D, meta, row,
+                                &s.pair_coefs[uint64_t{h} * 4 * T + t], T, adj, o);
+                       });
 }
 
 }  // namespace

@@ -197,51 +197,27 @@ KVPOOL_ROWS_TARGET void DecodeRow(const ParsedRows::Head& hd, const DecodeScratc
   }
 }
 
-using DecodeRowFn = void (*)(const ParsedRows::Head&, const DecodeScratch&, uint32_t, uint32_t,
-                             uint8_t, const uint8_t*, const int32_t*, uint64_t, uint16_t*);
-
-template <bool kBf16>
-DecodeRowFn DecodeRowFor(uint32_t rank) {
-  static constexpr DecodeRowFn kFns[kMaxRank + 1] = {
-      &DecodeRow<kBf16, 0>, &DecodeRow<kBf16, 1>, &DecodeRow<kBf16, 2>,
-      &DecodeRow<kBf16, 3>, &DecodeRow<kBf16, 4>, &DecodeRow<kBf16, 5>,
-      &DecodeRow<kBf16, 6>, &DecodeRow<kBf16, 7>, &DecodeRow<kBf16, 8>};
-  return kFns[rank];
-}
-
 // Token after token, head after head, so that the output streams out in order; each head's rows
 // (head-major in the payload) are read through a pointer of their own.
 template <bool kBf16>
 KVPOOL_ROWS_TARGET void DecodeT(const SegmentShape& shape, const ParsedRows& parsed,
                                 uint16_t* out) {
   thread_local DecodeScratch s;
-  thread_local std::vector<const uint8_t*> rows;
-  thread_local std::vector<DecodeRowFn> fns;
+  using RowFn = decltype(&DecodeRow<kBf16, 0>);
+  thread_local std::vector<RowFn> fns;
   Tables<kBf16>(shape, parsed, &s);
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
   const uint32_t T32 = (T + 31) / 32 * 32;
-  rows.resize(H);
   fns.resize(H);
   for (uint32_t h = 0; h < H; ++h) {
-    rows[h] = parsed.rows + parsed.heads[h].rows;
-    fns[h] = DecodeRowFor<kBf16>(parsed.heads[h].rank);
+    fns[h] =
+        ForRank(parsed.heads[h].rank, [](auto R) { return &DecodeRow<kBf16, decltype(R)::value>; });
   }
-  for (uint32_t t = 0; t < T; ++t) {
-    uint16_t* o = out + uint64_t{t} * H * D;
-    for (uint32_t h = 0; h < H; ++h) {
-      const ParsedRows::Head& hd = parsed.heads[h];
-      const uint8_t meta = parsed.metas[uint64_t{h} * T + t];
-      _mm_prefetch(reinterpret_cast<const char*>(rows[h]) + 256, _MM_HINT_T0);
-      if (t + 4 < T) {  // The output 4 tokens ahead, for writing.
-        const char* ahead =
-            reinterpret_cast<const char*>(o + 4 * uint64_t{H} * D + uint64_t{h} * D);
-        for (uint32_t b = 0; b < 2 * D; b += 64) __builtin_prefetch(ahead + b, 1);
-      }
-      fns[h](hd, s, h, D, meta, rows[h], &s.pair_coefs[uint64_t{h} * 4 * T32 + t], T32,
-             o + uint64_t{h} * D);
-      rows[h] += RowBytes(hd, D, meta);
-    }
-  }
+  ForEachRowTokenMajor(shape, parsed, out,
+                       [&](uint32_t h, uint32_t t, uint8_t meta, const uint8_t* row, uint16_t* o) {
+                         fns[h](parsed.heads[h], s, h, D, meta, row,
+                                &s.pair_coefs[uint64_t{h} * 4 * T32 + t], T32, o);
+                       });
 }
 
 }  // namespace

@@ -24,19 +24,34 @@ KVPOOL_AVX2 inline __m256 Load8(const uint16_t* p) {
   }
 }
 
+// The bits of 8 floats rounded to bf16 (nearest even) in their upper 16 bits; the lower 16 are
+// what the rounding carried, to be dropped.
+KVPOOL_AVX2 inline __m256i RoundBf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+}
+
 template <bool kBf16>
 KVPOOL_AVX2 inline void Store8(uint16_t* p, __m256 v) {
   __m128i h;
   if constexpr (kBf16) {
-    __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
-                          16);
+    const __m256i u = _mm256_srli_epi32(RoundBf16(v), 16);
     h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
   } else {
     h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
   }
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+
+// v rounded to the dtype and back (Store8 then Load8, in registers).
+template <bool kBf16>
+KVPOOL_AVX2 inline __m256 RoundTrip8(__m256 v) {
+  if constexpr (kBf16) {
+    return _mm256_castsi256_ps(_mm256_and_si256(RoundBf16(v), _mm256_set1_epi32(-65536)));
+  } else {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
 }
 
 // Horizontal minimum / maximum of 8 floats.
