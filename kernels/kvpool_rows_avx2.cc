@@ -61,7 +61,7 @@ KVPOOL_AVX2 bool EncodeRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* co
                                ChooseFn choose, void* ctx, uint32_t i, uint8_t* out, RowStats* st,
                                uint8_t* meta, float* err_out) {
   const uint32_t D = hd.D;
-  alignas(32) float xf[kMaxDim], zf[kMaxDim];
+  alignas(32) float xf[kMaxDim], zf[kMaxDim], outlier_lanes[kMaxDim];
   alignas(32) int32_t codes[kMaxDim];
   // Projection, lanes 0-7 of each 16 channels, then lanes 8-15 (8 dot products in registers).
   __m256 dot[2][8], dist[2], en[2];
@@ -114,6 +114,7 @@ KVPOOL_AVX2 bool EncodeRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* co
       reg[half] = _mm256_fmadd_ps(r, r, reg[half]);
     } else {  // fma(0, 0, acc) leaves acc as it is (never -0).
       const __m256 om = _mm256_castsi256_ps(OutlierLanes8(hd, d));
+      _mm256_store_ps(outlier_lanes + d, om);  // Again for the quantisation below.
       const __m256 rr = _mm256_andnot_ps(om, r), ro = _mm256_and_ps(om, r);
       reg[half] = _mm256_fmadd_ps(rr, rr, reg[half]);
       outl[half] = _mm256_fmadd_ps(ro, ro, outl[half]);
@@ -138,7 +139,7 @@ KVPOOL_AVX2 bool EncodeRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* co
   for (uint32_t d = 0; d < D; d += 8) {
     const uint32_t half = (d / 8) & 1;
     const __m256 v = _mm256_load_ps(xf + d), z = _mm256_load_ps(zf + d);
-    const __m256 om = hd.outliers ? _mm256_castsi256_ps(OutlierLanes8(hd, d)) : _mm256_setzero_ps();
+    const __m256 om = hd.outliers ? _mm256_load_ps(outlier_lanes + d) : _mm256_setzero_ps();
     const __m256 top = _mm256_blendv_ps(top_r, top_o, om);
     const __m256 live = _mm256_blendv_ps(live_r, live_o, om);
     const __m256 q = _mm256_floor_ps(_mm256_mul_ps(_mm256_sub_ps(v, z), vinv));
