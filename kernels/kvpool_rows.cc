@@ -390,7 +390,7 @@ bool EncodeRowRef(const RowHead& hd, DType dtype, const uint16_t* const* x, uint
                   int16_t* coefs, ChooseFn choose, void* ctx, uint8_t* out, RowStats* st,
                   uint8_t* meta, float* err) {
   thread_local std::vector<float> z;
-  z.resize(2 * uint64_t{hd.D});
+  z.resize(kRowBlock * uint64_t{hd.D});
   for (uint32_t i = 0; i < rows; ++i) {
     if (!ProjectRowRef(hd, dtype, x[i], coefs + i * kMaxRank, &z[i * hd.D], &st[i])) return false;
   }

@@ -235,10 +235,13 @@ using ChooseFn = uint8_t (*)(void* ctx, uint32_t i, const RowStats& stats, float
 // eight planes, stored without branching on the row's b).
 inline constexpr uint32_t kRowStoreRoom = 16;
 
+// The most rows one RowKernels::encode call takes.
+inline constexpr uint32_t kRowBlock = 16;
+
 // The encoder's inner loops: the reference's are plain loops (kvpool_rows.cc), the AVX-512
 // ones compute the same operations in the same order, so both write the same payload.
 struct RowKernels {
-  // The full pass, for `rows` (1 or 2) rows x[i] (D elements of the dtype) of one head:
+  // The full pass, for `rows` (1 to kRowBlock) rows x[i] (D elements of the dtype) of one head:
   //   project: coefficient codes c_j = clamp(nearbyint(dot_j * inv_step_j), +-kMaxCoefCode)
   //     where dot_j = Tree16 of 16 lanes of fma((x - m), basis_j, .), at coefs + i * kMaxRank;
   //     the prediction z[d] = fma(lr_scale, float(sum_j c_j * code_j[d]), m[d]); stats[i] of
@@ -247,8 +250,8 @@ struct RowKernels {
   //   quantise against z with meta[i] (b residual planes, half step hs = RowHalfStep): per
   //     element v = floor((x - z) * inv) with inv = 1 / (2 hs), code u = clamp(v + 2^(n-1), 0,
   //     2^n - 1) with n = b (regular) or b + E (outlier channels), decoded
-  //     y = to_dtype(fma(hs, 2u - (2^n - 1), z)); the row's planes into `out` (row 1's right
-  //     after row 0's), its squared error Tree16 of 16 lanes of fma(y - x, y - x, .) into err[i].
+  //     y = to_dtype(fma(hs, 2u - (2^n - 1), z)); the row's planes into `out` (each right
+  //     after the one before), its squared error Tree16 of 16 lanes of fma(y - x, y - x, .) into err[i].
   //     It may write scratch bytes past a row's own, up to kRowStoreRoom planes of ceil(D / 8)
   //     bytes from the row's start, which `out` must hold; what follows overwrites them.
   // False when an energy is not finite (an element not finite, or too large to square); then

@@ -76,8 +76,8 @@ KVPOOL_AVX512 inline void Tree16x8(const __m512* v, float* out) {
 }
 
 // Projects N rows x[r] of one head (RowKernels::encode's projection), interleaved so that their
-// dependency chains overlap: x as floats into xf[r * kMaxDim ..], the prediction into
-// zf[r * kMaxDim ..], the coefficient codes into c[r * kMaxRank ..]. Non-finite elements show
+// dependency chains overlap: x as floats into xf[r * D ..], the prediction into
+// zf[r * D ..], the coefficient codes into c[r * kMaxRank ..]. Non-finite elements show
 // as a non-finite energy.
 template <bool kBf16, uint32_t R, uint32_t N>
 KVPOOL_AVX512 inline void ProjectCore(const RowHead& hd, const uint16_t* const* x, float* xf,
@@ -95,7 +95,7 @@ KVPOOL_AVX512 inline void ProjectCore(const RowHead& hd, const uint16_t* const* 
 #pragma GCC unroll 2
     for (uint32_t r = 0; r < N; ++r) {
       const __m512 v = LoadFloats16<kBf16>(x[r] + 16 * k);
-      _mm512_store_ps(xf + r * kMaxDim + 16 * k, v);
+      _mm512_store_ps(xf + r * D + 16 * k, v);
       const __m512 xc = _mm512_sub_ps(v, m);
       for (uint32_t j = 0; j < R; ++j) {
         dot[r][j] = _mm512_fmadd_ps(xc, _mm512_load_ps(chunk + 16 * j), dot[r][j]);
@@ -141,8 +141,8 @@ KVPOOL_AVX512 inline void ProjectCore(const RowHead& hd, const uint16_t* const* 
             P, _mm512_madd_epi16(_mm512_load_si512(hd.pairs + 128 * k + 32 * i), bc[r][i]));
       }
       const __m512 zv = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), m);
-      _mm512_storeu_ps(zf + r * kMaxDim + 16 * k, zv);
-      const __m512 res = _mm512_sub_ps(_mm512_load_ps(xf + r * kMaxDim + 16 * k), zv);
+      _mm512_storeu_ps(zf + r * D + 16 * k, zv);
+      const __m512 res = _mm512_sub_ps(_mm512_load_ps(xf + r * D + 16 * k), zv);
       if (om == 0) {  // fma(0, 0, out) would leave out as it is.
         reg[r] = _mm512_fmadd_ps(res, res, reg[r]);
       } else {
@@ -212,7 +212,7 @@ KVPOOL_AVX512 inline void BytePlanes(const uint8_t* bytes, uint32_t D, uint32_t 
 }
 
 // Quantises N projected rows (RowKernels::encode's quantisation) from their floats
-// xf[r * kMaxDim ..] and predictions zf[r * kMaxDim ..], row r with meta[r] and half step hs[r],
+// xf[r * D ..] and predictions zf[r * D ..], row r with meta[r] and half step hs[r],
 // its planes at out[r]; err[r] its squared error. Vectors without outlier channels
 // take a shorter path, and in rows without planes only the prediction's rounding is measured
 // (n = 0: y = to_dtype(fma(hs, 0, z)), whose error equals to_dtype(z)'s, -0 and +0 alike).
@@ -242,8 +242,8 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
     const __mmask16 om = OutlierLanes(hd, k);
 #pragma GCC unroll 2
     for (uint32_t r = 0; r < N; ++r) {
-      const __m512 v = _mm512_load_ps(xf + r * kMaxDim + 16 * k);
-      const __m512 zv = _mm512_loadu_ps(zf + r * kMaxDim + 16 * k);
+      const __m512 v = _mm512_load_ps(xf + r * D + 16 * k);
+      const __m512 zv = _mm512_loadu_ps(zf + r * D + 16 * k);
       __m512 u;
       if (om == 0) {
         if (b[r] == 0) {  // Nothing to quantise: the prediction's rounding alone.
@@ -302,21 +302,29 @@ template <bool kBf16, uint32_t R>
 KVPOOL_AVX512 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t rows,
                            int16_t* coefs, ChooseFn choose, void* ctx, uint8_t* out, RowStats* st,
                            uint8_t* meta, float* err) {
-  alignas(64) float xf[2 * kMaxDim], zf[2 * kMaxDim];
-  float hs[2];
-  if (rows == 2) {
-    ProjectCore<kBf16, R, 2>(hd, x, xf, zf, coefs, st);
-    if (!std::isfinite(st[0].energy) || !std::isfinite(st[1].energy)) return false;
-    meta[0] = choose(ctx, 0, st[0], &hs[0]);
-    meta[1] = choose(ctx, 1, st[1], &hs[1]);
-    uint8_t* dst[2] = {out, out + RowBytesOf(hd, meta[0])};
-    QuantizeCore<kBf16, 2>(hd, xf, zf, meta, hs, dst, err);
-    return true;
+  // The block's rows phase by phase (project all, choose all, quantise all), so that one row's
+  // tail overlaps the next row's start instead of waiting on its own reductions.
+  alignas(64) float xf[kRowBlock * kMaxDim], zf[kRowBlock * kMaxDim];
+  const uint32_t D = hd.D;
+  uint32_t i = 0;
+  for (; i + 2 <= rows; i += 2) {
+    ProjectCore<kBf16, R, 2>(hd, x + i, xf + i * D, zf + i * D, coefs + i * kMaxRank, st + i);
   }
-  ProjectCore<kBf16, R, 1>(hd, x, xf, zf, coefs, st);
-  if (!std::isfinite(st[0].energy)) return false;
-  meta[0] = choose(ctx, 0, st[0], &hs[0]);
-  QuantizeCore<kBf16, 1>(hd, xf, zf, meta, hs, &out, err);
+  if (i < rows) {
+    ProjectCore<kBf16, R, 1>(hd, x + i, xf + i * D, zf + i * D, coefs + i * kMaxRank, st + i);
+  }
+  float hs[kRowBlock];
+  uint8_t* dst[kRowBlock + 1];
+  dst[0] = out;
+  for (i = 0; i < rows; ++i) {
+    if (!std::isfinite(st[i].energy)) return false;
+    meta[i] = choose(ctx, i, st[i], &hs[i]);
+    dst[i + 1] = dst[i] + RowBytesOf(hd, meta[i]);
+  }
+  for (i = 0; i + 2 <= rows; i += 2) {
+    QuantizeCore<kBf16, 2>(hd, xf + i * D, zf + i * D, meta + i, hs + i, dst + i, err + i);
+  }
+  if (i < rows) QuantizeCore<kBf16, 1>(hd, xf + i * D, zf + i * D, meta + i, hs + i, dst + i, err + i);
   return true;
 }
 

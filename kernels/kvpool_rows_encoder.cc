@@ -14,7 +14,7 @@
 //      that minimises b * D + mu * w * err(b) (err from a Gaussian model of its spread, w its
 //      token class's weight 2^(k/2)); mu is bisected until the sample's predicted error, scaled
 //      to all rows, is kRowsAim of the allowed one.
-//   4. The full pass, head after head, two rows at a time: project (coefficients, prediction,
+//   4. The full pass, head after head, kRowBlock rows at a time: project (coefficients, prediction,
 //      spread), choose b and j, quantise, append the rows' planes. When the measured error
 //      exceeds the budget, mu is solved again from the model scaled by its miss (StepModel) and
 //      the pass repeats (at most kRowsPasses, then the segment is stored raw).
@@ -49,8 +49,8 @@ struct Choice {
   RowRule rule;
   float steps[256];  // RowHalfStep of every meta byte.
   bool key_classes;  // Key segments' classes: ClassOf(dist, head->per_z); else given[i].
-  uint8_t given[2];
-  uint8_t chosen[2];  // Out: the rows' classes.
+  uint8_t given[kRowBlock];
+  uint8_t chosen[kRowBlock];  // Out: the rows' classes.
 };
 
 uint8_t ChooseRow(void* ctx, uint32_t i, const RowStats& st, float* hs) {
@@ -129,23 +129,22 @@ PassResult FullPass(const SegmentShape& shape, const uint16_t* in, const RowKern
     choice.head = &hp;
     MakeRowRule(hp, mu, &choice.rule);
     for (uint32_t m = 0; m < 256; ++m) choice.steps[m] = RowHalfStep(hp.unit, uint8_t(m));
-    for (uint32_t t = 0; t < T; t += 2) {
-      const uint32_t rows = std::min(2u, T - t);
-      const uint16_t* x[2] = {in + (uint64_t{t} * H + h) * D, in + (uint64_t{t + 1} * H + h) * D};
-      if (t + 8 < T) {  // Rows of one head lie H * D elements apart: prefetch 4 pairs ahead.
-        const char* ahead = reinterpret_cast<const char*>(in + (uint64_t{t + 8} * H + h) * D);
-        for (uint64_t b = 0; b < 2 * uint64_t{D}; b += 64) {
-          __builtin_prefetch(ahead + b);
-          __builtin_prefetch(ahead + 2 * uint64_t{H} * D + b);
-        }
-      }
+    for (uint32_t t = 0; t < T; t += kRowBlock) {
+      const uint32_t rows = std::min(kRowBlock, T - t);
+      const uint16_t* x[kRowBlock];
       for (uint32_t i = 0; i < rows; ++i) {
+        x[i] = in + (uint64_t{t + i} * H + h) * D;
         choice.given[i] = s->classes.empty() ? 0 : s->classes[uint64_t{t + i} * H + h];
       }
-      RowStats st[2];
-      int16_t c[2 * kMaxRank];
-      uint8_t meta[2];
-      float err[2];
+      // Rows of one head lie H * D elements apart: prefetch the next block's.
+      for (uint32_t i = t + kRowBlock; i < std::min(T, t + 2 * kRowBlock); ++i) {
+        const char* ahead = reinterpret_cast<const char*>(in + (uint64_t{i} * H + h) * D);
+        for (uint64_t b = 0; b < 2 * uint64_t{D}; b += 64) __builtin_prefetch(ahead + b);
+      }
+      RowStats st[kRowBlock];
+      int16_t c[kRowBlock * kMaxRank];
+      uint8_t meta[kRowBlock];
+      float err[kRowBlock];
       if (!rk.encode(hp.view, shape.dtype, x, rows, c, &ChooseRow, &choice, dst + res.end, st, meta,
                      err)) {
         res.finite = false;
