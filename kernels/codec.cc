@@ -406,6 +406,10 @@ absl::Status CheckOneCodec(CodecId codec, DType dtype) {
 
 }  // namespace
 
+bool CudaEncoderKeepsProfile(const CodecParams& params) {
+  return params.codec != CodecId::kKvpool || IsKvpoolFastProfile(params);
+}
+
 absl::Status SelfCheckCudaCodecs() {
   static const absl::Status* const result = [] {
     if (DeviceCount() == 0) return new absl::Status(absl::UnavailableError(DescribeDevices()));

@@ -22,6 +22,7 @@ host_memory: 1GiB               # host-DRAM tier capacity; LRU eviction beyond i
 data_dir: kvpool-data           # on-disk state
 log_level: info                 # debug | info | warning | error
 encode_threads: 0               # threads encoding puts and decoding server-side gets; 0 = one per core
+gpu_encode: auto                # with a GPU: auto (where its payloads are the host's: kvpool's default profile on the CPU) | always | never
 codec:                          # how segments are stored when a put does not say
   codec: kvpool                 # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget, profile)
   budget: 0.02                  # relative L2 error per segment (attention-output error ~0.015)
@@ -178,7 +179,7 @@ absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
   if (root.IsNull()) return absl::OkStatus();
   KVPOOL_RETURN_IF_ERROR(CheckKeys(
       root, "", {"listen", "metrics_listen", "host_memory", "data_dir", "log_level", "limits",
-                 "codec", "model_codecs", "encode_threads", "fusion", "model_fusion"}));
+                 "codec", "model_codecs", "encode_threads", "gpu_encode", "fusion", "model_fusion"}));
   DaemonOptions o = *out;
   KVPOOL_RETURN_IF_ERROR(SetString(root["listen"], "listen", &o.listen));
   KVPOOL_RETURN_IF_ERROR(SetString(root["metrics_listen"], "metrics_listen", &o.metrics_listen));
@@ -189,6 +190,20 @@ absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
     KVPOOL_ASSIGN_OR_RETURN(o.encode_threads, Scalar<int>(root["encode_threads"], "encode_threads"));
     if (o.encode_threads < 0 || o.encode_threads > 1024) {
       return absl::InvalidArgumentError("config key 'encode_threads' must be in [0, 1024]");
+    }
+  }
+  if (root["gpu_encode"]) {
+    KVPOOL_ASSIGN_OR_RETURN(const std::string policy,
+                            Scalar<std::string>(root["gpu_encode"], "gpu_encode"));
+    if (policy == "auto") {
+      o.service.gpu_encode_policy = GpuEncode::kAuto;
+    } else if (policy == "always") {
+      o.service.gpu_encode_policy = GpuEncode::kAlways;
+    } else if (policy == "never") {
+      o.service.gpu_encode_policy = GpuEncode::kNever;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config key 'gpu_encode' must be auto, always or never, not '", policy, "'"));
     }
   }
   if (const YAML::Node codec = root["codec"]) {

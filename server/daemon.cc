@@ -74,12 +74,17 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
   if (!encoder.ok()) return Annotate(encoder.status(), "encode_threads");
   d->codec_executor_ = std::move(*encoder);
   ServiceOptions service_options = options.service;
-  if (kernels::DeviceCount() > 0) {
+  if (kernels::DeviceCount() > 0 && service_options.gpu_encode_policy != GpuEncode::kNever) {
     // Kernels that disagree with the host paths never touch stored data.
     const absl::Status check = kernels::SelfCheckCudaCodecs();
     service_options.gpu_encode = check.ok();
     if (!check.ok()) {
       KVPOOL_LOG(ERROR) << "CUDA codecs failed their self-check, encoding on the CPU: " << check;
+    } else if (service_options.gpu_encode_policy == GpuEncode::kAuto) {
+      KVPOOL_LOG(INFO) << "gpu_encode: auto: puts encode on the GPU, but those with kvpool's "
+                          "default or entropy profile on the CPU (no GPU encoder writes their "
+                          "payloads; 'always' encodes them on the GPU as payload mode 1, about "
+                          "half the ratio)";
     }
   }
   d->service_ = std::make_unique<KvPoolService>(service_options, d->store_.get(),

@@ -32,10 +32,19 @@ namespace kvpool::server {
 // Which codec stores a model's segments when a put does not say.
 using CodecPolicy = PerModel<CodecParams>;
 
+// Which puts the daemon encodes on its GPU (config key gpu_encode), when it has one whose
+// kernels passed their self-check.
+enum class GpuEncode {
+  kAuto,    // Codecs whose CUDA encoder writes what the host does (kernels::CudaEncoderKeepsProfile).
+  kAlways,  // Every codec with a CUDA encoder, kvpool's default profile as GPU payload mode 1.
+  kNever,   // None: puts encode and fuse on the CPU.
+};
+
 struct ServiceOptions {
   CodecPolicy codecs;
   FusionPolicy fusion;
-  bool gpu_encode = false;  // Encode puts with the CUDA kernels (set when a GPU is present).
+  GpuEncode gpu_encode_policy = GpuEncode::kAuto;
+  bool gpu_encode = false;  // A usable GPU under a policy other than kNever (set by the daemon).
   uint32_t max_keys_per_request = 4096;             // More keys: INVALID_ARGUMENT.
   uint64_t max_request_bytes = uint64_t{1} << 30;   // Larger puts: RESOURCE_EXHAUSTED.
   uint64_t chunk_bytes = uint64_t{1} << 20;         // Data bytes per Get stream message.

@@ -90,6 +90,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   EncodeContext Context() const {
     EncodeContext c{spec_, codec_, fusion_, kernels::Path::kCpu};
     c.device = service_->options().gpu_encode;
+    c.device_any_profile = service_->options().gpu_encode_policy == GpuEncode::kAlways;
     return c;
   }
 

@@ -197,8 +197,7 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
   for (uint64_t s = 0; s < refs->size(); ++s) {
     if ((*refs)[s].segment == nullptr) todo.push_back(s);
   }
-  if (c.device && !todo.empty() && kernels::DeviceCount() > 0 &&
-      kernels::GetCodecOps(c.codec.codec).encode_cuda != nullptr) {
+  if (!todo.empty() && DeviceEncodeWanted(c) && kernels::DeviceCount() > 0) {
     std::vector<SegmentShape> shapes;
     std::vector<uint16_t> gathered;  // The segments to encode, back to back, unless all are.
     for (uint64_t s : todo) {
@@ -234,6 +233,11 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
 }
 
 }  // namespace
+
+bool DeviceEncodeWanted(const EncodeContext& c) {
+  return c.device && kernels::GetCodecOps(c.codec.codec).encode_cuda != nullptr &&
+         (c.device_any_profile || kernels::CudaEncoderKeepsProfile(c.codec));
+}
 
 bool DeviceFusionUsable() {
   static const bool usable = [] {

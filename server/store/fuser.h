@@ -76,7 +76,14 @@ struct EncodeContext {
   // Sketches, exact checks and encodes on the GPU (kernels' CUDA path) when DeviceFusionUsable();
   // a device error falls back to the host path for that step, never to a wrong result.
   bool device = false;
+  // With `device`: encode on the GPU even where its encoder writes another payload than the
+  // host's (kernels::CudaEncoderKeepsProfile false: kvpool's default and entropy profiles).
+  bool device_any_profile = false;
 };
+
+// Whether EncodeBlock encodes `c`'s segments with the CUDA kernels when a GPU is present: `device`
+// and a codec with a CUDA encoder that keeps its profile, or any with `device_any_profile`.
+bool DeviceEncodeWanted(const EncodeContext& c);
 
 // True when this process has a GPU whose codec and fusion kernels passed their self-checks
 // (kernels::SelfCheckCudaFusion, run once; a failure is logged and keeps fusion on the CPU).

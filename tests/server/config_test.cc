@@ -35,6 +35,7 @@ DaemonOptions Sentinel() {
   o.service.max_keys_per_request = 3;
   o.service.max_request_bytes = 888;
   o.service.chunk_bytes = 999;
+  o.service.gpu_encode_policy = server::GpuEncode::kNever;
   return o;
 }
 
@@ -48,6 +49,7 @@ void ExpectSame(const DaemonOptions& a, const DaemonOptions& b) {
   EXPECT_EQ(a.service.max_keys_per_request, b.service.max_keys_per_request);
   EXPECT_EQ(a.service.max_request_bytes, b.service.max_request_bytes);
   EXPECT_EQ(a.service.chunk_bytes, b.service.chunk_bytes);
+  EXPECT_EQ(a.service.gpu_encode_policy, b.service.gpu_encode_policy);
 }
 
 TEST(ConfigTest, StructDefaultsAreTheDocumentedOnes) {
@@ -61,6 +63,7 @@ TEST(ConfigTest, StructDefaultsAreTheDocumentedOnes) {
   EXPECT_EQ(o.service.max_keys_per_request, 4096u);
   EXPECT_EQ(o.service.max_request_bytes, 1 * kGiB);
   EXPECT_EQ(o.service.chunk_bytes, 1 * kMiB);
+  EXPECT_EQ(o.service.gpu_encode_policy, GpuEncode::kAuto);
 }
 
 TEST(ConfigTest, DefaultYamlAppliesCleanlyAndSetsEveryDefault) {
@@ -73,7 +76,8 @@ TEST(ConfigTest, DefaultYamlMentionsEveryKey) {
   const std::string yaml(DefaultConfigYaml());
   for (const char* key :
        {"listen:", "metrics_listen:", "host_memory:", "data_dir:", "log_level:", "limits:",
-        "max_keys_per_request:", "max_request_bytes:", "max_message_bytes:", "chunk_bytes:"}) {
+        "max_keys_per_request:", "max_request_bytes:", "max_message_bytes:", "chunk_bytes:",
+        "gpu_encode:"}) {
     EXPECT_THAT(yaml, HasSubstr(key));
   }
 }
@@ -112,6 +116,24 @@ TEST(ConfigTest, PartialDocumentChangesOnlyItsKeys) {
   want.host_memory = 512 * kMiB;
   want.service.chunk_bytes = 64 * kKiB;
   ExpectSame(o, want);
+}
+
+TEST(ConfigTest, GpuEncodeTakesItsThreePoliciesAndNamesABadOne) {
+  const std::pair<const char*, GpuEncode> cases[] = {
+      {"auto", GpuEncode::kAuto}, {"always", GpuEncode::kAlways}, {"never", GpuEncode::kNever}};
+  for (const auto& [text, policy] : cases) {
+    DaemonOptions o = Sentinel();
+    o.service.gpu_encode_policy = policy == GpuEncode::kAuto ? GpuEncode::kNever : GpuEncode::kAuto;
+    ASSERT_THAT(ApplyConfigYaml(std::string("gpu_encode: ") + text, &o), IsOk()) << text;
+    EXPECT_EQ(o.service.gpu_encode_policy, policy) << text;
+  }
+  for (const char* bad : {"gpu_encode: yes", "gpu_encode: [auto]", "gpu_encode: AUTO"}) {
+    DaemonOptions o = Sentinel();
+    EXPECT_THAT(ApplyConfigYaml(bad, &o),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("gpu_encode")))
+        << bad;
+    ExpectSame(o, Sentinel());
+  }
 }
 
 TEST(ConfigTest, SizesAcceptPlainNumbersAndDecimalUnits) {

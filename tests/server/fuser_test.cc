@@ -280,6 +280,34 @@ TEST(FuserTest, DeviceContextDecidesAsTheHost) {
   }
 }
 
+// gpu_encode: auto keeps kvpool's default and entropy profiles off the GPU (its encoder writes
+// payload mode 1 for them); always sends every codec with a CUDA encoder there.
+TEST(FuserTest, DeviceEncodeWantedOnlyWhereTheGpuKeepsTheProfile) {
+  struct Case {
+    CodecId codec;
+    uint8_t flags;
+    bool keeps;
+  };
+  const Case cases[] = {{CodecId::kRaw, 0, true},
+                        {CodecId::kKivi, 0, true},
+                        {CodecId::kPackKv, 0, true},
+                        {CodecId::kKvpool, kKvpoolFastProfile, true},
+                        {CodecId::kKvpool, 0, false},
+                        {CodecId::kKvpool, kKvpoolEntropyProfile, false}};
+  for (const Case& k : cases) {
+    CodecParams p{k.codec};
+    p.flags = k.flags;
+    EXPECT_EQ(kernels::CudaEncoderKeepsProfile(p), k.keeps) << int(k.codec) << " " << int(k.flags);
+    const bool has_kernel = kernels::GetCodecOps(k.codec).encode_cuda != nullptr;
+    EncodeContext c = Context(FusionOptions::Mode::kOff, p);
+    EXPECT_FALSE(DeviceEncodeWanted(c));  // No device in the context.
+    c.device = true;
+    EXPECT_EQ(DeviceEncodeWanted(c), has_kernel && k.keeps) << int(k.codec) << " " << int(k.flags);
+    c.device_any_profile = true;
+    EXPECT_EQ(DeviceEncodeWanted(c), has_kernel) << int(k.codec) << " " << int(k.flags);
+  }
+}
+
 TEST(FuserTest, CudaFusionKernelsPassTheirSelfCheck) {
   if (kernels::DeviceCount() == 0) GTEST_SKIP() << kernels::DescribeDevices();
   EXPECT_TRUE(DeviceFusionUsable());
