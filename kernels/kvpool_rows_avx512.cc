@@ -222,8 +222,10 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
                                        const uint8_t* meta, const float* hs, uint8_t* const* out,
                                        float* err_out) {
   const uint32_t D = hd.D, nv = D / 16;
-  uint32_t b[N], bo[N], extra[N][kMaxPlanes] = {}, seen = 0;
+  uint32_t b[N], bo[N], seen = 0;
   alignas(64) uint8_t low[N][kMaxDim], high[N][kMaxDim];
+  // The outlier channels' codes in channel order (kMaxOutliers, and room for a vector's store).
+  alignas(64) uint32_t oc[N][kMaxOutliers + 16];
   __m512 vinv[N], vhs[N], half_r[N], top_r[N], half_o[N], top_o[N], err[N];
   const __m512 two = _mm512_set1_ps(2.f), zero = _mm512_setzero_ps();
 #pragma GCC unroll 2
@@ -274,13 +276,7 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
         _mm_store_si128(reinterpret_cast<__m128i*>(high[r] + 16 * k),
                         _mm512_cvtepi32_epi8(_mm512_srli_epi32(ui, 8)));
       }
-      if (om != 0) {
-        for (uint32_t p = 0; p < hd.extra; ++p) {
-          const uint32_t bits =
-              _mm512_mask_test_epi32_mask(om, ui, _mm512_set1_epi32(1 << (b[r] + p)));
-          extra[r][p] |= _pext_u32(bits, om) << seen;
-        }
-      }
+      if (om != 0) _mm512_storeu_si512(oc[r] + seen, _mm512_maskz_compress_epi32(om, ui));
     }
     seen += uint32_t(__builtin_popcount(om));
   }
@@ -288,10 +284,17 @@ KVPOOL_AVX512 inline void QuantizeCore(const RowHead& hd, const float* xf, const
   for (uint32_t r = 0; r < N; ++r) {
     if (b[r] > 0) BytePlanes(low[r], D, 0, out[r]);
     if (b[r] > 8) BytePlanes(high[r], D, 8, out[r]);
-    if (hd.outliers) {
+    if (hd.outliers) {  // Extra plane p: bit b + p of each outlier channel's code.
       const uint64_t ob = PlaneBytes(hd.outliers);
+      const __mmask16 m0 = __mmask16(_bzhi_u32(0xffff, hd.outliers)),
+                      m1 = __mmask16(hd.outliers > 16 ? _bzhi_u32(0xffff, hd.outliers - 16) : 0);
+      const __m512i c0 = _mm512_maskz_load_epi32(m0, oc[r]);
+      const __m512i c1 = _mm512_maskz_load_epi32(m1, oc[r] + 16);
       for (uint32_t p = 0; p < hd.extra; ++p) {
-        std::memcpy(out[r] + b[r] * (D / 8) + p * ob, &extra[r][p], ob);
+        const __m512i bit = _mm512_set1_epi32(1 << (b[r] + p));
+        const uint32_t bits = uint32_t(_mm512_test_epi32_mask(c0, bit)) |
+                              uint32_t(_mm512_test_epi32_mask(c1, bit)) << 16;
+        std::memcpy(out[r] + b[r] * (D / 8) + p * ob, &bits, ob);
       }
     }
     err_out[r] = Tree16v(err[r]);

@@ -138,19 +138,31 @@ TEST(KvpoolRows, FastPathIsTheReferenceAndTheBudgetHolds) {
   const float budgets[] = {0.005f, 0.02f, 0.1f, 0.3f, 0.6f};
   const uint32_t tokens[] = {1, 16, 17, 64, 200};
   const uint32_t dims[] = {32, 64, 96, 128};
-  int checked = 0, coded = 0;
+  int checked = 0, coded = 0, many_outliers = 0;
   for (int n = 0; n < 120; ++n) {
     const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
     const SegmentShape s = Shape(tokens[rng() % 5], 1 + rng() % 3, dims[rng() % 4], dt);
     const CodecParams p = *NormalizeParams(Params(budgets[rng() % 5]));
     const int type = int(rng() % 6);
-    const std::vector<uint16_t> k = RandomSegment(s, type == 1 ? 1 : 5, rng);
+    const std::vector<uint16_t> k = RandomSegment(s, type == 1 ? 1 : n % 4 == 3 ? 6 : 5, rng);
     const std::vector<uint16_t> v = RandomSegment(s, type, rng);
     const Pair e = EncodeBoth(p, s, k, v, &checked);
     if (HasFatalFailure() || HasFailure()) FAIL() << "segment " << n;
     coded += uint8_t(e.keys[kSegmentHeaderBytes]) == in::kModeRows;
+    for (const std::string& enc : {e.keys, e.values}) {  // Heads with outlier planes of 2 words.
+      const std::string payload = PayloadOf(enc);
+      in::ParsedRows parsed;
+      if (uint8_t(payload[0]) != in::kModeRows ||
+          !in::ParseRows(s, reinterpret_cast<const uint8_t*>(payload.data()), payload.size(),
+                         &parsed)
+               .ok()) {
+        continue;
+      }
+      for (const in::ParsedRows::Head& hd : parsed.heads) many_outliers += hd.outliers > 16;
+    }
   }
   EXPECT_EQ(checked, 240);
+  EXPECT_GT(many_outliers, 0);
   EXPECT_GT(coded, 60);  // Most key segments take mode 4, the rest (one token, tight budgets) raw.
 }
 
@@ -247,13 +259,13 @@ TEST(KvpoolRows, Avx2EncoderIsTheReference) {
   const float budgets[] = {0.003f, 0.02f, 0.1f, 0.3f, 0.6f};
   const uint32_t dims[] = {32, 64, 96, 128, 256};
   const uint32_t tokens[] = {1, 16, 17, 64, 200, 256};
-  int coded = 0, wide = 0;
+  int coded = 0, wide = 0, many_outliers = 0;
   for (int n = 0; n < 40; ++n) {
     const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
     SegmentShape s = Shape(tokens[rng() % 6], 1 + rng() % 3, dims[rng() % 5], dt);
     const CodecParams p = *NormalizeParams(Params(budgets[rng() % 5]));
     const int type = int(rng() % 6);
-    const std::vector<uint16_t> k = RandomSegment(s, type == 1 ? 1 : 5, rng);
+    const std::vector<uint16_t> k = RandomSegment(s, type == 1 ? 1 : n % 4 == 3 ? 6 : 5, rng);
     const std::vector<uint16_t> v = RandomSegment(s, type, rng);
     std::string key_payload;
     for (int kind = 0; kind < 2; ++kind) {
@@ -283,12 +295,14 @@ TEST(KvpoolRows, Avx2EncoderIsTheReference) {
         for (uint64_t i = 0; i < uint64_t{s.tokens} * s.kv_heads; ++i) {
           wide += (parsed.metas[i] & 15) > 8;
         }
+        for (const in::ParsedRows::Head& hd : parsed.heads) many_outliers += hd.outliers > 16;
       }
       if (!kind) key_payload = out[0];
     }
   }
   EXPECT_GT(coded, 40);
   EXPECT_GT(wide, 0);
+  EXPECT_GT(many_outliers, 0);
 }
 
 TEST(KvpoolRows, OddShapesTakeTheReferenceKernelsAndHoldTheBudget) {

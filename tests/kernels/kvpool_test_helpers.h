@@ -49,15 +49,16 @@ inline double RelL2(const SegmentShape& s, const std::vector<uint16_t>& a,
 }
 
 // Random segment: 0 low-rank + noise, 1 i.i.d. noise, 2 constant, 3 zero, 4 one huge outlier,
-// 5 keys-like outlier channels.
+// 5 keys-like outlier channels (every 17th), 6 as 5 with every 5th channel (more than 16 of 96
+// or more channels: outlier planes of two 16-lane groups).
 inline std::vector<uint16_t> RandomSegment(const SegmentShape& s, int type, std::mt19937_64& rng) {
   std::normal_distribution<float> n(0.f, 1.f);
   std::vector<uint16_t> v(s.Elements());
   const uint32_t HD = s.kv_heads * s.head_dim;
   std::vector<float> basis(3 * HD), mix(3), scale(HD, 1.f), offset(HD, 0.f);
   for (float& b : basis) b = n(rng);
-  if (type == 5) {
-    for (uint32_t c = 0; c < HD; c += 17) {
+  if (type == 5 || type == 6) {
+    for (uint32_t c = 0; c < HD; c += type == 5 ? 17 : 5) {
       scale[c] = 10.f;
       offset[c] = 5.f;
     }
