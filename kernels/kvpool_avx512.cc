@@ -399,7 +399,8 @@ KVPOOL_AVX512 void DecodeT(const SegmentShape& shape, const Parsed& parsed, cons
 
 const FastKernels& FastCpuKernels() {
   static const FastKernels k = {&Stats, &Means, &Distances, &Quantize};
-  return CpuHasAvx512() ? k : FastRefKernels();
+  if (CpuHasAvx512()) return k;
+  return FastKernelsAvx2() != nullptr ? *FastKernelsAvx2() : FastRefKernels();
 }
 
 namespace {

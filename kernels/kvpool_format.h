@@ -276,9 +276,12 @@ struct FastKernels {
 };
 inline constexpr uint64_t kQuantizeFailed = ~uint64_t{0};
 const FastKernels& FastRefKernels();
-// AVX-512 (F, BW, VL, VBMI, GFNI) kernels when the CPU has them (CpuHasAvx512()), else the
-// reference's. kvpool_avx512.cc.
+// AVX-512 (F, BW, VL, VBMI, GFNI) kernels when the CPU has them (CpuHasAvx512()), else AVX2's
+// (FastKernelsAvx2), else the reference's. kvpool_avx512.cc.
 const FastKernels& FastCpuKernels();
+// AVX2 (FMA, F16C) kernels, the reference's payloads byte for byte; nullptr without AVX2.
+// kvpool_fast_avx2.cc.
+const FastKernels* FastKernelsAvx2();
 // The decoded means m of `in` (the dtype's values of column sum / n over the groups MeanStride
 // samples, n tokens; `stored` the elements) and the sampled energy scaled to all T tokens; false
 // when a sampled element is not finite. kvpool_fast.cc.

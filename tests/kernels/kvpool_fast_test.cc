@@ -1,6 +1,6 @@
 // kvpool codec's fast profile (CodecParams::flags kKvpoolFastProfile): a hand-computed case, the
 // budget and reference == fast CPU path (payload and decode) over many random segments, and
-// full-size segments through the AVX-512 loops.
+// full-size segments through the AVX-512 loops; the AVX2 kernels against the reference's.
 #include <string>
 #include <vector>
 
@@ -135,6 +135,123 @@ TEST(KvpoolFast, NonFiniteElementsAnywhereAreStoredRaw) {
         }
       }
     }
+  }
+}
+
+// The AVX2 kernels (CPUs without AVX-512) write the reference kernels' payloads byte for byte:
+// random segments (partial groups, head_dim not a multiple of 16 taking the reference's loops,
+// values with classes from their keys' elements, codes of every width), full-size segments,
+// and non-finite elements (the same error on both).
+TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
+  namespace in = kvpool::internal;
+  const in::FastKernels* avx2 = in::FastKernelsAvx2();
+  if (avx2 == nullptr) GTEST_SKIP() << "no AVX2";
+  const auto encode = [](const in::FastKernels& kn, const SegmentShape& s, const CodecParams& p,
+                         const std::vector<uint16_t>& x, const std::vector<uint16_t>& keys) {
+    LayerKeys lk;
+    if (!keys.empty()) lk.elements = keys.data();
+    std::string out(2 * s.Bytes() + 4096, '\0');
+    auto n = in::FastEncode(s, p, x.data(), lk, kn, reinterpret_cast<uint8_t*>(out.data()),
+                            out.size());
+    if (!n.ok()) return n.status().ToString();
+    out.resize(*n);
+    return out;
+  };
+  std::mt19937_64 rng(29);
+  const float budgets[] = {0.001f, 0.02f, 0.05f, 0.2f, 0.6f};
+  const uint32_t tokens[] = {1, 2, 15, 16, 17, 40, 130};
+  const uint32_t dims[] = {16, 24, 32, 64, 128};
+  int coded = 0, wide = 0;
+  for (int n = 0; n < 600; ++n) {
+    const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
+    const SegmentKind kind = (n / 2) % 2 ? SegmentKind::kValue : SegmentKind::kKey;
+    const SegmentShape s = Shape(tokens[rng() % 7], 1 + rng() % 4, dims[rng() % 5], dt, kind);
+    const CodecParams p = *NormalizeParams(Params(budgets[rng() % 5], 0, kFast));
+    const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 7), rng);
+    std::vector<uint16_t> keys;
+    if (kind == SegmentKind::kValue && n % 3 != 0) keys = RandomSegment(s, 5, rng);
+    const std::string ref = encode(in::FastRefKernels(), s, p, v, keys);
+    ASSERT_EQ(encode(*avx2, s, p, v, keys), ref) << "segment " << n;
+    if (ref.size() > 8 && ref[0] == 1) {
+      ++coded;
+      const uint64_t packs = uint64_t{in::Groups(s.tokens)} * s.kv_heads * s.head_dim;
+      const uint8_t* widths =
+          reinterpret_cast<const uint8_t*>(ref.data()) + in::kHeaderBytes + s.kv_heads +
+          2 * uint64_t{s.kv_heads} * s.head_dim + (ref[1] ? (uint64_t{s.tokens} * s.kv_heads + 1) / 2 : 0);
+      for (uint64_t k = 0; k < packs; ++k) wide += ((widths[k / 2] >> (4 * (k & 1))) & 15) > 8;
+    }
+  }
+  EXPECT_GT(coded, 200);
+  EXPECT_GT(wide, 0);  // Packs of more than 8 planes (the second byte of each plane word).
+  client::SyntheticOptions o;
+  o.num_layers = 1;
+  o.num_kv_heads = 8;
+  o.head_dim = 128;
+  o.tokens = 256;
+  const std::string kv = client::SyntheticKv(o);
+  const uint16_t* e = reinterpret_cast<const uint16_t*>(kv.data());
+  const uint64_t count = uint64_t{256} * 8 * 128;
+  const std::vector<uint16_t> k(e, e + count), v(e + count, e + 2 * count);
+  for (float budget : {0.02f, 0.2f}) {
+    const CodecParams p = *NormalizeParams(Params(budget, 0, kFast));
+    const SegmentShape ks = Shape(256, 8, 128, DType::kFp16, SegmentKind::kKey);
+    const SegmentShape vs = Shape(256, 8, 128, DType::kFp16, SegmentKind::kValue);
+    EXPECT_EQ(encode(*avx2, ks, p, k, {}), encode(in::FastRefKernels(), ks, p, k, {}));
+    EXPECT_EQ(encode(*avx2, vs, p, v, k), encode(in::FastRefKernels(), vs, p, v, k));
+  }
+  // Each kernel alone: the same sums, means, distances, codes, error and energy to the bit.
+  for (int n = 0; n < 60; ++n) {
+    const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
+    const SegmentShape s = Shape(tokens[rng() % 7], 1 + rng() % 4, dims[rng() % 5], dt);
+    const std::vector<uint16_t> x = RandomSegment(s, int(rng() % 7), rng);
+    const uint32_t T = s.tokens, H = s.kv_heads, D = s.head_dim, G = in::Groups(T);
+    const uint64_t HD = uint64_t{H} * D;
+    const in::FastKernels* kn[2] = {&in::FastRefKernels(), avx2};
+    std::vector<float> sums[2], sq[2], m[2], dist[2];
+    std::vector<uint16_t> stored[2];
+    std::string packs[2];
+    double err[2] = {0, 0}, energy[2] = {0, 0};
+    uint64_t size[2];
+    const uint32_t stride = 1 + n % 3;
+    std::vector<float> steps(uint64_t{G} * H * in::kPack);
+    for (float& f : steps) f = 0.05f + 0.5f * float(rng() % 100) / 100;
+    for (int k = 0; k < 2; ++k) {
+      sums[k].resize(HD);
+      sq[k].resize(HD);
+      m[k].resize(HD);
+      stored[k].resize(HD);
+      dist[k].resize(uint64_t{T} * H);
+      ASSERT_TRUE(kn[k]->stats(dt, x.data(), T, HD, stride, sums[k].data(), sq[k].data()));
+      kn[k]->means(dt, sums[k].data(), 7, HD, stored[k].data(), m[k].data());
+      kn[k]->distances(dt, x.data(), T, H, D, m[k].data(), dist[k].data());
+      packs[k].assign(in::PackBound(uint64_t{G} * HD), '\0');
+      size[k] = kn[k]->quantize(dt, x.data(), T, H, D, m[k].data(), steps.data(), n % 2 ? 1 : stride,
+                                n % 2 ? reinterpret_cast<uint8_t*>(packs[k].data()) : nullptr,
+                                &err[k], &energy[k]);
+      if (size[k] != in::kQuantizeFailed) packs[k].resize(size[k]);
+    }
+    EXPECT_EQ(sums[1], sums[0]) << n;
+    EXPECT_EQ(sq[1], sq[0]) << n;
+    EXPECT_EQ(stored[1], stored[0]) << n;
+    EXPECT_EQ(m[1], m[0]) << n;
+    EXPECT_EQ(dist[1], dist[0]) << n;
+    ASSERT_EQ(size[1], size[0]) << n;
+    if (size[0] == in::kQuantizeFailed) continue;
+    EXPECT_EQ(packs[1], packs[0]) << n;
+    EXPECT_EQ(err[1], err[0]) << n;
+    EXPECT_EQ(energy[1], energy[0]) << n;
+  }
+  for (DType dt : {DType::kFp16, DType::kBf16}) {
+    const SegmentShape s = Shape(160, 2, 32, dt, SegmentKind::kKey);
+    std::vector<uint16_t> w = RandomSegment(s, 0, rng);
+    w[uint64_t{70} * 64 + 5] = dt == DType::kBf16 ? 0x7fc0 : 0x7e00;  // NaN
+    const CodecParams p = *NormalizeParams(Params(0.05f, 0, kFast));
+    const std::string ref = encode(in::FastRefKernels(), s, p, w, {});
+    EXPECT_NE(ref.find("not finite"), std::string::npos) << ref.substr(0, 80);
+    EXPECT_EQ(encode(*avx2, s, p, w, {}), ref);
+    std::vector<float> sums(64), sq(64);
+    EXPECT_FALSE(avx2->stats(dt, w.data(), 160, 64, 1, sums.data(), sq.data()));
+    EXPECT_FALSE(in::FastRefKernels().stats(dt, w.data(), 160, 64, 1, sums.data(), sq.data()));
   }
 }
 

@@ -1,0 +1,293 @@
+// The kvpool codec's fast profile on AVX2 (with FMA and F16C), for CPUs without AVX-512: the
+// encoder's kernels (kvpool_fast.cc defines them; kvpool_avx512.cc has the AVX-512 ones). The
+// quantisation takes a token's 16 columns of a head at a time (two vectors of 8), so each
+// token's error and energy chains run over its columns in the reference's order (c mod 4: one
+// 4-lane chain per token, the low then the high half of each vector); a 16 x 16 transpose of
+// the codes turns 16 tokens' rows into 16 packs, whose bit planes come two at a time from a
+// saturating pack and a byte mask. Float operations are the reference's, in its order, so the
+// payloads are the reference's byte for byte (tests).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/codec.h"
+#include "kernels/kvpool_format.h"
+#include "kernels/simd_avx2.h"
+
+namespace kvpool::kernels::kvpool::internal {
+namespace {
+
+using simd::Load8;
+using simd::RoundTrip8;
+using simd::Store8;
+
+// The largest (h & 0x7fff) of 8 elements, kept as a running maximum: an element is not finite
+// when its exponent bits are all set, i.e. when that reaches the dtype's exponent mask.
+KVPOOL_AVX2 inline __m128i Magnitudes(const uint16_t* p, __m128i top) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm_max_epu16(top, _mm_and_si128(h, _mm_set1_epi16(0x7fff)));
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 bool AllFinite(__m128i top) {
+  const __m128i exp = _mm_set1_epi16(kBf16 ? 0x7f80 : 0x7c00);
+  return _mm_movemask_epi8(_mm_cmpeq_epi16(_mm_max_epu16(top, exp), top)) == 0;
+}
+
+// Columns c0 .. c0 + 8 * kBlock - 1 of rows t0 .. t1 - 1, carried in registers over the rows.
+template <bool kBf16, int kBlock>
+KVPOOL_AVX2 inline void SumRows(const uint16_t* in, uint32_t t0, uint32_t t1, uint64_t HD,
+                                uint64_t c0, float* sums, float* sq, __m128i* top) {
+  __m256 s[kBlock], q[kBlock];
+  for (int j = 0; j < kBlock; ++j) {
+    s[j] = _mm256_loadu_ps(sums + c0 + 8 * j);
+    q[j] = _mm256_loadu_ps(sq + c0 + 8 * j);
+  }
+  for (uint32_t t = t0; t < t1; ++t) {
+    const uint16_t* row = in + t * HD + c0;
+    for (int j = 0; j < kBlock; ++j) {
+      *top = Magnitudes(row + 8 * j, *top);
+      const __m256 x = Load8<kBf16>(row + 8 * j);
+      s[j] = _mm256_add_ps(s[j], x);
+      q[j] = _mm256_add_ps(q[j], _mm256_mul_ps(x, x));
+    }
+  }
+  for (int j = 0; j < kBlock; ++j) {
+    _mm256_storeu_ps(sums + c0 + 8 * j, s[j]);
+    _mm256_storeu_ps(sq + c0 + 8 * j, q[j]);
+  }
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 bool StatsT(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
+                        float* sq) {
+  std::fill(sums, sums + HD, 0.f);
+  std::fill(sq, sq + HD, 0.f);
+  __m128i top = _mm_setzero_si128();
+  for (uint32_t t0 = 0; t0 < T; t0 += stride * kPack) {
+    const uint32_t t1 = std::min<uint32_t>(T, t0 + kPack);
+    uint64_t c0 = 0;
+    for (; c0 + 64 <= HD; c0 += 64) SumRows<kBf16, 8>(in, t0, t1, HD, c0, sums, sq, &top);
+    for (; c0 < HD; c0 += 8) SumRows<kBf16, 1>(in, t0, t1, HD, c0, sums, sq, &top);
+  }
+  return AllFinite<kBf16>(top);
+}
+
+bool Stats(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
+           float* sq) {
+  if (HD % 8 != 0) return FastRefKernels().stats(dtype, in, T, HD, stride, sums, sq);
+  return dtype == DType::kBf16 ? StatsT<true>(in, T, HD, stride, sums, sq)
+                               : StatsT<false>(in, T, HD, stride, sums, sq);
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 bool MeansT(const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
+  const __m256 count = _mm256_set1_ps(float(n)), inf = _mm256_set1_ps(INFINITY);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (uint64_t c = 0; c < HD; c += 8) {
+    const __m256 mean = _mm256_div_ps(_mm256_loadu_ps(sums + c), count);
+    // Store8 rounds finite floats only (bf16 sums may overflow).
+    const __m256 finite = _mm256_cmp_ps(_mm256_and_ps(mean, magnitude), inf, _CMP_LT_OQ);
+    if (_mm256_movemask_ps(finite) != 0xff) return false;
+    Store8<kBf16>(stored + c, mean);
+    _mm256_storeu_ps(m + c, Load8<kBf16>(stored + c));
+  }
+  return true;
+}
+
+void Means(DType dtype, const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
+  const bool done = HD % 8 == 0 && (dtype == DType::kBf16 ? MeansT<true>(sums, n, HD, stored, m)
+                                                          : MeansT<false>(sums, n, HD, stored, m));
+  if (!done) FastRefKernels().means(dtype, sums, n, HD, stored, m);
+}
+
+// Tree16 of 16 lanes held as l[0 .. 7] in `lo` and l[8 .. 15] in `hi`.
+KVPOOL_AVX2 inline float Tree16(__m256 lo, __m256 hi) {
+  const __m256 a = _mm256_add_ps(lo, hi);
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 void DistancesT(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
+                            float* dist) {
+  const uint64_t HD = uint64_t{H} * D;
+  for (uint32_t t = 0; t < T; ++t)
+    for (uint32_t h = 0; h < H; ++h) {
+      __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+      const uint16_t* x = in + t * HD + h * D;
+      const float* mh = m + h * D;
+      for (uint32_t d = 0; d < D; d += 16) {
+        const __m256 a = _mm256_sub_ps(Load8<kBf16>(x + d), _mm256_loadu_ps(mh + d));
+        const __m256 b = _mm256_sub_ps(Load8<kBf16>(x + d + 8), _mm256_loadu_ps(mh + d + 8));
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(a, a));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(b, b));
+      }
+      dist[uint64_t{t} * H + h] = Tree16(lo, hi);
+    }
+}
+
+void Distances(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
+               float* dist) {
+  if (D % 16 != 0) return FastRefKernels().distances(dtype, in, T, H, D, m, dist);
+  return dtype == DType::kBf16 ? DistancesT<true>(in, T, H, D, m, dist)
+                               : DistancesT<false>(in, T, H, D, m, dist);
+}
+
+// 16 x 16 transpose of 16-bit elements: r[i] word j -> o[j] word i. Within 128-bit lanes the
+// 8 x 8 blocks are transposed by three rounds of unpacks (rows 0-7 and 8-15 apart), then the
+// lanes are exchanged.
+KVPOOL_AVX2 inline void Transpose16(const __m256i* r, __m256i* o) {
+  __m256i v[2][8];
+  for (int half = 0; half < 2; ++half) {
+    const __m256i* x = r + 8 * half;
+    __m256i t[8], u[8];
+    for (int k = 0; k < 4; ++k) {  // t[2k]: columns 0-3 (8-11) of rows 2k, 2k + 1; t[2k + 1]: 4-7.
+      t[2 * k] = _mm256_unpacklo_epi16(x[2 * k], x[2 * k + 1]);
+      t[2 * k + 1] = _mm256_unpackhi_epi16(x[2 * k], x[2 * k + 1]);
+    }
+    for (int k = 0; k < 2; ++k) {  // u[4k + j]: columns 2j, 2j + 1 of rows 4k .. 4k + 3.
+      u[4 * k + 0] = _mm256_unpacklo_epi32(t[4 * k], t[4 * k + 2]);
+      u[4 * k + 1] = _mm256_unpackhi_epi32(t[4 * k], t[4 * k + 2]);
+      u[4 * k + 2] = _mm256_unpacklo_epi32(t[4 * k + 1], t[4 * k + 3]);
+      u[4 * k + 3] = _mm256_unpackhi_epi32(t[4 * k + 1], t[4 * k + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {  // v[half][c]: column c (low lane) and c + 8 (high lane).
+      v[half][2 * j] = _mm256_unpacklo_epi64(u[j], u[4 + j]);
+      v[half][2 * j + 1] = _mm256_unpackhi_epi64(u[j], u[4 + j]);
+    }
+  }
+  for (int c = 0; c < 8; ++c) {
+    o[c] = _mm256_permute2x128_si256(v[0][c], v[1][c], 0x20);
+    o[c + 8] = _mm256_permute2x128_si256(v[0][c], v[1][c], 0x31);
+  }
+}
+
+// Writes planes 0 .. w - 1 of a pack (word i: token i's code) as w 16-bit words (bit i: token
+// i); two planes per store, so it may write one plane's zero word past them.
+KVPOOL_AVX2 inline uint8_t* StorePlanes(__m256i pack, uint32_t w, uint8_t* data) {
+  for (uint32_t b = 0; b < w; b += 2) {
+    // Bit b (b + 1) of each word to its sign; the saturating pack keeps the sign in a byte.
+    const __m256i lo = _mm256_sll_epi16(pack, _mm_cvtsi32_si128(int(15 - b)));
+    const __m256i hi = _mm256_sll_epi16(pack, _mm_cvtsi32_si128(int(14 - b)));
+    const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(lo, hi), 0xd8);
+    const uint32_t planes = uint32_t(_mm256_movemask_epi8(bytes));
+    std::memcpy(data + 2 * b, &planes, 4);
+  }
+  return data + 2 * w;
+}
+
+template <bool kBf16>
+KVPOOL_AVX2 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
+                               const float* m, const float* steps, uint32_t stride, uint8_t* out,
+                               double* err, double* energy) {
+  const uint32_t G = Groups(T);
+  const uint64_t HD = uint64_t{H} * D, packs = uint64_t{G} * HD;
+  uint8_t* widths = out;
+  uint8_t* data = out == nullptr ? nullptr : out + (packs + 1) / 2;
+  const __m256 vmax = _mm256_set1_ps(kMaxCode);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (uint32_t g = 0; g < G; g += stride) {
+    const uint32_t valid = std::min<uint32_t>(kPack, T - g * kPack);
+    __m128 acc[kPack], pow[kPack];  // Per token: the chains a[c mod 4], b[c mod 4].
+    for (uint32_t i = 0; i < kPack; ++i) acc[i] = pow[i] = _mm_setzero_ps();
+    __m256 bad = _mm256_setzero_ps();  // Lanes of codes beyond kMaxCode or NaN.
+    for (uint32_t h = 0; h < H; ++h) {
+      float s[kPack], inv[kPack];
+      for (uint32_t i = 0; i < valid; ++i) {
+        s[i] = steps[(uint64_t{g} * H + h) * kPack + i];
+        inv[i] = 1.f / s[i];
+      }
+      for (uint32_t d0 = 0; d0 < D; d0 += 16) {
+        const uint64_t c0 = uint64_t{h} * D + d0;
+        const __m256 m0 = _mm256_loadu_ps(m + c0), m1 = _mm256_loadu_ps(m + c0 + 8);
+        __m256i codes[kPack];
+        __m256i all = _mm256_setzero_si256();
+        for (uint32_t i = 0; i < valid; ++i) {
+          const uint16_t* row = in + (uint64_t{g} * kPack + i) * HD + c0;
+          const __m256 x0 = Load8<kBf16>(row), x1 = Load8<kBf16>(row + 8);
+          const __m256 vi = _mm256_set1_ps(inv[i]), vs = _mm256_set1_ps(s[i]);
+          const __m256 q0 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x0, m0), vi),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          const __m256 q1 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x1, m1), vi),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          bad = _mm256_or_ps(
+              bad, _mm256_or_ps(_mm256_cmp_ps(_mm256_and_ps(q0, magnitude), vmax, _CMP_NLE_UQ),
+                                _mm256_cmp_ps(_mm256_and_ps(q1, magnitude), vmax, _CMP_NLE_UQ)));
+          const __m256 e0 =
+              _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m0, _mm256_mul_ps(q0, vs))), x0);
+          const __m256 e1 =
+              _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m1, _mm256_mul_ps(q1, vs))), x1);
+          // Columns c0 + 0-3, 4-7, 8-11, 12-15: the chains a[c mod 4] in column order.
+          __m128 a = acc[i], p = pow[i];
+          a = _mm_fmadd_ps(_mm256_castps256_ps128(e0), _mm256_castps256_ps128(e0), a);
+          a = _mm_fmadd_ps(_mm256_extractf128_ps(e0, 1), _mm256_extractf128_ps(e0, 1), a);
+          a = _mm_fmadd_ps(_mm256_castps256_ps128(e1), _mm256_castps256_ps128(e1), a);
+          a = _mm_fmadd_ps(_mm256_extractf128_ps(e1, 1), _mm256_extractf128_ps(e1, 1), a);
+          p = _mm_fmadd_ps(_mm256_castps256_ps128(x0), _mm256_castps256_ps128(x0), p);
+          p = _mm_fmadd_ps(_mm256_extractf128_ps(x0, 1), _mm256_extractf128_ps(x0, 1), p);
+          p = _mm_fmadd_ps(_mm256_castps256_ps128(x1), _mm256_castps256_ps128(x1), p);
+          p = _mm_fmadd_ps(_mm256_extractf128_ps(x1, 1), _mm256_extractf128_ps(x1, 1), p);
+          acc[i] = a;
+          pow[i] = p;
+          if (out == nullptr) continue;
+          // ZigZag codes as 16 words (a failing group's are garbage, within PackBound).
+          const __m256i z0 = _mm256_cvtps_epi32(q0), z1 = _mm256_cvtps_epi32(q1);
+          const __m256i u0 = _mm256_xor_si256(_mm256_slli_epi32(z0, 1), _mm256_srai_epi32(z0, 31));
+          const __m256i u1 = _mm256_xor_si256(_mm256_slli_epi32(z1, 1), _mm256_srai_epi32(z1, 31));
+          codes[i] = _mm256_permute4x64_epi64(_mm256_packs_epi32(u0, u1), 0xd8);
+          all = _mm256_or_si256(all, codes[i]);
+        }
+        if (out == nullptr) continue;
+        for (uint32_t i = valid; i < kPack; ++i) codes[i] = _mm256_setzero_si256();
+        __m256i pack[kPack];
+        Transpose16(codes, pack);
+        alignas(32) uint16_t ors[kPack];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ors), all);
+        uint64_t nibbles = 0;
+        for (uint32_t j = 0; j < kPack; ++j) {
+          const uint32_t w = ors[j] ? 32 - uint32_t(__builtin_clz(ors[j])) : 0;
+          nibbles |= uint64_t(w) << (4 * j);
+          data = StorePlanes(pack[j], w, data);
+        }
+        std::memcpy(widths + (uint64_t{g} * HD + c0) / 2, &nibbles, 8);
+      }
+    }
+    if (_mm256_movemask_ps(bad) != 0) return kQuantizeFailed;
+    alignas(32) float l[kPack], v[kPack];
+    for (uint32_t i = 0; i < kPack; ++i) {
+      alignas(16) float a[4], p[4];
+      _mm_store_ps(a, acc[i]);
+      _mm_store_ps(p, pow[i]);
+      l[i] = (a[0] + a[1]) + (a[2] + a[3]);
+      v[i] = (p[0] + p[1]) + (p[2] + p[3]);
+    }
+    const float group_err = Tree16(_mm256_load_ps(l), _mm256_load_ps(l + 8));
+    if (std::isnan(group_err)) return kQuantizeFailed;
+    *err += double(group_err);
+    *energy += double(Tree16(_mm256_load_ps(v), _mm256_load_ps(v + 8)));
+  }
+  return out == nullptr ? 0 : uint64_t(data - out);
+}
+
+uint64_t Quantize(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
+                  const float* m, const float* steps, uint32_t stride, uint8_t* out, double* err,
+                  double* energy) {
+  if (D % 16 != 0) {
+    return FastRefKernels().quantize(dtype, in, T, H, D, m, steps, stride, out, err, energy);
+  }
+  return dtype == DType::kBf16 ? QuantizeT<true>(in, T, H, D, m, steps, stride, out, err, energy)
+                               : QuantizeT<false>(in, T, H, D, m, steps, stride, out, err, energy);
+}
+
+}  // namespace
+
+const FastKernels* FastKernelsAvx2() {
+  static const FastKernels k = {&Stats, &Means, &Distances, &Quantize};
+  return CpuHasAvx2() ? &k : nullptr;
+}
+
+}  // namespace kvpool::kernels::kvpool::internal
