@@ -192,9 +192,11 @@ KVPOOL_AVX2 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uint3
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (uint32_t g = 0; g < G; g += stride) {
     const uint32_t valid = std::min<uint32_t>(kPack, T - g * kPack);
-    __m128 acc[kPack], pow[kPack];  // Per token: the chains a[c mod 4], b[c mod 4].
-    for (uint32_t i = 0; i < kPack; ++i) acc[i] = pow[i] = _mm_setzero_ps();
-    __m256 bad = _mm256_setzero_ps();  // Lanes of codes beyond kMaxCode or NaN.
+    // Per pair of tokens 2k, 2k + 1: the chains a[c mod 4] (b[c mod 4]) of each, in lanes 0-3
+    // and 4-7.
+    __m256 acc[kPack / 2], pow[kPack / 2];
+    for (uint32_t k = 0; k < kPack / 2; ++k) acc[k] = pow[k] = _mm256_setzero_ps();
+    __m256 qmax = _mm256_setzero_ps();  // Largest |code| (a NaN shows in the error instead).
     for (uint32_t h = 0; h < H; ++h) {
       float s[kPack], inv[kPack];
       for (uint32_t i = 0; i < valid; ++i) {
@@ -206,43 +208,58 @@ KVPOOL_AVX2 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uint3
         const __m256 m0 = _mm256_loadu_ps(m + c0), m1 = _mm256_loadu_ps(m + c0 + 8);
         __m256i codes[kPack];
         __m256i all = _mm256_setzero_si256();
-        for (uint32_t i = 0; i < valid; ++i) {
-          const uint16_t* row = in + (uint64_t{g} * kPack + i) * HD + c0;
-          const __m256 x0 = Load8<kBf16>(row), x1 = Load8<kBf16>(row + 8);
-          const __m256 vi = _mm256_set1_ps(inv[i]), vs = _mm256_set1_ps(s[i]);
-          const __m256 q0 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x0, m0), vi),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          const __m256 q1 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x1, m1), vi),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          bad = _mm256_or_ps(
-              bad, _mm256_or_ps(_mm256_cmp_ps(_mm256_and_ps(q0, magnitude), vmax, _CMP_NLE_UQ),
-                                _mm256_cmp_ps(_mm256_and_ps(q1, magnitude), vmax, _CMP_NLE_UQ)));
-          const __m256 e0 =
-              _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m0, _mm256_mul_ps(q0, vs))), x0);
-          const __m256 e1 =
-              _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m1, _mm256_mul_ps(q1, vs))), x1);
-          // Columns c0 + 0-3, 4-7, 8-11, 12-15: the chains a[c mod 4] in column order.
-          __m128 a = acc[i], p = pow[i];
-          a = _mm_fmadd_ps(_mm256_castps256_ps128(e0), _mm256_castps256_ps128(e0), a);
-          a = _mm_fmadd_ps(_mm256_extractf128_ps(e0, 1), _mm256_extractf128_ps(e0, 1), a);
-          a = _mm_fmadd_ps(_mm256_castps256_ps128(e1), _mm256_castps256_ps128(e1), a);
-          a = _mm_fmadd_ps(_mm256_extractf128_ps(e1, 1), _mm256_extractf128_ps(e1, 1), a);
-          p = _mm_fmadd_ps(_mm256_castps256_ps128(x0), _mm256_castps256_ps128(x0), p);
-          p = _mm_fmadd_ps(_mm256_extractf128_ps(x0, 1), _mm256_extractf128_ps(x0, 1), p);
-          p = _mm_fmadd_ps(_mm256_castps256_ps128(x1), _mm256_castps256_ps128(x1), p);
-          p = _mm_fmadd_ps(_mm256_extractf128_ps(x1, 1), _mm256_extractf128_ps(x1, 1), p);
-          acc[i] = a;
-          pow[i] = p;
-          if (out == nullptr) continue;
-          // ZigZag codes as 16 words (a failing group's are garbage, within PackBound).
-          const __m256i z0 = _mm256_cvtps_epi32(q0), z1 = _mm256_cvtps_epi32(q1);
-          const __m256i u0 = _mm256_xor_si256(_mm256_slli_epi32(z0, 1), _mm256_srai_epi32(z0, 31));
-          const __m256i u1 = _mm256_xor_si256(_mm256_slli_epi32(z1, 1), _mm256_srai_epi32(z1, 31));
-          codes[i] = _mm256_permute4x64_epi64(_mm256_packs_epi32(u0, u1), 0xd8);
-          all = _mm256_or_si256(all, codes[i]);
+        for (uint32_t i = 0; i < valid; i += 2) {  // A token pair (the second may be past T).
+          __m256 e[2][2], x[2][2];
+          for (uint32_t j = 0; j < 2; ++j) {
+            if (i + j >= valid) {  // No error, no energy, code 0.
+              e[j][0] = e[j][1] = x[j][0] = x[j][1] = _mm256_setzero_ps();
+              codes[i + j] = _mm256_setzero_si256();
+              continue;
+            }
+            const uint16_t* row = in + (uint64_t{g} * kPack + i + j) * HD + c0;
+            if ((d0 & 16) == 0 && g + stride < G) {  // The next group's line of this row.
+              _mm_prefetch(reinterpret_cast<const char*>(row + uint64_t{stride} * kPack * HD),
+                           _MM_HINT_T0);
+            }
+            const __m256 x0 = Load8<kBf16>(row), x1 = Load8<kBf16>(row + 8);
+            const __m256 vi = _mm256_set1_ps(inv[i + j]), vs = _mm256_set1_ps(s[i + j]);
+            const __m256 q0 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x0, m0), vi),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m256 q1 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x1, m1), vi),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            qmax = _mm256_max_ps(qmax, _mm256_max_ps(_mm256_and_ps(q0, magnitude),
+                                                     _mm256_and_ps(q1, magnitude)));
+            e[j][0] = _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m0, _mm256_mul_ps(q0, vs))), x0);
+            e[j][1] = _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m1, _mm256_mul_ps(q1, vs))), x1);
+            x[j][0] = x0;
+            x[j][1] = x1;
+            if (out == nullptr) continue;
+            // ZigZag codes as 16 words (a failing group's are garbage, within PackBound).
+            const __m256i z0 = _mm256_cvtps_epi32(q0), z1 = _mm256_cvtps_epi32(q1);
+            const __m256i u0 =
+                _mm256_xor_si256(_mm256_slli_epi32(z0, 1), _mm256_srai_epi32(z0, 31));
+            const __m256i u1 =
+                _mm256_xor_si256(_mm256_slli_epi32(z1, 1), _mm256_srai_epi32(z1, 31));
+            codes[i + j] = _mm256_permute4x64_epi64(_mm256_packs_epi32(u0, u1), 0xd8);
+            all = _mm256_or_si256(all, codes[i + j]);
+          }
+          // Columns c0 + 0-3, 4-7, 8-11, 12-15 of both tokens: the chains in column order.
+          __m256 a = acc[i / 2], p = pow[i / 2];
+          for (uint32_t v = 0; v < 2; ++v) {
+            const __m256 elo = _mm256_permute2f128_ps(e[0][v], e[1][v], 0x20);
+            const __m256 ehi = _mm256_permute2f128_ps(e[0][v], e[1][v], 0x31);
+            const __m256 xlo = _mm256_permute2f128_ps(x[0][v], x[1][v], 0x20);
+            const __m256 xhi = _mm256_permute2f128_ps(x[0][v], x[1][v], 0x31);
+            a = _mm256_fmadd_ps(elo, elo, a);
+            a = _mm256_fmadd_ps(ehi, ehi, a);
+            p = _mm256_fmadd_ps(xlo, xlo, p);
+            p = _mm256_fmadd_ps(xhi, xhi, p);
+          }
+          acc[i / 2] = a;
+          pow[i / 2] = p;
         }
         if (out == nullptr) continue;
-        for (uint32_t i = valid; i < kPack; ++i) codes[i] = _mm256_setzero_si256();
+        for (uint32_t i = (valid + 1) & ~1u; i < kPack; ++i) codes[i] = _mm256_setzero_si256();
         __m256i pack[kPack];
         Transpose16(codes, pack);
         alignas(32) uint16_t ors[kPack];
@@ -256,14 +273,16 @@ KVPOOL_AVX2 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uint3
         std::memcpy(widths + (uint64_t{g} * HD + c0) / 2, &nibbles, 8);
       }
     }
-    if (_mm256_movemask_ps(bad) != 0) return kQuantizeFailed;
+    if (_mm256_movemask_ps(_mm256_cmp_ps(qmax, vmax, _CMP_GT_OQ)) != 0) return kQuantizeFailed;
     alignas(32) float l[kPack], v[kPack];
-    for (uint32_t i = 0; i < kPack; ++i) {
-      alignas(16) float a[4], p[4];
-      _mm_store_ps(a, acc[i]);
-      _mm_store_ps(p, pow[i]);
-      l[i] = (a[0] + a[1]) + (a[2] + a[3]);
-      v[i] = (p[0] + p[1]) + (p[2] + p[3]);
+    for (uint32_t k = 0; k < kPack / 2; ++k) {
+      alignas(32) float a[8], p[8];
+      _mm256_store_ps(a, acc[k]);
+      _mm256_store_ps(p, pow[k]);
+      for (uint32_t j = 0; j < 2; ++j) {
+        l[2 * k + j] = (a[4 * j] + a[4 * j + 1]) + (a[4 * j + 2] + a[4 * j + 3]);
+        v[2 * k + j] = (p[4 * j] + p[4 * j + 1]) + (p[4 * j + 2] + p[4 * j + 3]);
+      }
     }
     const float group_err = Tree16(_mm256_load_ps(l), _mm256_load_ps(l + 8));
     if (std::isnan(group_err)) return kQuantizeFailed;
