@@ -401,6 +401,7 @@ absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
     return absl::OkStatus();
   }
   if (internal::DecodePacksAvx512(shape, parsed, out)) return absl::OkStatus();
+  if (internal::DecodePacksAvx2(shape, parsed, out)) return absl::OkStatus();
   s = internal::DecodeEntropyAvx512(shape, parsed, out);
   if (!absl::IsUnimplemented(s)) return s;
   return DecodeAvx2(shape, parsed, out);

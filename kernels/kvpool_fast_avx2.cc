@@ -302,7 +302,102 @@ uint64_t Quantize(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint3
                                : QuantizeT<false>(in, T, H, D, m, steps, stride, out, err, energy);
 }
 
+// 8 floats as the dtype (FromFloat for finite values).
+template <bool kBf16>
+KVPOOL_AVX2 inline __m128i FromFloats8(__m256 v) {
+  if constexpr (kBf16) {
+    const __m256i u = _mm256_srli_epi32(simd::RoundBf16(v), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+  } else {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  }
+}
+
+// Mode 1 without low-rank parts (the fast profile's payload): per group, head and 16 columns,
+// each pack's planes to 16 codes (a plane's word broadcast and tested against each lane's
+// bit), y = m + q * s per token lane as the reference computes it, and a 16 x 16 transpose
+// back to token rows.
+template <bool kBf16>
+KVPOOL_AVX2 void DecodePacksT(const SegmentShape& shape, const Parsed& parsed, const float* means,
+                              const float* token_steps, uint16_t* out) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim, G = Groups(T);
+  const uint64_t HD = uint64_t{H} * D;
+  const uint8_t* widths = parsed.res_widths;
+  const uint8_t* data = parsed.res_data;
+  const __m256i lane_bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                             4096, 8192, 16384, int16_t(0x8000));
+  const __m256i one = _mm256_set1_epi16(1);
+  for (uint32_t g = 0; g < G; ++g) {
+    const uint32_t valid = std::min<uint32_t>(kPack, T - g * kPack);
+    for (uint32_t h = 0; h < H; ++h) {
+      alignas(32) float s[kPack];
+      for (uint32_t i = 0; i < kPack; ++i) {
+        s[i] = i < valid ? token_steps[(uint64_t{g} * kPack + i) * H + h] : 0.f;
+      }
+      const __m256 s0 = _mm256_load_ps(s), s1 = _mm256_load_ps(s + 8);
+      for (uint32_t d0 = 0; d0 < D; d0 += 16) {
+        const uint64_t c0 = uint64_t{h} * D + d0;
+        uint64_t nibbles;
+        std::memcpy(&nibbles, widths + (uint64_t{g} * HD + c0) / 2, 8);
+        __m256i r[kPack];
+        for (uint32_t l = 0; l < kPack; ++l) {
+          const uint32_t w = (nibbles >> (4 * l)) & 15;
+          __m256i u = _mm256_setzero_si256();
+          for (uint32_t b = 0; b < w; ++b) {
+            uint16_t plane;
+            std::memcpy(&plane, data + 2 * b, 2);
+            const __m256i set =
+                _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16(int16_t(plane)), lane_bit),
+                                   lane_bit);
+            u = _mm256_or_si256(u, _mm256_and_si256(set, _mm256_slli_epi16(one, int(b))));
+          }
+          data += 2 * w;
+          const __m256i q = _mm256_xor_si256(
+              _mm256_srli_epi16(u, 1), _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_and_si256(u, one)));
+          const __m256 m = _mm256_set1_ps(means[c0 + l]);
+          const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q)));
+          const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(q, 1)));
+          r[l] = _mm256_set_m128i(FromFloats8<kBf16>(_mm256_add_ps(m, _mm256_mul_ps(q1, s1))),
+                                  FromFloats8<kBf16>(_mm256_add_ps(m, _mm256_mul_ps(q0, s0))));
+        }
+        __m256i rows[kPack];
+        Transpose16(r, rows);
+        uint16_t* o = out + uint64_t{g} * kPack * HD + c0;
+        for (uint32_t i = 0; i < valid; ++i) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i * HD), rows[i]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
+
+bool DecodePacksAvx2(const SegmentShape& shape, const Parsed& parsed, uint16_t* out) {
+  if (!CpuHasAvx2() || parsed.mode != kModeCoded || parsed.coef_cols != 0 ||
+      shape.head_dim % 16 != 0 || shape.tokens == 0) {
+    return false;
+  }
+  const uint64_t HD = uint64_t{shape.kv_heads} * shape.head_dim;
+  const bool bf16 = shape.dtype == DType::kBf16;
+  thread_local std::vector<float> means, steps;
+  means.resize(HD);
+  // Means not finite (NaN must take the reference's conversion): every exponent bit set.
+  const uint16_t exp = bf16 ? 0x7f80 : 0x7c00;
+  for (uint64_t c = 0; c < HD; ++c) {
+    uint16_t m;
+    std::memcpy(&m, parsed.means + 2 * c, 2);
+    if ((m & exp) == exp) return false;
+    means[c] = ToFloat(shape.dtype, m);
+  }
+  TokenSteps(shape, parsed, &steps);
+  if (bf16) {
+    DecodePacksT<true>(shape, parsed, means.data(), steps.data(), out);
+  } else {
+    DecodePacksT<false>(shape, parsed, means.data(), steps.data(), out);
+  }
+  return true;
+}
 
 const FastKernels* FastKernelsAvx2() {
   static const FastKernels k = {&Stats, &Means, &Distances, &Quantize};

@@ -299,6 +299,8 @@ absl::Status NonFinite();
 // Decodes a mode 1 payload without low-rank directions (the fast profile's) with AVX-512;
 // false (nothing written) when the payload or the CPU does not qualify.
 bool DecodePacksAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out);
+// The same with AVX2 (kvpool_fast_avx2.cc).
+bool DecodePacksAvx2(const SegmentShape& shape, const Parsed& parsed, uint16_t* out);
 // Decodes a mode 3 (entropy-coded) payload with AVX-512: the entropy streams as DecodeStream
 // decodes them, the reconstruction 16 channels per vector in the reference's order of float
 // operations (bit-identical). Unimplemented (nothing written) when the payload or the CPU does

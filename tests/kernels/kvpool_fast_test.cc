@@ -7,6 +7,7 @@
 #include "client/synthetic.h"
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
+#include "kernels/kvpool.h"
 #include "kernels/kvpool_format.h"
 #include "tests/kernels/kvpool_test_helpers.h"
 
@@ -161,7 +162,7 @@ TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
   const float budgets[] = {0.001f, 0.02f, 0.05f, 0.2f, 0.6f};
   const uint32_t tokens[] = {1, 2, 15, 16, 17, 40, 130};
   const uint32_t dims[] = {16, 24, 32, 64, 128};
-  int coded = 0, wide = 0;
+  int coded = 0, wide = 0, decoded = 0;
   for (int n = 0; n < 600; ++n) {
     const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
     const SegmentKind kind = (n / 2) % 2 ? SegmentKind::kValue : SegmentKind::kKey;
@@ -174,6 +175,16 @@ TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
     ASSERT_EQ(encode(*avx2, s, p, v, keys), ref) << "segment " << n;
     if (ref.size() > 8 && ref[0] == 1) {
       ++coded;
+      // The AVX2 packs decoder (head_dim a multiple of 16) gives the reference's values.
+      const uint8_t* pl = reinterpret_cast<const uint8_t*>(ref.data());
+      std::vector<uint16_t> want(s.Elements()), got(s.Elements(), 0);
+      ASSERT_TRUE(kvpool::DecodeRef(s, p, pl, ref.size(), want.data()).ok());
+      in::Parsed parsed;
+      ASSERT_TRUE(in::ParsePayload(s, pl, ref.size(), &parsed).ok());
+      if (in::DecodePacksAvx2(s, parsed, got.data())) {
+        ++decoded;
+        ASSERT_EQ(got, want) << "segment " << n;
+      }
       const uint64_t packs = uint64_t{in::Groups(s.tokens)} * s.kv_heads * s.head_dim;
       const uint8_t* widths =
           reinterpret_cast<const uint8_t*>(ref.data()) + in::kHeaderBytes + s.kv_heads +
@@ -182,6 +193,7 @@ TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
     }
   }
   EXPECT_GT(coded, 200);
+  EXPECT_GT(decoded, 100);
   EXPECT_GT(wide, 0);  // Packs of more than 8 planes (the second byte of each plane word).
   client::SyntheticOptions o;
   o.num_layers = 1;
