@@ -226,7 +226,7 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
   const bool key_classes = weighted && shape.kind == SegmentKind::kKey;
   ValueClasses(shape, keys, fast, weighted, &s);
   const uint32_t stride = std::max(1u, T / kSampleRows), count = (T + stride - 1) / stride;
-  if (!LoadSample(shape, rk, in, stride, count, &s.sample)) return NonFinite();
+  if (!LoadSample(shape, rk, fast, in, stride, count, &s.sample)) return NonFinite();
   const double target = TargetError(shape, params);
   const double allowed_estimate = target * target * s.sample.energy;
   s.heads.resize(H);

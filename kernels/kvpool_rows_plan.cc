@@ -247,8 +247,8 @@ void ModelRows(const Sample& sp, uint32_t h, uint32_t r, const std::vector<float
 
 }  // namespace
 
-bool LoadSample(const SegmentShape& shape, const RowKernels& rk, const uint16_t* in,
-                uint32_t stride, uint32_t count, Sample* sp) {
+bool LoadSample(const SegmentShape& shape, const RowKernels& rk, const FastKernels& fast,
+                const uint16_t* in, uint32_t stride, uint32_t count, Sample* sp) {
   const uint32_t H = shape.kv_heads, D = shape.head_dim;
   const uint64_t HD = uint64_t{H} * D;
   sp->count = count;
@@ -268,10 +268,7 @@ bool LoadSample(const SegmentShape& shape, const RowKernels& rk, const uint16_t*
   if (!std::isfinite(sp->energy)) return false;
   sp->stored.resize(HD);
   sp->means.resize(HD);
-  for (uint64_t c = 0; c < HD; ++c) {
-    sp->stored[c] = FromFloat(shape.dtype, sums[c] / float(count));
-    sp->means[c] = ToFloat(shape.dtype, sp->stored[c]);
-  }
+  fast.means(shape.dtype, sums.data(), count, HD, sp->stored.data(), sp->means.data());
   sp->xs.resize(count * HD);
   sp->var.assign(HD, 0.f);
   sp->dist.resize(uint64_t{H} * count);

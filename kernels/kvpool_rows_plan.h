@@ -24,10 +24,10 @@ struct Sample {
   double energy = 0;             // The segment's sum of squares, estimated from the sample.
 };
 
-// Loads the sample (RowKernels::load and centre), its means and statistics. False when a
-// sampled element is not finite (or too large to square).
-bool LoadSample(const SegmentShape& shape, const RowKernels& rk, const uint16_t* in,
-                uint32_t stride, uint32_t count, Sample* sample);
+// Loads the sample (RowKernels::load and centre), its means (FastKernels::means) and
+// statistics. False when a sampled element is not finite (or too large to square).
+bool LoadSample(const SegmentShape& shape, const RowKernels& rk, const FastKernels& fast,
+                const uint16_t* in, uint32_t stride, uint32_t count, Sample* sample);
 
 // What the step search knows of a sampled row: its class weight times its regular channels'
 // variance, and its residual energy in regular and outlier channels.
