@@ -1,5 +1,7 @@
 #include "bench/codec_bench.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -154,8 +156,15 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
   std::vector<std::string> batched, per_segment;  // cuda rows by how they launch
   std::vector<std::string> by_kind;               // cuda rows: encode/decode GB/s per kind
   double d2d = 0;
+  // Progress on a terminal: each codec and path as it starts (a full run takes minutes).
+  const bool progress = isatty(STDERR_FILENO) != 0;
+  int steps = 0, step = 0;
+  for (const CodecParams& p : set)
+    steps += o.only.empty() || Name(p).find(o.only) != std::string::npos;
+  const absl::Time start = absl::Now();
   for (CodecParams& p : set) {
     if (!o.only.empty() && Name(p).find(o.only) == std::string::npos) continue;
+    ++step;
     KVPOOL_ASSIGN_OR_RETURN(p, kernels::NormalizeParams(p));
     // Two levels per path. The codec: its payload functions (a value segment with its keys,
     // as put passes them). The segment API the daemon and the client run: EncodeSegment (NaN
@@ -188,6 +197,11 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
     };
     for (kernels::Path path : {kernels::Path::kRef, kernels::Path::kCpu}) {
       const bool ref = path == kernels::Path::kRef;
+      if (progress) {
+        std::cerr << absl::StrFormat("[%d/%d] %s %s (%.0f s)\n", step, steps, Name(p),
+                                     kernels::PathName(path),
+                                     absl::ToDoubleSeconds(absl::Now() - start));
+      }
       auto encode = ref ? ops.encode_ref : ops.encode_cpu;
       auto encode_keyed = ref ? ops.encode_ref_keyed : ops.encode_cpu_keyed;
       auto decode = ref ? ops.decode_ref : ops.decode_cpu;

@@ -227,10 +227,12 @@ KVPOOL_AVX2 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uint3
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             const __m256 q1 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x1, m1), vi),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            qmax = _mm256_max_ps(qmax, _mm256_max_ps(_mm256_and_ps(q0, magnitude),
-                                                     _mm256_and_ps(q1, magnitude)));
-            e[j][0] = _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m0, _mm256_mul_ps(q0, vs))), x0);
-            e[j][1] = _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m1, _mm256_mul_ps(q1, vs))), x1);
+            qmax = _mm256_max_ps(
+                qmax, _mm256_max_ps(_mm256_and_ps(q0, magnitude), _mm256_and_ps(q1, magnitude)));
+            e[j][0] =
+                _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m0, _mm256_mul_ps(q0, vs))), x0);
+            e[j][1] =
+                _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m1, _mm256_mul_ps(q1, vs))), x1);
             x[j][0] = x0;
             x[j][1] = x1;
             if (out == nullptr) continue;
@@ -346,17 +348,18 @@ KVPOOL_AVX2 void DecodePacksT(const SegmentShape& shape, const Parsed& parsed, c
           for (uint32_t b = 0; b < w; ++b) {
             uint16_t plane;
             std::memcpy(&plane, data + 2 * b, 2);
-            const __m256i set =
-                _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16(int16_t(plane)), lane_bit),
-                                   lane_bit);
+            const __m256i set = _mm256_cmpeq_epi16(
+                _mm256_and_si256(_mm256_set1_epi16(int16_t(plane)), lane_bit), lane_bit);
             u = _mm256_or_si256(u, _mm256_and_si256(set, _mm256_slli_epi16(one, int(b))));
           }
           data += 2 * w;
-          const __m256i q = _mm256_xor_si256(
-              _mm256_srli_epi16(u, 1), _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_and_si256(u, one)));
+          const __m256i q =
+              _mm256_xor_si256(_mm256_srli_epi16(u, 1),
+                               _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_and_si256(u, one)));
           const __m256 m = _mm256_set1_ps(means[c0 + l]);
           const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q)));
-          const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(q, 1)));
+          const __m256 q1 =
+              _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(q, 1)));
           r[l] = _mm256_set_m128i(FromFloats8<kBf16>(_mm256_add_ps(m, _mm256_mul_ps(q1, s1))),
                                   FromFloats8<kBf16>(_mm256_add_ps(m, _mm256_mul_ps(q0, s0))));
         }

@@ -251,9 +251,10 @@ struct RowKernels {
   //     element v = floor((x - z) * inv) with inv = 1 / (2 hs), code u = clamp(v + 2^(n-1), 0,
   //     2^n - 1) with n = b (regular) or b + E (outlier channels), decoded
   //     y = to_dtype(fma(hs, 2u - (2^n - 1), z)); the row's planes into `out` (each right
-  //     after the one before), its squared error Tree16 of 16 lanes of fma(y - x, y - x, .) into err[i].
-  //     It may write scratch bytes past a row's own, up to kRowStoreRoom planes of ceil(D / 8)
-  //     bytes from the row's start, which `out` must hold; what follows overwrites them.
+  //     after the one before), its squared error Tree16 of 16 lanes of fma(y - x, y - x, .)
+  //     into err[i]. It may write scratch bytes past a row's own, up to kRowStoreRoom planes
+  //     of ceil(D / 8) bytes from the row's start, which `out` must hold; what follows
+  //     overwrites them.
   // False when an energy is not finite (an element not finite, or too large to square); then
   // nothing else is defined.
   bool (*encode)(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t rows,

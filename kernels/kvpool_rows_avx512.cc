@@ -327,7 +327,8 @@ KVPOOL_AVX512 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t
   for (i = 0; i + 2 <= rows; i += 2) {
     QuantizeCore<kBf16, 2>(hd, xf + i * D, zf + i * D, meta + i, hs + i, dst + i, err + i);
   }
-  if (i < rows) QuantizeCore<kBf16, 1>(hd, xf + i * D, zf + i * D, meta + i, hs + i, dst + i, err + i);
+  if (i < rows)
+    QuantizeCore<kBf16, 1>(hd, xf + i * D, zf + i * D, meta + i, hs + i, dst + i, err + i);
   return true;
 }
 

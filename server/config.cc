@@ -15,7 +15,8 @@
 namespace kvpool::server {
 namespace {
 
-constexpr absl::string_view kDefaultYaml = R"(# kvpoold configuration (embedded defaults). Flags override these.
+constexpr absl::string_view kDefaultYaml =
+    R"(# kvpoold configuration (embedded defaults). Flags override these.
 listen: 127.0.0.1:7470          # gRPC address; port 0 lets the OS pick
 metrics_listen: 127.0.0.1:7471  # Prometheus /metrics address; "" disables
 host_memory: 1GiB               # host-DRAM tier capacity; LRU eviction beyond it
@@ -178,8 +179,9 @@ absl::StatusOr<FusionOptions> FusionValue(const YAML::Node& node, const std::str
 absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
   if (root.IsNull()) return absl::OkStatus();
   KVPOOL_RETURN_IF_ERROR(CheckKeys(
-      root, "", {"listen", "metrics_listen", "host_memory", "data_dir", "log_level", "limits",
-                 "codec", "model_codecs", "encode_threads", "gpu_encode", "fusion", "model_fusion"}));
+      root, "",
+      {"listen", "metrics_listen", "host_memory", "data_dir", "log_level", "limits", "codec",
+       "model_codecs", "encode_threads", "gpu_encode", "fusion", "model_fusion"}));
   DaemonOptions o = *out;
   KVPOOL_RETURN_IF_ERROR(SetString(root["listen"], "listen", &o.listen));
   KVPOOL_RETURN_IF_ERROR(SetString(root["metrics_listen"], "metrics_listen", &o.metrics_listen));

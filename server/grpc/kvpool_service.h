@@ -35,7 +35,7 @@ using CodecPolicy = PerModel<CodecParams>;
 // Which puts the daemon encodes on its GPU (config key gpu_encode), when it has one whose
 // kernels passed their self-check.
 enum class GpuEncode {
-  kAuto,    // Codecs whose CUDA encoder writes what the host does (kernels::CudaEncoderKeepsProfile).
+  kAuto,    // Codecs whose GPU payloads are the host's (kernels::CudaEncoderKeepsProfile).
   kAlways,  // Every codec with a CUDA encoder, kvpool's default profile as GPU payload mode 1.
   kNever,   // None: puts encode and fuse on the CPU.
 };

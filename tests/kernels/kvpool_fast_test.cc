@@ -152,8 +152,8 @@ TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
     LayerKeys lk;
     if (!keys.empty()) lk.elements = keys.data();
     std::string out(2 * s.Bytes() + 4096, '\0');
-    auto n = in::FastEncode(s, p, x.data(), lk, kn, reinterpret_cast<uint8_t*>(out.data()),
-                            out.size());
+    auto n =
+        in::FastEncode(s, p, x.data(), lk, kn, reinterpret_cast<uint8_t*>(out.data()), out.size());
     if (!n.ok()) return n.status().ToString();
     out.resize(*n);
     return out;
@@ -186,9 +186,9 @@ TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
         ASSERT_EQ(got, want) << "segment " << n;
       }
       const uint64_t packs = uint64_t{in::Groups(s.tokens)} * s.kv_heads * s.head_dim;
-      const uint8_t* widths =
-          reinterpret_cast<const uint8_t*>(ref.data()) + in::kHeaderBytes + s.kv_heads +
-          2 * uint64_t{s.kv_heads} * s.head_dim + (ref[1] ? (uint64_t{s.tokens} * s.kv_heads + 1) / 2 : 0);
+      const uint8_t* widths = reinterpret_cast<const uint8_t*>(ref.data()) + in::kHeaderBytes +
+                              s.kv_heads + 2 * uint64_t{s.kv_heads} * s.head_dim +
+                              (ref[1] ? (uint64_t{s.tokens} * s.kv_heads + 1) / 2 : 0);
       for (uint64_t k = 0; k < packs; ++k) wide += ((widths[k / 2] >> (4 * (k & 1))) & 15) > 8;
     }
   }
@@ -237,9 +237,9 @@ TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
       kn[k]->means(dt, sums[k].data(), 7, HD, stored[k].data(), m[k].data());
       kn[k]->distances(dt, x.data(), T, H, D, m[k].data(), dist[k].data());
       packs[k].assign(in::PackBound(uint64_t{G} * HD), '\0');
-      size[k] = kn[k]->quantize(dt, x.data(), T, H, D, m[k].data(), steps.data(), n % 2 ? 1 : stride,
-                                n % 2 ? reinterpret_cast<uint8_t*>(packs[k].data()) : nullptr,
-                                &err[k], &energy[k]);
+      size[k] = kn[k]->quantize(
+          dt, x.data(), T, H, D, m[k].data(), steps.data(), n % 2 ? 1 : stride,
+          n % 2 ? reinterpret_cast<uint8_t*>(packs[k].data()) : nullptr, &err[k], &energy[k]);
       if (size[k] != in::kQuantizeFailed) packs[k].resize(size[k]);
     }
     EXPECT_EQ(sums[1], sums[0]) << n;

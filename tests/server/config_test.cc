@@ -74,10 +74,9 @@ TEST(ConfigTest, DefaultYamlAppliesCleanlyAndSetsEveryDefault) {
 
 TEST(ConfigTest, DefaultYamlMentionsEveryKey) {
   const std::string yaml(DefaultConfigYaml());
-  for (const char* key :
-       {"listen:", "metrics_listen:", "host_memory:", "data_dir:", "log_level:", "limits:",
-        "max_keys_per_request:", "max_request_bytes:", "max_message_bytes:", "chunk_bytes:",
-        "gpu_encode:"}) {
+  for (const char* key : {"listen:", "metrics_listen:", "host_memory:", "data_dir:", "log_level:",
+                          "limits:", "max_keys_per_request:", "max_request_bytes:",
+                          "max_message_bytes:", "chunk_bytes:", "gpu_encode:"}) {
     EXPECT_THAT(yaml, HasSubstr(key));
   }
 }

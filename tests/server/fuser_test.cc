@@ -288,12 +288,10 @@ TEST(FuserTest, DeviceEncodeWantedOnlyWhereTheGpuKeepsTheProfile) {
     uint8_t flags;
     bool keeps;
   };
-  const Case cases[] = {{CodecId::kRaw, 0, true},
-                        {CodecId::kKivi, 0, true},
-                        {CodecId::kPackKv, 0, true},
-                        {CodecId::kKvpool, kKvpoolFastProfile, true},
-                        {CodecId::kKvpool, 0, false},
-                        {CodecId::kKvpool, kKvpoolEntropyProfile, false}};
+  const Case cases[] = {
+      {CodecId::kRaw, 0, true},     {CodecId::kKivi, 0, true},
+      {CodecId::kPackKv, 0, true},  {CodecId::kKvpool, kKvpoolFastProfile, true},
+      {CodecId::kKvpool, 0, false}, {CodecId::kKvpool, kKvpoolEntropyProfile, false}};
   for (const Case& k : cases) {
     CodecParams p{k.codec};
     p.flags = k.flags;
