@@ -203,11 +203,23 @@ bool Encode(const RowHead& hd, DType dtype, const uint16_t* const* x, uint32_t r
   return fn(hd, x, rows, coefs, choose, ctx, out, st, meta, err);
 }
 
-// out[j * D + d]: fma chain over n in order, 8 channels at a time (the reference's per element).
+// out[j * D + d]: fma chain over n in order, 8 channels at a time (the reference's per element);
+// four vectors of channels at once where they fill, so that four chains are in flight.
 KVPOOL_AVX2 void Accumulate(const float* x, uint64_t ld, uint32_t count, const float* w, uint32_t k,
                             uint32_t D, float* out) {
   for (uint32_t j = 0; j < k; ++j) {
     uint32_t d = 0;
+    for (; d + 32 <= D; d += 32) {
+      __m256 acc[4];
+      for (uint32_t v = 0; v < 4; ++v) acc[v] = _mm256_loadu_ps(out + j * D + d + 8 * v);
+      for (uint32_t n = 0; n < count; ++n) {
+        const __m256 wn = _mm256_set1_ps(w[uint64_t{n} * k + j]);
+        for (uint32_t v = 0; v < 4; ++v) {
+          acc[v] = _mm256_fmadd_ps(wn, _mm256_loadu_ps(x + n * ld + d + 8 * v), acc[v]);
+        }
+      }
+      for (uint32_t v = 0; v < 4; ++v) _mm256_storeu_ps(out + j * D + d + 8 * v, acc[v]);
+    }
     for (; d + 8 <= D; d += 8) {
       __m256 acc = _mm256_loadu_ps(out + j * D + d);
       for (uint32_t n = 0; n < count; ++n) {
@@ -236,8 +248,25 @@ KVPOOL_AVX2 inline __m256 LoadUpTo8(const float* p, uint32_t count) {
 // which leaves them as they are (they never hold -0).
 KVPOOL_AVX2 void Dot(const float* x, uint64_t ld, uint32_t count, const float* s, uint32_t k,
                      uint32_t D, float* y) {
-  for (uint32_t n = 0; n < count; ++n)
-    for (uint32_t j = 0; j < k; ++j) {
+  for (uint32_t n = 0; n < count; ++n) {
+    uint32_t j = 0;
+    if (D % 16 == 0) {  // Four directions at once: eight chains in flight, the row read once.
+      for (; j + 4 <= k; j += 4) {
+        __m256 lo[4], hi[4];
+        for (uint32_t i = 0; i < 4; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
+        const float* a = x + n * ld;
+        for (uint32_t d = 0; d < D; d += 16) {
+          const __m256 a0 = _mm256_loadu_ps(a + d), a1 = _mm256_loadu_ps(a + d + 8);
+          for (uint32_t i = 0; i < 4; ++i) {
+            const float* b = s + uint64_t{j + i} * D + d;
+            lo[i] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(b), lo[i]);
+            hi[i] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(b + 8), hi[i]);
+          }
+        }
+        for (uint32_t i = 0; i < 4; ++i) y[uint64_t{n} * k + j + i] = Tree16(lo[i], hi[i]);
+      }
+    }
+    for (; j < k; ++j) {
       __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
       const float* a = x + n * ld;
       const float* b = s + uint64_t{j} * D;
@@ -255,6 +284,7 @@ KVPOOL_AVX2 void Dot(const float* x, uint64_t ld, uint32_t count, const float* s
       }
       y[uint64_t{n} * k + j] = Tree16(lo, hi);
     }
+  }
 }
 
 // Plane p of codes + 2^(width - 1), 32 tokens at a time: bit p moved to the sign of each 16-bit
