@@ -55,14 +55,12 @@ KVPOOL_AVX2 inline uint32_t BytePlane(__m256i bytes, int p) {
   return uint32_t(_mm256_movemask_epi8(_mm256_sll_epi16(bytes, _mm_cvtsi32_si128(7 - p))));
 }
 
-// One row of RowKernels::encode: projection, the choice, quantisation, planes.
+// One row of RowKernels::encode's projection: x as floats into xf, the prediction into zf, the
+// outlier lanes' masks into outlier_lanes (heads with outliers), the stats.
 template <bool kBf16, uint32_t R>
-KVPOOL_AVX2 bool EncodeRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* coefs,
-                               ChooseFn choose, void* ctx, uint32_t i, uint8_t* out, RowStats* st,
-                               uint8_t* meta, float* err_out) {
+KVPOOL_AVX2 void ProjectRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* coefs, float* xf,
+                                float* zf, float* outlier_lanes, RowStats* st) {
   const uint32_t D = hd.D;
-  alignas(32) float xf[kMaxDim], zf[kMaxDim], outlier_lanes[kMaxDim];
-  alignas(32) int32_t codes[kMaxDim];
   // Projection, lanes 0-7 of each 16 channels, then lanes 8-15 (8 dot products in registers).
   __m256 dot[2][8], dist[2], en[2];
   for (uint32_t half = 0; half < 2; ++half) {
@@ -122,11 +120,19 @@ KVPOOL_AVX2 bool EncodeRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* co
   }
   *st = {Tree16(dist[0], dist[1]), Tree16(reg[0], reg[1]), Tree16(outl[0], outl[1]),
          Tree16(en[0], en[1])};
-  if (!std::isfinite(st->energy)) return false;
-  float hs;
-  *meta = choose(ctx, i, *st, &hs);
-  // Quantisation (the reference's QuantizeRowRef): codes into `codes`, error in 16 lanes.
-  const uint32_t b = *meta & 15, bo = hd.outliers ? b + hd.extra : b;
+}
+
+// One row's quantisation (the reference's QuantizeRowRef) from ProjectRowAvx2's arrays, with
+// its meta byte and half step: its planes into `out`, its squared error.
+template <bool kBf16>
+KVPOOL_AVX2 float QuantizeRowAvx2(const RowHead& hd, const float* xf, const float* zf,
+                                  const float* outlier_lanes, uint8_t meta, float hs,
+                                  uint8_t* out) {
+  const uint32_t D = hd.D;
+  alignas(32) int32_t codes[kMaxDim];
+  const __m256 zero = _mm256_setzero_ps();
+  // Codes into `codes`, error in 16 lanes.
+  const uint32_t b = meta & 15, bo = hd.outliers ? b + hd.extra : b;
   const __m256 vinv = _mm256_set1_ps(1.f / (2.f * hs)), vhs = _mm256_set1_ps(hs);
   const __m256 half_r = _mm256_set1_ps(b ? float(1u << (b - 1)) : 0.f);
   const __m256 top_r = _mm256_set1_ps(float((1u << b) - 1));
@@ -150,7 +156,7 @@ KVPOOL_AVX2 bool EncodeRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* co
     err[half] = _mm256_fmadd_ps(e, e, err[half]);
     _mm256_store_si256(reinterpret_cast<__m256i*>(codes + d), _mm256_cvtps_epi32(u));
   }
-  *err_out = Tree16(err[0], err[1]);
+  const float row_err = Tree16(err[0], err[1]);
   // Planes: b regular planes of every channel, then E extra planes of the outlier channels.
   const uint64_t pd = D / 8;
   for (uint32_t c = 0; c < D; c += 32) {
@@ -177,18 +183,27 @@ KVPOOL_AVX2 bool EncodeRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* co
       std::memcpy(out + b * pd + q * ob, &bits, ob);
     }
   }
-  return true;
+  return row_err;
 }
 
 template <bool kBf16, uint32_t R>
 KVPOOL_AVX2 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t rows, int16_t* coefs,
                          ChooseFn choose, void* ctx, uint8_t* out, RowStats* st, uint8_t* meta,
                          float* err) {
+  // Phase by phase over the block (project all, choose all, quantise all), as on AVX-512.
+  alignas(32) float xf[kRowBlock * kMaxDim], zf[kRowBlock * kMaxDim], outlier_lanes[kMaxDim];
+  const uint32_t D = hd.D;
   for (uint32_t i = 0; i < rows; ++i) {
-    if (!EncodeRowAvx2<kBf16, R>(hd, x[i], coefs + i * kMaxRank, choose, ctx, i, out, &st[i],
-                                 &meta[i], &err[i])) {
-      return false;
-    }
+    ProjectRowAvx2<kBf16, R>(hd, x[i], coefs + i * kMaxRank, xf + i * D, zf + i * D,
+                             outlier_lanes, &st[i]);
+  }
+  float hs[kRowBlock];
+  for (uint32_t i = 0; i < rows; ++i) {
+    if (!std::isfinite(st[i].energy)) return false;
+    meta[i] = choose(ctx, i, st[i], &hs[i]);
+  }
+  for (uint32_t i = 0; i < rows; ++i) {
+    err[i] = QuantizeRowAvx2<kBf16>(hd, xf + i * D, zf + i * D, outlier_lanes, meta[i], hs[i], out);
     out += RowBytesOf(hd, meta[i]);
   }
   return true;
