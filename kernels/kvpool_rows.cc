@@ -52,6 +52,8 @@
 // With the bounds above no intermediate is NaN; every path gives the same bits.
 #include "kernels/kvpool_rows.h"
 
+#include <emmintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -223,6 +225,27 @@ absl::Status ParseRows(const SegmentShape& shape, const uint8_t* payload, uint64
     }
   }
   return padded ? CheckRowPadding(shape, *parsed) : absl::OkStatus();
+}
+
+void FillPairs(const int8_t* codes, uint32_t rank, uint32_t D, int16_t* pairs) {
+  const __m128i zero = _mm_setzero_si128();
+  for (uint32_t k = 0; k < (rank + 1) / 2; ++k)
+    for (uint32_t d = 0; d < D; d += 16) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * k * D + d));
+      const __m128i b =
+          2 * k + 1 < rank
+              ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * k + 1) * D + d))
+              : zero;
+      // Sign-extended to 16 bits (the sign bytes from a compare), then interleaved a, b.
+      const __m128i sa = _mm_cmpgt_epi8(zero, a), sb = _mm_cmpgt_epi8(zero, b);
+      const __m128i a0 = _mm_unpacklo_epi8(a, sa), a1 = _mm_unpackhi_epi8(a, sa);
+      const __m128i b0 = _mm_unpacklo_epi8(b, sb), b1 = _mm_unpackhi_epi8(b, sb);
+      __m128i* out = reinterpret_cast<__m128i*>(pairs + PairSlot(d, 2 * k));
+      _mm_storeu_si128(out, _mm_unpacklo_epi16(a0, b0));
+      _mm_storeu_si128(out + 1, _mm_unpackhi_epi16(a0, b0));
+      _mm_storeu_si128(out + 2, _mm_unpacklo_epi16(a1, b1));
+      _mm_storeu_si128(out + 3, _mm_unpackhi_epi16(a1, b1));
+    }
 }
 
 void DecodeRowCoefficients(const SegmentShape& shape, const ParsedRows& parsed, int16_t* coefs) {

@@ -201,6 +201,11 @@ inline uint64_t PairSlot(uint32_t d, uint32_t j) {
   return ((uint64_t{d / 16} * 4 + j / 2) * 16 + d % 16) * 2 + j % 2;
 }
 
+// pairs[PairSlot(d, j)] = codes[j * D + d] for j < rank, d < D (D a multiple of 16); slot
+// j = rank of an odd rank gets 0, the slots of higher pairs are left as they are. 16 channels
+// at a time (SSE2).
+void FillPairs(const int8_t* codes, uint32_t rank, uint32_t D, int16_t* pairs);
+
 // One head's fixed parts as the row kernels use them (built by the encoder per segment).
 struct RowHead {
   uint32_t D = 0, rank = 0, outliers = 0, extra = 0;

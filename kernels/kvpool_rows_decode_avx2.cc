@@ -77,8 +77,7 @@ KVPOOL_AVX2 void Avx2Tables(const SegmentShape& shape, const ParsedRows& parsed,
     }
     const int8_t* basis = reinterpret_cast<const int8_t*>(parsed.basis + hd.basis);
     int16_t* pairs = &s->pairs[uint64_t{h} * kMaxRank * D];
-    for (uint32_t j = 0; j < hd.rank; ++j)
-      for (uint32_t d = 0; d < D; ++d) pairs[PairSlot(d, j)] = basis[j * D + d];
+    FillPairs(basis, hd.rank, D, pairs);
     for (uint32_t k = 0; k < hd.outliers; ++k) {
       s->outliers[uint64_t{h} * kMaxOutliers + k] = Load16(parsed.outliers + 2 * (hd.outlier + k));
     }

@@ -204,11 +204,14 @@ uint32_t ChooseOutliers(const std::vector<double>& var, HeadPlan* hp) {
 void FastLayouts(uint32_t r, uint32_t D, HeadPlan* hp) {
   hp->chunks.assign(D % 16 == 0 ? uint64_t{D} * 8 : 0, 0.f);
   hp->pairs.assign(D % 16 == 0 ? uint64_t{D} * 8 : 0, 0);
-  for (uint32_t j = 0; j < r && D % 16 == 0; ++j)
-    for (uint32_t d = 0; d < D; ++d) {
-      hp->chunks[(uint64_t{d / 16} * 8 + j) * 16 + d % 16] = hp->basis[j * D + d];
-      hp->pairs[PairSlot(d, j)] = hp->codes[j * D + d];
-    }
+  if (D % 16 == 0) {
+    for (uint32_t j = 0; j < r; ++j)
+      for (uint32_t d = 0; d < D; d += 16) {  // Direction j of channels d .. d + 15.
+        std::memcpy(&hp->chunks[(uint64_t{d / 16} * 8 + j) * 16], &hp->basis[j * D + d],
+                    16 * sizeof(float));
+      }
+    FillPairs(hp->codes.data(), r, D, hp->pairs.data());
+  }
   hp->masks.assign((D + 31) / 32, 0);
   for (uint32_t d : hp->outlier) hp->masks[d / 32] |= 1u << (d % 32);
 }
