@@ -82,6 +82,7 @@ absl::Status RunFusionBench(const FusionBenchOptions& o) {
           server::EncodeContext c{spec, normalized, FusionOptions{}, kernels::Path::kCpu};
           c.fusion.mode = mode;
           c.device = device;
+          c.device_any_profile = device;  // The cuda rows encode on the GPU (gpu_encode: always).
           server::FusionEvalOptions eo;
           eo.measure_quality = false;
           eo.batch_blocks = mode == FusionOptions::Mode::kBatch ? 16 : 1;

@@ -141,10 +141,12 @@ absl::Status DecodeSegment(absl::string_view encoded, absl::Span<uint16_t> out, 
 // the codec, dtype and disagreement otherwise (callers then keep to the host paths or refuse).
 absl::Status SelfCheckCudaCodecs();
 
-// True when the codec's CUDA encoder writes the payload that `params` name on the host: every
-// codec but kvpool's default and entropy profiles, for which the GPU writes payload mode 1
+// True when the codec's CUDA encoder writes the payload mode that `params` name on the host:
+// every codec but kvpool's default and entropy profiles, for which the GPU writes payload mode 1
 // (the fast profile's, without token classes; README: CUDA), about half the ratio at the same
-// error. The daemon's `gpu_encode: auto` encodes on the GPU only where this holds.
+// error. For the fast profile itself the GPU's payload also lacks the token classes (about
+// 1.15x KIVI-4's ratio at its error against the host's 1.22x). The daemon's `gpu_encode: auto`
+// encodes on the GPU only where this holds.
 bool CudaEncoderKeepsProfile(const CodecParams& params);
 
 // True when any element is NaN or Inf (such segments are stored raw by lossy codecs).

@@ -5,12 +5,14 @@
 // 4-lane chain per token, the low then the high half of each vector); a 16 x 16 transpose of
 // the codes turns 16 tokens' rows into 16 packs, whose bit planes come two at a time from a
 // saturating pack and a byte mask. Float operations are the reference's, in its order, so the
-// payloads are the reference's byte for byte (tests).
+// payloads are the reference's byte for byte (tests). Thread-safe (stateless, or thread-local
+// scratch).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kernels/codec.h"
 #include "kernels/kvpool_format.h"

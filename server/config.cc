@@ -23,7 +23,7 @@ host_memory: 1GiB               # host-DRAM tier capacity; LRU eviction beyond i
 data_dir: kvpool-data           # on-disk state
 log_level: info                 # debug | info | warning | error
 encode_threads: 0               # threads encoding puts and decoding server-side gets; 0 = one per core
-gpu_encode: auto                # with a GPU: auto (where its payloads are the host's: kvpool's default profile on the CPU) | always | never
+gpu_encode: auto                # with a GPU: auto (kvpool default/entropy on the CPU) | always | never
 codec:                          # how segments are stored when a put does not say
   codec: kvpool                 # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget, profile)
   budget: 0.02                  # relative L2 error per segment (attention-output error ~0.015)

@@ -74,7 +74,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
   if (!encoder.ok()) return Annotate(encoder.status(), "encode_threads");
   d->codec_executor_ = std::move(*encoder);
   ServiceOptions service_options = options.service;
-  if (kernels::DeviceCount() > 0 && service_options.gpu_encode_policy != GpuEncode::kNever) {
+  if (kernels::DeviceCount() > 0 && service_options.gpu_encode_policy == GpuEncode::kNever) {
+    KVPOOL_LOG(INFO) << "gpu_encode: never: puts encode and fuse on the CPU";
+  } else if (kernels::DeviceCount() > 0) {
     // Kernels that disagree with the host paths never touch stored data.
     const absl::Status check = kernels::SelfCheckCudaCodecs();
     service_options.gpu_encode = check.ok();
@@ -85,6 +87,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
                           "default or entropy profile on the CPU (no GPU encoder writes their "
                           "payloads; 'always' encodes them on the GPU as payload mode 1, about "
                           "half the ratio)";
+    } else {
+      KVPOOL_LOG(INFO) << "gpu_encode: always: every put with a CUDA encoder encodes on the GPU "
+                          "(kvpool's default and entropy profiles as payload mode 1)";
     }
   }
   d->service_ = std::make_unique<KvPoolService>(service_options, d->store_.get(),

@@ -234,9 +234,13 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
 
 }  // namespace
 
-bool DeviceEncodeWanted(const EncodeContext& c) {
-  return c.device && kernels::GetCodecOps(c.codec.codec).encode_cuda != nullptr &&
+bool DeviceEncodeWanted(const EncodeContext& c, bool has_cuda_encoder) {
+  return c.device && has_cuda_encoder &&
          (c.device_any_profile || kernels::CudaEncoderKeepsProfile(c.codec));
+}
+
+bool DeviceEncodeWanted(const EncodeContext& c) {
+  return DeviceEncodeWanted(c, kernels::GetCodecOps(c.codec.codec).encode_cuda != nullptr);
 }
 
 bool DeviceFusionUsable() {

@@ -84,6 +84,8 @@ struct EncodeContext {
 // Whether EncodeBlock encodes `c`'s segments with the CUDA kernels when a GPU is present: `device`
 // and a codec with a CUDA encoder that keeps its profile, or any with `device_any_profile`.
 bool DeviceEncodeWanted(const EncodeContext& c);
+// The same decision given whether the codec has a CUDA encoder (this build's, above).
+bool DeviceEncodeWanted(const EncodeContext& c, bool has_cuda_encoder);
 
 // True when this process has a GPU whose codec and fusion kernels passed their self-checks
 // (kernels::SelfCheckCudaFusion, run once; a failure is logged and keeps fusion on the CPU).

@@ -264,6 +264,21 @@ TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
     std::vector<float> sums(64), sq(64);
     EXPECT_FALSE(avx2->stats(dt, w.data(), 160, 64, 1, sums.data(), sq.data()));
     EXPECT_FALSE(in::FastRefKernels().stats(dt, w.data(), 160, 64, 1, sums.data(), sq.data()));
+    // NaN or Inf in a group the means do not sample: the quantisation itself fails, on both.
+    const uint16_t inf = dt == DType::kBf16 ? 0x7f80 : 0x7c00;
+    for (uint16_t bad : {uint16_t(inf | 0x40), inf, uint16_t(inf | 0x8000)}) {
+      std::vector<uint16_t> u = RandomSegment(s, 0, rng);
+      u[uint64_t{20} * 64 + 33] = bad;
+      const std::vector<float> m(64, 0.f), steps(uint64_t{in::Groups(160)} * 2 * in::kPack, 0.1f);
+      std::string packs(in::PackBound(uint64_t{in::Groups(160)} * 64), '\0');
+      for (const in::FastKernels* k : {avx2, &in::FastRefKernels()}) {
+        double err = 0, energy = 0;
+        EXPECT_EQ(k->quantize(dt, u.data(), 160, 2, 32, m.data(), steps.data(), 1,
+                              reinterpret_cast<uint8_t*>(packs.data()), &err, &energy),
+                  in::kQuantizeFailed)
+            << bad;
+      }
+    }
   }
 }
 

@@ -296,13 +296,22 @@ TEST(FuserTest, DeviceEncodeWantedOnlyWhereTheGpuKeepsTheProfile) {
     CodecParams p{k.codec};
     p.flags = k.flags;
     EXPECT_EQ(kernels::CudaEncoderKeepsProfile(p), k.keeps) << int(k.codec) << " " << int(k.flags);
-    const bool has_kernel = kernels::GetCodecOps(k.codec).encode_cuda != nullptr;
+    const bool built = kernels::GetCodecOps(k.codec).encode_cuda != nullptr;  // This build.
     EncodeContext c = Context(FusionOptions::Mode::kOff, p);
-    EXPECT_FALSE(DeviceEncodeWanted(c));  // No device in the context.
-    c.device = true;
-    EXPECT_EQ(DeviceEncodeWanted(c), has_kernel && k.keeps) << int(k.codec) << " " << int(k.flags);
-    c.device_any_profile = true;
-    EXPECT_EQ(DeviceEncodeWanted(c), has_kernel) << int(k.codec) << " " << int(k.flags);
+    for (bool has_kernel : {false, true}) {
+      SCOPED_TRACE(::testing::Message()
+                   << int(k.codec) << " " << int(k.flags) << " " << has_kernel);
+      c.device = false;
+      c.device_any_profile = false;
+      EXPECT_FALSE(DeviceEncodeWanted(c, has_kernel));  // No device in the context.
+      EXPECT_FALSE(DeviceEncodeWanted(c));
+      c.device = true;
+      EXPECT_EQ(DeviceEncodeWanted(c, has_kernel), has_kernel && k.keeps);
+      EXPECT_EQ(DeviceEncodeWanted(c), built && k.keeps);
+      c.device_any_profile = true;
+      EXPECT_EQ(DeviceEncodeWanted(c, has_kernel), has_kernel);
+      EXPECT_EQ(DeviceEncodeWanted(c), built);
+    }
   }
 }
 
