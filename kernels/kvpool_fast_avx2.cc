@@ -182,21 +182,93 @@ KVPOOL_AVX2 inline uint8_t* StorePlanes(__m256i pack, uint32_t w, uint8_t* data)
   return data + 2 * w;
 }
 
+// One token's 16 columns c0 .. c0 + 15 (means m0, m1; step s and its inverse): their codes,
+// the decoded error e and the elements x (two vectors each); the largest |code| into qmax.
+template <bool kBf16>
+KVPOOL_AVX2 inline void QuantizeToken(const uint16_t* row, __m256 m0, __m256 m1, float s, float inv,
+                                      __m256* qmax, __m256* e, __m256* x, __m256* q) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 vi = _mm256_set1_ps(inv), vs = _mm256_set1_ps(s);
+  x[0] = Load8<kBf16>(row);
+  x[1] = Load8<kBf16>(row + 8);
+  q[0] = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x[0], m0), vi),
+                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q[1] = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x[1], m1), vi),
+                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  *qmax = _mm256_max_ps(
+      *qmax, _mm256_max_ps(_mm256_and_ps(q[0], magnitude), _mm256_and_ps(q[1], magnitude)));
+  e[0] = _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m0, _mm256_mul_ps(q[0], vs))), x[0]);
+  e[1] = _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m1, _mm256_mul_ps(q[1], vs))), x[1]);
+}
+
+// 16 codes (two vectors of integral floats) as ZigZag words in column order.
+KVPOOL_AVX2 inline __m256i ZigZagWords(const __m256* q) {
+  const __m256i z0 = _mm256_cvtps_epi32(q[0]), z1 = _mm256_cvtps_epi32(q[1]);
+  const __m256i u0 = _mm256_xor_si256(_mm256_slli_epi32(z0, 1), _mm256_srai_epi32(z0, 31));
+  const __m256i u1 = _mm256_xor_si256(_mm256_slli_epi32(z1, 1), _mm256_srai_epi32(z1, 31));
+  return _mm256_permute4x64_epi64(_mm256_packs_epi32(u0, u1), 0xd8);
+}
+
+// Two tokens' errors and elements of columns c0 + 0-3, 4-7, 8-11, 12-15 into their chains (lanes
+// 0-3: the first token's a[c mod 4], 4-7: the second's), in column order.
+KVPOOL_AVX2 inline void AddChains(const __m256 (*e)[2], const __m256 (*x)[2], __m256* acc,
+                                  __m256* pow) {
+  for (uint32_t v = 0; v < 2; ++v) {
+    const __m256 elo = _mm256_permute2f128_ps(e[0][v], e[1][v], 0x20);
+    const __m256 ehi = _mm256_permute2f128_ps(e[0][v], e[1][v], 0x31);
+    const __m256 xlo = _mm256_permute2f128_ps(x[0][v], x[1][v], 0x20);
+    const __m256 xhi = _mm256_permute2f128_ps(x[0][v], x[1][v], 0x31);
+    *acc = _mm256_fmadd_ps(elo, elo, *acc);
+    *acc = _mm256_fmadd_ps(ehi, ehi, *acc);
+    *pow = _mm256_fmadd_ps(xlo, xlo, *pow);
+    *pow = _mm256_fmadd_ps(xhi, xhi, *pow);
+  }
+}
+
+// The 16 packs of a block (codes[i]: token i's 16 columns, zero past T; `all` their OR): widths
+// as 16 nibbles at `widths`, planes from `data`; returns the end of the planes.
+KVPOOL_AVX2 inline uint8_t* WritePacks(const __m256i* codes, __m256i all, uint8_t* widths,
+                                       uint8_t* data) {
+  __m256i pack[kPack];
+  Transpose16(codes, pack);
+  alignas(32) uint16_t ors[kPack];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(ors), all);
+  uint64_t nibbles = 0;
+  for (uint32_t j = 0; j < kPack; ++j) {
+    const uint32_t w = ors[j] ? 32 - uint32_t(__builtin_clz(ors[j])) : 0;
+    nibbles |= uint64_t(w) << (4 * j);
+    data = StorePlanes(pack[j], w, data);
+  }
+  std::memcpy(widths, &nibbles, 8);
+  return data;
+}
+
+// A group's error and energy from its chains: per token (a0 + a1) + (a2 + a3), then Tree16.
+KVPOOL_AVX2 inline void GroupSums(const __m256* acc, const __m256* pow, float* err, float* energy) {
+  alignas(32) float l[kPack], v[kPack];
+  for (uint32_t k = 0; k < kPack / 2; ++k) {
+    alignas(32) float a[8], p[8];
+    _mm256_store_ps(a, acc[k]);
+    _mm256_store_ps(p, pow[k]);
+    for (uint32_t j = 0; j < 2; ++j) {
+      l[2 * k + j] = (a[4 * j] + a[4 * j + 1]) + (a[4 * j + 2] + a[4 * j + 3]);
+      v[2 * k + j] = (p[4 * j] + p[4 * j + 1]) + (p[4 * j + 2] + p[4 * j + 3]);
+    }
+  }
+  *err = Tree16(_mm256_load_ps(l), _mm256_load_ps(l + 8));
+  *energy = Tree16(_mm256_load_ps(v), _mm256_load_ps(v + 8));
+}
+
 template <bool kBf16>
 KVPOOL_AVX2 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
                                const float* m, const float* steps, uint32_t stride, uint8_t* out,
                                double* err, double* energy) {
   const uint32_t G = Groups(T);
   const uint64_t HD = uint64_t{H} * D, packs = uint64_t{G} * HD;
-  uint8_t* widths = out;
   uint8_t* data = out == nullptr ? nullptr : out + (packs + 1) / 2;
-  const __m256 vmax = _mm256_set1_ps(kMaxCode);
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (uint32_t g = 0; g < G; g += stride) {
     const uint32_t valid = std::min<uint32_t>(kPack, T - g * kPack);
-    // Per pair of tokens 2k, 2k + 1: the chains a[c mod 4] (b[c mod 4]) of each, in lanes 0-3
-    // and 4-7.
-    __m256 acc[kPack / 2], pow[kPack / 2];
+    __m256 acc[kPack / 2], pow[kPack / 2];  // Per token pair (AddChains).
     for (uint32_t k = 0; k < kPack / 2; ++k) acc[k] = pow[k] = _mm256_setzero_ps();
     __m256 qmax = _mm256_setzero_ps();  // Largest |code| (a NaN shows in the error instead).
     for (uint32_t h = 0; h < H; ++h) {
@@ -208,90 +280,34 @@ KVPOOL_AVX2 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uint3
       for (uint32_t d0 = 0; d0 < D; d0 += 16) {
         const uint64_t c0 = uint64_t{h} * D + d0;
         const __m256 m0 = _mm256_loadu_ps(m + c0), m1 = _mm256_loadu_ps(m + c0 + 8);
-        __m256i codes[kPack];
-        __m256i all = _mm256_setzero_si256();
+        __m256i codes[kPack], all = _mm256_setzero_si256();
+        for (uint32_t i = 0; i < kPack; ++i) codes[i] = _mm256_setzero_si256();
         for (uint32_t i = 0; i < valid; i += 2) {  // A token pair (the second may be past T).
-          __m256 e[2][2], x[2][2];
-          for (uint32_t j = 0; j < 2; ++j) {
-            if (i + j >= valid) {  // No error, no energy, code 0.
-              e[j][0] = e[j][1] = x[j][0] = x[j][1] = _mm256_setzero_ps();
-              codes[i + j] = _mm256_setzero_si256();
-              continue;
-            }
+          __m256 e[2][2] = {}, x[2][2] = {}, q[2];  // Past T: no error, no energy, code 0.
+          for (uint32_t j = 0; j < 2 && i + j < valid; ++j) {
             const uint16_t* row = in + (uint64_t{g} * kPack + i + j) * HD + c0;
             if ((d0 & 16) == 0 && g + stride < G) {  // The next group's line of this row.
               _mm_prefetch(reinterpret_cast<const char*>(row + uint64_t{stride} * kPack * HD),
                            _MM_HINT_T0);
             }
-            const __m256 x0 = Load8<kBf16>(row), x1 = Load8<kBf16>(row + 8);
-            const __m256 vi = _mm256_set1_ps(inv[i + j]), vs = _mm256_set1_ps(s[i + j]);
-            const __m256 q0 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x0, m0), vi),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            const __m256 q1 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x1, m1), vi),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            qmax = _mm256_max_ps(
-                qmax, _mm256_max_ps(_mm256_and_ps(q0, magnitude), _mm256_and_ps(q1, magnitude)));
-            e[j][0] =
-                _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m0, _mm256_mul_ps(q0, vs))), x0);
-            e[j][1] =
-                _mm256_sub_ps(RoundTrip8<kBf16>(_mm256_add_ps(m1, _mm256_mul_ps(q1, vs))), x1);
-            x[j][0] = x0;
-            x[j][1] = x1;
+            QuantizeToken<kBf16>(row, m0, m1, s[i + j], inv[i + j], &qmax, e[j], x[j], q);
             if (out == nullptr) continue;
-            // ZigZag codes as 16 words (a failing group's are garbage, within PackBound).
-            const __m256i z0 = _mm256_cvtps_epi32(q0), z1 = _mm256_cvtps_epi32(q1);
-            const __m256i u0 =
-                _mm256_xor_si256(_mm256_slli_epi32(z0, 1), _mm256_srai_epi32(z0, 31));
-            const __m256i u1 =
-                _mm256_xor_si256(_mm256_slli_epi32(z1, 1), _mm256_srai_epi32(z1, 31));
-            codes[i + j] = _mm256_permute4x64_epi64(_mm256_packs_epi32(u0, u1), 0xd8);
+            codes[i + j] = ZigZagWords(q);  // A failing group's are garbage, within PackBound.
             all = _mm256_or_si256(all, codes[i + j]);
           }
-          // Columns c0 + 0-3, 4-7, 8-11, 12-15 of both tokens: the chains in column order.
-          __m256 a = acc[i / 2], p = pow[i / 2];
-          for (uint32_t v = 0; v < 2; ++v) {
-            const __m256 elo = _mm256_permute2f128_ps(e[0][v], e[1][v], 0x20);
-            const __m256 ehi = _mm256_permute2f128_ps(e[0][v], e[1][v], 0x31);
-            const __m256 xlo = _mm256_permute2f128_ps(x[0][v], x[1][v], 0x20);
-            const __m256 xhi = _mm256_permute2f128_ps(x[0][v], x[1][v], 0x31);
-            a = _mm256_fmadd_ps(elo, elo, a);
-            a = _mm256_fmadd_ps(ehi, ehi, a);
-            p = _mm256_fmadd_ps(xlo, xlo, p);
-            p = _mm256_fmadd_ps(xhi, xhi, p);
-          }
-          acc[i / 2] = a;
-          pow[i / 2] = p;
+          AddChains(e, x, &acc[i / 2], &pow[i / 2]);
         }
-        if (out == nullptr) continue;
-        for (uint32_t i = (valid + 1) & ~1u; i < kPack; ++i) codes[i] = _mm256_setzero_si256();
-        __m256i pack[kPack];
-        Transpose16(codes, pack);
-        alignas(32) uint16_t ors[kPack];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(ors), all);
-        uint64_t nibbles = 0;
-        for (uint32_t j = 0; j < kPack; ++j) {
-          const uint32_t w = ors[j] ? 32 - uint32_t(__builtin_clz(ors[j])) : 0;
-          nibbles |= uint64_t(w) << (4 * j);
-          data = StorePlanes(pack[j], w, data);
-        }
-        std::memcpy(widths + (uint64_t{g} * HD + c0) / 2, &nibbles, 8);
+        if (out != nullptr) data = WritePacks(codes, all, out + (uint64_t{g} * HD + c0) / 2, data);
       }
     }
-    if (_mm256_movemask_ps(_mm256_cmp_ps(qmax, vmax, _CMP_GT_OQ)) != 0) return kQuantizeFailed;
-    alignas(32) float l[kPack], v[kPack];
-    for (uint32_t k = 0; k < kPack / 2; ++k) {
-      alignas(32) float a[8], p[8];
-      _mm256_store_ps(a, acc[k]);
-      _mm256_store_ps(p, pow[k]);
-      for (uint32_t j = 0; j < 2; ++j) {
-        l[2 * k + j] = (a[4 * j] + a[4 * j + 1]) + (a[4 * j + 2] + a[4 * j + 3]);
-        v[2 * k + j] = (p[4 * j] + p[4 * j + 1]) + (p[4 * j + 2] + p[4 * j + 3]);
-      }
+    float group_err, group_energy;
+    GroupSums(acc, pow, &group_err, &group_energy);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(qmax, _mm256_set1_ps(kMaxCode), _CMP_GT_OQ)) != 0 ||
+        std::isnan(group_err)) {
+      return kQuantizeFailed;
     }
-    const float group_err = Tree16(_mm256_load_ps(l), _mm256_load_ps(l + 8));
-    if (std::isnan(group_err)) return kQuantizeFailed;
     *err += double(group_err);
-    *energy += double(Tree16(_mm256_load_ps(v), _mm256_load_ps(v + 8)));
+    *energy += double(group_energy);
   }
   return out == nullptr ? 0 : uint64_t(data - out);
 }
