@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace kvpool::kernels::kvpool::internal {
 namespace {
@@ -411,6 +412,9 @@ void MakeRowRule(const HeadPlan& hp, double mu, RowRule* rule) {
     rule->outlier_scale[p] =
         v.outliers ? float(tb.scale[p] * hp.unit2 * v.outliers / (g * g)) : INFINITY;
   }
+  const float never = std::numeric_limits<float>::quiet_NaN();  // ChooseMeta's fourth lane.
+  for (uint32_t k = 0; k < kClasses; ++k) rule->planes[k][kMaxPlanes] = never;
+  rule->scale[kMaxPlanes] = rule->outlier_scale[kMaxPlanes] = never;
 }
 
 }  // namespace kvpool::kernels::kvpool::internal

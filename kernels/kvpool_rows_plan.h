@@ -5,6 +5,8 @@
 #ifndef KVPOOL_KERNELS_KVPOOL_ROWS_PLAN_H_
 #define KVPOOL_KERNELS_KVPOOL_ROWS_PLAN_H_
 
+#include <emmintrin.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -87,21 +89,35 @@ class StepModel {
 // b + mu * 2^(k/2) * (model error per channel) for a row of token class k, and the scale index
 // nearest the row's spread (b = 0 rows with outlier channels: the outliers'), as thresholds on
 // the row's regular and outlier energies.
+// Each threshold list has kMaxPlanes entries and a last one that is NaN (x >= NaN is false for
+// every x), so that it is counted four at a time.
+inline constexpr uint32_t kRuleSlots = 16;
+static_assert(kRuleSlots == kMaxPlanes + 1, "one NaN slot after the thresholds");
 struct RowRule {
-  float planes[kClasses][kMaxPlanes];  // Plane p + 1 when regular >= planes[k][p].
-  float scale[kMaxPlanes];             // Scale index j + 1 when regular >= scale[j].
-  float outlier_scale[kMaxPlanes];     // The same for b = 0 rows, on the outlier energy.
+  float planes[kClasses][kRuleSlots];  // Plane p + 1 when regular >= planes[k][p].
+  float scale[kRuleSlots];             // Scale index j + 1 when regular >= scale[j].
+  float outlier_scale[kRuleSlots];     // The same for b = 0 rows, on the outlier energy.
   uint32_t cap;                        // 15 - E.
 };
 void MakeRowRule(const HeadPlan& hp, double mu, RowRule* rule);
 
+// How many of a rule's kRuleSlots thresholds t[p] satisfy x >= t[p]: four SSE2 compares, their
+// sign masks counted by a nibble table.
+inline uint32_t CountAtMost(const float* t, float x) {
+  static constexpr uint8_t kBits[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
+  const __m128 v = _mm_set1_ps(x);
+  uint32_t n = 0;
+  for (uint32_t p = 0; p < kRuleSlots; p += 4) {
+    n += kBits[_mm_movemask_ps(_mm_cmpge_ps(v, _mm_loadu_ps(t + p)))];
+  }
+  return n;
+}
+
 inline uint8_t ChooseMeta(const RowRule& rule, const RowStats& st, uint8_t cls) {
-  uint32_t b = 0, j = 0;
-  for (uint32_t p = 0; p < kMaxPlanes; ++p) b += st.regular >= rule.planes[cls][p];
+  uint32_t b = CountAtMost(rule.planes[cls], st.regular);
   b = b < rule.cap ? b : rule.cap;
-  const float* scale = b > 0 ? rule.scale : rule.outlier_scale;
-  const float energy = b > 0 ? st.regular : st.outlier;
-  for (uint32_t p = 0; p < kMaxPlanes; ++p) j += energy >= scale[p];
+  const uint32_t j =
+      b > 0 ? CountAtMost(rule.scale, st.regular) : CountAtMost(rule.outlier_scale, st.outlier);
   return uint8_t(b | (j << 4));
 }
 
