@@ -8,6 +8,8 @@
 // GCC 12 warns of its own intrinsics headers (their undefined-value helpers) once inlined.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "kernels/kvpool_avx512.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -16,7 +18,7 @@
 #include <memory>
 
 #include "kernels/codec.h"
-#include "kernels/kvpool_avx512.h"
+#include "kernels/kvpool_fast_entry.h"
 #include "kernels/kvpool_format.h"
 
 namespace kvpool::kernels::kvpool::internal {
@@ -187,13 +189,6 @@ KVPOOL_AVX512 bool StatsT(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t 
   return _mm256_cmpge_epu16_mask(top, exp) == 0;
 }
 
-bool Stats(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
-           float* sq) {
-  if (HD % 16 != 0) return FastRefKernels().stats(dtype, in, T, HD, stride, sums, sq);
-  return dtype == DType::kBf16 ? StatsT<true>(in, T, HD, stride, sums, sq)
-                               : StatsT<false>(in, T, HD, stride, sums, sq);
-}
-
 template <bool kBf16>
 KVPOOL_AVX512 bool MeansT(const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
   const __m512 count = _mm512_set1_ps(float(n)), inf = _mm512_set1_ps(INFINITY);
@@ -206,12 +201,6 @@ KVPOOL_AVX512 bool MeansT(const float* sums, uint32_t n, uint64_t HD, uint16_t* 
     _mm512_storeu_ps(m + c, ToFloats<kBf16>(h));
   }
   return true;
-}
-
-void Means(DType dtype, const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
-  const bool done = HD % 16 == 0 && (dtype == DType::kBf16 ? MeansT<true>(sums, n, HD, stored, m)
-                                                           : MeansT<false>(sums, n, HD, stored, m));
-  if (!done) FastRefKernels().means(dtype, sums, n, HD, stored, m);
 }
 
 // Tree16 of the lanes.
@@ -238,13 +227,6 @@ KVPOOL_AVX512 void DistancesT(const uint16_t* in, uint32_t T, uint32_t H, uint32
       }
       dist[uint64_t{t} * H + h] = Tree16(acc);
     }
-}
-
-void Distances(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
-               float* dist) {
-  if (D % 16 != 0) return FastRefKernels().distances(dtype, in, T, H, D, m, dist);
-  return dtype == DType::kBf16 ? DistancesT<true>(in, T, H, D, m, dist)
-                               : DistancesT<false>(in, T, H, D, m, dist);
 }
 
 template <bool kBf16>
@@ -326,16 +308,6 @@ KVPOOL_AVX512 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uin
   return out == nullptr ? 0 : uint64_t(data - out);
 }
 
-uint64_t Quantize(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
-                  const float* m, const float* steps, uint32_t stride, uint8_t* out, double* err,
-                  double* energy) {
-  if (D % 16 != 0) {
-    return FastRefKernels().quantize(dtype, in, T, H, D, m, steps, stride, out, err, energy);
-  }
-  return dtype == DType::kBf16 ? QuantizeT<true>(in, T, H, D, m, steps, stride, out, err, energy)
-                               : QuantizeT<false>(in, T, H, D, m, steps, stride, out, err, energy);
-}
-
 template <bool kBf16>
 KVPOOL_AVX512 void DecodeT(const SegmentShape& shape, const Parsed& parsed, const float* means,
                            const float* token_steps, uint16_t* out) {
@@ -395,45 +367,45 @@ KVPOOL_AVX512 void DecodeT(const SegmentShape& shape, const Parsed& parsed, cons
   }
 }
 
+// The fast profile's AVX-512 kernels by dtype (FastEntries).
+struct Avx512Fast {
+  static constexpr uint64_t kColumns = 16;
+  template <bool kBf16>
+  static bool Stats(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
+                    float* sq) {
+    return StatsT<kBf16>(in, T, HD, stride, sums, sq);
+  }
+  template <bool kBf16>
+  static bool Means(const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
+    return MeansT<kBf16>(sums, n, HD, stored, m);
+  }
+  template <bool kBf16>
+  static void Distances(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
+                        float* dist) {
+    DistancesT<kBf16>(in, T, H, D, m, dist);
+  }
+  template <bool kBf16>
+  static uint64_t Quantize(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
+                           const float* steps, uint32_t stride, uint8_t* out, double* err,
+                           double* energy) {
+    return QuantizeT<kBf16>(in, T, H, D, m, steps, stride, out, err, energy);
+  }
+  template <bool kBf16>
+  static void DecodePacks(const SegmentShape& shape, const Parsed& parsed, const float* means,
+                          const float* token_steps, uint16_t* out) {
+    DecodeT<kBf16>(shape, parsed, means, token_steps, out);
+  }
+};
+
 }  // namespace
 
 const FastKernels& FastCpuKernels() {
-  static const FastKernels k = {&Stats, &Means, &Distances, &Quantize};
-  if (CpuHasAvx512()) return k;
+  if (CpuHasAvx512()) return FastEntries<Avx512Fast>::Kernels();
   return FastKernelsAvx2() != nullptr ? *FastKernelsAvx2() : FastRefKernels();
 }
 
-namespace {
-
-KVPOOL_AVX512 bool DecodeCoded(const SegmentShape& shape, const Parsed& parsed, uint16_t* out) {
-  const uint64_t HD = uint64_t{shape.kv_heads} * shape.head_dim;
-  thread_local std::vector<float> means, steps;
-  means.resize(HD);
-  const bool bf16 = shape.dtype == DType::kBf16;
-  // Means not finite (NaN must take the reference's conversion): every exponent bit set.
-  const __m256i exp = _mm256_set1_epi16(bf16 ? 0x7f80 : 0x7c00);
-  for (uint64_t c = 0; c < HD; c += 16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(parsed.means + 2 * c));
-    if (_mm256_cmpeq_epi16_mask(_mm256_and_si256(h, exp), exp) != 0) return false;
-    _mm512_storeu_ps(means.data() + c, bf16 ? ToFloats<true>(h) : ToFloats<false>(h));
-  }
-  TokenSteps(shape, parsed, &steps);
-  if (bf16) {
-    DecodeT<true>(shape, parsed, means.data(), steps.data(), out);
-  } else {
-    DecodeT<false>(shape, parsed, means.data(), steps.data(), out);
-  }
-  return true;
-}
-
-}  // namespace
-
 bool DecodePacksAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out) {
-  if (!CpuHasAvx512() || parsed.mode != kModeCoded || parsed.coef_cols != 0 ||
-      shape.head_dim % 16 != 0 || shape.tokens == 0) {
-    return false;
-  }
-  return DecodeCoded(shape, parsed, out);
+  return CpuHasAvx512() && FastEntries<Avx512Fast>::DecodePacks(shape, parsed, out);
 }
 
 namespace {

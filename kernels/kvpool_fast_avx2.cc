@@ -15,15 +15,18 @@
 #include <vector>
 
 #include "kernels/codec.h"
+#include "kernels/kvpool_fast_entry.h"
 #include "kernels/kvpool_format.h"
 #include "kernels/simd_avx2.h"
 
 namespace kvpool::kernels::kvpool::internal {
 namespace {
 
+using simd::FromFloats8;
 using simd::Load8;
 using simd::RoundTrip8;
 using simd::Store8;
+using simd::Tree16;
 
 // The largest (h & 0x7fff) of 8 elements, kept as a running maximum: an element is not finite
 // when its exponent bits are all set, i.e. when that reaches the dtype's exponent mask.
@@ -77,13 +80,6 @@ KVPOOL_AVX2 bool StatsT(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t st
   return AllFinite<kBf16>(top);
 }
 
-bool Stats(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
-           float* sq) {
-  if (HD % 8 != 0) return FastRefKernels().stats(dtype, in, T, HD, stride, sums, sq);
-  return dtype == DType::kBf16 ? StatsT<true>(in, T, HD, stride, sums, sq)
-                               : StatsT<false>(in, T, HD, stride, sums, sq);
-}
-
 template <bool kBf16>
 KVPOOL_AVX2 bool MeansT(const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
   const __m256 count = _mm256_set1_ps(float(n)), inf = _mm256_set1_ps(INFINITY);
@@ -97,20 +93,6 @@ KVPOOL_AVX2 bool MeansT(const float* sums, uint32_t n, uint64_t HD, uint16_t* st
     _mm256_storeu_ps(m + c, Load8<kBf16>(stored + c));
   }
   return true;
-}
-
-void Means(DType dtype, const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
-  const bool done = HD % 8 == 0 && (dtype == DType::kBf16 ? MeansT<true>(sums, n, HD, stored, m)
-                                                          : MeansT<false>(sums, n, HD, stored, m));
-  if (!done) FastRefKernels().means(dtype, sums, n, HD, stored, m);
-}
-
-// Tree16 of 16 lanes held as l[0 .. 7] in `lo` and l[8 .. 15] in `hi`.
-KVPOOL_AVX2 inline float Tree16(__m256 lo, __m256 hi) {
-  const __m256 a = _mm256_add_ps(lo, hi);
-  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
 }
 
 template <bool kBf16>
@@ -130,13 +112,6 @@ KVPOOL_AVX2 void DistancesT(const uint16_t* in, uint32_t T, uint32_t H, uint32_t
       }
       dist[uint64_t{t} * H + h] = Tree16(lo, hi);
     }
-}
-
-void Distances(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
-               float* dist) {
-  if (D % 16 != 0) return FastRefKernels().distances(dtype, in, T, H, D, m, dist);
-  return dtype == DType::kBf16 ? DistancesT<true>(in, T, H, D, m, dist)
-                               : DistancesT<false>(in, T, H, D, m, dist);
 }
 
 // 16 x 16 transpose of 16-bit elements: r[i] word j -> o[j] word i. Within 128-bit lanes the
@@ -312,27 +287,6 @@ KVPOOL_AVX2 uint64_t QuantizeT(const uint16_t* in, uint32_t T, uint32_t H, uint3
   return out == nullptr ? 0 : uint64_t(data - out);
 }
 
-uint64_t Quantize(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
-                  const float* m, const float* steps, uint32_t stride, uint8_t* out, double* err,
-                  double* energy) {
-  if (D % 16 != 0) {
-    return FastRefKernels().quantize(dtype, in, T, H, D, m, steps, stride, out, err, energy);
-  }
-  return dtype == DType::kBf16 ? QuantizeT<true>(in, T, H, D, m, steps, stride, out, err, energy)
-                               : QuantizeT<false>(in, T, H, D, m, steps, stride, out, err, energy);
-}
-
-// 8 floats as the dtype (FromFloat for finite values).
-template <bool kBf16>
-KVPOOL_AVX2 inline __m128i FromFloats8(__m256 v) {
-  if constexpr (kBf16) {
-    const __m256i u = _mm256_srli_epi32(simd::RoundBf16(v), 16);
-    return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-  } else {
-    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-  }
-}
-
 // Mode 1 without low-rank parts (the fast profile's payload): per group, head and 16 columns,
 // each pack's planes to 16 codes (a plane's word broadcast and tested against each lane's
 // bit), y = m + q * s per token lane as the reference computes it, and a 16 x 16 transpose
@@ -392,37 +346,44 @@ KVPOOL_AVX2 void DecodePacksT(const SegmentShape& shape, const Parsed& parsed, c
   }
 }
 
+// The fast profile's AVX2 kernels by dtype (FastEntries).
+struct Avx2Fast {
+  static constexpr uint64_t kColumns = 8;
+  template <bool kBf16>
+  static bool Stats(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
+                    float* sq) {
+    return StatsT<kBf16>(in, T, HD, stride, sums, sq);
+  }
+  template <bool kBf16>
+  static bool Means(const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
+    return MeansT<kBf16>(sums, n, HD, stored, m);
+  }
+  template <bool kBf16>
+  static void Distances(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
+                        float* dist) {
+    DistancesT<kBf16>(in, T, H, D, m, dist);
+  }
+  template <bool kBf16>
+  static uint64_t Quantize(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
+                           const float* steps, uint32_t stride, uint8_t* out, double* err,
+                           double* energy) {
+    return QuantizeT<kBf16>(in, T, H, D, m, steps, stride, out, err, energy);
+  }
+  template <bool kBf16>
+  static void DecodePacks(const SegmentShape& shape, const Parsed& parsed, const float* means,
+                          const float* token_steps, uint16_t* out) {
+    DecodePacksT<kBf16>(shape, parsed, means, token_steps, out);
+  }
+};
+
 }  // namespace
 
 bool DecodePacksAvx2(const SegmentShape& shape, const Parsed& parsed, uint16_t* out) {
-  if (!CpuHasAvx2() || parsed.mode != kModeCoded || parsed.coef_cols != 0 ||
-      shape.head_dim % 16 != 0 || shape.tokens == 0) {
-    return false;
-  }
-  const uint64_t HD = uint64_t{shape.kv_heads} * shape.head_dim;
-  const bool bf16 = shape.dtype == DType::kBf16;
-  thread_local std::vector<float> means, steps;
-  means.resize(HD);
-  // Means not finite (NaN must take the reference's conversion): every exponent bit set.
-  const uint16_t exp = bf16 ? 0x7f80 : 0x7c00;
-  for (uint64_t c = 0; c < HD; ++c) {
-    uint16_t m;
-    std::memcpy(&m, parsed.means + 2 * c, 2);
-    if ((m & exp) == exp) return false;
-    means[c] = ToFloat(shape.dtype, m);
-  }
-  TokenSteps(shape, parsed, &steps);
-  if (bf16) {
-    DecodePacksT<true>(shape, parsed, means.data(), steps.data(), out);
-  } else {
-    DecodePacksT<false>(shape, parsed, means.data(), steps.data(), out);
-  }
-  return true;
+  return CpuHasAvx2() && FastEntries<Avx2Fast>::DecodePacks(shape, parsed, out);
 }
 
 const FastKernels* FastKernelsAvx2() {
-  static const FastKernels k = {&Stats, &Means, &Distances, &Quantize};
-  return CpuHasAvx2() ? &k : nullptr;
+  return CpuHasAvx2() ? &FastEntries<Avx2Fast>::Kernels() : nullptr;
 }
 
 }  // namespace kvpool::kernels::kvpool::internal

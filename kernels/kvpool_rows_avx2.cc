@@ -20,14 +20,7 @@ namespace {
 constexpr uint32_t kMaxDim = 512;  // Widest head these kernels take (stack buffers).
 
 using simd::Load8;
-
-// Tree16 of lanes 0-7 (lo) and 8-15 (hi): l[i] + l[i + 8], then + 4, + 2, + 1.
-KVPOOL_AVX2 inline float Tree16(__m256 lo, __m256 hi) {
-  const __m256 a = _mm256_add_ps(lo, hi);
-  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
-}
+using simd::Tree16;
 
 // Lanes of channels d .. d + 7 that are outlier channels, as an all-ones mask per lane.
 KVPOOL_AVX2 inline __m256i OutlierLanes8(const RowHead& hd, uint32_t d) {
