@@ -49,10 +49,10 @@ KVPOOL_AVX2 inline uint32_t BytePlane(__m256i bytes, int p) {
 }
 
 // One row of RowKernels::encode's projection: x as floats into xf, the prediction into zf, the
-// outlier lanes' masks into outlier_lanes (heads with outliers), the stats.
+// stats; outlier_lanes holds the head's outlier lanes' masks (heads with outliers).
 template <bool kBf16, uint32_t R>
 KVPOOL_AVX2 void ProjectRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* coefs, float* xf,
-                                float* zf, float* outlier_lanes, RowStats* st) {
+                                float* zf, const float* outlier_lanes, RowStats* st) {
   const uint32_t D = hd.D;
   // Projection, lanes 0-7 of each 16 channels, then lanes 8-15 (8 dot products in registers).
   __m256 dot[2][8], dist[2], en[2];
@@ -104,8 +104,7 @@ KVPOOL_AVX2 void ProjectRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* c
     if (hd.outliers == 0) {
       reg[half] = _mm256_fmadd_ps(r, r, reg[half]);
     } else {  // fma(0, 0, acc) leaves acc as it is (never -0).
-      const __m256 om = _mm256_castsi256_ps(OutlierLanes8(hd, d));
-      _mm256_store_ps(outlier_lanes + d, om);  // Again for the quantisation below.
+      const __m256 om = _mm256_load_ps(outlier_lanes + d);
       const __m256 rr = _mm256_andnot_ps(om, r), ro = _mm256_and_ps(om, r);
       reg[half] = _mm256_fmadd_ps(rr, rr, reg[half]);
       outl[half] = _mm256_fmadd_ps(ro, ro, outl[half]);
@@ -186,6 +185,9 @@ KVPOOL_AVX2 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t r
   // Phase by phase over the block (project all, choose all, quantise all), as on AVX-512.
   alignas(32) float xf[kRowBlock * kMaxDim], zf[kRowBlock * kMaxDim], outlier_lanes[kMaxDim];
   const uint32_t D = hd.D;
+  for (uint32_t d = 0; d < D && hd.outliers; d += 8) {  // The head's, once for the block.
+    _mm256_store_ps(outlier_lanes + d, _mm256_castsi256_ps(OutlierLanes8(hd, d)));
+  }
   for (uint32_t i = 0; i < rows; ++i) {
     ProjectRowAvx2<kBf16, R>(hd, x[i], coefs + i * kMaxRank, xf + i * D, zf + i * D,
                              outlier_lanes, &st[i]);
