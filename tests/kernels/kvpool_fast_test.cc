@@ -40,23 +40,54 @@ TEST(KvpoolFast, ConstantSegmentByHand) {
   }
 }
 
+// Random case n of a fast-profile test: kinds alternating in pairs and dtypes in turn, a shape
+// of `dims`, one of `budgets`, elements of a RandomSegment type below `types` and, for two value
+// segments in three, their keys.
+struct RandomCase {
+  SegmentShape shape;
+  float budget;
+  std::vector<uint16_t> x, keys;
+};
+constexpr uint32_t kTokens[] = {1, 2, 15, 16, 17, 40, 130};  // Partial groups of 16 and more.
+RandomCase MakeRandomCase(int n, const float (&budgets)[5], const uint32_t (&dims)[5], int types,
+                          std::mt19937_64& rng) {
+  const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
+  const SegmentKind kind = (n / 2) % 2 ? SegmentKind::kValue : SegmentKind::kKey;
+  RandomCase c;
+  c.shape = Shape(kTokens[rng() % 7], 1 + rng() % 4, dims[rng() % 5], dt, kind);
+  c.budget = budgets[rng() % 5];
+  c.x = RandomSegment(c.shape, int(rng() % types), rng);
+  if (kind == SegmentKind::kValue && n % 3 != 0) c.keys = RandomSegment(c.shape, 5, rng);
+  return c;
+}
+
+// Layer 0 of the synthetic KV (`kvpool gen`), [256][8][128] fp16: its keys and its values.
+std::pair<std::vector<uint16_t>, std::vector<uint16_t>> SyntheticLayer() {
+  client::SyntheticOptions o;
+  o.num_layers = 1;
+  o.num_kv_heads = 8;
+  o.head_dim = 128;
+  o.tokens = 256;
+  const std::string kv = client::SyntheticKv(o);
+  const uint16_t* e = reinterpret_cast<const uint16_t*>(kv.data());
+  const uint64_t n = uint64_t{256} * 8 * 128;
+  return {std::vector<uint16_t>(e, e + n), std::vector<uint16_t>(e + n, e + 2 * n)};
+}
+
 // The fast profile over many random segments: mode 1 (or raw) with rank 0, the budget holds,
 // and the fast CPU path (AVX-512 where the CPU has it) writes the reference's payload and
 // decodes to its values; values with and without their keys, with and without classes.
 TEST(KvpoolFast, BudgetHoldsAndCpuMatchesReference) {
   std::mt19937_64 rng(17);
   const float budgets[] = {0.005f, 0.02f, 0.05f, 0.1f, 0.2f};
-  const uint32_t tokens[] = {1, 2, 15, 16, 17, 40, 130};
   const uint32_t dims[] = {1, 16, 24, 32, 128};
   int segments = 0, violations = 0, classed = 0;
   for (int n = 0; n < 1200; ++n) {
-    const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
-    const SegmentKind kind = (n / 2) % 2 ? SegmentKind::kValue : SegmentKind::kKey;
-    const SegmentShape s = Shape(tokens[rng() % 7], 1 + rng() % 4, dims[rng() % 5], dt, kind);
-    const float budget = budgets[rng() % 5];
-    const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 6), rng);
-    std::vector<uint16_t> keys;
-    if (kind == SegmentKind::kValue && n % 3 != 0) keys = RandomSegment(s, 5, rng);
+    const RandomCase c = MakeRandomCase(n, budgets, dims, 6, rng);
+    const SegmentShape& s = c.shape;
+    const float budget = c.budget;
+    const std::vector<uint16_t>& v = c.x;
+    const std::vector<uint16_t>& keys = c.keys;
     const uint8_t flags = kFast | (n % 7 == 0 ? kvpool::internal::kFlagEqualTokens : 0);
     const CodecParams p = Params(budget, 0, flags);
     const std::string ref = Encode(p, s, v, Path::kRef, keys);
@@ -80,15 +111,8 @@ TEST(KvpoolFast, BudgetHoldsAndCpuMatchesReference) {
 // Large fast-profile segments (the AVX-512 loops at full width): the budget, a ratio that
 // grows with it, and payloads equal to the reference's.
 TEST(KvpoolFast, LargeSegmentsMeetBudget) {
-  client::SyntheticOptions o;
-  o.num_layers = 1;
-  o.num_kv_heads = 8;
-  o.head_dim = 128;
-  o.tokens = 256;
-  const std::string kv = client::SyntheticKv(o);
-  const uint16_t* e = reinterpret_cast<const uint16_t*>(kv.data());
-  const uint64_t n = uint64_t{256} * 8 * 128;
-  const std::vector<uint16_t> k(e, e + n), v(e + n, e + 2 * n);
+  const auto [k, v] = SyntheticLayer();
+  const uint64_t n = k.size();
   double last = 0;
   for (float budget : {0.02f, 0.05f, 0.1f}) {
     for (SegmentKind kind : {SegmentKind::kKey, SegmentKind::kValue}) {
@@ -160,17 +184,14 @@ TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
   };
   std::mt19937_64 rng(29);
   const float budgets[] = {0.001f, 0.02f, 0.05f, 0.2f, 0.6f};
-  const uint32_t tokens[] = {1, 2, 15, 16, 17, 40, 130};
   const uint32_t dims[] = {16, 24, 32, 64, 128};
   int coded = 0, wide = 0, decoded = 0;
   for (int n = 0; n < 600; ++n) {
-    const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
-    const SegmentKind kind = (n / 2) % 2 ? SegmentKind::kValue : SegmentKind::kKey;
-    const SegmentShape s = Shape(tokens[rng() % 7], 1 + rng() % 4, dims[rng() % 5], dt, kind);
-    const CodecParams p = *NormalizeParams(Params(budgets[rng() % 5], 0, kFast));
-    const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 7), rng);
-    std::vector<uint16_t> keys;
-    if (kind == SegmentKind::kValue && n % 3 != 0) keys = RandomSegment(s, 5, rng);
+    const RandomCase c = MakeRandomCase(n, budgets, dims, 7, rng);
+    const SegmentShape& s = c.shape;
+    const CodecParams p = *NormalizeParams(Params(c.budget, 0, kFast));
+    const std::vector<uint16_t>& v = c.x;
+    const std::vector<uint16_t>& keys = c.keys;
     const std::string ref = encode(in::FastRefKernels(), s, p, v, keys);
     ASSERT_EQ(encode(*avx2, s, p, v, keys), ref) << "segment " << n;
     if (ref.size() > 8 && ref[0] == 1) {
@@ -195,15 +216,7 @@ TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
   EXPECT_GT(coded, 200);
   EXPECT_GT(decoded, 100);
   EXPECT_GT(wide, 0);  // Packs of more than 8 planes (the second byte of each plane word).
-  client::SyntheticOptions o;
-  o.num_layers = 1;
-  o.num_kv_heads = 8;
-  o.head_dim = 128;
-  o.tokens = 256;
-  const std::string kv = client::SyntheticKv(o);
-  const uint16_t* e = reinterpret_cast<const uint16_t*>(kv.data());
-  const uint64_t count = uint64_t{256} * 8 * 128;
-  const std::vector<uint16_t> k(e, e + count), v(e + count, e + 2 * count);
+  const auto [k, v] = SyntheticLayer();
   for (float budget : {0.02f, 0.2f}) {
     const CodecParams p = *NormalizeParams(Params(budget, 0, kFast));
     const SegmentShape ks = Shape(256, 8, 128, DType::kFp16, SegmentKind::kKey);
@@ -214,7 +227,7 @@ TEST(KvpoolFast, Avx2KernelsWriteTheReferencePayloads) {
   // Each kernel alone: the same sums, means, distances, codes, error and energy to the bit.
   for (int n = 0; n < 60; ++n) {
     const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
-    const SegmentShape s = Shape(tokens[rng() % 7], 1 + rng() % 4, dims[rng() % 5], dt);
+    const SegmentShape s = Shape(kTokens[rng() % 7], 1 + rng() % 4, dims[rng() % 5], dt);
     const std::vector<uint16_t> x = RandomSegment(s, int(rng() % 7), rng);
     const uint32_t T = s.tokens, H = s.kv_heads, D = s.head_dim, G = in::Groups(T);
     const uint64_t HD = uint64_t{H} * D;
