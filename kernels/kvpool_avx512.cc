@@ -368,44 +368,20 @@ KVPOOL_AVX512 void DecodeT(const SegmentShape& shape, const Parsed& parsed, cons
 }
 
 // The fast profile's AVX-512 kernels by dtype (FastEntries).
-struct Avx512Fast {
-  static constexpr uint64_t kColumns = 16;
-  template <bool kBf16>
-  static bool Stats(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
-                    float* sq) {
-    return StatsT<kBf16>(in, T, HD, stride, sums, sq);
-  }
-  template <bool kBf16>
-  static bool Means(const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
-    return MeansT<kBf16>(sums, n, HD, stored, m);
-  }
-  template <bool kBf16>
-  static void Distances(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
-                        float* dist) {
-    DistancesT<kBf16>(in, T, H, D, m, dist);
-  }
-  template <bool kBf16>
-  static uint64_t Quantize(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
-                           const float* steps, uint32_t stride, uint8_t* out, double* err,
-                           double* energy) {
-    return QuantizeT<kBf16>(in, T, H, D, m, steps, stride, out, err, energy);
-  }
-  template <bool kBf16>
-  static void DecodePacks(const SegmentShape& shape, const Parsed& parsed, const float* means,
-                          const float* token_steps, uint16_t* out) {
-    DecodeT<kBf16>(shape, parsed, means, token_steps, out);
-  }
-};
+constexpr FastDtypeKernels kAvx512FastByDtype[2] = {
+    {&StatsT<false>, &MeansT<false>, &DistancesT<false>, &QuantizeT<false>, &DecodeT<false>},
+    {&StatsT<true>, &MeansT<true>, &DistancesT<true>, &QuantizeT<true>, &DecodeT<true>}};
+using Avx512Fast = FastEntries<16, kAvx512FastByDtype>;
 
 }  // namespace
 
 const FastKernels& FastCpuKernels() {
-  if (CpuHasAvx512()) return FastEntries<Avx512Fast>::Kernels();
+  if (CpuHasAvx512()) return Avx512Fast::Kernels();
   return FastKernelsAvx2() != nullptr ? *FastKernelsAvx2() : FastRefKernels();
 }
 
 bool DecodePacksAvx512(const SegmentShape& shape, const Parsed& parsed, uint16_t* out) {
-  return CpuHasAvx512() && FastEntries<Avx512Fast>::DecodePacks(shape, parsed, out);
+  return CpuHasAvx512() && Avx512Fast::DecodePacks(shape, parsed, out);
 }
 
 namespace {

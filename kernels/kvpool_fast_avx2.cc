@@ -347,43 +347,17 @@ KVPOOL_AVX2 void DecodePacksT(const SegmentShape& shape, const Parsed& parsed, c
 }
 
 // The fast profile's AVX2 kernels by dtype (FastEntries).
-struct Avx2Fast {
-  static constexpr uint64_t kColumns = 8;
-  template <bool kBf16>
-  static bool Stats(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
-                    float* sq) {
-    return StatsT<kBf16>(in, T, HD, stride, sums, sq);
-  }
-  template <bool kBf16>
-  static bool Means(const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m) {
-    return MeansT<kBf16>(sums, n, HD, stored, m);
-  }
-  template <bool kBf16>
-  static void Distances(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
-                        float* dist) {
-    DistancesT<kBf16>(in, T, H, D, m, dist);
-  }
-  template <bool kBf16>
-  static uint64_t Quantize(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
-                           const float* steps, uint32_t stride, uint8_t* out, double* err,
-                           double* energy) {
-    return QuantizeT<kBf16>(in, T, H, D, m, steps, stride, out, err, energy);
-  }
-  template <bool kBf16>
-  static void DecodePacks(const SegmentShape& shape, const Parsed& parsed, const float* means,
-                          const float* token_steps, uint16_t* out) {
-    DecodePacksT<kBf16>(shape, parsed, means, token_steps, out);
-  }
-};
+constexpr FastDtypeKernels kAvx2FastByDtype[2] = {
+    {&StatsT<false>, &MeansT<false>, &DistancesT<false>, &QuantizeT<false>, &DecodePacksT<false>},
+    {&StatsT<true>, &MeansT<true>, &DistancesT<true>, &QuantizeT<true>, &DecodePacksT<true>}};
+using Avx2Fast = FastEntries<8, kAvx2FastByDtype>;
 
 }  // namespace
 
 bool DecodePacksAvx2(const SegmentShape& shape, const Parsed& parsed, uint16_t* out) {
-  return CpuHasAvx2() && FastEntries<Avx2Fast>::DecodePacks(shape, parsed, out);
+  return CpuHasAvx2() && Avx2Fast::DecodePacks(shape, parsed, out);
 }
 
-const FastKernels* FastKernelsAvx2() {
-  return CpuHasAvx2() ? &FastEntries<Avx2Fast>::Kernels() : nullptr;
-}
+const FastKernels* FastKernelsAvx2() { return CpuHasAvx2() ? &Avx2Fast::Kernels() : nullptr; }
 
 }  // namespace kvpool::kernels::kvpool::internal

@@ -12,32 +12,43 @@
 
 namespace kvpool::kernels::kvpool::internal {
 
-// K: kColumns (stats and means need H * D a multiple of it; distances, quantise and decode need
-// head_dim a multiple of 16) and static templates over kBf16 taking FastKernels' parameters less
-// the dtype: Stats, Means (false when a mean is not finite: the reference's then), Distances,
-// Quantize; and DecodePacks(shape, parsed, means, token_steps, out).
-template <class K>
+// A path's kernels for one dtype: FastKernels' less the dtype (means: false when a mean is not
+// finite, the reference's then) and its packs decoder from decoded means and per-token steps.
+struct FastDtypeKernels {
+  bool (*stats)(const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride, float* sums,
+                float* sq);
+  bool (*means)(const float* sums, uint32_t n, uint64_t HD, uint16_t* stored, float* m);
+  void (*distances)(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
+                    float* dist);
+  uint64_t (*quantize)(const uint16_t* in, uint32_t T, uint32_t H, uint32_t D, const float* m,
+                       const float* steps, uint32_t stride, uint8_t* out, double* err,
+                       double* energy);
+  void (*decode_packs)(const SegmentShape& shape, const Parsed& parsed, const float* means,
+                       const float* token_steps, uint16_t* out);
+};
+
+// kByDtype[0] for fp16, [1] for bf16. Stats and means need H * D a multiple of kColumns;
+// distances, quantisation and decoding head_dim a multiple of 16.
+template <uint64_t kColumns, const FastDtypeKernels* kByDtype>
 struct FastEntries {
+  static const FastDtypeKernels& Of(DType dtype) { return kByDtype[dtype == DType::kBf16]; }
+
   static bool Stats(DType dtype, const uint16_t* in, uint32_t T, uint64_t HD, uint32_t stride,
                     float* sums, float* sq) {
-    if (HD % K::kColumns != 0) return FastRefKernels().stats(dtype, in, T, HD, stride, sums, sq);
-    return dtype == DType::kBf16 ? K::template Stats<true>(in, T, HD, stride, sums, sq)
-                                 : K::template Stats<false>(in, T, HD, stride, sums, sq);
+    if (HD % kColumns != 0) return FastRefKernels().stats(dtype, in, T, HD, stride, sums, sq);
+    return Of(dtype).stats(in, T, HD, stride, sums, sq);
   }
 
   static void Means(DType dtype, const float* sums, uint32_t n, uint64_t HD, uint16_t* stored,
                     float* m) {
-    const bool done = HD % K::kColumns == 0 &&
-                      (dtype == DType::kBf16 ? K::template Means<true>(sums, n, HD, stored, m)
-                                             : K::template Means<false>(sums, n, HD, stored, m));
+    const bool done = HD % kColumns == 0 && Of(dtype).means(sums, n, HD, stored, m);
     if (!done) FastRefKernels().means(dtype, sums, n, HD, stored, m);
   }
 
   static void Distances(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
                         const float* m, float* dist) {
     if (D % 16 != 0) return FastRefKernels().distances(dtype, in, T, H, D, m, dist);
-    return dtype == DType::kBf16 ? K::template Distances<true>(in, T, H, D, m, dist)
-                                 : K::template Distances<false>(in, T, H, D, m, dist);
+    Of(dtype).distances(in, T, H, D, m, dist);
   }
 
   static uint64_t Quantize(DType dtype, const uint16_t* in, uint32_t T, uint32_t H, uint32_t D,
@@ -46,9 +57,7 @@ struct FastEntries {
     if (D % 16 != 0) {
       return FastRefKernels().quantize(dtype, in, T, H, D, m, steps, stride, out, err, energy);
     }
-    return dtype == DType::kBf16
-               ? K::template Quantize<true>(in, T, H, D, m, steps, stride, out, err, energy)
-               : K::template Quantize<false>(in, T, H, D, m, steps, stride, out, err, energy);
+    return Of(dtype).quantize(in, T, H, D, m, steps, stride, out, err, energy);
   }
 
   static const FastKernels& Kernels() {
@@ -75,11 +84,7 @@ struct FastEntries {
       means[c] = ToFloat(shape.dtype, m);
     }
     TokenSteps(shape, parsed, &steps);
-    if (shape.dtype == DType::kBf16) {
-      K::template DecodePacks<true>(shape, parsed, means.data(), steps.data(), out);
-    } else {
-      K::template DecodePacks<false>(shape, parsed, means.data(), steps.data(), out);
-    }
+    Of(shape.dtype).decode_packs(shape, parsed, means.data(), steps.data(), out);
     return true;
   }
 };
