@@ -23,11 +23,14 @@
 namespace kvpool::bench {
 namespace {
 
-// Synthetic fp16 KV: 4 layers x 8 heads x 128 dims x 1024 tokens, cut into 256-token segments
-// (32 segments of 512 KiB), tiled kCopies times: 128 MiB in all, beyond the last-level cache as
-// a daemon's working set is, for the codecs and the memcpy anchor alike.
-constexpr uint32_t kLayers = 4, kHeads = 8, kDim = 128, kTokens = 1024, kSegTokens = 256;
-constexpr int kCopies = 8;
+// Synthetic fp16 KV: 16 layers x 8 heads x 128 dims x 2048 tokens, cut into 256-token segments
+// (256 segments of 512 KiB, 128 MiB in all: far beyond L2 and most servers' last-level caches,
+// as a daemon's working set is, for the codecs and the memcpy anchor alike), in the order a put of
+// consecutive blocks hands them to the daemon: block by block, each block's layers, K then V. Every
+// segment holds distinct tokens, so that an encoder keeping plans between the segments of a
+// stream (kvpool, PlanCache) meets new data in each, as the daemon does; 16 layers, because
+// the codecs' speed varies with each layer's random structure.
+constexpr uint32_t kLayers = 16, kHeads = 8, kDim = 128, kTokens = 2048, kSegTokens = 256;
 
 // 64-byte aligned storage, as tensors and pinned staging buffers are (a std::vector's large
 // blocks start 16 bytes into a page, so every 32-byte access of a row would straddle lines).
@@ -54,6 +57,8 @@ struct Segments {
     return s;
   }
   uint64_t bytes() const { return count * kElements * 2; }
+  // The stream (layer and kind) of segment i: its PlanCache.
+  static uint64_t stream(uint64_t i) { return i % (2 * kLayers); }
 };
 
 Segments MakeSegments() {
@@ -65,11 +70,10 @@ Segments MakeSegments() {
   const std::string kv = client::SyntheticKv(o);
   const uint16_t* e = reinterpret_cast<const uint16_t*>(kv.data());
   Segments s;
-  s.count = uint64_t{kCopies} * (kTokens / kSegTokens) * kLayers * 2;
+  s.count = uint64_t{kTokens / kSegTokens} * kLayers * 2;
   s.all = AlignedArray<uint16_t>(s.count * Segments::kElements);
   const uint64_t row = uint64_t{kHeads} * kDim;
   uint16_t* d = s.all.get();
-  for (int copy = 0; copy < kCopies; ++copy)
   for (uint32_t start = 0; start < kTokens; start += kSegTokens) {
     for (uint32_t l = 0; l < kLayers; ++l) {
       for (int kind = 0; kind < 2; ++kind) {
@@ -141,6 +145,7 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
                                   CodecParams{CodecId::kPackKv, 8, 0, 16, 0.02f},
                                   CodecParams{CodecId::kKvpool, 0, 0, 0, 0.05f},
                                   CodecParams{CodecId::kKvpool, 0, 0, 0, 0.2f},
+                                  CodecParams{CodecId::kKvpool, 0, 0, 0, 0.2f},
                                   CodecParams{CodecId::kKvpool, 0, kKvpoolEntropyProfile, 0, 0.05f},
                                   CodecParams{CodecId::kKvpool, 0, kKvpoolFastProfile, 0, 0.05f}};
   struct Row {
@@ -151,6 +156,9 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
     double segment_encode = 0, segment_decode = 0;
     double segment_encode_anchor = 0, segment_decode_anchor = 0;
   };
+  // kvpool's default profile keeps a PlanCache per stream (layer and kind), as the daemon
+  // does; the second e=0.2 entry plans every segment afresh (no cache), for comparison.
+  const size_t kNoCacheEntry = 6;
   std::vector<Row> rows;
   std::string device_line;
   std::vector<std::string> batched, per_segment;  // cuda rows by how they launch
@@ -159,13 +167,25 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
   // Progress on a terminal: each codec and path as it starts (a full run takes minutes).
   const bool progress = isatty(STDERR_FILENO) != 0;
   int steps = 0, step = 0;
-  for (const CodecParams& p : set)
-    steps += o.only.empty() || Name(p).find(o.only) != std::string::npos;
+  auto name_of = [&](size_t k) { return Name(set[k]) + (k == kNoCacheEntry ? " nocache" : ""); };
+  for (size_t k = 0; k < set.size(); ++k)
+    steps += o.only.empty() || name_of(k).find(o.only) != std::string::npos;
   const absl::Time start = absl::Now();
-  for (CodecParams& p : set) {
-    if (!o.only.empty() && Name(p).find(o.only) == std::string::npos) continue;
+  for (size_t k = 0; k < set.size(); ++k) {
+    if (!o.only.empty() && name_of(k).find(o.only) == std::string::npos) continue;
     ++step;
-    KVPOOL_ASSIGN_OR_RETURN(p, kernels::NormalizeParams(p));
+    const std::string name = name_of(k);
+    KVPOOL_ASSIGN_OR_RETURN(const CodecParams p, kernels::NormalizeParams(set[k]));
+    // One PlanCache per stream for each measurement (fresh caches: no plan carried over).
+    const bool cached = k != kNoCacheEntry;
+    std::vector<std::unique_ptr<kernels::PlanCache>> plans;
+    auto fresh_plans = [&] {
+      plans.clear();
+      for (uint64_t i = 0; i < 2 * kLayers; ++i) {
+        plans.push_back(std::make_unique<kernels::PlanCache>());
+      }
+    };
+    auto plans_of = [&](uint64_t i) { return cached ? plans[Segments::stream(i)].get() : nullptr; };
     // Two levels per path. The codec: its payload functions (a value segment with its keys,
     // as put passes them). The segment API the daemon and the client run: EncodeSegment (NaN
     // scan where the codec needs one, header, checksum, an exact-size string) and
@@ -198,26 +218,30 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
     for (kernels::Path path : {kernels::Path::kRef, kernels::Path::kCpu}) {
       const bool ref = path == kernels::Path::kRef;
       if (progress) {
-        std::cerr << absl::StrFormat("[%d/%d] %s %s (%.0f s)\n", step, steps, Name(p),
+        std::cerr << absl::StrFormat("[%d/%d] %s %s (%.0f s)\n", step, steps, name,
                                      kernels::PathName(path),
                                      absl::ToDoubleSeconds(absl::Now() - start));
       }
       auto encode = ref ? ops.encode_ref : ops.encode_cpu;
       auto encode_keyed = ref ? ops.encode_ref_keyed : ops.encode_cpu_keyed;
       auto decode = ref ? ops.decode_ref : ops.decode_cpu;
-      Row row{Name(p), std::string(CodecName(p.codec)), std::string(kernels::PathName(path))};
+      Row row{name, std::string(CodecName(p.codec)), std::string(kernels::PathName(path))};
+      fresh_plans();
       absl::Status st = measure(
           [&](uint64_t i) -> absl::Status {
             const uint16_t* keys = keys_of(i);
             // A value's keys and their payload, encoded just before (what put passes).
             const kernels::LayerKeys layer_keys{
-                keys, keys ? absl::MakeConstSpan(payloads[i - 1].data(), sizes[i - 1])
-                           : absl::Span<const uint8_t>()};
+                keys,
+                keys ? absl::MakeConstSpan(payloads[i - 1].data(), sizes[i - 1])
+                     : absl::Span<const uint8_t>(),
+                plans_of(i)};
             KVPOOL_ASSIGN_OR_RETURN(
-                sizes[i], keys != nullptr && encode_keyed != nullptr
-                              ? encode_keyed(segs.shape(i), p, segs.data(i), layer_keys,
-                                             payloads[i].data(), cap)
-                              : encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
+                sizes[i],
+                (keys != nullptr || layer_keys.plans != nullptr) && encode_keyed != nullptr
+                    ? encode_keyed(segs.shape(i), p, segs.data(i), layer_keys, payloads[i].data(),
+                                   cap)
+                    : encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
             return absl::OkStatus();
           },
           &row.encode, &row.encode_anchor);
@@ -229,16 +253,18 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
             &row.decode, &row.decode_anchor);
       }
       if (st.ok()) {
+        fresh_plans();
         st = measure(
             [&](uint64_t i) -> absl::Status {
               const uint16_t* keys = keys_of(i);
               KVPOOL_ASSIGN_OR_RETURN(
-                  encoded[i], kernels::EncodeSegment(
-                                  p, segs.shape(i),
-                                  absl::MakeConstSpan(segs.data(i), Segments::kElements), path,
-                                  keys ? absl::MakeConstSpan(keys, Segments::kElements)
-                                       : absl::Span<const uint16_t>(),
-                                  keys ? absl::string_view(encoded[i - 1]) : absl::string_view()));
+                  encoded[i],
+                  kernels::EncodeSegment(
+                      p, segs.shape(i), absl::MakeConstSpan(segs.data(i), Segments::kElements),
+                      path,
+                      keys ? absl::MakeConstSpan(keys, Segments::kElements)
+                           : absl::Span<const uint16_t>(),
+                      keys ? absl::string_view(encoded[i - 1]) : absl::string_view(), plans_of(i)));
               return absl::OkStatus();
             },
             &row.segment_encode, &row.segment_encode_anchor);
@@ -260,6 +286,7 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       row.ratio = double(total_bytes) / total;
       rows.push_back(row);
     }
+    if (!cached) continue;  // The GPU's encoders keep no plans: the row above is the same.
     const std::vector<uint16_t> all(segs.all.get(),
                                     segs.all.get() + segs.count * Segments::kElements);
     // On the GPU: the same segments as keys, then as values (each kind takes its own kernels);
@@ -272,11 +299,11 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
     if (dev_k.ok() && dev_v.ok()) {
       auto both = [](double a, double b) { return 2 / (1 / a + 1 / b); };
       d2d = (dev_k->d2d_copy_gbps + dev_v->d2d_copy_gbps) / 2;
-      rows.push_back(Row{Name(p), std::string(CodecName(p.codec)), "cuda",
+      rows.push_back(Row{name, std::string(CodecName(p.codec)), "cuda",
                          both(dev_k->encode_gbps, dev_v->encode_gbps),
                          both(dev_k->decode_gbps, dev_v->decode_gbps), 0, d2d, d2d});
-      (dev_k->batched ? batched : per_segment).push_back(Name(p));
-      by_kind.push_back(absl::StrFormat("%s K %.0f/%.0f V %.0f/%.0f", Name(p), dev_k->encode_gbps,
+      (dev_k->batched ? batched : per_segment).push_back(name);
+      by_kind.push_back(absl::StrFormat("%s K %.0f/%.0f V %.0f/%.0f", name, dev_k->encode_gbps,
                                         dev_k->decode_gbps, dev_v->encode_gbps,
                                         dev_v->decode_gbps));
     } else {

@@ -241,7 +241,7 @@ absl::Span<const uint8_t> KeyPayload(absl::string_view encoded_keys, const Codec
 absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const SegmentShape& shape,
                                           absl::Span<const uint16_t> elements, Path path,
                                           absl::Span<const uint16_t> keys,
-                                          absl::string_view encoded_keys) {
+                                          absl::string_view encoded_keys, PlanCache* plans) {
   if (elements.size() != shape.Elements()) {
     return absl::InvalidArgumentError(absl::StrCat("segment has ", elements.size(),
                                                    " elements, the shape needs ",
@@ -269,7 +269,9 @@ absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const Segme
     if (!keys.empty()) layer_keys.elements = keys.data();
     layer_keys.payload = KeyPayload(encoded_keys, *normalized, shape);
   }
-  const bool keyed = layer_keys.elements != nullptr || !layer_keys.payload.empty();
+  if (path != Path::kCuda) layer_keys.plans = plans;
+  const bool keyed =
+      layer_keys.elements != nullptr || !layer_keys.payload.empty() || layer_keys.plans != nullptr;
   // Raw is written in place into a string of its exact size (it is the hot default). Other
   // codecs write into a per-thread scratch of their worst case, zeroed for the encoders that
   // OR bits into zeroed bytes, and the segment is copied out at its exact size: the store

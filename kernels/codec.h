@@ -2,8 +2,9 @@
 // segment (common/encoded_segment.h) and back. Every codec has three paths that read and write
 // the same payload format:
 //   kRef  - the CPU reference: plain loops, the definition of the format (<codec>_ref.cc);
-//   kCpu  - the fast CPU path, AVX2/F16C when the CPU has them, chosen at run time (<codec>_cpu.cc);
-//   kCuda - the CUDA kernels and their launchers (<codec>.cu), device memory in and out.
+//   kCpu  - the fast CPU path, AVX2/F16C when the CPU has them, chosen at run time
+//   (<codec>_cpu.cc); kCuda - the CUDA kernels and their launchers (<codec>.cu), device memory in
+//   and out.
 // Decoding a payload gives the same values on every path (bit-exact). Encoders may round
 // differently in rare ties; every path's output decodes on every other path.
 //
@@ -15,16 +16,19 @@
 // CUDA launchers take device pointers and a stream, enqueue work, never synchronise the
 // device, and write the payload size to a device uint64 (*d_size).
 //
-// Thread-safe (stateless).
+// Thread-safe (stateless but for a PlanCache, which is thread-safe).
 #ifndef KVPOOL_KERNELS_CODEC_H_
 #define KVPOOL_KERNELS_CODEC_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "common/encoded_segment.h"
 
@@ -37,14 +41,52 @@ namespace kvpool::kernels {
 enum class Path : uint8_t { kRef = 0, kCpu = 1, kCuda = 2 };
 absl::string_view PathName(Path path);  // "ref", "cpu", "cuda"
 
+// What an encoder keeps between the segments of one stream: one model's layer and kind (K or V),
+// whose statistics change slowly from block to block. kvpool's default profile plans each
+// segment from a sample (means, basis, outlier channels, step model: about 40 % of its encode);
+// given a cache it plans one segment in replan_every (and the next after a segment that missed
+// its first pass) and reuses that plan for the others, the step steered by the error the last
+// segment measured (aiming lower after misses). A payload stays self-describing and every segment's
+// error is measured, so a stale plan costs ratio, never the budget; the bytes then depend on the
+// order of encodes. Thread-safe: a stream's encoders may run at once. One per stream: one shared by
+// layers would replan at every shape, budget or layer change and gain little.
+class PlanCache {
+ public:
+  struct State;  // The codec's (kvpool_rows_encoder.cc).
+  static constexpr uint64_t kReplanEvery = 32;
+
+  // `replan_every`: segments per plan at most (1: each plans afresh, as without a cache).
+  explicit PlanCache(uint64_t replan_every = kReplanEvery);
+  ~PlanCache();
+  PlanCache(const PlanCache&) = delete;
+  PlanCache& operator=(const PlanCache&) = delete;
+
+  uint64_t replan_every() const { return replan_every_; }
+  // Segments encoded with a plan of their own, and with one they reused.
+  uint64_t planned() const;
+  uint64_t reused() const;
+
+  // The codec's access to its state (null until it makes one), under the cache's lock.
+  void With(absl::FunctionRef<void(std::unique_ptr<State>&)> fn);
+
+ private:
+  const uint64_t replan_every_;
+  mutable absl::Mutex mu_;
+  std::unique_ptr<State> state_ ABSL_GUARDED_BY(mu_);
+};
+
 // What a value segment's encoder may use of its layer's key segment of the same tokens (codecs
 // that spend more bits on the tokens queries are likely to attend to, by their keys: kvpool).
 // Either or both: the key segment's elements, and the payload the same codec with the same
 // parameters wrote for them, from which kvpool takes the keys' token classes instead of
 // computing them again (a hint: a payload without them, or not of this codec, is ignored).
+//
+// `plans` (optional, any segment): the PlanCache of the segment's stream, for the codecs whose
+// encoders plan from a sample (kvpool's default profile).
 struct LayerKeys {
   const uint16_t* elements = nullptr;
   absl::Span<const uint8_t> payload;
+  PlanCache* plans = nullptr;
 };
 
 // CUDA launchers for `count` segments of one shape in one set of launches, stream-ordered,
@@ -122,10 +164,14 @@ absl::StatusOr<CodecParams> NormalizeParams(CodecParams params);
 // the same parameters wrote it, kvpool takes the keys' token classes from it (the same classes,
 // without reading the keys again; the checksum is not verified: the classes only move bits
 // between tokens, the value's encoder measures its own error). Else it is ignored.
+//
+// `plans` (optional, any segment; host paths): the PlanCache of the segment's stream (its
+// model's layer and kind), for the codecs that plan from a sample.
 absl::StatusOr<std::string> EncodeSegment(const CodecParams& params, const SegmentShape& shape,
                                           absl::Span<const uint16_t> elements, Path path,
                                           absl::Span<const uint16_t> keys = {},
-                                          absl::string_view encoded_keys = {});
+                                          absl::string_view encoded_keys = {},
+                                          PlanCache* plans = nullptr);
 
 // Parses, verifies and decodes a whole encoded segment into `out` (exactly Elements() elements).
 // DataLoss / InvalidArgument from ParseSegment and the codec; InvalidArgument when `out` has

@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <optional>
 
 #include "kernels/kvpool_rows_plan.h"
 
@@ -31,17 +33,10 @@ namespace kvpool::kernels::kvpool::internal {
 namespace {
 
 constexpr double kRowsAim = 0.95;     // Aim this fraction of the allowed squared error.
+// A PlanCache's reused plans: the aim after a miss and after a hit, and its least.
+constexpr double kReuseMissBackoff = 0.92, kReuseHitCreep = 1.005, kReuseAimFloor = 0.6;
 constexpr int kRowsPasses = 6;        // Full passes before storing raw.
 constexpr uint32_t kSampleRows = 64;  // Tokens sampled for the basis and the step search.
-
-struct Scratch {
-  Sample sample;
-  std::vector<float> sums, sq, km, dist, z;
-  std::vector<uint16_t> kstored;
-  std::vector<uint8_t> classes, buffer;
-  std::vector<HeadPlan> heads;
-  std::vector<int16_t> coefs;  // [H][kMaxRank][T]
-};
 
 // What the full pass's ChooseFn needs to decide a row.
 struct Choice {
@@ -60,6 +55,34 @@ uint8_t ChooseRow(void* ctx, uint32_t i, const RowStats& st, float* hs) {
   *hs = c->steps[meta];
   return meta;
 }
+
+// Steps 1 to 3 but mu: what a segment's pass needs from its sample. Immutable once made, so
+// that the segments of one stream may share it (PlanCache).
+struct RowPlan {
+  SegmentShape shape;
+  double target = 0;             // TargetError
+  bool key_classes = false;      // Keys computing their classes
+  std::vector<uint16_t> stored;  // The means as the dtype, and as floats (heads' view.means).
+  std::vector<float> means;
+  std::vector<HeadPlan> heads;
+  std::optional<StepModel> model;  // Over `heads`: a RowPlan is never moved once made.
+
+  bool Fits(const SegmentShape& s, double t, bool k) const {
+    return s.tokens == shape.tokens && s.kv_heads == shape.kv_heads &&
+           s.head_dim == shape.head_dim && s.dtype == shape.dtype && s.kind == shape.kind &&
+           t == target && k == key_classes;
+  }
+};
+
+// Per thread: buffers of one encode.
+struct Scratch {
+  Sample sample;
+  std::vector<float> sums, sq, km, dist, z;
+  std::vector<uint16_t> kstored;
+  std::vector<uint8_t> classes, buffer;
+  std::vector<int16_t> coefs;     // [H][kMaxRank][T]
+  std::shared_ptr<RowPlan> plan;  // The last plan made here, reused while no cache holds it.
+};
 
 // The payload's layout: fixed sections, then rows from rows_at, coefficients last.
 struct Layout {
@@ -85,7 +108,7 @@ Layout PayloadLayout(const SegmentShape& shape, const std::vector<HeadPlan>& hea
 }
 
 // Header, means, basis codes and outlier channels (head entries come last, with the widths).
-void WriteFixedSections(const SegmentShape& shape, const Scratch& s, bool key_classes,
+void WriteFixedSections(const SegmentShape& shape, const RowPlan& s, bool key_classes,
                         const Layout& l, uint8_t* dst) {
   const uint64_t HD = uint64_t{shape.kv_heads} * shape.head_dim;
   std::memset(dst, 0, l.rows_at);
@@ -93,8 +116,8 @@ void WriteFixedSections(const SegmentShape& shape, const Scratch& s, bool key_cl
   dst[1] = key_classes ? kHeadClasses : 0;
   uint64_t at = kHeaderBytes + uint64_t{shape.kv_heads} * kRowHeadBytes;
   for (uint64_t c = 0; c < HD; ++c, at += 2) {
-    dst[at] = uint8_t(s.sample.stored[c]);
-    dst[at + 1] = uint8_t(s.sample.stored[c] >> 8);
+    dst[at] = uint8_t(s.stored[c]);
+    dst[at + 1] = uint8_t(s.stored[c] >> 8);
   }
   for (const HeadPlan& hp : s.heads) {
     std::memcpy(dst + at, hp.codes.data(), hp.codes.size());
@@ -115,7 +138,8 @@ struct PassResult {
 
 // One full pass at `mu`: every row's meta, class (keys), planes and coefficient codes.
 PassResult FullPass(const SegmentShape& shape, const uint16_t* in, const RowKernels& rk,
-                    bool key_classes, double mu, const Layout& l, Scratch* s, uint8_t* dst) {
+                    const RowPlan& plan, double mu, const Layout& l, Scratch* s, uint8_t* dst) {
+  const bool key_classes = plan.key_classes;
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
   uint8_t* classes = dst + l.metas_at - l.class_bytes;
   uint8_t* metas = dst + l.metas_at;
@@ -125,7 +149,7 @@ PassResult FullPass(const SegmentShape& shape, const uint16_t* in, const RowKern
   Choice choice{};
   choice.key_classes = key_classes;
   for (uint32_t h = 0; h < H; ++h) {
-    const HeadPlan& hp = s->heads[h];
+    const HeadPlan& hp = plan.heads[h];
     choice.head = &hp;
     MakeRowRule(hp, mu, &choice.rule);
     for (uint32_t m = 0; m < 256; ++m) choice.steps[m] = RowHalfStep(hp.unit, uint8_t(m));
@@ -168,16 +192,16 @@ PassResult FullPass(const SegmentShape& shape, const uint16_t* in, const RowKern
 
 // The head entries and the coefficient planes after the rows (from `size`); the payload's
 // size, or 0 when it would pass `bound`.
-uint64_t FinishPayload(const SegmentShape& shape, const RowKernels& rk, const Scratch& s,
-                       uint64_t size, uint64_t bound, uint8_t* dst) {
+uint64_t FinishPayload(const SegmentShape& shape, const RowKernels& rk, const RowPlan& plan,
+                       const Scratch& s, uint64_t size, uint64_t bound, uint8_t* dst) {
   const uint32_t T = shape.tokens;
   for (uint32_t h = 0; h < shape.kv_heads; ++h) {
-    const RowHead& v = s.heads[h].view;
+    const RowHead& v = plan.heads[h].view;
     uint8_t* e = dst + kHeaderBytes + uint64_t{h} * kRowHeadBytes;
     e[0] = uint8_t(v.rank);
     e[1] = uint8_t(v.outliers);
     e[2] = uint8_t(v.extra);
-    std::memcpy(e + 4, &s.heads[h].unit, 4);
+    std::memcpy(e + 4, &plan.heads[h].unit, 4);
     std::memcpy(e + 8, &v.lr_scale, 4);
     for (uint32_t j = 0; j < v.rank; ++j) {
       const int16_t* codes = &s.coefs[(uint64_t{h} * kMaxRank + j) * T];
@@ -213,7 +237,68 @@ void ValueClasses(const SegmentShape& shape, const LayerKeys& keys, const FastKe
   }
 }
 
+// Plans a segment (steps 1 to 3 but mu) into `plan`; false when a sampled element is not finite.
+bool MakePlan(const SegmentShape& shape, const uint16_t* in, const FastKernels& fast,
+              const RowKernels& rk, double target, bool key_classes, Scratch* s, RowPlan* plan) {
+  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
+  const uint32_t stride = std::max(1u, T / kSampleRows), count = (T + stride - 1) / stride;
+  if (!LoadSample(shape, rk, fast, in, stride, count, &s->sample)) return false;
+  plan->shape = shape;
+  plan->target = target;
+  plan->key_classes = key_classes;
+  plan->stored = s->sample.stored;
+  plan->means = s->sample.means;
+  const double allowed_estimate = target * target * s->sample.energy;
+  plan->heads.resize(H);
+  const SampleClasses classes{key_classes, &s->classes};
+  for (uint32_t h = 0; h < H; ++h) {
+    PlanHead(shape, rk, s->sample, h, allowed_estimate / double(shape.Elements()), classes,
+             &plan->heads[h]);
+    plan->heads[h].view.means = &plan->means[uint64_t{h} * D];  // The plan's, not the sample's.
+  }
+  plan->model.emplace(plan->heads, double(T) / count);
+  return true;
+}
+
 }  // namespace
+}  // namespace kvpool::kernels::kvpool::internal
+
+namespace kvpool::kernels {
+
+// What a PlanCache holds for kvpool: the plan; what the last segment measured (its allowed
+// error, and its error over the model's prediction at its mu), from which the next segment's mu
+// is solved; the fraction of the allowed error reused plans aim at; whether the next segment
+// plans afresh.
+struct PlanCache::State {
+  std::shared_ptr<const kvpool::internal::RowPlan> plan;
+  double allowed = 0, ratio = 1;
+  double aim = kvpool::internal::kRowsAim;
+  uint64_t since_plan = 0;  // Segments that reused `plan` since it was made.
+  bool replan = false;
+  uint64_t planned = 0, reused = 0;
+};
+
+PlanCache::PlanCache(uint64_t replan_every) : replan_every_(std::max<uint64_t>(1, replan_every)) {}
+PlanCache::~PlanCache() = default;
+
+void PlanCache::With(absl::FunctionRef<void(std::unique_ptr<State>&)> fn) {
+  absl::MutexLock lock(&mu_);
+  fn(state_);
+}
+
+uint64_t PlanCache::planned() const {
+  absl::MutexLock lock(&mu_);
+  return state_ ? state_->planned : 0;
+}
+
+uint64_t PlanCache::reused() const {
+  absl::MutexLock lock(&mu_);
+  return state_ ? state_->reused : 0;
+}
+
+}  // namespace kvpool::kernels
+
+namespace kvpool::kernels::kvpool::internal {
 
 absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams& params,
                                     const uint16_t* in, const LayerKeys& keys,
@@ -225,41 +310,83 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
   const bool weighted = !(params.flags & kFlagEqualTokens) && T >= 2;
   const bool key_classes = weighted && shape.kind == SegmentKind::kKey;
   ValueClasses(shape, keys, fast, weighted, &s);
-  const uint32_t stride = std::max(1u, T / kSampleRows), count = (T + stride - 1) / stride;
-  if (!LoadSample(shape, rk, fast, in, stride, count, &s.sample)) return NonFinite();
   const double target = TargetError(shape, params);
-  const double allowed_estimate = target * target * s.sample.energy;
-  s.heads.resize(H);
-  const SampleClasses classes{key_classes, &s.classes};
-  for (uint32_t h = 0; h < H; ++h) {
-    PlanHead(shape, rk, s.sample, h, allowed_estimate / double(shape.Elements()), classes,
-             &s.heads[h]);
+  // The stream's plan when it fits this segment and is not due to be made again, and mu from
+  // the last segment's measurement.
+  std::shared_ptr<const RowPlan> plan;
+  double aim = kRowsAim, last_allowed = 0, last_ratio = 1;
+  if (keys.plans != nullptr) {
+    keys.plans->With([&](std::unique_ptr<PlanCache::State>& st) {
+      if (st && st->plan && !st->replan && st->since_plan + 1 < keys.plans->replan_every() &&
+          st->plan->Fits(shape, target, key_classes)) {
+        plan = st->plan;
+        aim = st->aim;
+        last_allowed = st->allowed;
+        last_ratio = st->ratio;
+        ++st->since_plan;
+      }
+    });
   }
-  s.coefs.assign(uint64_t{H} * kMaxRank * T, 0);
-  const StepModel model(s.heads, double(T) / count);
-  double mu = model.Solve(kRowsAim * allowed_estimate);
-  const Layout l = PayloadLayout(shape, s.heads, key_classes);
+  const bool reused = plan != nullptr;
+  double mu;
+  if (reused) {
+    mu = plan->model->Solve(aim * last_allowed / last_ratio);
+  } else {
+    if (!s.plan || s.plan.use_count() > 1) s.plan = std::make_shared<RowPlan>();
+    if (!MakePlan(shape, in, fast, rk, target, key_classes, &s, s.plan.get())) return NonFinite();
+    plan = s.plan;
+    mu = plan->model->Solve(kRowsAim * target * target * s.sample.energy);
+  }
+  const StepModel& model = *plan->model;
+  s.coefs.resize(uint64_t{H} * kMaxRank * T);  // The pass writes every code FinishPayload reads.
+  const Layout l = PayloadLayout(shape, plan->heads, key_classes);
   s.buffer.resize(l.bound + uint64_t{kRowStoreRoom} * PlaneBytes(shape.head_dim));
   uint8_t* dst = s.buffer.data();
-  WriteFixedSections(shape, s, key_classes, l, dst);
+  WriteFixedSections(shape, *plan, key_classes, l, dst);
   uint64_t size = 0;
+  int passes = 0;
+  double allowed = 0, ratio = 1;  // The last pass's.
   for (int pass = 0; pass < kRowsPasses; ++pass) {
-    const PassResult r = FullPass(shape, in, rk, key_classes, mu, l, &s, dst);
+    ++passes;
+    const PassResult r = FullPass(shape, in, rk, *plan, mu, l, &s, dst);
     if (!r.finite || !std::isfinite(r.err) || !std::isfinite(r.energy)) return NonFinite();
-    const double allowed = target * target * r.energy;
+    allowed = target * target * r.energy;
+    // The model scaled by its miss at this mu.
+    const double predicted = model.Predicted(mu);
+    ratio = predicted > 0 && r.err > 0 ? r.err / predicted : 1;
     if (r.err <= allowed) {
       size = r.end;
       break;
     }
-    // Missed: the model, scaled by its miss at this mu, again; at least 10% more mu (the miss
-    // grows with mu where the model's shape is off).
-    const double predicted = model.Predicted(mu);
-    const double ratio = predicted > 0 ? r.err / predicted : 2;
+    // Missed: again from that mu; at least 10% more (the miss grows with mu where the model's
+    // shape is off).
     const double next =
         model.Solve(kRowsAim * allowed / std::max(1.0, ratio) * std::pow(0.9, pass));
     mu = std::max(mu * 1.1, next);
   }
-  if (size > 0) size = FinishPayload(shape, rk, s, size, l.bound, dst);
+  if (keys.plans != nullptr) {
+    keys.plans->With([&](std::unique_ptr<PlanCache::State>& st) {
+      if (!st) st = std::make_unique<PlanCache::State>();
+      if (!reused) {
+        st->plan = plan;
+        st->since_plan = 0;
+        ++st->planned;
+      } else {
+        ++st->reused;
+        // Reused plans aim lower after a miss (a second pass costs more than the bits), and
+        // creep back after hits: about one miss in twenty at equilibrium.
+        st->aim = passes > 1 ? std::max(kReuseAimFloor, st->aim * kReuseMissBackoff)
+                             : std::min(kRowsAim, st->aim * kReuseHitCreep);
+      }
+      if (st->plan == plan && std::isfinite(allowed) && allowed > 0) {
+        st->allowed = allowed;
+        st->ratio = ratio;
+        // A reused plan that missed its first pass may be stale: the next segment plans afresh.
+        st->replan = reused && passes > 1;
+      }
+    });
+  }
+  if (size > 0) size = FinishPayload(shape, rk, *plan, s, size, l.bound, dst);
   if (size == 0 || size >= RawPayloadBytes(shape)) return WriteRawPayload(shape, in, out, capacity);
   if (capacity < size) return absl::InvalidArgumentError("kvpool: output too small");
   std::memcpy(out, dst, size);
