@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -44,7 +46,7 @@ uint64_t EncodedKv::EncodedBytes() const {
 
 absl::StatusOr<EncodedKv> EncodeKv(const KvShape& shape, absl::Span<const uint16_t> kv,
                                    uint32_t tokens_per_block, const CodecParams& params,
-                                   kernels::Path path) {
+                                   kernels::Path path, uint64_t replan_every) {
   if (kv.size() != shape.Elements()) {
     return absl::InvalidArgumentError(absl::StrCat("KV has ", kv.size(), " elements, shape needs ",
                                                    shape.Elements()));
@@ -54,9 +56,13 @@ absl::StatusOr<EncodedKv> EncodeKv(const KvShape& shape, absl::Span<const uint16
   out.shape = shape;
   out.tokens_per_block = tokens_per_block;
   const uint64_t row = uint64_t{shape.kv_heads} * shape.head_dim;
+  std::vector<std::unique_ptr<kernels::PlanCache>> plans;  // [layer][kind]
+  for (uint64_t i = 0; i < 2 * uint64_t{shape.layers}; ++i) {
+    plans.push_back(std::make_unique<kernels::PlanCache>(replan_every));
+  }
   absl::Status st = ForEachSegment(
       shape, tokens_per_block,
-      [&](uint64_t, const SegmentShape& seg, uint64_t offset) -> absl::Status {
+      [&](uint64_t index, const SegmentShape& seg, uint64_t offset) -> absl::Status {
         // A value segment's keys (the segment before it, and its encoding: their token classes)
         // tell the codec which tokens matter.
         const uint64_t n = seg.tokens * row;
@@ -65,7 +71,8 @@ absl::StatusOr<EncodedKv> EncodeKv(const KvShape& shape, absl::Span<const uint16
             value ? kv.subspan(offset - uint64_t{shape.tokens} * row, n)
                   : absl::Span<const uint16_t>();
         auto encoded = kernels::EncodeSegment(params, seg, kv.subspan(offset, n), path, keys,
-                                              value ? out.segments.back() : absl::string_view());
+                                              value ? out.segments.back() : absl::string_view(),
+                                              plans[index % plans.size()].get());
         if (!encoded.ok()) return encoded.status();
         out.segments.push_back(std::move(*encoded));
         return absl::OkStatus();

@@ -41,10 +41,14 @@ struct EncodedKv {
   uint64_t EncodedBytes() const;  // Sum of the segments' sizes (headers included).
 };
 
-// Encodes `kv` (shape.Elements() elements). InvalidArgument for a size mismatch or bad params.
+// Encodes `kv` (shape.Elements() elements) block by block, as a put of its blocks to the
+// daemon would: each value with its layer's keys, and each layer's keys and values with a
+// PlanCache of their own (`replan_every` segments per plan; 1: a plan for each segment).
+// InvalidArgument for a size mismatch or bad params.
 absl::StatusOr<EncodedKv> EncodeKv(const KvShape& shape, absl::Span<const uint16_t> kv,
                                    uint32_t tokens_per_block, const CodecParams& params,
-                                   kernels::Path path);
+                                   kernels::Path path,
+                                   uint64_t replan_every = kernels::PlanCache::kReplanEvery);
 
 // Decodes into `out` (shape.Elements() elements). DataLoss for corrupt or mismatched segments.
 absl::Status DecodeKv(const EncodedKv& encoded, absl::Span<uint16_t> out, kernels::Path path);

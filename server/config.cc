@@ -24,6 +24,7 @@ data_dir: kvpool-data           # on-disk state
 log_level: info                 # debug | info | warning | error
 encode_threads: 0               # threads encoding puts and decoding server-side gets; 0 = one per core
 gpu_encode: auto                # with a GPU: auto (kvpool default/entropy on the CPU) | always | never
+plan_reuse: 32                  # kvpool: segments of a layer's K or V per plan (1 = plan each segment)
 codec:                          # how segments are stored when a put does not say
   codec: kvpool                 # raw | kivi (bits, group) | packkv (budget, bits, group) | kvpool (budget, profile)
   budget: 0.02                  # relative L2 error per segment (attention-output error ~0.015)
@@ -181,7 +182,7 @@ absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
   KVPOOL_RETURN_IF_ERROR(CheckKeys(
       root, "",
       {"listen", "metrics_listen", "host_memory", "data_dir", "log_level", "limits", "codec",
-       "model_codecs", "encode_threads", "gpu_encode", "fusion", "model_fusion"}));
+       "model_codecs", "encode_threads", "gpu_encode", "plan_reuse", "fusion", "model_fusion"}));
   DaemonOptions o = *out;
   KVPOOL_RETURN_IF_ERROR(SetString(root["listen"], "listen", &o.listen));
   KVPOOL_RETURN_IF_ERROR(SetString(root["metrics_listen"], "metrics_listen", &o.metrics_listen));
@@ -193,6 +194,13 @@ absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
     if (o.encode_threads < 0 || o.encode_threads > 1024) {
       return absl::InvalidArgumentError("config key 'encode_threads' must be in [0, 1024]");
     }
+  }
+  if (root["plan_reuse"]) {
+    KVPOOL_ASSIGN_OR_RETURN(const int reuse, Scalar<int>(root["plan_reuse"], "plan_reuse"));
+    if (reuse < 1 || reuse > 4096) {
+      return absl::InvalidArgumentError("config key 'plan_reuse' must be in [1, 4096]");
+    }
+    o.service.plan_reuse = uint64_t(reuse);
   }
   if (root["gpu_encode"]) {
     KVPOOL_ASSIGN_OR_RETURN(const std::string policy,

@@ -74,6 +74,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
   if (!encoder.ok()) return Annotate(encoder.status(), "encode_threads");
   d->codec_executor_ = std::move(*encoder);
   ServiceOptions service_options = options.service;
+  KVPOOL_LOG(INFO) << "plan_reuse: " << service_options.plan_reuse
+                   << (service_options.plan_reuse > 1
+                           ? " segments of a layer's K or V per kvpool plan"
+                           : ": every kvpool segment plans afresh");
   if (kernels::DeviceCount() > 0 && service_options.gpu_encode_policy == GpuEncode::kNever) {
     KVPOOL_LOG(INFO) << "gpu_encode: never: puts encode and fuse on the CPU";
   } else if (kernels::DeviceCount() > 0) {

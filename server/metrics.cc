@@ -68,6 +68,11 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
     return &prometheus::BuildGauge().Name(name).Help(help).Register(*registry_);
   };
   codec_segments_ = gauge_family("kvpool_codec_segments", "Segments stored, by codec");
+  auto* plans = gauge_family("kvpool_codec_plan_segments",
+                             "Segments kvpool's encoder planned from their own sample (planned) "
+                             "or encoded with their stream's plan (reused), in the plan caches");
+  plans_planned_ = &plans->Add({{"outcome", "planned"}});
+  plans_reused_ = &plans->Add({{"outcome", "reused"}});
   codec_logical_bytes_ =
       gauge_family("kvpool_codec_logical_bytes", "Bytes the stored segments decode to, by codec");
   codec_stored_bytes_ =
@@ -137,6 +142,11 @@ void Metrics::SetFusionState(uint64_t segments, uint64_t segment_refs, uint64_t 
   fused_segments_->Set(static_cast<double>(fused_refs));
   representatives_->Set(static_cast<double>(representatives));
   fusion_ratio_->Set(segments > 0 ? double(segment_refs) / double(segments) : 0.0);
+}
+
+void Metrics::SetPlanState(uint64_t planned, uint64_t reused) {
+  plans_planned_->Set(static_cast<double>(planned));
+  plans_reused_->Set(static_cast<double>(reused));
 }
 
 }  // namespace kvpool::server

@@ -47,6 +47,11 @@ class Metrics {
   void SetFusionState(uint64_t segments, uint64_t segment_refs, uint64_t fused_refs,
                       uint64_t representatives);
 
+  // kvpool's plan caches (server/store/fuser.h ModelPlans), summed over the daemon's models:
+  // segments encoded with a plan of their own and with a plan reused from their stream
+  // (kvpool_codec_plan_segments{outcome="planned"|"reused"}).
+  void SetPlanState(uint64_t planned, uint64_t reused);
+
   // Current state of the host tier.
   void SetStoreState(uint64_t blocks, uint64_t logical_bytes, uint64_t stored_bytes,
                      uint64_t capacity_bytes);
@@ -77,6 +82,8 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* codec_logical_bytes_;
   prometheus::Family<prometheus::Gauge>* codec_stored_bytes_;
   prometheus::Family<prometheus::Gauge>* compression_ratio_;
+  prometheus::Gauge* plans_planned_;
+  prometheus::Gauge* plans_reused_;
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Histogram>* latency_;
 };

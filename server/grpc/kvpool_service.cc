@@ -44,6 +44,26 @@ void KvPoolService::PublishStoreState() const {
     metrics_->SetCodecState(CodecName(static_cast<CodecId>(c)), s.codecs[c].segments,
                             s.codecs[c].logical_bytes, s.codecs[c].stored_bytes);
   }
+  uint64_t planned = 0, reused = 0;
+  {
+    absl::MutexLock lock(&plans_mu_);
+    for (const auto& [model, plans] : plans_) {
+      planned += plans->planned();
+      reused += plans->reused();
+    }
+  }
+  metrics_->SetPlanState(planned, reused);
+}
+
+std::shared_ptr<ModelPlans> KvPoolService::PlansFor(const KvSpec& spec) {
+  if (options_.plan_reuse <= 1) return nullptr;
+  absl::MutexLock lock(&plans_mu_);
+  std::shared_ptr<ModelPlans>& plans =
+      plans_[absl::StrCat(spec.model_id, "/", spec.tokens_per_block)];
+  if (!plans || plans->segments() != spec.SegmentsPerBlock()) {
+    plans = std::make_shared<ModelPlans>(spec.SegmentsPerBlock(), options_.plan_reuse);
+  }
+  return plans;
 }
 
 void KvPoolService::Observe(absl::string_view method, absl::Time start,

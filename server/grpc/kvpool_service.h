@@ -11,6 +11,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
+#include <string>
 #include "absl/strings/string_view.h"
 #include <vector>
 
@@ -48,6 +50,9 @@ struct ServiceOptions {
   uint32_t max_keys_per_request = 4096;             // More keys: INVALID_ARGUMENT.
   uint64_t max_request_bytes = uint64_t{1} << 30;   // Larger puts: RESOURCE_EXHAUSTED.
   uint64_t chunk_bytes = uint64_t{1} << 20;         // Data bytes per Get stream message.
+  // Segments per kvpool plan in a stream (a model's layer and kind; kernels::PlanCache); 1:
+  // every segment planned afresh.
+  uint64_t plan_reuse = kernels::PlanCache::kReplanEvery;
 };
 
 class KvPoolService final : public v1::KvPool::CallbackService {
@@ -84,8 +89,12 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   // Validates a namespace's model id and block size; InvalidArgument naming the field.
   absl::Status ValidateNamespace(const v1::Namespace& ns) const;
 
-  // Pushes the store's current sizes into the gauges.
+  // Pushes the store's current sizes (and the plan caches' counts) into the gauges.
   void PublishStoreState() const;
+
+  // The plan caches of `spec`'s model and block size, made on its first put (again when its
+  // layer count changes); null when options().plan_reuse is 1 or less.
+  std::shared_ptr<ModelPlans> PlansFor(const KvSpec& spec);
 
   // Records one finished request (counter by code + latency).
   void Observe(absl::string_view method, absl::Time start, const grpc::Status& status) const;
@@ -104,6 +113,8 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   Executor* const codec_executor_;
   absl::Mutex inflight_mu_;
   int inflight_ ABSL_GUARDED_BY(inflight_mu_) = 0;
+  mutable absl::Mutex plans_mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<ModelPlans>> plans_ ABSL_GUARDED_BY(plans_mu_);
   std::atomic<uint64_t> lookup_hits_{0};
   std::atomic<uint64_t> lookup_misses_{0};
 };

@@ -36,12 +36,15 @@ absl::Span<const uint16_t> SegmentOf(const KvSpec& spec, absl::Span<const uint16
 // `keys`: for a value segment, its layer's keys (the codec weights tokens by them), or empty;
 // `encoded_keys`: their segment as this context encoded it (the codec takes their token classes
 // from it), or empty.
+// `plans`: the stream's PlanCache, or null.
 absl::StatusOr<SegmentPtr> Encode(const EncodeContext& c, SegmentKind kind,
                                   absl::Span<const uint16_t> x,
                                   absl::Span<const uint16_t> keys = {},
-                                  absl::string_view encoded_keys = {}) {
-  KVPOOL_ASSIGN_OR_RETURN(std::string bytes, kernels::EncodeSegment(c.codec, ShapeOf(c.spec, kind),
-                                                                    x, c.path, keys, encoded_keys));
+                                  absl::string_view encoded_keys = {},
+                                  kernels::PlanCache* plans = nullptr) {
+  KVPOOL_ASSIGN_OR_RETURN(std::string bytes,
+                          kernels::EncodeSegment(c.codec, ShapeOf(c.spec, kind), x, c.path, keys,
+                                                 encoded_keys, plans));
   return Segment::Make(std::move(bytes), x.size() * 2);
 }
 
@@ -227,12 +230,35 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
                                                ? (*refs)[s - 1].segment->bytes
                                                : absl::string_view();
     KVPOOL_ASSIGN_OR_RETURN((*refs)[s].segment,
-                            Encode(c, KindOf(s), SegmentOf(c.spec, block, s), keys, encoded_keys));
+                            Encode(c, KindOf(s), SegmentOf(c.spec, block, s), keys, encoded_keys,
+                                   c.plans ? c.plans->For(s) : nullptr));
   }
   return absl::OkStatus();
 }
 
 }  // namespace
+
+ModelPlans::ModelPlans(uint64_t segments, uint64_t replan_every) {
+  for (uint64_t s = 0; s < segments; ++s) {
+    caches_.push_back(std::make_unique<kernels::PlanCache>(replan_every));
+  }
+}
+
+kernels::PlanCache* ModelPlans::For(uint64_t s) const {
+  return s < caches_.size() ? caches_[s].get() : nullptr;
+}
+
+uint64_t ModelPlans::planned() const {
+  uint64_t n = 0;
+  for (const auto& c : caches_) n += c->planned();
+  return n;
+}
+
+uint64_t ModelPlans::reused() const {
+  uint64_t n = 0;
+  for (const auto& c : caches_) n += c->reused();
+  return n;
+}
 
 bool DeviceEncodeWanted(const EncodeContext& c, bool has_cuda_encoder) {
   return c.device && has_cuda_encoder &&

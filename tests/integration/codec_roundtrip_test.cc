@@ -9,6 +9,7 @@
 #include "client/synthetic.h"
 #include "common/block_key.h"
 #include "common/half.h"
+#include "common/npy.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/integration/daemon_fixture.h"
@@ -106,6 +107,51 @@ TEST(CodecRoundTripTest, EveryCodecThroughTheDaemon) {
   auto metrics = testing::HttpGet((*daemon)->metrics_address(), "/metrics");
   ASSERT_THAT(metrics, IsOk());
   EXPECT_GT(testing::MetricValue(*metrics, "kvpool_compression_ratio{codec=\"kivi\"}"), 2.0);
+  // The two kvpool puts: 4 blocks of 8 segments each, through plan caches per layer and kind
+  // (plan_reuse 32): each stream planned its first segment and may have reused it for the
+  // other three (more plans after misses).
+  const double planned =
+      testing::MetricValue(*metrics, "kvpool_codec_plan_segments{outcome=\"planned\"}");
+  const double reused =
+      testing::MetricValue(*metrics, "kvpool_codec_plan_segments{outcome=\"reused\"}");
+  EXPECT_EQ(planned + reused, 64.0);
+  EXPECT_GE(planned, 16.0);
+  EXPECT_GT(reused, 0.0);
+  EXPECT_EQ(*(*daemon)->Stop(), 0);
+}
+
+// plan_reuse: 1 in the config: every kvpool segment plans afresh, within its budget.
+TEST(CodecRoundTripTest, PlanReuseOnePlansEverySegment) {
+  testing::TempDir dir;
+  ASSERT_THAT(WriteStringToFile(dir.path() + "/c.yaml", "plan_reuse: 1\n"), IsOk());
+  auto daemon = RunningDaemon::Start({"--config=" + dir.path() + "/c.yaml"});
+  ASSERT_THAT(daemon, IsOk());
+  auto client = (*daemon)->NewClient();
+  client::SyntheticOptions g;
+  g.num_layers = 2;
+  g.num_kv_heads = 4;
+  g.head_dim = 64;
+  g.tokens = 128;
+  const std::string sequence = client::SyntheticKv(g);
+  const KvSpec spec{"plans-model", 2, 4, 64, DType::kFp16, 32};
+  std::string blocks(4 * spec.BlockBytes(), '\0');
+  client::SequenceToBlocks(spec, {reinterpret_cast<const uint8_t*>(sequence.data()),
+                                  sequence.size()},
+                           g.tokens, 4, {reinterpret_cast<uint8_t*>(blocks.data()), blocks.size()});
+  std::vector<uint32_t> tokens(128);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint32_t>(i + 7);
+  const auto keys = *ComputeBlockKeys(tokens, 32);
+  client::PutOptions put;
+  put.codec = CodecParams{CodecId::kKvpool, 0, 0, 0, 0.05f};
+  ASSERT_THAT(client->Put(spec, keys,
+                          {reinterpret_cast<const uint8_t*>(blocks.data()), blocks.size()}, put),
+              IsOk());
+  auto got = client->Get(client::Namespace{spec.model_id, 32}, keys);
+  ASSERT_THAT(got, IsOk());
+  EXPECT_LE(RelL2(blocks, got->data), 0.05);
+  auto metrics = testing::HttpGet((*daemon)->metrics_address(), "/metrics");
+  ASSERT_THAT(metrics, IsOk());
+  EXPECT_EQ(testing::MetricValue(*metrics, "kvpool_codec_plan_segments{outcome=\"reused\"}"), 0.0);
   EXPECT_EQ(*(*daemon)->Stop(), 0);
 }
 

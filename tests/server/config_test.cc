@@ -36,6 +36,7 @@ DaemonOptions Sentinel() {
   o.service.max_request_bytes = 888;
   o.service.chunk_bytes = 999;
   o.service.gpu_encode_policy = server::GpuEncode::kNever;
+  o.service.plan_reuse = 5;
   return o;
 }
 
@@ -50,6 +51,7 @@ void ExpectSame(const DaemonOptions& a, const DaemonOptions& b) {
   EXPECT_EQ(a.service.max_request_bytes, b.service.max_request_bytes);
   EXPECT_EQ(a.service.chunk_bytes, b.service.chunk_bytes);
   EXPECT_EQ(a.service.gpu_encode_policy, b.service.gpu_encode_policy);
+  EXPECT_EQ(a.service.plan_reuse, b.service.plan_reuse);
 }
 
 TEST(ConfigTest, StructDefaultsAreTheDocumentedOnes) {
@@ -64,6 +66,7 @@ TEST(ConfigTest, StructDefaultsAreTheDocumentedOnes) {
   EXPECT_EQ(o.service.max_request_bytes, 1 * kGiB);
   EXPECT_EQ(o.service.chunk_bytes, 1 * kMiB);
   EXPECT_EQ(o.service.gpu_encode_policy, GpuEncode::kAuto);
+  EXPECT_EQ(o.service.plan_reuse, 32u);
 }
 
 TEST(ConfigTest, DefaultYamlAppliesCleanlyAndSetsEveryDefault) {
@@ -76,7 +79,7 @@ TEST(ConfigTest, DefaultYamlMentionsEveryKey) {
   const std::string yaml(DefaultConfigYaml());
   for (const char* key : {"listen:", "metrics_listen:", "host_memory:", "data_dir:", "log_level:",
                           "limits:", "max_keys_per_request:", "max_request_bytes:",
-                          "max_message_bytes:", "chunk_bytes:", "gpu_encode:"}) {
+                          "max_message_bytes:", "chunk_bytes:", "gpu_encode:", "plan_reuse:"}) {
     EXPECT_THAT(yaml, HasSubstr(key));
   }
 }
@@ -130,6 +133,22 @@ TEST(ConfigTest, GpuEncodeTakesItsThreePoliciesAndNamesABadOne) {
     DaemonOptions o = Sentinel();
     EXPECT_THAT(ApplyConfigYaml(bad, &o),
                 StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("gpu_encode")))
+        << bad;
+    ExpectSame(o, Sentinel());
+  }
+}
+
+TEST(ConfigTest, PlanReuseTakesACountAndNamesABadOne) {
+  for (int n : {1, 8, 4096}) {
+    DaemonOptions o = Sentinel();
+    ASSERT_THAT(ApplyConfigYaml("plan_reuse: " + std::to_string(n), &o), IsOk()) << n;
+    EXPECT_EQ(o.service.plan_reuse, uint64_t(n));
+  }
+  for (const char* bad : {"plan_reuse: 0", "plan_reuse: -3", "plan_reuse: 4097", "plan_reuse: x",
+                          "plan_reuse: [2]"}) {
+    DaemonOptions o = Sentinel();
+    EXPECT_THAT(ApplyConfigYaml(bad, &o),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("plan_reuse")))
         << bad;
     ExpectSame(o, Sentinel());
   }
