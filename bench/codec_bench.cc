@@ -143,6 +143,7 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
                                   CodecParams{CodecId::kKivi, 2, 0, 32},
                                   CodecParams{CodecId::kKivi, 4, 0, 32},
                                   CodecParams{CodecId::kPackKv, 8, 0, 16, 0.02f},
+                                  CodecParams{CodecId::kKvpool, 0, 0, 0, 0.02f},
                                   CodecParams{CodecId::kKvpool, 0, 0, 0, 0.05f},
                                   CodecParams{CodecId::kKvpool, 0, 0, 0, 0.2f},
                                   CodecParams{CodecId::kKvpool, 0, 0, 0, 0.2f},
@@ -156,9 +157,10 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
     double segment_encode = 0, segment_decode = 0;
     double segment_encode_anchor = 0, segment_decode_anchor = 0;
   };
-  // kvpool's default profile keeps a PlanCache per stream (layer and kind), as the daemon
-  // does; the second e=0.2 entry plans every segment afresh (no cache), for comparison.
-  const size_t kNoCacheEntry = 6;
+  // kvpool's default profile (e=0.02: the daemon's default budget) keeps a PlanCache per
+  // stream (layer and kind), as the daemon does; the second e=0.2 entry plans every segment
+  // afresh (no cache), for comparison.
+  const size_t kNoCacheEntry = 7;
   std::vector<Row> rows;
   std::string device_line;
   std::vector<std::string> batched, per_segment;  // cuda rows by how they launch

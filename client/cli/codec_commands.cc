@@ -41,6 +41,13 @@ absl::StatusOr<std::pair<client::KvShape, std::vector<uint16_t>>> LoadKv(const s
   return std::make_pair(shape, std::move(elements));
 }
 
+absl::Status CheckPlanReuse(const CliOptions& o) {
+  if (o.plan_reuse == 0) {
+    return absl::InvalidArgumentError("--plan-reuse must be at least 1 (1: a plan per segment)");
+  }
+  return absl::OkStatus();
+}
+
 uint32_t BlockTokens(const CliOptions& o, uint32_t tokens) {
   const uint32_t tpb = o.tokens_per_block ? o.tokens_per_block : kDefaultEvalBlockTokens;
   return std::max<uint32_t>(1, std::min(tpb, tokens));
@@ -92,12 +99,13 @@ absl::StatusOr<std::vector<CodecParams>> EvalSet(const CliOptions& o) {
 
 absl::Status RunCodecEncode(const CliOptions& o) {
   if (o.in.empty() || o.out.empty()) return absl::InvalidArgumentError("--in and --out are required");
+  KVPOOL_RETURN_IF_ERROR(CheckPlanReuse(o));
   KVPOOL_ASSIGN_OR_RETURN(auto kv, LoadKv(o.in));
   KVPOOL_ASSIGN_OR_RETURN(CodecParams params, CodecFromFlags(o));
   const absl::Time t0 = absl::Now();
   KVPOOL_ASSIGN_OR_RETURN(client::EncodedKv encoded,
                           client::EncodeKv(kv.first, kv.second, BlockTokens(o, kv.first.tokens),
-                                           params, kernels::Path::kCpu));
+                                           params, kernels::Path::kCpu, o.plan_reuse));
   const absl::Duration took = absl::Now() - t0;
   KVPOOL_RETURN_IF_ERROR(WriteStringToFile(o.out, client::SerializeKvz(encoded)));
   const uint64_t in_bytes = kv.second.size() * 2;
@@ -128,6 +136,7 @@ absl::Status RunCodecDecode(const CliOptions& o) {
 
 absl::Status RunCodecEval(const CliOptions& o) {
   if (o.in.empty()) return absl::InvalidArgumentError("--in KV.npy is required");
+  KVPOOL_RETURN_IF_ERROR(CheckPlanReuse(o));
   KVPOOL_ASSIGN_OR_RETURN(auto kv, LoadKv(o.in));
   const client::KvShape& shape = kv.first;
   const uint32_t tpb = BlockTokens(o, shape.tokens);
@@ -146,7 +155,8 @@ absl::Status RunCodecEval(const CliOptions& o) {
   }
   for (size_t i = 0; i < set.size(); ++i) {
     KVPOOL_ASSIGN_OR_RETURN(client::EncodedKv encoded,
-                            client::EncodeKv(shape, kv.second, tpb, set[i], kernels::Path::kCpu));
+                            client::EncodeKv(shape, kv.second, tpb, set[i], kernels::Path::kCpu,
+                                             o.plan_reuse));
     std::vector<uint16_t> decoded(kv.second.size());
     KVPOOL_RETURN_IF_ERROR(client::DecodeKv(encoded, absl::MakeSpan(decoded), kernels::Path::kCpu));
     const kernels::Quality q =

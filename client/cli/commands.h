@@ -28,6 +28,7 @@ struct CliOptions {
   std::string profile;  // kvpool: "" (default), "default", "fast", "entropy".
   bool server_decode = false;
   std::string budgets;   // codec eval: kvpool budgets to compare, comma-separated.
+  uint32_t plan_reuse = 32;  // codec encode/eval: kvpool segments per plan (1: one each).
   std::string extra_key;
   bool json = false;
   // gen

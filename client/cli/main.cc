@@ -9,9 +9,10 @@
 //               --tokens T --dtype fp16|bf16 --seed S]
 //   kvpool [--server HOST:PORT] demo [--requests R --shared-blocks S --unique-blocks U]
 //   kvpool codec encode --in KV.npy --out X.kvz [--codec C --bits B --group G --budget E
-//                       --tokens-per-block N]
+//                       --tokens-per-block N --plan-reuse N]
 //   kvpool codec decode --in X.kvz --out KV.npy
-//   kvpool codec eval   --in KV.npy [--codec C params... | --budgets 0.01,0.05] [--json]
+//   kvpool codec eval   --in KV.npy [--codec C params... | --budgets 0.01,0.05] [--plan-reuse N]
+//                       [--json]
 //   kvpool fusion eval  [--layers L --kv-heads H --head-dim D --tokens T --blocks N
 //                       --families F --variation V --fusion online,batch --fusion-threshold X
 //                       --fusion-budget E --skip-layers 0,1,-2,-1 --codec C params...] [--json]
@@ -45,6 +46,9 @@ ABSL_FLAG(std::string, profile, "",
 ABSL_FLAG(bool, fast, false, "kvpool: --profile=fast");
 ABSL_FLAG(std::string, budgets, "0.01,0.02,0.05,0.1",
           "codec eval: kvpool error budgets to compare (without --codec)");
+ABSL_FLAG(uint32_t, plan_reuse, 32,
+          "codec encode/eval: kvpool segments of a layer's K or V per plan, as the daemon's "
+          "plan_reuse (1: a plan per segment)");
 ABSL_FLAG(bool, server_decode, false, "get: the daemon decodes (default: this client decodes)");
 ABSL_FLAG(std::string, extra_key, "", "extra key bytes mixed into every block key (LoRA, tenant)");
 ABSL_FLAG(bool, json, false, "print JSON");
@@ -110,6 +114,7 @@ int main(int argc, char** argv) {
   o.budget = absl::GetFlag(FLAGS_budget);
   o.server_decode = absl::GetFlag(FLAGS_server_decode);
   o.budgets = absl::GetFlag(FLAGS_budgets);
+  o.plan_reuse = absl::GetFlag(FLAGS_plan_reuse);
   o.profile = absl::GetFlag(FLAGS_fast) ? "fast" : absl::GetFlag(FLAGS_profile);
   o.extra_key = absl::GetFlag(FLAGS_extra_key);
   o.json = absl::GetFlag(FLAGS_json);

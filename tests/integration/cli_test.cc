@@ -241,6 +241,9 @@ TEST_F(CliTest, FailuresExitNonZeroWithOneLine) {
       {{"put", "--model=bad model", "--tokens-per-block=8", "--token-ids=" + P("ids.npy"),
         "--in=" + P("kv.npy")},
        "model_id"},
+      {{"codec", "eval", "--in=" + P("kv.npy"), "--plan-reuse=0"}, "--plan-reuse"},
+      {{"codec", "encode", "--in=" + P("kv.npy"), "--out=" + P("x.kvz"), "--plan-reuse=0"},
+       "--plan-reuse"},
   };
   for (const Case& c : cases) {
     EXPECT_EQ(Kvpool(c.args, &out), 1) << c.args[0] << ": " << out;
