@@ -39,17 +39,41 @@ double RelL2(const std::string& a, const std::string& b) {
   return std::sqrt(err / ref);
 }
 
+// `spec`'s 4 blocks of 32 tokens of synthetic KV (structured; 128 tokens from token id
+// `first_token` on) put with `codec`: the blocks as put, and their keys.
+struct PutBlocks {
+  std::string blocks;
+  std::vector<BlockKey> keys;
+};
+PutBlocks PutSynthetic(client::Client& client, const KvSpec& spec, const CodecParams& codec,
+                       uint32_t first_token) {
+  client::SyntheticOptions g;
+  g.num_layers = spec.num_layers;
+  g.num_kv_heads = spec.num_kv_heads;
+  g.head_dim = spec.head_dim;
+  g.tokens = 128;
+  const std::string sequence = client::SyntheticKv(g);
+  PutBlocks p;
+  p.blocks.assign(4 * spec.BlockBytes(), '\0');
+  client::SequenceToBlocks(
+      spec, {reinterpret_cast<const uint8_t*>(sequence.data()), sequence.size()}, g.tokens, 4,
+      {reinterpret_cast<uint8_t*>(p.blocks.data()), p.blocks.size()});
+  std::vector<uint32_t> tokens(128);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint32_t>(i + first_token);
+  p.keys = *ComputeBlockKeys(tokens, 32);
+  client::PutOptions put;
+  put.codec = codec;
+  EXPECT_THAT(client.Put(spec, p.keys,
+                         {reinterpret_cast<const uint8_t*>(p.blocks.data()), p.blocks.size()}, put),
+              IsOk());
+  return p;
+}
+
 TEST(CodecRoundTripTest, EveryCodecThroughTheDaemon) {
   auto daemon = RunningDaemon::Start();
   ASSERT_THAT(daemon, IsOk());
   auto client = (*daemon)->NewClient();
   // 4 layers, 4 KV heads of 64, 32-token blocks, 4 blocks: structured synthetic KV.
-  client::SyntheticOptions g;
-  g.num_layers = 4;
-  g.num_kv_heads = 4;
-  g.head_dim = 64;
-  g.tokens = 128;
-  const std::string sequence = client::SyntheticKv(g);
   const std::vector<Case> cases = {
       {CodecParams{CodecId::kRaw}, 0.0},
       {CodecParams{CodecId::kKivi, 8, 0, 32}, 0.01},
@@ -62,18 +86,9 @@ TEST(CodecRoundTripTest, EveryCodecThroughTheDaemon) {
   for (size_t c = 0; c < cases.size(); ++c) {
     SCOPED_TRACE(absl::StrCat("case ", c, " codec ", CodecName(cases[c].codec.codec)));
     const KvSpec spec{absl::StrCat("codec-model-", c), 4, 4, 64, DType::kFp16, 32};
-    std::string blocks(4 * spec.BlockBytes(), '\0');
-    client::SequenceToBlocks(spec, {reinterpret_cast<const uint8_t*>(sequence.data()),
-                                    sequence.size()},
-                             g.tokens, 4, {reinterpret_cast<uint8_t*>(blocks.data()), blocks.size()});
-    std::vector<uint32_t> tokens(128);
-    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint32_t>(i + 1000 * c);
-    const auto keys = *ComputeBlockKeys(tokens, 32);
-    client::PutOptions put;
-    put.codec = cases[c].codec;
-    ASSERT_THAT(client->Put(spec, keys,
-                            {reinterpret_cast<const uint8_t*>(blocks.data()), blocks.size()}, put),
-                IsOk());
+    const PutBlocks p = PutSynthetic(*client, spec, cases[c].codec, uint32_t(1000 * c));
+    const std::string& blocks = p.blocks;
+    const std::vector<BlockKey>& keys = p.keys;
     const client::Namespace ns{spec.model_id, 32};
     auto here = client->Get(ns, keys);
     ASSERT_THAT(here, IsOk());
@@ -127,28 +142,11 @@ TEST(CodecRoundTripTest, PlanReuseOnePlansEverySegment) {
   auto daemon = RunningDaemon::Start({"--config=" + dir.path() + "/c.yaml"});
   ASSERT_THAT(daemon, IsOk());
   auto client = (*daemon)->NewClient();
-  client::SyntheticOptions g;
-  g.num_layers = 2;
-  g.num_kv_heads = 4;
-  g.head_dim = 64;
-  g.tokens = 128;
-  const std::string sequence = client::SyntheticKv(g);
   const KvSpec spec{"plans-model", 2, 4, 64, DType::kFp16, 32};
-  std::string blocks(4 * spec.BlockBytes(), '\0');
-  client::SequenceToBlocks(spec, {reinterpret_cast<const uint8_t*>(sequence.data()),
-                                  sequence.size()},
-                           g.tokens, 4, {reinterpret_cast<uint8_t*>(blocks.data()), blocks.size()});
-  std::vector<uint32_t> tokens(128);
-  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint32_t>(i + 7);
-  const auto keys = *ComputeBlockKeys(tokens, 32);
-  client::PutOptions put;
-  put.codec = CodecParams{CodecId::kKvpool, 0, 0, 0, 0.05f};
-  ASSERT_THAT(client->Put(spec, keys,
-                          {reinterpret_cast<const uint8_t*>(blocks.data()), blocks.size()}, put),
-              IsOk());
-  auto got = client->Get(client::Namespace{spec.model_id, 32}, keys);
+  const PutBlocks p = PutSynthetic(*client, spec, CodecParams{CodecId::kKvpool, 0, 0, 0, 0.05f}, 7);
+  auto got = client->Get(client::Namespace{spec.model_id, 32}, p.keys);
   ASSERT_THAT(got, IsOk());
-  EXPECT_LE(RelL2(blocks, got->data), 0.05);
+  EXPECT_LE(RelL2(p.blocks, got->data), 0.05);
   auto metrics = testing::HttpGet((*daemon)->metrics_address(), "/metrics");
   ASSERT_THAT(metrics, IsOk());
   EXPECT_EQ(testing::MetricValue(*metrics, "kvpool_codec_plan_segments{outcome=\"reused\"}"), 0.0);
