@@ -228,25 +228,44 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       auto encode_keyed = ref ? ops.encode_ref_keyed : ops.encode_cpu_keyed;
       auto decode = ref ? ops.decode_ref : ops.decode_cpu;
       Row row{name, std::string(CodecName(p.codec)), std::string(kernels::PathName(path))};
+      const auto encode_payload = [&](uint64_t i) -> absl::Status {
+        const uint16_t* keys = keys_of(i);
+        // A value's keys and their payload, encoded just before (what put passes).
+        const kernels::LayerKeys layer_keys{
+            keys,
+            keys ? absl::MakeConstSpan(payloads[i - 1].data(), sizes[i - 1])
+                 : absl::Span<const uint8_t>(),
+            plans_of(i)};
+        KVPOOL_ASSIGN_OR_RETURN(
+            sizes[i],
+            (keys != nullptr || layer_keys.plans != nullptr) && encode_keyed != nullptr
+                ? encode_keyed(segs.shape(i), p, segs.data(i), layer_keys, payloads[i].data(), cap)
+                : encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
+        return absl::OkStatus();
+      };
+      const auto encode_segment = [&](uint64_t i) -> absl::Status {
+        const uint16_t* keys = keys_of(i);
+        KVPOOL_ASSIGN_OR_RETURN(
+            encoded[i],
+            kernels::EncodeSegment(
+                p, segs.shape(i), absl::MakeConstSpan(segs.data(i), Segments::kElements), path,
+                keys ? absl::MakeConstSpan(keys, Segments::kElements)
+                     : absl::Span<const uint16_t>(),
+                keys ? absl::string_view(encoded[i - 1]) : absl::string_view(), plans_of(i)));
+        return absl::OkStatus();
+      };
+      // The timed rounds go on with the caches of the round before (a daemon's steady state),
+      // so a later round may code segments with plans made from themselves. What is decoded
+      // and the ratio come from one more pass with fresh caches: each stream's first segment
+      // planned, the others through plans made from the segments before them only.
+      const auto fresh_pass = [&](const std::function<absl::Status(uint64_t)>& fn) {
+        fresh_plans();
+        for (uint64_t i = 0; i < segs.count; ++i) KVPOOL_RETURN_IF_ERROR(fn(i));
+        return absl::OkStatus();
+      };
       fresh_plans();
-      absl::Status st = measure(
-          [&](uint64_t i) -> absl::Status {
-            const uint16_t* keys = keys_of(i);
-            // A value's keys and their payload, encoded just before (what put passes).
-            const kernels::LayerKeys layer_keys{
-                keys,
-                keys ? absl::MakeConstSpan(payloads[i - 1].data(), sizes[i - 1])
-                     : absl::Span<const uint8_t>(),
-                plans_of(i)};
-            KVPOOL_ASSIGN_OR_RETURN(
-                sizes[i],
-                (keys != nullptr || layer_keys.plans != nullptr) && encode_keyed != nullptr
-                    ? encode_keyed(segs.shape(i), p, segs.data(i), layer_keys, payloads[i].data(),
-                                   cap)
-                    : encode(segs.shape(i), p, segs.data(i), payloads[i].data(), cap));
-            return absl::OkStatus();
-          },
-          &row.encode, &row.encode_anchor);
+      absl::Status st = measure(encode_payload, &row.encode, &row.encode_anchor);
+      if (st.ok()) st = fresh_pass(encode_payload);
       if (st.ok()) {
         st = measure(
             [&](uint64_t i) {
@@ -256,21 +275,9 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       }
       if (st.ok()) {
         fresh_plans();
-        st = measure(
-            [&](uint64_t i) -> absl::Status {
-              const uint16_t* keys = keys_of(i);
-              KVPOOL_ASSIGN_OR_RETURN(
-                  encoded[i],
-                  kernels::EncodeSegment(
-                      p, segs.shape(i), absl::MakeConstSpan(segs.data(i), Segments::kElements),
-                      path,
-                      keys ? absl::MakeConstSpan(keys, Segments::kElements)
-                           : absl::Span<const uint16_t>(),
-                      keys ? absl::string_view(encoded[i - 1]) : absl::string_view(), plans_of(i)));
-              return absl::OkStatus();
-            },
-            &row.segment_encode, &row.segment_encode_anchor);
+        st = measure(encode_segment, &row.segment_encode, &row.segment_encode_anchor);
       }
+      if (st.ok()) st = fresh_pass(encode_segment);
       if (st.ok()) {
         st = measure(
             [&](uint64_t i) {

@@ -123,6 +123,8 @@ bool EncoderDetectsNonFinite(const CodecParams& params) {
   return IsKvpoolFastProfile(params) || IsKvpoolRowsMode(params);
 }
 
+bool CodecPlansFromSamples(const CodecParams& params) { return IsKvpoolRowsMode(params); }
+
 bool EncoderWritesEveryByte(const CodecParams& params) {
   return params.codec == CodecId::kRaw || params.codec == CodecId::kKivi ||
          IsKvpoolFastProfile(params) || IsKvpoolRowsMode(params);

@@ -2,9 +2,8 @@
 // segment (common/encoded_segment.h) and back. Every codec has three paths that read and write
 // the same payload format:
 //   kRef  - the CPU reference: plain loops, the definition of the format (<codec>_ref.cc);
-//   kCpu  - the fast CPU path, AVX2/F16C when the CPU has them, chosen at run time
-//   (<codec>_cpu.cc); kCuda - the CUDA kernels and their launchers (<codec>.cu), device memory in
-//   and out.
+//   kCpu  - the fast CPU path (<codec>_cpu.cc): AVX2/F16C when the CPU has them, at run time;
+//   kCuda - the CUDA kernels and their launchers (<codec>.cu), device memory in and out.
 // Decoding a payload gives the same values on every path (bit-exact). Encoders may round
 // differently in rare ties; every path's output decodes on every other path.
 //
@@ -20,6 +19,7 @@
 #ifndef KVPOOL_KERNELS_CODEC_H_
 #define KVPOOL_KERNELS_CODEC_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -44,34 +44,52 @@ absl::string_view PathName(Path path);  // "ref", "cpu", "cuda"
 // What an encoder keeps between the segments of one stream: one model's layer and kind (K or V),
 // whose statistics change slowly from block to block. kvpool's default profile plans each
 // segment from a sample (means, basis, outlier channels, step model: about 40 % of its encode);
-// given a cache it plans one segment in replan_every (and the next after a segment that missed
-// its first pass) and reuses that plan for the others, the step steered by the error the last
-// segment measured (aiming lower after misses). A payload stays self-describing and every segment's
-// error is measured, so a stale plan costs ratio, never the budget; the bytes then depend on the
-// order of encodes. Thread-safe: a stream's encoders may run at once. One per stream: one shared by
-// layers would replan at every shape, budget or layer change and gain little.
+// given a cache it plans one segment in replan_every and reuses that plan for the others, the
+// step solved from the error the stream's last segment measured against the plan's model
+// (aiming lower after misses). A reused plan that misses a segment's budget is replaced at
+// once: that segment plans afresh and is coded again (one pass more). A payload stays
+// self-describing and every segment's error is measured, so a stale plan costs ratio and
+// time, never the budget; the bytes then depend on the order of encodes. 80-120 KiB per stream
+// for 8 heads of 128 (the plan's means, basis and model rows). Thread-safe: a stream's
+// encoders may run at once, and only one of them makes the next plan while the others reuse
+// the last. One per stream: one shared by layers would replan at every layer and gain little.
 class PlanCache {
  public:
-  struct State;  // The codec's (kvpool_rows_encoder.cc).
+  struct State;  // The codec's (kvpool_rows_encoder.cc); With() and Record() are for it alone.
   static constexpr uint64_t kReplanEvery = 32;
+  // How a segment was coded: with a plan of its own; with its stream's; or its stream's plan
+  // missed its budget and it was planned afresh (a pass more).
+  enum class Outcome { kPlanned, kReused, kReplaced };
+  // Counts by outcome (over caches: a daemon's, for /metrics).
+  struct Counts {
+    std::atomic<uint64_t> planned{0}, reused{0}, replaced{0};
+    void Add(Outcome o);
+  };
 
-  // `replan_every`: segments per plan at most (1: each plans afresh, as without a cache).
-  explicit PlanCache(uint64_t replan_every = kReplanEvery);
+  // `replan_every`: segments per plan at most (1: each plans afresh, as without a cache);
+  // `shared`: counts this cache adds to besides its own (may be null).
+  explicit PlanCache(uint64_t replan_every = kReplanEvery,
+                     std::shared_ptr<Counts> shared = nullptr);
   ~PlanCache();
   PlanCache(const PlanCache&) = delete;
   PlanCache& operator=(const PlanCache&) = delete;
 
   uint64_t replan_every() const { return replan_every_; }
-  // Segments encoded with a plan of their own, and with one they reused.
-  uint64_t planned() const;
-  uint64_t reused() const;
+  // Segments coded by each Outcome.
+  uint64_t planned() const { return own_.planned.load(std::memory_order_relaxed); }
+  uint64_t reused() const { return own_.reused.load(std::memory_order_relaxed); }
+  uint64_t replaced() const { return own_.replaced.load(std::memory_order_relaxed); }
 
-  // The codec's access to its state (null until it makes one), under the cache's lock.
+  // The state (null until the codec makes one), under the cache's lock.
   void With(absl::FunctionRef<void(std::unique_ptr<State>&)> fn);
+  // One segment coded.
+  void Record(Outcome outcome);
 
  private:
   const uint64_t replan_every_;
-  mutable absl::Mutex mu_;
+  const std::shared_ptr<Counts> shared_;
+  Counts own_;
+  absl::Mutex mu_;
   std::unique_ptr<State> state_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -207,6 +225,10 @@ bool EncoderDetectsNonFinite(const CodecParams& params);
 // return, so that EncodeSegment need not zero their output buffer first (the others OR bits
 // into zeroed bytes). tests/kernels/codec_test.cc checks it against buffers of garbage.
 bool EncoderWritesEveryByte(const CodecParams& params);
+
+// True when the codec's host encoder plans from a sample and so takes a PlanCache (kvpool's
+// default profile, payload mode 4).
+bool CodecPlansFromSamples(const CodecParams& params);
 
 // The environment variable KVPOOL_MAX_ISA caps what the next three report, read once per
 // process: avx2 (no AVX-512), sse2 (neither AVX2 nor AVX-512) or avx512 (no cap, as unset), so

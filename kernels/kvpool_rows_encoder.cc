@@ -21,6 +21,11 @@
 // Key segments compute their token classes in the same pass, from their distance to the
 // means, with the per-head scale estimated on the sample; their payload carries them for the
 // value segment, which takes them as they are (or, without it, from the keys' elements).
+//
+// With a PlanCache (codec.h), steps 1 to 3 are a RowPlan made once for several segments of a
+// stream; a segment reusing it starts from mu = Solve(aim * the last segment's allowed error /
+// its error over the model's prediction), and when its first pass misses, it makes a plan of
+// its own (steps 1 to 3) and passes again: step 4 never runs with a plan that missed twice.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -59,6 +64,10 @@ uint8_t ChooseRow(void* ctx, uint32_t i, const RowStats& st, float* hs) {
 // Steps 1 to 3 but mu: what a segment's pass needs from its sample. Immutable once made, so
 // that the segments of one stream may share it (PlanCache).
 struct RowPlan {
+  RowPlan() = default;
+  RowPlan(const RowPlan&) = delete;
+  RowPlan& operator=(const RowPlan&) = delete;
+
   SegmentShape shape;
   double target = 0;             // TargetError
   bool key_classes = false;      // Keys computing their classes
@@ -81,7 +90,9 @@ struct Scratch {
   std::vector<uint16_t> kstored;
   std::vector<uint8_t> classes, buffer;
   std::vector<int16_t> coefs;     // [H][kMaxRank][T]
-  std::shared_ptr<RowPlan> plan;  // The last plan made here, reused while no cache holds it.
+  // The plans made here without a PlanCache: never shared beyond one call, so reused as they
+  // are (a plan for a cache is a new one, as other threads may go on reading it).
+  std::shared_ptr<RowPlan> plan;
 };
 
 // The payload's layout: fixed sections, then rows from rows_at, coefficients last.
@@ -238,8 +249,10 @@ void ValueClasses(const SegmentShape& shape, const LayerKeys& keys, const FastKe
 }
 
 // Plans a segment (steps 1 to 3 but mu) into `plan`; false when a sampled element is not finite.
+// `*allowed_estimate`: the segment's allowed squared error as its sample estimates it.
 bool MakePlan(const SegmentShape& shape, const uint16_t* in, const FastKernels& fast,
-              const RowKernels& rk, double target, bool key_classes, Scratch* s, RowPlan* plan) {
+              const RowKernels& rk, double target, bool key_classes, Scratch* s, RowPlan* plan,
+              double* allowed_estimate) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
   const uint32_t stride = std::max(1u, T / kSampleRows), count = (T + stride - 1) / stride;
   if (!LoadSample(shape, rk, fast, in, stride, count, &s->sample)) return false;
@@ -248,11 +261,11 @@ bool MakePlan(const SegmentShape& shape, const uint16_t* in, const FastKernels& 
   plan->key_classes = key_classes;
   plan->stored = s->sample.stored;
   plan->means = s->sample.means;
-  const double allowed_estimate = target * target * s->sample.energy;
+  *allowed_estimate = target * target * s->sample.energy;
   plan->heads.resize(H);
   const SampleClasses classes{key_classes, &s->classes};
   for (uint32_t h = 0; h < H; ++h) {
-    PlanHead(shape, rk, s->sample, h, allowed_estimate / double(shape.Elements()), classes,
+    PlanHead(shape, rk, s->sample, h, *allowed_estimate / double(shape.Elements()), classes,
              &plan->heads[h]);
     plan->heads[h].view.means = &plan->means[uint64_t{h} * D];  // The plan's, not the sample's.
   }
@@ -265,20 +278,23 @@ bool MakePlan(const SegmentShape& shape, const uint16_t* in, const FastKernels& 
 
 namespace kvpool::kernels {
 
-// What a PlanCache holds for kvpool: the plan; what the last segment measured (its allowed
-// error, and its error over the model's prediction at its mu), from which the next segment's mu
-// is solved; the fraction of the allowed error reused plans aim at; whether the next segment
-// plans afresh.
+// What a PlanCache holds for kvpool: the plan; what the last segment coded with it measured
+// (its allowed error, and its error over the model's prediction at its mu), from which the
+// next segment's mu is solved; the fraction of the allowed error reused plans aim at (the
+// stream's, kept across plans); whether a segment is making the next plan.
 struct PlanCache::State {
   std::shared_ptr<const kvpool::internal::RowPlan> plan;
   double allowed = 0, ratio = 1;
   double aim = kvpool::internal::kRowsAim;
   uint64_t since_plan = 0;  // Segments that reused `plan` since it was made.
-  bool replan = false;
-  uint64_t planned = 0, reused = 0;
+  bool planning = false;
+  // Segments still to plan afresh without trying the stream's plan: set when reused plans
+  // keep missing at the lowest aim (segments too small or too varied for one plan to fit).
+  uint64_t skip = 0;
 };
 
-PlanCache::PlanCache(uint64_t replan_every) : replan_every_(std::max<uint64_t>(1, replan_every)) {}
+PlanCache::PlanCache(uint64_t replan_every, std::shared_ptr<Counts> shared)
+    : replan_every_(std::max<uint64_t>(1, replan_every)), shared_(std::move(shared)) {}
 PlanCache::~PlanCache() = default;
 
 void PlanCache::With(absl::FunctionRef<void(std::unique_ptr<State>&)> fn) {
@@ -286,14 +302,16 @@ void PlanCache::With(absl::FunctionRef<void(std::unique_ptr<State>&)> fn) {
   fn(state_);
 }
 
-uint64_t PlanCache::planned() const {
-  absl::MutexLock lock(&mu_);
-  return state_ ? state_->planned : 0;
+void PlanCache::Counts::Add(Outcome o) {
+  std::atomic<uint64_t>& n = o == Outcome::kPlanned  ? planned
+                             : o == Outcome::kReused ? reused
+                                                     : replaced;
+  n.fetch_add(1, std::memory_order_relaxed);
 }
 
-uint64_t PlanCache::reused() const {
-  absl::MutexLock lock(&mu_);
-  return state_ ? state_->reused : 0;
+void PlanCache::Record(Outcome outcome) {
+  own_.Add(outcome);
+  if (shared_) shared_->Add(outcome);
 }
 
 }  // namespace kvpool::kernels
@@ -311,80 +329,133 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
   const bool key_classes = weighted && shape.kind == SegmentKind::kKey;
   ValueClasses(shape, keys, fast, weighted, &s);
   const double target = TargetError(shape, params);
-  // The stream's plan when it fits this segment and is not due to be made again, and mu from
-  // the last segment's measurement.
+  PlanCache* const cache = keys.plans;
+  // The stream's plan when it fits this segment and is not due to be made again (or another
+  // segment is making the next one), and mu from the last segment's measurement; else this
+  // segment plans, and claims the stream's next plan when nobody else is making it.
   std::shared_ptr<const RowPlan> plan;
   double aim = kRowsAim, last_allowed = 0, last_ratio = 1;
-  if (keys.plans != nullptr) {
-    keys.plans->With([&](std::unique_ptr<PlanCache::State>& st) {
-      if (st && st->plan && !st->replan && st->since_plan + 1 < keys.plans->replan_every() &&
-          st->plan->Fits(shape, target, key_classes)) {
+  bool claimed = false;
+  if (cache != nullptr) {
+    cache->With([&](std::unique_ptr<PlanCache::State>& st) {
+      if (!st) st = std::make_unique<PlanCache::State>();
+      if (st->skip > 0) {
+        --st->skip;
+        return;
+      }
+      const bool fits = st->plan && st->allowed > 0 && st->plan->Fits(shape, target, key_classes);
+      const bool due = st->since_plan + 1 >= cache->replan_every();
+      if (fits && (!due || st->planning)) {
         plan = st->plan;
         aim = st->aim;
         last_allowed = st->allowed;
         last_ratio = st->ratio;
         ++st->since_plan;
+      } else if (!st->planning) {
+        st->planning = claimed = true;
       }
     });
   }
-  const bool reused = plan != nullptr;
-  double mu;
+  // Releases the claim however this call ends (the publication below clears it too).
+  struct Claim {
+    PlanCache* cache;
+    bool held;
+    ~Claim() {
+      if (held) cache->With([](std::unique_ptr<PlanCache::State>& st) { st->planning = false; });
+    }
+  } claim{cache, claimed};
+  const bool reused_at_start = plan != nullptr;
+  bool reused = reused_at_start;
+  // Plans this segment afresh: `plan`, and mu from its own sample.
+  double mu = 0;
+  const auto plan_here = [&]() -> bool {
+    std::shared_ptr<RowPlan> fresh;
+    if (cache == nullptr) {
+      if (!s.plan) s.plan = std::make_shared<RowPlan>();
+      fresh = s.plan;
+    } else {
+      fresh = std::make_shared<RowPlan>();
+    }
+    double allowed_estimate = 0;
+    if (!MakePlan(shape, in, fast, rk, target, key_classes, &s, fresh.get(), &allowed_estimate)) {
+      return false;
+    }
+    plan = std::move(fresh);
+    mu = plan->model->Solve(kRowsAim * allowed_estimate);
+    return true;
+  };
   if (reused) {
     mu = plan->model->Solve(aim * last_allowed / last_ratio);
-  } else {
-    if (!s.plan || s.plan.use_count() > 1) s.plan = std::make_shared<RowPlan>();
-    if (!MakePlan(shape, in, fast, rk, target, key_classes, &s, s.plan.get())) return NonFinite();
-    plan = s.plan;
-    mu = plan->model->Solve(kRowsAim * target * target * s.sample.energy);
+  } else if (!plan_here()) {
+    return NonFinite();
   }
-  const StepModel& model = *plan->model;
   s.coefs.resize(uint64_t{H} * kMaxRank * T);  // The pass writes every code FinishPayload reads.
-  const Layout l = PayloadLayout(shape, plan->heads, key_classes);
-  s.buffer.resize(l.bound + uint64_t{kRowStoreRoom} * PlaneBytes(shape.head_dim));
-  uint8_t* dst = s.buffer.data();
-  WriteFixedSections(shape, *plan, key_classes, l, dst);
+  Layout l;
+  uint8_t* dst = nullptr;
+  const auto lay_out = [&] {
+    l = PayloadLayout(shape, plan->heads, key_classes);
+    s.buffer.resize(l.bound + uint64_t{kRowStoreRoom} * PlaneBytes(shape.head_dim));
+    dst = s.buffer.data();
+    WriteFixedSections(shape, *plan, key_classes, l, dst);
+  };
+  lay_out();
   uint64_t size = 0;
-  int passes = 0;
-  double allowed = 0, ratio = 1;  // The last pass's.
+  bool first_missed = false;
+  double allowed = 0, ratio = 1, predicted = 0;  // The last pass's.
   for (int pass = 0; pass < kRowsPasses; ++pass) {
-    ++passes;
     const PassResult r = FullPass(shape, in, rk, *plan, mu, l, &s, dst);
     if (!r.finite || !std::isfinite(r.err) || !std::isfinite(r.energy)) return NonFinite();
     allowed = target * target * r.energy;
     // The model scaled by its miss at this mu.
-    const double predicted = model.Predicted(mu);
+    predicted = plan->model->Predicted(mu);
     ratio = predicted > 0 && r.err > 0 ? r.err / predicted : 1;
     if (r.err <= allowed) {
       size = r.end;
       break;
     }
+    if (pass == 0) first_missed = true;
+    if (reused) {
+      // The stream's plan missed this segment: plan it afresh and code it again.
+      reused = false;
+      if (!plan_here()) return NonFinite();
+      lay_out();
+      continue;
+    }
     // Missed: again from that mu; at least 10% more (the miss grows with mu where the model's
     // shape is off).
     const double next =
-        model.Solve(kRowsAim * allowed / std::max(1.0, ratio) * std::pow(0.9, pass));
+        plan->model->Solve(kRowsAim * allowed / std::max(1.0, ratio) * std::pow(0.9, pass));
     mu = std::max(mu * 1.1, next);
   }
-  if (keys.plans != nullptr) {
-    keys.plans->With([&](std::unique_ptr<PlanCache::State>& st) {
-      if (!st) st = std::make_unique<PlanCache::State>();
+  if (cache != nullptr) {
+    // A plan is worth publishing when its segment met the budget and its model predicts a
+    // nonzero error (a constant segment's does not: nothing to steer the next mu by).
+    const bool measured = size > 0 && allowed > 0 && std::isfinite(allowed) && predicted > 0 &&
+                          std::isfinite(ratio) && ratio > 0;
+    cache->With([&](std::unique_ptr<PlanCache::State>& st) {
       if (!reused) {
-        st->plan = plan;
-        st->since_plan = 0;
-        ++st->planned;
-      } else {
-        ++st->reused;
-        // Reused plans aim lower after a miss (a second pass costs more than the bits), and
-        // creep back after hits: about one miss in twenty at equilibrium.
-        st->aim = passes > 1 ? std::max(kReuseAimFloor, st->aim * kReuseMissBackoff)
-                             : std::min(kRowsAim, st->aim * kReuseHitCreep);
+        if (measured) {
+          st->plan = plan;
+          st->since_plan = 0;
+        }
+        if (claimed) st->planning = claim.held = false;
       }
-      if (st->plan == plan && std::isfinite(allowed) && allowed > 0) {
+      if (st->plan == plan && measured) {
         st->allowed = allowed;
         st->ratio = ratio;
-        // A reused plan that missed its first pass may be stale: the next segment plans afresh.
-        st->replan = reused && passes > 1;
+      }
+      // Reused plans aim lower after a miss (a second pass costs more than the bits) and creep
+      // back after hits: about one miss in twenty at equilibrium.
+      // At the lowest aim, a miss stops reuse for replan_every segments.
+      if (reused_at_start) {
+        if (first_missed && st->aim <= kReuseAimFloor) st->skip = cache->replan_every();
+        st->aim = first_missed ? std::max(kReuseAimFloor, st->aim * kReuseMissBackoff)
+                               : std::min(kRowsAim, st->aim * kReuseHitCreep);
       }
     });
+    cache->Record(reused            ? PlanCache::Outcome::kReused
+                  : reused_at_start ? PlanCache::Outcome::kReplaced
+                                    : PlanCache::Outcome::kPlanned);
   }
   if (size > 0) size = FinishPayload(shape, rk, *plan, s, size, l.bound, dst);
   if (size == 0 || size >= RawPayloadBytes(shape)) return WriteRawPayload(shape, in, out, capacity);

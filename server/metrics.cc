@@ -68,11 +68,16 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
     return &prometheus::BuildGauge().Name(name).Help(help).Register(*registry_);
   };
   codec_segments_ = gauge_family("kvpool_codec_segments", "Segments stored, by codec");
-  auto* plans = gauge_family("kvpool_codec_plan_segments",
-                             "Segments kvpool's encoder planned from their own sample (planned) "
-                             "or encoded with their stream's plan (reused), in the plan caches");
-  plans_planned_ = &plans->Add({{"outcome", "planned"}});
-  plans_reused_ = &plans->Add({{"outcome", "reused"}});
+  auto& plans = prometheus::BuildCounter()
+                    .Name("kvpool_codec_plan_segments_total")
+                    .Help(
+                        "kvpool segments coded with a plan of their own (planned), their "
+                        "stream's (reused), or planned afresh after their stream's missed "
+                        "(replaced)")
+                    .Register(*registry_);
+  plan_segments_[0] = &plans.Add({{"outcome", "planned"}});
+  plan_segments_[1] = &plans.Add({{"outcome", "reused"}});
+  plan_segments_[2] = &plans.Add({{"outcome", "replaced"}});
   codec_logical_bytes_ =
       gauge_family("kvpool_codec_logical_bytes", "Bytes the stored segments decode to, by codec");
   codec_stored_bytes_ =
@@ -144,9 +149,15 @@ void Metrics::SetFusionState(uint64_t segments, uint64_t segment_refs, uint64_t 
   fusion_ratio_->Set(segments > 0 ? double(segment_refs) / double(segments) : 0.0);
 }
 
-void Metrics::SetPlanState(uint64_t planned, uint64_t reused) {
-  plans_planned_->Set(static_cast<double>(planned));
-  plans_reused_->Set(static_cast<double>(reused));
+void Metrics::SetPlanCounts(uint64_t planned, uint64_t reused, uint64_t replaced) {
+  const uint64_t totals[3] = {planned, reused, replaced};
+  absl::MutexLock lock(&plan_mu_);
+  for (int i = 0; i < 3; ++i) {
+    if (totals[i] > plan_seen_[i]) {
+      plan_segments_[i]->Increment(static_cast<double>(totals[i] - plan_seen_[i]));
+      plan_seen_[i] = totals[i];
+    }
+  }
 }
 
 }  // namespace kvpool::server

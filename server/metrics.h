@@ -6,9 +6,10 @@
 
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "grpcpp/support/status.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
@@ -47,10 +48,10 @@ class Metrics {
   void SetFusionState(uint64_t segments, uint64_t segment_refs, uint64_t fused_refs,
                       uint64_t representatives);
 
-  // kvpool's plan caches (server/store/fuser.h ModelPlans), summed over the daemon's models:
-  // segments encoded with a plan of their own and with a plan reused from their stream
-  // (kvpool_codec_plan_segments{outcome="planned"|"reused"}).
-  void SetPlanState(uint64_t planned, uint64_t reused);
+  // kvpool segments coded through the daemon's plan caches (server/store/fuser.h ModelPlans)
+  // since start, by kernels::PlanCache::Outcome: totals, of which the counters
+  // kvpool_codec_plan_segments_total{outcome="planned"|"reused"|"replaced"} take what is new.
+  void SetPlanCounts(uint64_t planned, uint64_t reused, uint64_t replaced);
 
   // Current state of the host tier.
   void SetStoreState(uint64_t blocks, uint64_t logical_bytes, uint64_t stored_bytes,
@@ -82,8 +83,9 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* codec_logical_bytes_;
   prometheus::Family<prometheus::Gauge>* codec_stored_bytes_;
   prometheus::Family<prometheus::Gauge>* compression_ratio_;
-  prometheus::Gauge* plans_planned_;
-  prometheus::Gauge* plans_reused_;
+  prometheus::Counter* plan_segments_[3];  // By outcome.
+  absl::Mutex plan_mu_;
+  uint64_t plan_seen_[3] ABSL_GUARDED_BY(plan_mu_) = {0, 0, 0};
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Histogram>* latency_;
 };

@@ -44,26 +44,34 @@ void KvPoolService::PublishStoreState() const {
     metrics_->SetCodecState(CodecName(static_cast<CodecId>(c)), s.codecs[c].segments,
                             s.codecs[c].logical_bytes, s.codecs[c].stored_bytes);
   }
-  uint64_t planned = 0, reused = 0;
-  {
-    absl::MutexLock lock(&plans_mu_);
-    for (const auto& [model, plans] : plans_) {
-      planned += plans->planned();
-      reused += plans->reused();
-    }
-  }
-  metrics_->SetPlanState(planned, reused);
+  metrics_->SetPlanCounts(plan_counts_->planned.load(std::memory_order_relaxed),
+                          plan_counts_->reused.load(std::memory_order_relaxed),
+                          plan_counts_->replaced.load(std::memory_order_relaxed));
 }
 
-std::shared_ptr<ModelPlans> KvPoolService::PlansFor(const KvSpec& spec) {
-  if (options_.plan_reuse <= 1) return nullptr;
+std::shared_ptr<ModelPlans> KvPoolService::PlansFor(const KvSpec& spec, const CodecParams& codec) {
+  if (options_.plan_reuse <= 1 || !kernels::CodecPlansFromSamples(codec)) return nullptr;
+  const std::string key =
+      absl::StrCat(spec.model_id, "/", spec.tokens_per_block, "/", codec.budget, "/", codec.flags);
   absl::MutexLock lock(&plans_mu_);
-  std::shared_ptr<ModelPlans>& plans =
-      plans_[absl::StrCat(spec.model_id, "/", spec.tokens_per_block)];
-  if (!plans || plans->segments() != spec.SegmentsPerBlock()) {
-    plans = std::make_shared<ModelPlans>(spec.SegmentsPerBlock(), options_.plan_reuse);
+  auto it = plans_.find(key);
+  if (it == plans_.end()) {
+    if (plans_.size() >= kMaxPlanSets) {
+      auto oldest = plans_.begin();
+      for (auto i = plans_.begin(); i != plans_.end(); ++i) {
+        if (i->second.last_use < oldest->second.last_use) oldest = i;
+      }
+      plans_.erase(oldest);  // Puts holding it keep it until they finish.
+    }
+    it = plans_.emplace(key, PlanSet{}).first;
   }
-  return plans;
+  PlanSet& set = it->second;
+  if (!set.plans || set.plans->segments() != spec.SegmentsPerBlock()) {
+    set.plans =
+        std::make_shared<ModelPlans>(spec.SegmentsPerBlock(), options_.plan_reuse, plan_counts_);
+  }
+  set.last_use = ++plan_uses_;
+  return set.plans;
 }
 
 void KvPoolService::Observe(absl::string_view method, absl::Time start,

@@ -92,9 +92,12 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   // Pushes the store's current sizes (and the plan caches' counts) into the gauges.
   void PublishStoreState() const;
 
-  // The plan caches of `spec`'s model and block size, made on its first put (again when its
-  // layer count changes); null when options().plan_reuse is 1 or less.
-  std::shared_ptr<ModelPlans> PlansFor(const KvSpec& spec);
+  // The plan caches of `spec`'s model and block size for puts with `codec` (its budget and
+  // flags: a plan fits one budget), made on first use (again when the layer count changes);
+  // null when options().plan_reuse is 1 or less or the codec plans nothing (kvpool's default
+  // profile alone does). At most kMaxPlanSets are kept, the least recently used dropped.
+  std::shared_ptr<ModelPlans> PlansFor(const KvSpec& spec, const CodecParams& codec);
+  static constexpr size_t kMaxPlanSets = 64;
 
   // Records one finished request (counter by code + latency).
   void Observe(absl::string_view method, absl::Time start, const grpc::Status& status) const;
@@ -113,8 +116,16 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   Executor* const codec_executor_;
   absl::Mutex inflight_mu_;
   int inflight_ ABSL_GUARDED_BY(inflight_mu_) = 0;
-  mutable absl::Mutex plans_mu_;
-  absl::flat_hash_map<std::string, std::shared_ptr<ModelPlans>> plans_ ABSL_GUARDED_BY(plans_mu_);
+  struct PlanSet {
+    std::shared_ptr<ModelPlans> plans;
+    uint64_t last_use = 0;
+  };
+  absl::Mutex plans_mu_;
+  absl::flat_hash_map<std::string, PlanSet> plans_ ABSL_GUARDED_BY(plans_mu_);
+  uint64_t plan_uses_ ABSL_GUARDED_BY(plans_mu_) = 0;
+  // Segments coded by outcome, over every plan set ever made (for /metrics).
+  const std::shared_ptr<kernels::PlanCache::Counts> plan_counts_ =
+      std::make_shared<kernels::PlanCache::Counts>();
   std::atomic<uint64_t> lookup_hits_{0};
   std::atomic<uint64_t> lookup_misses_{0};
 };

@@ -150,7 +150,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
       }
     }
     blocks_.resize(keys_.size());
-    plans_ = service_->PlansFor(spec_);
+    plans_ = service_->PlansFor(spec_, codec_);
     return absl::OkStatus();
   }
 

@@ -238,26 +238,15 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
 
 }  // namespace
 
-ModelPlans::ModelPlans(uint64_t segments, uint64_t replan_every) {
+ModelPlans::ModelPlans(uint64_t segments, uint64_t replan_every,
+                       std::shared_ptr<kernels::PlanCache::Counts> counts) {
   for (uint64_t s = 0; s < segments; ++s) {
-    caches_.push_back(std::make_unique<kernels::PlanCache>(replan_every));
+    caches_.push_back(std::make_unique<kernels::PlanCache>(replan_every, counts));
   }
 }
 
 kernels::PlanCache* ModelPlans::For(uint64_t s) const {
   return s < caches_.size() ? caches_[s].get() : nullptr;
-}
-
-uint64_t ModelPlans::planned() const {
-  uint64_t n = 0;
-  for (const auto& c : caches_) n += c->planned();
-  return n;
-}
-
-uint64_t ModelPlans::reused() const {
-  uint64_t n = 0;
-  for (const auto& c : caches_) n += c->reused();
-  return n;
 }
 
 bool DeviceEncodeWanted(const EncodeContext& c, bool has_cuda_encoder) {

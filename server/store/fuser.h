@@ -72,14 +72,13 @@ using FusionPolicy = PerModel<FusionOptions>;
 // the streams for which kvpool's encoder plans once for several segments. Thread-safe.
 class ModelPlans {
  public:
-  // `segments`: 2 * the model's layers; `replan_every`: PlanCache's.
-  ModelPlans(uint64_t segments, uint64_t replan_every);
+  // `segments`: 2 * the model's layers; `replan_every`: PlanCache's; `counts`: what every
+  // cache adds its segments to besides its own (may be null).
+  ModelPlans(uint64_t segments, uint64_t replan_every,
+             std::shared_ptr<kernels::PlanCache::Counts> counts = nullptr);
   uint64_t segments() const { return caches_.size(); }
   // Segment s's cache, null past segments().
   kernels::PlanCache* For(uint64_t s) const;
-  // Sums over the caches: segments encoded with a plan of their own, and with a reused one.
-  uint64_t planned() const;
-  uint64_t reused() const;
 
  private:
   std::vector<std::unique_ptr<kernels::PlanCache>> caches_;

@@ -88,10 +88,13 @@ double CachedOverFresh(const Stream& st, float budget, uint64_t replan_every, ui
     fresh += fk.size() + (fv.ok() ? fv->size() : 0);
   }
   for (const PlanCache* c : {&kplans, &vplans}) {
-    EXPECT_EQ(c->planned() + c->reused(), blocks);
+    EXPECT_EQ(c->planned() + c->reused() + c->replaced(), blocks);
+    // A replaced plan starts the count again, so plans made when due and replaced ones
+    // together are at least those due.
     const uint64_t due = (blocks + replan_every - 1) / replan_every;
-    EXPECT_GE(c->planned(), due) << budget;
-    EXPECT_LE(c->planned(), due + misses) << budget;
+    EXPECT_GE(c->planned() + c->replaced(), due) << budget;
+    EXPECT_LE(c->planned(), due) << budget;
+    EXPECT_LE(c->replaced(), misses) << budget;
   }
   return double(cached) / double(fresh);
 }
@@ -120,7 +123,7 @@ TEST(KvpoolPlans, LargeSegmentsCostUnderTwoPercent) {
 }
 
 // A plan made on other data (another model's layer, scaled 50x, different outlier channels)
-// still gives segments within budget; the miss it causes makes the next segment plan again.
+// still gives segments within budget: the segment it misses is planned afresh (replaced).
 TEST(KvpoolPlans, ForeignPlanKeepsTheBudgetAndIsReplaced) {
   const Stream a = MakeStream(1, 7);
   const Stream b = MakeStream(4, 11);
@@ -134,8 +137,29 @@ TEST(KvpoolPlans, ForeignPlanKeepsTheBudgetAndIsReplaced) {
       const std::string enc = EncodeWith(Params(0.05f), b.key, x, &plans, path);
       EXPECT_LE(RelL2(b.key, x, Decode(enc, b.key)), 0.05f) << i;
     }
-    EXPECT_GT(plans.planned(), planned) << "a stale plan was never replaced";
+    EXPECT_GT(plans.replaced(), 0u) << "a stale plan was never replaced";
+    EXPECT_EQ(plans.planned(), planned);
   }
+}
+
+// A stream whose segments alternate between two scales (50x apart) misses with every reused
+// plan: the aim backs off to its floor, and then the stream stops reusing for replan_every
+// segments instead of paying a pass more each time. Every segment within budget.
+TEST(KvpoolPlans, AStreamThatKeepsMissingStopsReusing) {
+  const Stream st = MakeStream(24, 31);
+  PlanCache plans(8);
+  for (uint32_t i = 0; i < 24; ++i) {
+    std::vector<uint16_t> x = st.keys[i];
+    if (i % 2 == 1) {
+      for (uint16_t& e : x) e = FromF(st.key.dtype, 50.f * ToF(st.key.dtype, e));
+    }
+    const std::string enc = EncodeWith(Params(0.05f), st.key, x, &plans);
+    EXPECT_LE(RelL2(st.key, x, Decode(enc, st.key)), 0.05f) << i;
+  }
+  EXPECT_EQ(plans.planned() + plans.reused() + plans.replaced(), 24u);
+  // 1 plan, then up to 7 misses down to the floor, then 8 segments that plan without trying.
+  EXPECT_LE(plans.replaced(), 16u);
+  EXPECT_GE(plans.planned(), 8u) << "the stream never stopped reusing";
 }
 
 // Another shape, kind, dtype or budget never takes the stream's plan.
@@ -161,8 +185,10 @@ TEST(KvpoolPlans, PlanOnlyFitsItsShapeAndBudget) {
   expect_new_plan(Params(0.1f), shorter, half, "tokens");
   // Equal tokens (no classes) plan apart from weighted ones.
   expect_new_plan(Params(0.1f, 0, kvpool::internal::kFlagEqualTokens), shorter, half, "flags");
+  const uint64_t taken = plans.reused() + plans.replaced();
   EncodeWith(Params(0.1f, 0, kvpool::internal::kFlagEqualTokens), shorter, half, &plans);
-  EXPECT_EQ(plans.planned(), planned) << "the same shape and budget again reuses";
+  EXPECT_EQ(plans.planned(), planned) << "the same shape and budget again takes the plan";
+  EXPECT_EQ(plans.reused() + plans.replaced(), taken + 1);
 }
 
 // The reference and the fast path share the planning and the pass: the same sequence through
@@ -208,7 +234,7 @@ TEST(KvpoolPlans, ConcurrentEncodersShareOneCache) {
   }
   for (std::thread& t : threads) t.join();
   for (int t = 0; t < kThreads; ++t) EXPECT_EQ(bad[t], 0) << t;
-  EXPECT_EQ(plans.planned() + plans.reused(), uint64_t{kThreads} * kRounds);
+  EXPECT_EQ(plans.planned() + plans.reused() + plans.replaced(), uint64_t{kThreads} * kRounds);
   EXPECT_GT(plans.reused(), 0u);
 }
 
@@ -221,7 +247,7 @@ TEST(KvpoolPlans, OtherCodecsIgnoreTheCache) {
             EncodeWith(kivi, st.key, st.keys[0], nullptr));
   EXPECT_EQ(EncodeWith(Params(0.05f, 0, kFast), st.key, st.keys[0], &plans),
             EncodeWith(Params(0.05f, 0, kFast), st.key, st.keys[0], nullptr));
-  EXPECT_EQ(plans.planned() + plans.reused(), 0u);
+  EXPECT_EQ(plans.planned() + plans.reused() + plans.replaced(), 0u);
 }
 
 }  // namespace

@@ -243,6 +243,48 @@ TEST(FuserTest, ValueSegmentsAreEncodedWithTheirKeys) {
   EXPECT_GT(weighted, 0);
 }
 
+// With the model's plan caches in the context, segment s of every block is coded through
+// stream s's cache: the stored bytes are those of each segment encoded in put order through a
+// PlanCache of its own per segment index, and every block after the first took its stream's
+// plan (whether it kept it or replaced it: these 16-token segments often miss).
+TEST(FuserTest, PutsCodeEachSegmentThroughItsStreamsPlanCache) {
+  CodecParams kvpool{CodecId::kKvpool};
+  kvpool.budget = 0.05f;
+  EncodeContext c = Context(FusionOptions::Mode::kOff, kvpool);
+  const uint64_t S = c.spec.SegmentsPerBlock();
+  c.plans = std::make_shared<ModelPlans>(S, 32);
+  EXPECT_EQ(c.plans->For(S), nullptr);
+  const std::vector<std::string> blocks = client::SyntheticCorpus(Corpus(c.spec, 4, 4, 0, 7));
+  Ingested in = Ingest(c, blocks, 1);
+  std::vector<std::unique_ptr<kernels::PlanCache>> streams;
+  for (uint64_t s = 0; s < S; ++s) streams.push_back(std::make_unique<kernels::PlanCache>(32));
+  const uint64_t n = uint64_t{c.spec.tokens_per_block} * c.spec.num_kv_heads * c.spec.head_dim;
+  for (uint32_t b = 0; b < blocks.size(); ++b) {
+    const BlockKey key = Key(b);
+    StoredBlockPtr got = in.store->Get(in.ns, {&key, 1})[0];
+    ASSERT_NE(got, nullptr);
+    const absl::Span<const uint16_t> block = Elements(blocks[b]);
+    std::string keys_segment;
+    for (uint64_t s = 0; s < S; ++s) {
+      const bool value = s % 2 == 1;
+      const SegmentShape shape{c.spec.tokens_per_block, c.spec.num_kv_heads, c.spec.head_dim,
+                               c.spec.dtype, value ? SegmentKind::kValue : SegmentKind::kKey};
+      auto want = kernels::EncodeSegment(
+          c.codec, shape, block.subspan(s * n, n), c.path,
+          value ? block.subspan((s - 1) * n, n) : absl::Span<const uint16_t>(),
+          value ? absl::string_view(keys_segment) : absl::string_view(), streams[s].get());
+      ASSERT_THAT(want, IsOk());
+      EXPECT_EQ(got->segment(s), *want) << "block " << b << " segment " << s;
+      if (!value) keys_segment = *want;
+    }
+  }
+  for (uint64_t s = 0; s < S; ++s) {
+    const kernels::PlanCache* cache = c.plans->For(s);
+    EXPECT_EQ(cache->planned(), 1u) << s;
+    EXPECT_EQ(cache->reused() + cache->replaced(), blocks.size() - 1) << s;
+  }
+}
+
 // Which segments of every block are fused, as a string per block (for comparing two runs).
 std::vector<std::string> FusedPattern(BlockStore* store, NamespaceId ns, size_t blocks) {
   std::vector<std::string> out;
