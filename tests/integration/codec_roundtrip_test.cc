@@ -139,6 +139,31 @@ TEST(CodecRoundTripTest, EveryCodecThroughTheDaemon) {
   EXPECT_EQ(*(*daemon)->Stop(), 0);
 }
 
+// Puts of one model with two budgets keep a plan set each: a put with the first budget after
+// one with the second takes its streams' plans again instead of planning afresh.
+TEST(CodecRoundTripTest, PlanSetsAreKeptPerBudget) {
+  testing::TempDir dir;
+  ASSERT_THAT(WriteStringToFile(dir.path() + "/c.yaml", "encode_threads: 1\n"), IsOk());
+  auto daemon = RunningDaemon::Start({"--config=" + dir.path() + "/c.yaml"});
+  ASSERT_THAT(daemon, IsOk());
+  auto client = (*daemon)->NewClient();
+  const KvSpec spec{"budgets-model", 2, 4, 64, DType::kFp16, 32};
+  const CodecParams fine{CodecId::kKvpool, 0, 0, 0, 0.02f}, coarse{CodecId::kKvpool, 0, 0, 0, 0.1f};
+  PutSynthetic(*client, spec, fine, 0);
+  PutSynthetic(*client, spec, coarse, 1000);
+  PutSynthetic(*client, spec, fine, 2000);
+  auto metrics = testing::HttpGet((*daemon)->metrics_address(), "/metrics");
+  ASSERT_THAT(metrics, IsOk());
+  const auto count = [&](const char* outcome) {
+    return testing::MetricValue(
+        *metrics, absl::StrCat("kvpool_codec_plan_segments_total{outcome=\"", outcome, "\"}"));
+  };
+  // 3 puts of 4 blocks x 4 segments; two sets of 4 streams, each planned once.
+  EXPECT_EQ(count("planned"), 8.0);
+  EXPECT_EQ(count("reused") + count("replaced"), 40.0);
+  EXPECT_EQ(*(*daemon)->Stop(), 0);
+}
+
 // plan_reuse: 1 in the config: every kvpool segment plans afresh, within its budget.
 TEST(CodecRoundTripTest, PlanReuseOnePlansEverySegment) {
   testing::TempDir dir;
