@@ -180,14 +180,11 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
     KVPOOL_ASSIGN_OR_RETURN(const CodecParams p, kernels::NormalizeParams(set[k]));
     // One PlanCache per stream for each measurement (fresh caches: no plan carried over).
     const bool cached = k != kNoCacheEntry;
-    std::vector<std::unique_ptr<kernels::PlanCache>> plans;
-    auto fresh_plans = [&] {
-      plans.clear();
-      for (uint64_t i = 0; i < 2 * kLayers; ++i) {
-        plans.push_back(std::make_unique<kernels::PlanCache>());
-      }
+    std::unique_ptr<kernels::BlockPlans> plans;
+    auto fresh_plans = [&] { plans = std::make_unique<kernels::BlockPlans>(2 * kLayers); };
+    auto plans_of = [&](uint64_t i) {
+      return cached ? plans->For(Segments::stream(i)) : nullptr;
     };
-    auto plans_of = [&](uint64_t i) { return cached ? plans[Segments::stream(i)].get() : nullptr; };
     // Two levels per path. The codec: its payload functions (a value segment with its keys,
     // as put passes them). The segment API the daemon and the client run: EncodeSegment (NaN
     // scan where the codec needs one, header, checksum, an exact-size string) and

@@ -56,10 +56,7 @@ absl::StatusOr<EncodedKv> EncodeKv(const KvShape& shape, absl::Span<const uint16
   out.shape = shape;
   out.tokens_per_block = tokens_per_block;
   const uint64_t row = uint64_t{shape.kv_heads} * shape.head_dim;
-  std::vector<std::unique_ptr<kernels::PlanCache>> plans;  // [layer][kind]
-  for (uint64_t i = 0; i < 2 * uint64_t{shape.layers}; ++i) {
-    plans.push_back(std::make_unique<kernels::PlanCache>(replan_every));
-  }
+  const kernels::BlockPlans plans(2 * uint64_t{shape.layers}, replan_every);
   absl::Status st = ForEachSegment(
       shape, tokens_per_block,
       [&](uint64_t index, const SegmentShape& seg, uint64_t offset) -> absl::Status {
@@ -72,7 +69,7 @@ absl::StatusOr<EncodedKv> EncodeKv(const KvShape& shape, absl::Span<const uint16
                   : absl::Span<const uint16_t>();
         auto encoded = kernels::EncodeSegment(params, seg, kv.subspan(offset, n), path, keys,
                                               value ? out.segments.back() : absl::string_view(),
-                                              plans[index % plans.size()].get());
+                                              plans.For(index % plans.segments()));
         if (!encoded.ok()) return encoded.status();
         out.segments.push_back(std::move(*encoded));
         return absl::OkStatus();

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
@@ -91,6 +92,22 @@ class PlanCache {
   Counts own_;
   absl::Mutex mu_;
   std::unique_ptr<State> state_ ABSL_GUARDED_BY(mu_);
+};
+
+// A PlanCache per segment of a model's blocks (segment s: layer s / 2's K when s is even, its
+// V when odd), each the stream of that segment across blocks: what the daemon keeps per model,
+// and what EncodeKv and the bench keep for a sequence. Thread-safe.
+class BlockPlans {
+ public:
+  // `segments`: 2 * layers; `replan_every` and `counts`: each PlanCache's.
+  explicit BlockPlans(uint64_t segments, uint64_t replan_every = PlanCache::kReplanEvery,
+                      std::shared_ptr<PlanCache::Counts> counts = nullptr);
+  uint64_t segments() const { return caches_.size(); }
+  // Segment s's cache, null past segments().
+  PlanCache* For(uint64_t s) const { return s < caches_.size() ? caches_[s].get() : nullptr; }
+
+ private:
+  std::vector<std::unique_ptr<PlanCache>> caches_;
 };
 
 // What a value segment's encoder may use of its layer's key segment of the same tokens (codecs

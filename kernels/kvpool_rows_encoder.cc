@@ -314,9 +314,98 @@ void PlanCache::Record(Outcome outcome) {
   if (shared_) shared_->Add(outcome);
 }
 
+BlockPlans::BlockPlans(uint64_t segments, uint64_t replan_every,
+                       std::shared_ptr<PlanCache::Counts> counts) {
+  for (uint64_t s = 0; s < segments; ++s) {
+    caches_.push_back(std::make_unique<PlanCache>(replan_every, counts));
+  }
+}
+
 }  // namespace kvpool::kernels
 
 namespace kvpool::kernels::kvpool::internal {
+namespace {
+
+// What a segment takes from its stream's cache: the stream's plan (null: plan here) with what
+// its last segment measured, and whether this segment claimed the stream's next plan.
+struct Taken {
+  std::shared_ptr<const RowPlan> plan;
+  double aim = kRowsAim, allowed = 0, ratio = 1;
+  bool claimed = false;
+};
+
+// The stream's plan when it fits this segment and is not due to be made again (or another
+// segment is making the next one); else nothing, with the claim on the next plan when nobody
+// else holds it.
+Taken TakePlan(PlanCache* cache, const SegmentShape& shape, double target, bool key_classes) {
+  Taken t;
+  cache->With([&](std::unique_ptr<PlanCache::State>& st) {
+    if (!st) st = std::make_unique<PlanCache::State>();
+    if (st->skip > 0) {
+      --st->skip;
+      return;
+    }
+    const bool fits = st->plan && st->allowed > 0 && st->plan->Fits(shape, target, key_classes);
+    const bool due = st->since_plan + 1 >= cache->replan_every();
+    if (fits && (!due || st->planning)) {
+      t.plan = st->plan;
+      t.aim = st->aim;
+      t.allowed = st->allowed;
+      t.ratio = st->ratio;
+      ++st->since_plan;
+    } else if (!st->planning) {
+      st->planning = t.claimed = true;
+    }
+  });
+  return t;
+}
+
+// Releases a claim on a stream's next plan however the encode ends, unless Publish did.
+struct Claim {
+  PlanCache* cache;
+  bool held;
+  ~Claim() {
+    if (held) cache->With([](std::unique_ptr<PlanCache::State>& st) { st->planning = false; });
+  }
+};
+
+// What a coded segment tells its stream: the plan it ended with, whether it started from the
+// stream's (`took`) and kept it (`kept`), whether its first pass missed, and its last pass's
+// allowed error and error over the model's prediction (`measured`: worth steering by).
+struct Coded {
+  std::shared_ptr<const RowPlan> plan;
+  bool took = false, kept = false, first_missed = false, measured = false;
+  double allowed = 0, ratio = 1;
+};
+
+void Publish(PlanCache* cache, const Coded& c, Claim* claim) {
+  cache->With([&](std::unique_ptr<PlanCache::State>& st) {
+    if (!c.kept) {
+      if (c.measured) {
+        st->plan = c.plan;
+        st->since_plan = 0;
+      }
+      if (claim->held) st->planning = claim->held = false;
+    }
+    if (st->plan == c.plan && c.measured) {
+      st->allowed = c.allowed;
+      st->ratio = c.ratio;
+    }
+    // Reused plans aim lower after a miss (a second pass costs more than the bits) and creep
+    // back after hits: about one miss in twenty at equilibrium. At the lowest aim, a miss stops
+    // reuse for replan_every segments.
+    if (c.took) {
+      if (c.first_missed && st->aim <= kReuseAimFloor) st->skip = cache->replan_every();
+      st->aim = c.first_missed ? std::max(kReuseAimFloor, st->aim * kReuseMissBackoff)
+                               : std::min(kRowsAim, st->aim * kReuseHitCreep);
+    }
+  });
+  cache->Record(c.kept   ? PlanCache::Outcome::kReused
+                : c.took ? PlanCache::Outcome::kReplaced
+                         : PlanCache::Outcome::kPlanned);
+}
+
+}  // namespace
 
 absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams& params,
                                     const uint16_t* in, const LayerKeys& keys,
@@ -330,43 +419,12 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
   ValueClasses(shape, keys, fast, weighted, &s);
   const double target = TargetError(shape, params);
   PlanCache* const cache = keys.plans;
-  // The stream's plan when it fits this segment and is not due to be made again (or another
-  // segment is making the next one), and mu from the last segment's measurement; else this
-  // segment plans, and claims the stream's next plan when nobody else is making it.
-  std::shared_ptr<const RowPlan> plan;
-  double aim = kRowsAim, last_allowed = 0, last_ratio = 1;
-  bool claimed = false;
-  if (cache != nullptr) {
-    cache->With([&](std::unique_ptr<PlanCache::State>& st) {
-      if (!st) st = std::make_unique<PlanCache::State>();
-      if (st->skip > 0) {
-        --st->skip;
-        return;
-      }
-      const bool fits = st->plan && st->allowed > 0 && st->plan->Fits(shape, target, key_classes);
-      const bool due = st->since_plan + 1 >= cache->replan_every();
-      if (fits && (!due || st->planning)) {
-        plan = st->plan;
-        aim = st->aim;
-        last_allowed = st->allowed;
-        last_ratio = st->ratio;
-        ++st->since_plan;
-      } else if (!st->planning) {
-        st->planning = claimed = true;
-      }
-    });
-  }
-  // Releases the claim however this call ends (the publication below clears it too).
-  struct Claim {
-    PlanCache* cache;
-    bool held;
-    ~Claim() {
-      if (held) cache->With([](std::unique_ptr<PlanCache::State>& st) { st->planning = false; });
-    }
-  } claim{cache, claimed};
-  const bool reused_at_start = plan != nullptr;
-  bool reused = reused_at_start;
-  // Plans this segment afresh: `plan`, and mu from its own sample.
+  const Taken taken = cache ? TakePlan(cache, shape, target, key_classes) : Taken{};
+  Claim claim{cache, taken.claimed};
+  Coded coded;
+  coded.plan = taken.plan;
+  coded.took = coded.kept = taken.plan != nullptr;
+  // Plans this segment afresh: `coded.plan`, and mu from its own sample.
   double mu = 0;
   const auto plan_here = [&]() -> bool {
     std::shared_ptr<RowPlan> fresh;
@@ -380,12 +438,12 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
     if (!MakePlan(shape, in, fast, rk, target, key_classes, &s, fresh.get(), &allowed_estimate)) {
       return false;
     }
-    plan = std::move(fresh);
-    mu = plan->model->Solve(kRowsAim * allowed_estimate);
+    coded.plan = std::move(fresh);
+    mu = coded.plan->model->Solve(kRowsAim * allowed_estimate);
     return true;
   };
-  if (reused) {
-    mu = plan->model->Solve(aim * last_allowed / last_ratio);
+  if (coded.took) {
+    mu = coded.plan->model->Solve(taken.aim * taken.allowed / taken.ratio);
   } else if (!plan_here()) {
     return NonFinite();
   }
@@ -393,71 +451,48 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
   Layout l;
   uint8_t* dst = nullptr;
   const auto lay_out = [&] {
-    l = PayloadLayout(shape, plan->heads, key_classes);
+    l = PayloadLayout(shape, coded.plan->heads, key_classes);
     s.buffer.resize(l.bound + uint64_t{kRowStoreRoom} * PlaneBytes(shape.head_dim));
     dst = s.buffer.data();
-    WriteFixedSections(shape, *plan, key_classes, l, dst);
+    WriteFixedSections(shape, *coded.plan, key_classes, l, dst);
   };
   lay_out();
   uint64_t size = 0;
-  bool first_missed = false;
-  double allowed = 0, ratio = 1, predicted = 0;  // The last pass's.
+  double predicted = 0;  // The last pass's, with coded.allowed and coded.ratio.
   for (int pass = 0; pass < kRowsPasses; ++pass) {
-    const PassResult r = FullPass(shape, in, rk, *plan, mu, l, &s, dst);
+    const RowPlan& plan = *coded.plan;
+    const PassResult r = FullPass(shape, in, rk, plan, mu, l, &s, dst);
     if (!r.finite || !std::isfinite(r.err) || !std::isfinite(r.energy)) return NonFinite();
-    allowed = target * target * r.energy;
+    coded.allowed = target * target * r.energy;
     // The model scaled by its miss at this mu.
-    predicted = plan->model->Predicted(mu);
-    ratio = predicted > 0 && r.err > 0 ? r.err / predicted : 1;
-    if (r.err <= allowed) {
+    predicted = plan.model->Predicted(mu);
+    coded.ratio = predicted > 0 && r.err > 0 ? r.err / predicted : 1;
+    if (r.err <= coded.allowed) {
       size = r.end;
       break;
     }
-    if (pass == 0) first_missed = true;
-    if (reused) {
+    if (pass == 0) coded.first_missed = true;
+    if (coded.kept) {
       // The stream's plan missed this segment: plan it afresh and code it again.
-      reused = false;
+      coded.kept = false;
       if (!plan_here()) return NonFinite();
       lay_out();
       continue;
     }
     // Missed: again from that mu; at least 10% more (the miss grows with mu where the model's
     // shape is off).
-    const double next =
-        plan->model->Solve(kRowsAim * allowed / std::max(1.0, ratio) * std::pow(0.9, pass));
+    const double next = plan.model->Solve(kRowsAim * coded.allowed / std::max(1.0, coded.ratio) *
+                                          std::pow(0.9, pass));
     mu = std::max(mu * 1.1, next);
   }
   if (cache != nullptr) {
-    // A plan is worth publishing when its segment met the budget and its model predicts a
-    // nonzero error (a constant segment's does not: nothing to steer the next mu by).
-    const bool measured = size > 0 && allowed > 0 && std::isfinite(allowed) && predicted > 0 &&
-                          std::isfinite(ratio) && ratio > 0;
-    cache->With([&](std::unique_ptr<PlanCache::State>& st) {
-      if (!reused) {
-        if (measured) {
-          st->plan = plan;
-          st->since_plan = 0;
-        }
-        if (claimed) st->planning = claim.held = false;
-      }
-      if (st->plan == plan && measured) {
-        st->allowed = allowed;
-        st->ratio = ratio;
-      }
-      // Reused plans aim lower after a miss (a second pass costs more than the bits) and creep
-      // back after hits: about one miss in twenty at equilibrium.
-      // At the lowest aim, a miss stops reuse for replan_every segments.
-      if (reused_at_start) {
-        if (first_missed && st->aim <= kReuseAimFloor) st->skip = cache->replan_every();
-        st->aim = first_missed ? std::max(kReuseAimFloor, st->aim * kReuseMissBackoff)
-                               : std::min(kRowsAim, st->aim * kReuseHitCreep);
-      }
-    });
-    cache->Record(reused            ? PlanCache::Outcome::kReused
-                  : reused_at_start ? PlanCache::Outcome::kReplaced
-                                    : PlanCache::Outcome::kPlanned);
+    // A plan is worth steering by when its segment met the budget and its model predicts a
+    // nonzero error (a constant segment's does not).
+    coded.measured = size > 0 && coded.allowed > 0 && std::isfinite(coded.allowed) &&
+                     predicted > 0 && std::isfinite(coded.ratio) && coded.ratio > 0;
+    Publish(cache, coded, &claim);
   }
-  if (size > 0) size = FinishPayload(shape, rk, *plan, s, size, l.bound, dst);
+  if (size > 0) size = FinishPayload(shape, rk, *coded.plan, s, size, l.bound, dst);
   if (size == 0 || size >= RawPayloadBytes(shape)) return WriteRawPayload(shape, in, out, capacity);
   if (capacity < size) return absl::InvalidArgumentError("kvpool: output too small");
   std::memcpy(out, dst, size);

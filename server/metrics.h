@@ -48,7 +48,7 @@ class Metrics {
   void SetFusionState(uint64_t segments, uint64_t segment_refs, uint64_t fused_refs,
                       uint64_t representatives);
 
-  // kvpool segments coded through the daemon's plan caches (server/store/fuser.h ModelPlans)
+  // kvpool segments coded through the daemon's plan caches (kernels::BlockPlans)
   // since start, by kernels::PlanCache::Outcome: totals, of which the counters
   // kvpool_codec_plan_segments_total{outcome="planned"|"reused"|"replaced"} take what is new.
   void SetPlanCounts(uint64_t planned, uint64_t reused, uint64_t replaced);

@@ -49,7 +49,7 @@ void KvPoolService::PublishStoreState() const {
                           plan_counts_->replaced.load(std::memory_order_relaxed));
 }
 
-std::shared_ptr<ModelPlans> KvPoolService::PlansFor(const KvSpec& spec, const CodecParams& codec) {
+std::shared_ptr<kernels::BlockPlans> KvPoolService::PlansFor(const KvSpec& spec, const CodecParams& codec) {
   if (options_.plan_reuse <= 1 || !kernels::CodecPlansFromSamples(codec)) return nullptr;
   const std::string key =
       absl::StrCat(spec.model_id, "/", spec.tokens_per_block, "/", codec.budget, "/", codec.flags);
@@ -68,7 +68,7 @@ std::shared_ptr<ModelPlans> KvPoolService::PlansFor(const KvSpec& spec, const Co
   PlanSet& set = it->second;
   if (!set.plans || set.plans->segments() != spec.SegmentsPerBlock()) {
     set.plans =
-        std::make_shared<ModelPlans>(spec.SegmentsPerBlock(), options_.plan_reuse, plan_counts_);
+        std::make_shared<kernels::BlockPlans>(spec.SegmentsPerBlock(), options_.plan_reuse, plan_counts_);
   }
   set.last_use = ++plan_uses_;
   return set.plans;

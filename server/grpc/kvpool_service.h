@@ -96,7 +96,7 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   // flags: a plan fits one budget), made on first use (again when the layer count changes);
   // null when options().plan_reuse is 1 or less or the codec plans nothing (kvpool's default
   // profile alone does). At most kMaxPlanSets are kept, the least recently used dropped.
-  std::shared_ptr<ModelPlans> PlansFor(const KvSpec& spec, const CodecParams& codec);
+  std::shared_ptr<kernels::BlockPlans> PlansFor(const KvSpec& spec, const CodecParams& codec);
   static constexpr size_t kMaxPlanSets = 64;
 
   // Records one finished request (counter by code + latency).
@@ -117,7 +117,7 @@ class KvPoolService final : public v1::KvPool::CallbackService {
   absl::Mutex inflight_mu_;
   int inflight_ ABSL_GUARDED_BY(inflight_mu_) = 0;
   struct PlanSet {
-    std::shared_ptr<ModelPlans> plans;
+    std::shared_ptr<kernels::BlockPlans> plans;
     uint64_t last_use = 0;
   };
   absl::Mutex plans_mu_;

@@ -254,7 +254,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutRequest> {
   std::shared_ptr<uint16_t[]> buffer_;  // The block being received (elements of spec_.dtype).
   std::vector<std::shared_ptr<StoredBlock>> blocks_;  // Filled by the encodes, one per key.
   FusionOptions fusion_;
-  std::shared_ptr<ModelPlans> plans_;  // The model's plan caches, or null.
+  std::shared_ptr<kernels::BlockPlans> plans_;  // The model's plan caches, or null.
   std::vector<std::shared_ptr<uint16_t[]>> batch_buffers_;  // Batch fusion: the put's blocks.
   bool batch_encoded_ = false;  // Batch fusion: the put was handed to the encoder.
   absl::Mutex mu_;

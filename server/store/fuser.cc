@@ -238,17 +238,6 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
 
 }  // namespace
 
-ModelPlans::ModelPlans(uint64_t segments, uint64_t replan_every,
-                       std::shared_ptr<kernels::PlanCache::Counts> counts) {
-  for (uint64_t s = 0; s < segments; ++s) {
-    caches_.push_back(std::make_unique<kernels::PlanCache>(replan_every, counts));
-  }
-}
-
-kernels::PlanCache* ModelPlans::For(uint64_t s) const {
-  return s < caches_.size() ? caches_[s].get() : nullptr;
-}
-
 bool DeviceEncodeWanted(const EncodeContext& c, bool has_cuda_encoder) {
   return c.device && has_cuda_encoder &&
          (c.device_any_profile || kernels::CudaEncoderKeepsProfile(c.codec));

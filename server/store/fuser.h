@@ -68,22 +68,6 @@ absl::Status ValidateFusionOptions(const FusionOptions& options);
 using FusionPolicy = PerModel<FusionOptions>;
 
 // What a caller needs to encode one put's blocks.
-// One model's PlanCaches (kernels/codec.h), one per segment of its blocks (a layer's K or V):
-// the streams for which kvpool's encoder plans once for several segments. Thread-safe.
-class ModelPlans {
- public:
-  // `segments`: 2 * the model's layers; `replan_every`: PlanCache's; `counts`: what every
-  // cache adds its segments to besides its own (may be null).
-  ModelPlans(uint64_t segments, uint64_t replan_every,
-             std::shared_ptr<kernels::PlanCache::Counts> counts = nullptr);
-  uint64_t segments() const { return caches_.size(); }
-  // Segment s's cache, null past segments().
-  kernels::PlanCache* For(uint64_t s) const;
-
- private:
-  std::vector<std::unique_ptr<kernels::PlanCache>> caches_;
-};
-
 struct EncodeContext {
   KvSpec spec;
   CodecParams codec;            // Normalised (kernels::NormalizeParams).
@@ -97,7 +81,7 @@ struct EncodeContext {
   bool device_any_profile = false;
   // The model's plan caches for host encodes of its blocks' segments; null: every segment is
   // planned afresh.
-  std::shared_ptr<ModelPlans> plans = nullptr;
+  std::shared_ptr<kernels::BlockPlans> plans = nullptr;
 };
 
 // Whether EncodeBlock encodes `c`'s segments with the CUDA kernels when a GPU is present: `device`

@@ -252,12 +252,11 @@ TEST(FuserTest, PutsCodeEachSegmentThroughItsStreamsPlanCache) {
   kvpool.budget = 0.05f;
   EncodeContext c = Context(FusionOptions::Mode::kOff, kvpool);
   const uint64_t S = c.spec.SegmentsPerBlock();
-  c.plans = std::make_shared<ModelPlans>(S, 32);
+  c.plans = std::make_shared<kernels::BlockPlans>(S, 32);
   EXPECT_EQ(c.plans->For(S), nullptr);
   const std::vector<std::string> blocks = client::SyntheticCorpus(Corpus(c.spec, 4, 4, 0, 7));
   Ingested in = Ingest(c, blocks, 1);
-  std::vector<std::unique_ptr<kernels::PlanCache>> streams;
-  for (uint64_t s = 0; s < S; ++s) streams.push_back(std::make_unique<kernels::PlanCache>(32));
+  const kernels::BlockPlans streams(S, 32);
   const uint64_t n = uint64_t{c.spec.tokens_per_block} * c.spec.num_kv_heads * c.spec.head_dim;
   for (uint32_t b = 0; b < blocks.size(); ++b) {
     const BlockKey key = Key(b);
@@ -272,7 +271,7 @@ TEST(FuserTest, PutsCodeEachSegmentThroughItsStreamsPlanCache) {
       auto want = kernels::EncodeSegment(
           c.codec, shape, block.subspan(s * n, n), c.path,
           value ? block.subspan((s - 1) * n, n) : absl::Span<const uint16_t>(),
-          value ? absl::string_view(keys_segment) : absl::string_view(), streams[s].get());
+          value ? absl::string_view(keys_segment) : absl::string_view(), streams.For(s));
       ASSERT_THAT(want, IsOk());
       EXPECT_EQ(got->segment(s), *want) << "block " << b << " segment " << s;
       if (!value) keys_segment = *want;
