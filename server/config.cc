@@ -96,6 +96,18 @@ absl::Status SetSize(const YAML::Node& node, absl::string_view name, uint64_t* o
   return absl::OkStatus();
 }
 
+// An integer in [lo, hi] at `name`, when the key is there.
+absl::Status SetIntIn(const YAML::Node& node, absl::string_view name, int lo, int hi, int* out) {
+  if (!node) return absl::OkStatus();
+  KVPOOL_ASSIGN_OR_RETURN(const int v, Scalar<int>(node, name));
+  if (v < lo || v > hi) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config key '", name, "' must be in [", lo, ", ", hi, "]"));
+  }
+  *out = v;
+  return absl::OkStatus();
+}
+
 // A codec map {codec, bits, group, budget, flags, profile} at `where`, normalised.
 absl::StatusOr<CodecParams> CodecValue(const YAML::Node& node, const std::string& where) {
   KVPOOL_RETURN_IF_ERROR(
@@ -189,19 +201,11 @@ absl::Status Apply(const YAML::Node& root, DaemonOptions* out) {
   KVPOOL_RETURN_IF_ERROR(SetSize(root["host_memory"], "host_memory", &o.host_memory));
   KVPOOL_RETURN_IF_ERROR(SetString(root["data_dir"], "data_dir", &o.data_dir));
   KVPOOL_RETURN_IF_ERROR(SetString(root["log_level"], "log_level", &o.log_level));
-  if (root["encode_threads"]) {
-    KVPOOL_ASSIGN_OR_RETURN(o.encode_threads, Scalar<int>(root["encode_threads"], "encode_threads"));
-    if (o.encode_threads < 0 || o.encode_threads > 1024) {
-      return absl::InvalidArgumentError("config key 'encode_threads' must be in [0, 1024]");
-    }
-  }
-  if (root["plan_reuse"]) {
-    KVPOOL_ASSIGN_OR_RETURN(const int reuse, Scalar<int>(root["plan_reuse"], "plan_reuse"));
-    if (reuse < 1 || reuse > 4096) {
-      return absl::InvalidArgumentError("config key 'plan_reuse' must be in [1, 4096]");
-    }
-    o.service.plan_reuse = uint64_t(reuse);
-  }
+  KVPOOL_RETURN_IF_ERROR(
+      SetIntIn(root["encode_threads"], "encode_threads", 0, 1024, &o.encode_threads));
+  int plan_reuse = int(o.service.plan_reuse);
+  KVPOOL_RETURN_IF_ERROR(SetIntIn(root["plan_reuse"], "plan_reuse", 1, 4096, &plan_reuse));
+  o.service.plan_reuse = uint64_t(plan_reuse);
   if (root["gpu_encode"]) {
     KVPOOL_ASSIGN_OR_RETURN(const std::string policy,
                             Scalar<std::string>(root["gpu_encode"], "gpu_encode"));

@@ -10,6 +10,7 @@
 #include "common/block_key.h"
 #include "common/half.h"
 #include "common/npy.h"
+#include "common/status_macros.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/integration/daemon_fixture.h"
@@ -69,12 +70,23 @@ PutBlocks PutSynthetic(client::Client& client, const KvSpec& spec, const CodecPa
   return p;
 }
 
+// A daemon started with `yaml` as its config file (read at start only).
+absl::StatusOr<std::unique_ptr<RunningDaemon>> StartWithConfig(const std::string& yaml) {
+  testing::TempDir dir;
+  KVPOOL_RETURN_IF_ERROR(WriteStringToFile(dir.path() + "/c.yaml", yaml));
+  return RunningDaemon::Start({"--config=" + dir.path() + "/c.yaml"});
+}
+
+// kvpool_codec_plan_segments_total{outcome} in a /metrics page.
+double PlanSegments(const std::string& metrics, const char* outcome) {
+  return testing::MetricValue(
+      metrics, absl::StrCat("kvpool_codec_plan_segments_total{outcome=\"", outcome, "\"}"));
+}
+
 TEST(CodecRoundTripTest, EveryCodecThroughTheDaemon) {
   // One encode thread: a put's blocks are coded in order, so that plan reuse counts below do
   // not depend on how many blocks run at once.
-  testing::TempDir dir;
-  ASSERT_THAT(WriteStringToFile(dir.path() + "/c.yaml", "encode_threads: 1\n"), IsOk());
-  auto daemon = RunningDaemon::Start({"--config=" + dir.path() + "/c.yaml"});
+  auto daemon = StartWithConfig("encode_threads: 1\n");
   ASSERT_THAT(daemon, IsOk());
   auto client = (*daemon)->NewClient();
   // 4 layers, 4 KV heads of 64, 32-token blocks, 4 blocks: structured synthetic KV.
@@ -129,22 +141,16 @@ TEST(CodecRoundTripTest, EveryCodecThroughTheDaemon) {
   // The two kvpool puts (two budgets: two plan sets): 4 blocks of 8 segments each, through
   // plan caches per layer and kind (plan_reuse 32): each of the 16 streams planned its first
   // segment and reused that plan for the other three, or replaced it where it missed.
-  const auto count = [&](const char* outcome) {
-    return testing::MetricValue(
-        *metrics, absl::StrCat("kvpool_codec_plan_segments_total{outcome=\"", outcome, "\"}"));
-  };
-  EXPECT_EQ(count("planned"), 16.0);
-  EXPECT_EQ(count("reused") + count("replaced"), 48.0);
-  EXPECT_GT(count("reused"), 0.0);
+  EXPECT_EQ(PlanSegments(*metrics, "planned"), 16.0);
+  EXPECT_EQ(PlanSegments(*metrics, "reused") + PlanSegments(*metrics, "replaced"), 48.0);
+  EXPECT_GT(PlanSegments(*metrics, "reused"), 0.0);
   EXPECT_EQ(*(*daemon)->Stop(), 0);
 }
 
 // Puts of one model with two budgets keep a plan set each: a put with the first budget after
 // one with the second takes its streams' plans again instead of planning afresh.
 TEST(CodecRoundTripTest, PlanSetsAreKeptPerBudget) {
-  testing::TempDir dir;
-  ASSERT_THAT(WriteStringToFile(dir.path() + "/c.yaml", "encode_threads: 1\n"), IsOk());
-  auto daemon = RunningDaemon::Start({"--config=" + dir.path() + "/c.yaml"});
+  auto daemon = StartWithConfig("encode_threads: 1\n");
   ASSERT_THAT(daemon, IsOk());
   auto client = (*daemon)->NewClient();
   const KvSpec spec{"budgets-model", 2, 4, 64, DType::kFp16, 32};
@@ -154,22 +160,15 @@ TEST(CodecRoundTripTest, PlanSetsAreKeptPerBudget) {
   PutSynthetic(*client, spec, fine, 2000);
   auto metrics = testing::HttpGet((*daemon)->metrics_address(), "/metrics");
   ASSERT_THAT(metrics, IsOk());
-  const auto count = [&](const char* outcome) {
-    return testing::MetricValue(
-        *metrics, absl::StrCat("kvpool_codec_plan_segments_total{outcome=\"", outcome, "\"}"));
-  };
   // 3 puts of 4 blocks x 4 segments; two sets of 4 streams, each planned once.
-  EXPECT_EQ(count("planned"), 8.0);
-  EXPECT_EQ(count("reused") + count("replaced"), 40.0);
+  EXPECT_EQ(PlanSegments(*metrics, "planned"), 8.0);
+  EXPECT_EQ(PlanSegments(*metrics, "reused") + PlanSegments(*metrics, "replaced"), 40.0);
   EXPECT_EQ(*(*daemon)->Stop(), 0);
 }
 
 // plan_reuse: 1 in the config: every kvpool segment plans afresh, within its budget.
 TEST(CodecRoundTripTest, PlanReuseOnePlansEverySegment) {
-  testing::TempDir dir;
-  ASSERT_THAT(WriteStringToFile(dir.path() + "/c.yaml", "plan_reuse: 1\nencode_threads: 1\n"),
-              IsOk());
-  auto daemon = RunningDaemon::Start({"--config=" + dir.path() + "/c.yaml"});
+  auto daemon = StartWithConfig("plan_reuse: 1\nencode_threads: 1\n");
   ASSERT_THAT(daemon, IsOk());
   auto client = (*daemon)->NewClient();
   const KvSpec spec{"plans-model", 2, 4, 64, DType::kFp16, 32};
@@ -181,11 +180,7 @@ TEST(CodecRoundTripTest, PlanReuseOnePlansEverySegment) {
   ASSERT_THAT(metrics, IsOk());
   // No plan caches at all: no segment counted by any outcome.
   for (const char* outcome : {"planned", "reused", "replaced"}) {
-    EXPECT_EQ(testing::MetricValue(*metrics, absl::StrCat("kvpool_codec_plan_segments_total{"
-                                                          "outcome=\"",
-                                                          outcome, "\"}")),
-              0.0)
-        << outcome;
+    EXPECT_EQ(PlanSegments(*metrics, outcome), 0.0) << outcome;
   }
   EXPECT_EQ(*(*daemon)->Stop(), 0);
 }

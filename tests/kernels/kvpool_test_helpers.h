@@ -96,8 +96,8 @@ inline std::vector<uint16_t> RandomSegment(const SegmentShape& s, int type, std:
 inline std::string Encode(const CodecParams& p, const SegmentShape& s,
                           const std::vector<uint16_t>& v, Path path = Path::kRef,
                           absl::Span<const uint16_t> keys = {},
-                          absl::string_view encoded_keys = {}) {
-  auto e = EncodeSegment(p, s, v, path, keys, encoded_keys);
+                          absl::string_view encoded_keys = {}, PlanCache* plans = nullptr) {
+  auto e = EncodeSegment(p, s, v, path, keys, encoded_keys, plans);
   EXPECT_TRUE(e.ok()) << e.status();
   return e.ok() ? *e : std::string();
 }

@@ -54,6 +54,15 @@ void ExpectSame(const DaemonOptions& a, const DaemonOptions& b) {
   EXPECT_EQ(a.service.plan_reuse, b.service.plan_reuse);
 }
 
+// `yaml` is refused with InvalidArgument naming `key`, and the options stay as they were.
+void ExpectRefusedNaming(const std::string& yaml, const std::string& key) {
+  DaemonOptions o = Sentinel();
+  EXPECT_THAT(ApplyConfigYaml(yaml, &o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(key)))
+      << yaml;
+  ExpectSame(o, Sentinel());
+}
+
 TEST(ConfigTest, StructDefaultsAreTheDocumentedOnes) {
   const DaemonOptions o;
   EXPECT_EQ(o.listen, "127.0.0.1:7470");
@@ -130,11 +139,7 @@ TEST(ConfigTest, GpuEncodeTakesItsThreePoliciesAndNamesABadOne) {
     EXPECT_EQ(o.service.gpu_encode_policy, policy) << text;
   }
   for (const char* bad : {"gpu_encode: yes", "gpu_encode: [auto]", "gpu_encode: AUTO"}) {
-    DaemonOptions o = Sentinel();
-    EXPECT_THAT(ApplyConfigYaml(bad, &o),
-                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("gpu_encode")))
-        << bad;
-    ExpectSame(o, Sentinel());
+    ExpectRefusedNaming(bad, "gpu_encode");
   }
 }
 
@@ -146,11 +151,7 @@ TEST(ConfigTest, PlanReuseTakesACountAndNamesABadOne) {
   }
   for (const char* bad : {"plan_reuse: 0", "plan_reuse: -3", "plan_reuse: 4097", "plan_reuse: x",
                           "plan_reuse: [2]"}) {
-    DaemonOptions o = Sentinel();
-    EXPECT_THAT(ApplyConfigYaml(bad, &o),
-                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("plan_reuse")))
-        << bad;
-    ExpectSame(o, Sentinel());
+    ExpectRefusedNaming(bad, "plan_reuse");
   }
 }
 
@@ -214,11 +215,7 @@ TEST(ConfigTest, BadSizeIsNamedAndNothingApplied) {
            Case{"limits:\n  max_message_bytes: big\n", "limits.max_message_bytes"},
            Case{"limits:\n  chunk_bytes: 99999999999TB\n", "limits.chunk_bytes"},
        }) {
-    DaemonOptions o = Sentinel();
-    EXPECT_THAT(ApplyConfigYaml(c.yaml, &o),
-                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.key)))
-        << c.yaml;
-    ExpectSame(o, Sentinel());
+    ExpectRefusedNaming(c.yaml, c.key);
   }
 }
 
