@@ -222,12 +222,15 @@ absl::Status DecodeSegment(absl::string_view encoded, absl::Span<uint16_t> out, 
 // the codec, dtype and disagreement otherwise (callers then keep to the host paths or refuse).
 absl::Status SelfCheckCudaCodecs();
 
-// True when the codec's CUDA encoder writes the payload mode that `params` name on the host:
-// every codec but kvpool's default and entropy profiles, for which the GPU writes payload mode 1
-// (the fast profile's, without token classes; README: CUDA), about half the ratio at the same
-// error. For the fast profile itself the GPU's payload also lacks the token classes (about
-// 1.15x KIVI-4's ratio at its error against the host's 1.22x). The daemon's `gpu_encode: auto`
-// encodes on the GPU only where this holds.
+// True when the daemon's `gpu_encode: auto` encodes segments with these parameters on the GPU:
+// every codec but kvpool's default and entropy profiles. For the entropy profile the GPU writes
+// payload mode 1 (the fast profile's, without token classes; README: CUDA), about half the
+// ratio at the same error. For the default profile it writes the host's payload mode 4, the
+// host's bytes for the same segment (kvpool_rows_cuda_encoder.cuh), but planned on the host
+// and synchronising per pass, not yet timed on a GPU, and without the daemon's plan caches and
+// its values' key classes: the CPU stays the default until a GPU run says otherwise. For the
+// fast profile the GPU's payload lacks the token classes (about 1.15x KIVI-4's ratio at its
+// error against the host's 1.22x).
 bool CudaEncoderKeepsProfile(const CodecParams& params);
 
 // True when any element is NaN or Inf (such segments are stored raw by lossy codecs).

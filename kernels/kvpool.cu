@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common/status_macros.h"
 #include "kernels/carver.h"
@@ -13,6 +14,7 @@
 #include "kernels/kvpool.h"
 #include "kernels/kvpool_cuda_encoder.cuh"
 #include "kernels/kvpool_cuda_kernels.cuh"
+#include "kernels/kvpool_rows_cuda_encoder.cuh"
 
 namespace kvpool::kernels::kvpool {
 namespace internal {
@@ -23,6 +25,60 @@ __global__ void EmptyPayloads(EncodeBatch b, uint64_t raw_bytes) {
   uint8_t* out = b.out + blockIdx.x * b.out_stride;
   if (threadIdx.x < kHeaderBytes) out[threadIdx.x] = 0;
   if (threadIdx.x == 0) b.sizes[blockIdx.x] = raw_bytes;
+}
+
+// DeviceRowsPass's memory on a CUDA stream: stream-ordered allocations freed with it; copies
+// to and from the host synchronise the stream (after checking the launches before them).
+class StreamMemory {
+ public:
+  explicit StreamMemory(cudaStream_t stream) : stream_(stream) {}
+  StreamMemory(const StreamMemory&) = delete;
+  StreamMemory& operator=(const StreamMemory&) = delete;
+  ~StreamMemory() {
+    for (void* p : allocations_) cudaFreeAsync(p, stream_);
+  }
+  absl::StatusOr<uint8_t*> Allocate(uint64_t bytes) {
+    void* p = nullptr;
+    KVPOOL_RETURN_IF_CUDA_ERROR(cudaMallocAsync(&p, bytes, stream_));
+    allocations_.push_back(p);
+    return static_cast<uint8_t*>(p);
+  }
+  absl::Status ToDevice(void* d, const void* h, uint64_t n) {
+    return Copy(d, h, n, cudaMemcpyHostToDevice);
+  }
+  absl::Status ToHost(void* h, const void* d, uint64_t n) {
+    return Copy(h, d, n, cudaMemcpyDeviceToHost);
+  }
+  absl::Status OnDevice(void* d, const void* s, uint64_t n) {
+    return FromCuda(cudaMemcpyAsync(d, s, n, cudaMemcpyDeviceToDevice, stream_), "kvpool encode");
+  }
+
+ private:
+  absl::Status Copy(void* dst, const void* src, uint64_t n, cudaMemcpyKind kind) {
+    KVPOOL_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+    KVPOOL_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dst, src, n, kind, stream_));
+    return FromCuda(cudaStreamSynchronize(stream_), "kvpool encode");
+  }
+
+  cudaStream_t stream_;
+  std::vector<void*> allocations_;
+};
+
+// One default-profile segment through the mode 4 encoder, its pass on the GPU (planned with
+// the CPU path's kernels, so the bytes are the CPU's).
+absl::Status EncodeRowsCuda(const SegmentShape& shape, const CodecParams& params,
+                            const uint16_t* d_in, uint8_t* d_out, uint64_t capacity,
+                            uint64_t* d_size, cudaStream_t stream) {
+  const RowKernels* rows = RowKernelsAvx512(shape.head_dim);
+  if (rows == nullptr) rows = RowKernelsAvx2(shape.head_dim);
+  const bool fast = CpuHasAvx2();
+  StreamMemory mem(stream);
+  KVPOOL_ASSIGN_OR_RETURN(const uint64_t size,
+                          EncodeRowsOnDevice(shape, params, d_in, LayerKeys{},
+                                             fast ? FastCpuKernels() : FastRefKernels(),
+                                             fast && rows ? *rows : RowKernelsRef(),
+                                             StreamLauncher{stream}, &mem, d_out, capacity));
+  return mem.ToDevice(d_size, &size, sizeof(size));
 }
 
 }  // namespace
@@ -38,6 +94,16 @@ absl::Status EncodeBatchCuda(const SegmentShape& shape, const CodecParams& param
   const uint64_t raw_bytes = RawPayloadBytes(shape);
   if (out_stride < raw_bytes) return absl::InvalidArgumentError("kvpool: output too small");
   if (count == 0) return absl::OkStatus();
+  if (IsKvpoolRowsMode(params) && shape.head_dim <= kMaxDeviceRowsDim) {
+    // The default profile: mode 4, a segment at a time (each synchronises: see
+    // kvpool_rows_cuda_encoder.cuh).
+    for (uint32_t i = 0; i < count; ++i) {
+      KVPOOL_RETURN_IF_ERROR(EncodeRowsCuda(shape, params, d_in + i * in_stride,
+                                            d_out + i * out_stride, out_stride, d_sizes + i,
+                                            stream));
+    }
+    return absl::OkStatus();
+  }
   const Dims dm = MakeDims(shape);
   if (dm.N == 0) {
     EmptyPayloads<<<count, 32, 0, stream>>>(

@@ -35,7 +35,9 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
 absl::Status DecodeCpu(const SegmentShape& shape, const CodecParams& params,
                        const uint8_t* payload, uint64_t size, uint16_t* out);
 
-// CUDA batch launchers (codec.h; defined only in CUDA builds). The encoder writes a simpler
+// CUDA batch launchers (codec.h; defined only in CUDA builds). The encoder writes the default
+// profile's payload (mode 4) as the host does, a segment at a time with its passes on the GPU
+// (kvpool_rows_cuda_encoder.cuh; head_dim up to 1024), and for the other profiles a simpler
 // valid payload than the host's (mode 1, rank 0; raw when coding does not pay); the decoder
 // takes every mode and writes 0xffff to every element of a segment whose payload DecodeRef
 // would reject (it cannot return that status without synchronising).

@@ -16,6 +16,7 @@
 #include "absl/types/span.h"
 #include "common/encoded_segment.h"
 #include "kernels/codec.h"
+#include "kernels/host_device.h"
 #include "kernels/kvpool_entropy.h"
 
 namespace kvpool::kernels::kvpool::internal {
@@ -237,7 +238,7 @@ absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecPara
 // Clamped first (a NaN to the top class too), then rounded to nearest even by adding and
 // subtracting 1.5 * 2^52: nearbyint's result without its library call (a baseline x86-64 build
 // calls nearbyint, which saves and restores the floating-point environment) or a branch.
-inline uint8_t ClassOf(double dist, double per_z) {
+KVPOOL_HD uint8_t ClassOf(double dist, double per_z) {
   const double x = dist * per_z, top = kClasses - 1;
   const double z = x < top ? x : top;
   return uint8_t((z + 0x1.8p52) - 0x1.8p52);

@@ -32,6 +32,7 @@
 #include <memory>
 #include <optional>
 
+#include "common/status_macros.h"
 #include "kernels/kvpool_rows_plan.h"
 
 namespace kvpool::kernels::kvpool::internal {
@@ -141,65 +142,68 @@ void WriteFixedSections(const SegmentShape& shape, const RowPlan& s, bool key_cl
     }
 }
 
-struct PassResult {
-  bool finite = true;
-  double err = 0, energy = 0;
-  uint64_t end = 0;  // One past the last row's data.
-};
+// The CPU's full pass (RowsPass): head after head, kRowBlock rows at a time through the row
+// kernels, the planes appended at `rows`.
+class CpuRowsPass final : public RowsPass {
+ public:
+  CpuRowsPass(const SegmentShape& shape, const uint16_t* in, const RowKernels& rk)
+      : shape_(shape), in_(in), rk_(rk) {}
 
-// One full pass at `mu`: every row's meta, class (keys), planes and coefficient codes.
-PassResult FullPass(const SegmentShape& shape, const uint16_t* in, const RowKernels& rk,
-                    const RowPlan& plan, double mu, const Layout& l, Scratch* s, uint8_t* dst) {
-  const bool key_classes = plan.key_classes;
-  const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
-  uint8_t* classes = dst + l.metas_at - l.class_bytes;
-  uint8_t* metas = dst + l.metas_at;
-  if (key_classes) std::memset(classes, 0, l.class_bytes);
-  PassResult res;
-  res.end = l.rows_at;
-  Choice choice{};
-  choice.key_classes = key_classes;
-  for (uint32_t h = 0; h < H; ++h) {
-    const HeadPlan& hp = plan.heads[h];
-    choice.head = &hp;
-    MakeRowRule(hp, mu, &choice.rule);
-    for (uint32_t m = 0; m < 256; ++m) choice.steps[m] = RowHalfStep(hp.unit, uint8_t(m));
-    for (uint32_t t = 0; t < T; t += kRowBlock) {
-      const uint32_t rows = std::min(kRowBlock, T - t);
-      const uint16_t* x[kRowBlock];
-      for (uint32_t i = 0; i < rows; ++i) {
-        x[i] = in + (uint64_t{t + i} * H + h) * D;
-        choice.given[i] = s->classes.empty() ? 0 : s->classes[uint64_t{t + i} * H + h];
-      }
-      // Rows of one head lie H * D elements apart: prefetch the next block's.
-      for (uint32_t i = t + kRowBlock; i < std::min(T, t + 2 * kRowBlock); ++i) {
-        const char* ahead = reinterpret_cast<const char*>(in + (uint64_t{i} * H + h) * D);
-        for (uint64_t b = 0; b < 2 * uint64_t{D}; b += 64) __builtin_prefetch(ahead + b);
-      }
-      RowStats st[kRowBlock];
-      int16_t c[kRowBlock * kMaxRank];
-      uint8_t meta[kRowBlock];
-      float err[kRowBlock];
-      if (!rk.encode(hp.view, shape.dtype, x, rows, c, &ChooseRow, &choice, dst + res.end, st, meta,
-                     err)) {
-        res.finite = false;
-        return res;
-      }
-      for (uint32_t i = 0; i < rows; ++i) {
-        for (uint32_t j = 0; j < hp.view.rank; ++j) {
-          s->coefs[(uint64_t{h} * kMaxRank + j) * T + t + i] = c[i * kMaxRank + j];
+  absl::Status Run(const std::vector<HeadPlan>& heads, double mu, bool key_classes,
+                   const std::vector<uint8_t>& given, uint8_t* classes, uint8_t* metas,
+                   int16_t* coefs, uint8_t* rows, PassResult* res) override {
+    const uint32_t T = shape_.tokens, H = shape_.kv_heads, D = shape_.head_dim;
+    if (key_classes) std::memset(classes, 0, (uint64_t{T} * H + 1) / 2);
+    *res = PassResult{};
+    Choice choice{};
+    choice.key_classes = key_classes;
+    for (uint32_t h = 0; h < H; ++h) {
+      const HeadPlan& hp = heads[h];
+      choice.head = &hp;
+      MakeRowRule(hp, mu, &choice.rule);
+      for (uint32_t m = 0; m < 256; ++m) choice.steps[m] = RowHalfStep(hp.unit, uint8_t(m));
+      for (uint32_t t = 0; t < T; t += kRowBlock) {
+        const uint32_t n = std::min(kRowBlock, T - t);
+        const uint16_t* x[kRowBlock];
+        for (uint32_t i = 0; i < n; ++i) {
+          x[i] = in_ + (uint64_t{t + i} * H + h) * D;
+          choice.given[i] = given.empty() ? 0 : given[uint64_t{t + i} * H + h];
         }
-        const uint64_t k = uint64_t{t + i} * H + h;  // Class map nibble.
-        if (key_classes) classes[k / 2] |= uint8_t(choice.chosen[i] << (4 * (k & 1)));
-        metas[uint64_t{h} * T + t + i] = meta[i];
-        res.err += err[i];
-        res.energy += st[i].energy;
-        res.end += RowBytesOf(hp.view, meta[i]);
+        // Rows of one head lie H * D elements apart: prefetch the next block's.
+        for (uint32_t i = t + kRowBlock; i < std::min(T, t + 2 * kRowBlock); ++i) {
+          const char* ahead = reinterpret_cast<const char*>(in_ + (uint64_t{i} * H + h) * D);
+          for (uint64_t b = 0; b < 2 * uint64_t{D}; b += 64) __builtin_prefetch(ahead + b);
+        }
+        RowStats st[kRowBlock];
+        int16_t c[kRowBlock * kMaxRank];
+        uint8_t meta[kRowBlock];
+        float err[kRowBlock];
+        if (!rk_.encode(hp.view, shape_.dtype, x, n, c, &ChooseRow, &choice, rows + res->rows_bytes,
+                        st, meta, err)) {
+          res->finite = false;
+          return absl::OkStatus();
+        }
+        for (uint32_t i = 0; i < n; ++i) {
+          for (uint32_t j = 0; j < hp.view.rank; ++j) {
+            coefs[(uint64_t{h} * kMaxRank + j) * T + t + i] = c[i * kMaxRank + j];
+          }
+          const uint64_t k = uint64_t{t + i} * H + h;  // Class map nibble.
+          if (key_classes) classes[k / 2] |= uint8_t(choice.chosen[i] << (4 * (k & 1)));
+          metas[uint64_t{h} * T + t + i] = meta[i];
+          res->err += err[i];
+          res->energy += st[i].energy;
+          res->rows_bytes += RowBytesOf(hp.view, meta[i]);
+        }
       }
     }
+    return absl::OkStatus();
   }
-  return res;
-}
+
+ private:
+  const SegmentShape shape_;
+  const uint16_t* const in_;
+  const RowKernels& rk_;
+};
 
 // The head entries and the coefficient planes after the rows (from `size`); the payload's
 // size, or 0 when it would pass `bound`.
@@ -254,7 +258,8 @@ bool MakePlan(const SegmentShape& shape, const uint16_t* in, const FastKernels& 
               const RowKernels& rk, double target, bool key_classes, Scratch* s, RowPlan* plan,
               double* allowed_estimate) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
-  const uint32_t stride = std::max(1u, T / kSampleRows), count = (T + stride - 1) / stride;
+  uint32_t stride, count;
+  SampleTokens(T, &stride, &count);
   if (!LoadSample(shape, rk, fast, in, stride, count, &s->sample)) return false;
   plan->shape = shape;
   plan->target = target;
@@ -407,12 +412,18 @@ void Publish(PlanCache* cache, const Coded& c, Claim* claim) {
 
 }  // namespace
 
-absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams& params,
-                                    const uint16_t* in, const LayerKeys& keys,
-                                    const FastKernels& fast, const RowKernels& rk, uint8_t* out,
-                                    uint64_t capacity) {
+void SampleTokens(uint32_t tokens, uint32_t* stride, uint32_t* count) {
+  *stride = std::max(1u, tokens / kSampleRows);
+  *count = (tokens + *stride - 1) / *stride;
+}
+
+absl::StatusOr<uint64_t> EncodeRowsWith(const SegmentShape& shape, const CodecParams& params,
+                                        const uint16_t* in, const LayerKeys& keys,
+                                        const FastKernels& fast, const RowKernels& rk,
+                                        RowsPass& pass, uint8_t* out, uint64_t capacity,
+                                        RowsSpan* span) {
   const uint32_t T = shape.tokens, H = shape.kv_heads;
-  if (shape.Elements() == 0) return WriteRawPayload(shape, in, out, capacity);
+  if (shape.Elements() == 0) return 0;
   thread_local Scratch s;
   const bool weighted = !(params.flags & kFlagEqualTokens) && T >= 2;
   const bool key_classes = weighted && shape.kind == SegmentKind::kKey;
@@ -459,19 +470,22 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
   lay_out();
   uint64_t size = 0;
   double predicted = 0;  // The last pass's, with coded.allowed and coded.ratio.
-  for (int pass = 0; pass < kRowsPasses; ++pass) {
+  for (int attempt = 0; attempt < kRowsPasses; ++attempt) {
     const RowPlan& plan = *coded.plan;
-    const PassResult r = FullPass(shape, in, rk, plan, mu, l, &s, dst);
+    PassResult r;
+    KVPOOL_RETURN_IF_ERROR(pass.Run(plan.heads, mu, key_classes, s.classes,
+                                    dst + l.metas_at - l.class_bytes, dst + l.metas_at,
+                                    s.coefs.data(), dst + l.rows_at, &r));
     if (!r.finite || !std::isfinite(r.err) || !std::isfinite(r.energy)) return NonFinite();
     coded.allowed = target * target * r.energy;
     // The model scaled by its miss at this mu.
     predicted = plan.model->Predicted(mu);
     coded.ratio = predicted > 0 && r.err > 0 ? r.err / predicted : 1;
     if (r.err <= coded.allowed) {
-      size = r.end;
+      size = l.rows_at + r.rows_bytes;
       break;
     }
-    if (pass == 0) coded.first_missed = true;
+    if (attempt == 0) coded.first_missed = true;
     if (coded.kept) {
       // The stream's plan missed this segment: plan it afresh and code it again.
       coded.kept = false;
@@ -482,7 +496,7 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
     // Missed: again from that mu; at least 10% more (the miss grows with mu where the model's
     // shape is off).
     const double next = plan.model->Solve(kRowsAim * coded.allowed / std::max(1.0, coded.ratio) *
-                                          std::pow(0.9, pass));
+                                          std::pow(0.9, attempt));
     mu = std::max(mu * 1.1, next);
   }
   if (cache != nullptr) {
@@ -492,11 +506,29 @@ absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams
                      predicted > 0 && std::isfinite(coded.ratio) && coded.ratio > 0;
     Publish(cache, coded, &claim);
   }
+  const uint64_t rows_end = size;
   if (size > 0) size = FinishPayload(shape, rk, *coded.plan, s, size, l.bound, dst);
-  if (size == 0 || size >= RawPayloadBytes(shape)) return WriteRawPayload(shape, in, out, capacity);
+  if (size == 0 || size >= RawPayloadBytes(shape)) return 0;
   if (capacity < size) return absl::InvalidArgumentError("kvpool: output too small");
   std::memcpy(out, dst, size);
+  *span = RowsSpan{l.rows_at, rows_end};
   return size;
+}
+
+std::unique_ptr<RowsPass> MakeCpuRowsPass(const SegmentShape& shape, const uint16_t* in,
+                                          const RowKernels& rk) {
+  return std::make_unique<CpuRowsPass>(shape, in, rk);
+}
+
+absl::StatusOr<uint64_t> EncodeRows(const SegmentShape& shape, const CodecParams& params,
+                                    const uint16_t* in, const LayerKeys& keys,
+                                    const FastKernels& fast, const RowKernels& rk, uint8_t* out,
+                                    uint64_t capacity) {
+  CpuRowsPass pass(shape, in, rk);
+  RowsSpan span;
+  KVPOOL_ASSIGN_OR_RETURN(const uint64_t size, EncodeRowsWith(shape, params, in, keys, fast, rk,
+                                                              pass, out, capacity, &span));
+  return size > 0 ? size : WriteRawPayload(shape, in, out, capacity);
 }
 
 }  // namespace kvpool::kernels::kvpool::internal

@@ -8,6 +8,7 @@
 #include <emmintrin.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "kernels/kvpool_rows.h"
@@ -120,6 +121,54 @@ inline uint8_t ChooseMeta(const RowRule& rule, const RowStats& st, uint8_t cls) 
       b > 0 ? CountAtMost(rule.scale, st.regular) : CountAtMost(rule.outlier_scale, st.outlier);
   return uint8_t(b | (j << 4));
 }
+
+// The segment's tokens the encoder plans from: every `stride`-th, `count` of them (at most 64).
+void SampleTokens(uint32_t tokens, uint32_t* stride, uint32_t* count);
+
+// What one full pass measured: every row's squared error and energy summed in double, head
+// after head, token after token; its rows' bytes; false `finite` when a row's energy is not
+// finite (then nothing else is defined).
+struct PassResult {
+  bool finite = true;
+  double err = 0, energy = 0;
+  uint64_t rows_bytes = 0;
+};
+
+// One full pass of the mode 4 encoder at `mu` over a segment, given its heads' plans and, for
+// value rows, the classes its keys gave ([T][H]; empty: all 0): every row's meta into
+// metas[h * T + t], key rows' classes as the payload's nibbles into `classes` (when
+// `key_classes`), coefficient codes into coefs[(h * kMaxRank + j) * T + t] (j < rank), and
+// the rows' planes. The CPU's pass (kvpool_rows_encoder.cc) writes the planes at `rows`, row
+// after row; the GPU's (kvpool_rows_cuda_encoder.cuh) keeps them on the device until the
+// encoder has accepted a pass. Both compute the reference's operations in its order, so one
+// plan and mu give the same bytes.
+class RowsPass {
+ public:
+  virtual ~RowsPass() = default;
+  virtual absl::Status Run(const std::vector<HeadPlan>& heads, double mu, bool key_classes,
+                           const std::vector<uint8_t>& given, uint8_t* classes, uint8_t* metas,
+                           int16_t* coefs, uint8_t* rows, PassResult* result) = 0;
+};
+
+// The CPU's pass over the segment `in` with the row kernels `rk` (EncodeRows's).
+std::unique_ptr<RowsPass> MakeCpuRowsPass(const SegmentShape& shape, const uint16_t* in,
+                                          const RowKernels& rk);
+
+// Where EncodeRowsWith's payload keeps its rows.
+struct RowsSpan {
+  uint64_t rows_at = 0, rows_end = 0;
+};
+
+// EncodeRows with a pass of the caller's: plans (from the sampled tokens of `in`: SampleTokens;
+// and a value's classes from `keys`), runs `pass` until a pass meets the budget, and writes the
+// payload into `out`, all but the rows section `*span` (which `pass` holds). Returns its size,
+// or 0 when the segment is to be stored raw (the caller writes it: `in` may hold no more than
+// the sample); InvalidArgument for non-finite elements.
+absl::StatusOr<uint64_t> EncodeRowsWith(const SegmentShape& shape, const CodecParams& params,
+                                        const uint16_t* in, const LayerKeys& keys,
+                                        const FastKernels& fast, const RowKernels& rk,
+                                        RowsPass& pass, uint8_t* out, uint64_t capacity,
+                                        RowsSpan* span);
 
 }  // namespace kvpool::kernels::kvpool::internal
 

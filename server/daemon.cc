@@ -88,12 +88,14 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
       KVPOOL_LOG(ERROR) << "CUDA codecs failed their self-check, encoding on the CPU: " << check;
     } else if (service_options.gpu_encode_policy == GpuEncode::kAuto) {
       KVPOOL_LOG(INFO) << "gpu_encode: auto: puts encode on the GPU, but those with kvpool's "
-                          "default or entropy profile on the CPU (no GPU encoder writes their "
-                          "payloads; 'always' encodes them on the GPU as payload mode 1, about "
-                          "half the ratio)";
+                          "default or entropy profile on the CPU ('always' encodes the default "
+                          "profile on the GPU as the CPU's mode 4, untimed and without plan "
+                          "reuse, and the entropy profile as payload mode 1, about half the "
+                          "ratio)";
     } else {
       KVPOOL_LOG(INFO) << "gpu_encode: always: every put with a CUDA encoder encodes on the GPU "
-                          "(kvpool's default and entropy profiles as payload mode 1)";
+                          "(kvpool's default profile as mode 4 without plan reuse, its entropy "
+                          "profile as payload mode 1)";
     }
   }
   d->service_ = std::make_unique<KvPoolService>(service_options, d->store_.get(),

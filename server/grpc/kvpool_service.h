@@ -37,8 +37,9 @@ using CodecPolicy = PerModel<CodecParams>;
 // Which puts the daemon encodes on its GPU (config key gpu_encode), when it has one whose
 // kernels passed their self-check.
 enum class GpuEncode {
-  kAuto,    // Codecs whose GPU payloads are the host's (kernels::CudaEncoderKeepsProfile).
-  kAlways,  // Every codec with a CUDA encoder, kvpool's default profile as GPU payload mode 1.
+  kAuto,    // kernels::CudaEncoderKeepsProfile: all but kvpool's default and entropy profiles.
+  kAlways,  // Every codec with a CUDA encoder (kvpool's default profile as mode 4, untimed;
+            // its entropy profile as mode 1).
   kNever,   // None: puts encode and fuse on the CPU.
 };
 

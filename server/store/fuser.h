@@ -76,8 +76,8 @@ struct EncodeContext {
   // Sketches, exact checks and encodes on the GPU (kernels' CUDA path) when DeviceFusionUsable();
   // a device error falls back to the host path for that step, never to a wrong result.
   bool device = false;
-  // With `device`: encode on the GPU even where its encoder writes another payload than the
-  // host's (kernels::CudaEncoderKeepsProfile false: kvpool's default and entropy profiles).
+  // With `device`: encode on the GPU also where `gpu_encode: auto` would not
+  // (kernels::CudaEncoderKeepsProfile false: kvpool's default and entropy profiles).
   bool device_any_profile = false;
   // The model's plan caches for host encodes of its blocks' segments; null: every segment is
   // planned afresh.

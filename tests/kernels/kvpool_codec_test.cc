@@ -445,8 +445,8 @@ TEST(KvpoolCodec, OverflowingStepsDecodeAlikeOnEveryPath) {
 }
 
 // CUDA decode == reference decode, bit for bit, on reference and CPU payloads of many random
-// segments; CUDA-encoded payloads (a simpler encoding: rank 0) decode on every path to the same
-// values and meet the budget.
+// segments; CUDA-encoded payloads (the default profile's mode 4: the CPU's bytes) decode on
+// every path to the same values and meet the budget.
 TEST(KvpoolCodec, CudaMatchesReference) {
   if (DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937_64 rng(13);
@@ -472,13 +472,14 @@ TEST(KvpoolCodec, CudaMatchesReference) {
     }
     auto cuda = EncodeSegment(Params(budget, extra), s, v, Path::kCuda);
     ASSERT_TRUE(cuda.ok()) << cuda.status();
+    ASSERT_EQ(*cuda, Encode(Params(budget, extra), s, v, Path::kCpu)) << "segment " << n;
     const std::vector<uint16_t> out = Decode(*cuda, s, Path::kRef);
     ASSERT_EQ(out, Decode(*cuda, s, Path::kCuda)) << "segment " << n;
     ASSERT_EQ(out, Decode(*cuda, s, Path::kCpu)) << "segment " << n;
     const double target = budget * (s.kind == SegmentKind::kKey && extra ? 0.5 : 1.0);
     if (RelL2(s, v, out) > target) ++violations;
     if (cuda->size() > kSegmentHeaderBytes &&
-        uint8_t((*cuda)[kSegmentHeaderBytes]) == 1) {
+        uint8_t((*cuda)[kSegmentHeaderBytes]) == kvpool::internal::kModeRows) {
       ++coded;
     }
   }

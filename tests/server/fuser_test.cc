@@ -321,8 +321,9 @@ TEST(FuserTest, DeviceContextDecidesAsTheHost) {
   }
 }
 
-// gpu_encode: auto keeps kvpool's default and entropy profiles off the GPU (its encoder writes
-// payload mode 1 for them); always sends every codec with a CUDA encoder there.
+// gpu_encode: auto keeps kvpool's default and entropy profiles off the GPU (the entropy
+// profile's GPU payload is mode 1; the default profile's is the host's mode 4 but untimed and
+// without plan caches: codec.h); always sends every codec with a CUDA encoder there.
 TEST(FuserTest, DeviceEncodeWantedOnlyWhereTheGpuKeepsTheProfile) {
   struct Case {
     CodecId codec;
