@@ -61,9 +61,11 @@ class PlanCache {
   // How a segment was coded: with a plan of its own; with its stream's; or its stream's plan
   // missed its budget and it was planned afresh (a pass more).
   enum class Outcome { kPlanned, kReused, kReplaced };
-  // Counts by outcome (over caches: a daemon's, for /metrics).
+  // Counts by outcome, and the bytes of the plans the caches hold (over caches: a daemon's,
+  // for /metrics).
   struct Counts {
     std::atomic<uint64_t> planned{0}, reused{0}, replaced{0};
+    std::atomic<int64_t> plan_bytes{0};
     void Add(Outcome o);
   };
 
@@ -80,11 +82,16 @@ class PlanCache {
   uint64_t planned() const { return own_.planned.load(std::memory_order_relaxed); }
   uint64_t reused() const { return own_.reused.load(std::memory_order_relaxed); }
   uint64_t replaced() const { return own_.replaced.load(std::memory_order_relaxed); }
+  // Heap bytes of the plan the cache holds (its arrays, counted by their capacities; 0 before
+  // the first). Plans a segment still codes with after the cache moved on are not counted.
+  uint64_t plan_bytes() const { return uint64_t(own_.plan_bytes.load(std::memory_order_relaxed)); }
 
   // The state (null until the codec makes one), under the cache's lock.
   void With(absl::FunctionRef<void(std::unique_ptr<State>&)> fn);
   // One segment coded.
   void Record(Outcome outcome);
+  // The cache now holds a plan of `bytes` (in place of the one before).
+  void HoldPlanBytes(uint64_t bytes);
 
  private:
   const uint64_t replan_every_;
@@ -105,6 +112,8 @@ class BlockPlans {
   uint64_t segments() const { return caches_.size(); }
   // Segment s's cache, null past segments().
   PlanCache* For(uint64_t s) const { return s < caches_.size() ? caches_[s].get() : nullptr; }
+  // The plans' bytes over the caches (PlanCache::plan_bytes).
+  uint64_t plan_bytes() const;
 
  private:
   std::vector<std::unique_ptr<PlanCache>> caches_;

@@ -77,6 +77,19 @@ struct RowPlan {
   std::vector<HeadPlan> heads;
   std::optional<StepModel> model;  // Over `heads`: a RowPlan is never moved once made.
 
+  // Heap bytes of the plan: itself and its arrays by their capacities (the step model's
+  // sorted rows included).
+  uint64_t Bytes() const {
+    const auto bytes = [](const auto& v) { return uint64_t{v.capacity()} * sizeof(v[0]); };
+    uint64_t n = sizeof(*this) + bytes(stored) + bytes(means) + bytes(heads);
+    for (const HeadPlan& hp : heads) {
+      n += bytes(hp.basis) + bytes(hp.inv_step) + bytes(hp.chunks) + bytes(hp.codes) +
+           bytes(hp.pairs) + bytes(hp.is_outlier) + bytes(hp.outlier) + bytes(hp.masks) +
+           bytes(hp.model);
+    }
+    return n + (model ? model->Bytes() : 0);
+  }
+
   bool Fits(const SegmentShape& s, double t, bool k) const {
     return s.tokens == shape.tokens && s.kv_heads == shape.kv_heads &&
            s.head_dim == shape.head_dim && s.dtype == shape.dtype && s.kind == shape.kind &&
@@ -300,7 +313,12 @@ struct PlanCache::State {
 
 PlanCache::PlanCache(uint64_t replan_every, std::shared_ptr<Counts> shared)
     : replan_every_(std::max<uint64_t>(1, replan_every)), shared_(std::move(shared)) {}
-PlanCache::~PlanCache() = default;
+PlanCache::~PlanCache() { HoldPlanBytes(0); }
+
+void PlanCache::HoldPlanBytes(uint64_t bytes) {
+  const int64_t delta = int64_t(bytes) - own_.plan_bytes.exchange(int64_t(bytes));
+  if (shared_) shared_->plan_bytes.fetch_add(delta, std::memory_order_relaxed);
+}
 
 void PlanCache::With(absl::FunctionRef<void(std::unique_ptr<State>&)> fn) {
   absl::MutexLock lock(&mu_);
@@ -317,6 +335,12 @@ void PlanCache::Counts::Add(Outcome o) {
 void PlanCache::Record(Outcome outcome) {
   own_.Add(outcome);
   if (shared_) shared_->Add(outcome);
+}
+
+uint64_t BlockPlans::plan_bytes() const {
+  uint64_t n = 0;
+  for (const auto& c : caches_) n += c->plan_bytes();
+  return n;
 }
 
 BlockPlans::BlockPlans(uint64_t segments, uint64_t replan_every,
@@ -389,6 +413,7 @@ void Publish(PlanCache* cache, const Coded& c, Claim* claim) {
       if (c.measured) {
         st->plan = c.plan;
         st->since_plan = 0;
+        cache->HoldPlanBytes(c.plan->Bytes());
       }
       if (claim->held) st->planning = claim->held = false;
     }

@@ -76,6 +76,10 @@ class StepModel {
   // `scale`: rows of the segment per sampled row.
   StepModel(const std::vector<HeadPlan>& heads, double scale);
   double Predicted(double mu) const;
+  // Heap bytes of its arrays (by their capacities).
+  uint64_t Bytes() const {
+    return (uint64_t{a_.capacity()} + regular_.capacity() + outlier_.capacity()) * sizeof(double);
+  }
   // The smallest mu (to 1/32 of an octave, within 2^+-64) whose prediction is at most `aim`.
   double Solve(double aim) const;
 

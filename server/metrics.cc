@@ -78,6 +78,9 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   plan_segments_[0] = &plans.Add({{"outcome", "planned"}});
   plan_segments_[1] = &plans.Add({{"outcome", "reused"}});
   plan_segments_[2] = &plans.Add({{"outcome", "replaced"}});
+  plan_cache_bytes_ = gauge("kvpool_codec_plan_cache_bytes",
+                            "Heap bytes of the plans the daemon's plan caches hold (outside "
+                            "host_memory)");
   codec_logical_bytes_ =
       gauge_family("kvpool_codec_logical_bytes", "Bytes the stored segments decode to, by codec");
   codec_stored_bytes_ =
@@ -147,6 +150,10 @@ void Metrics::SetFusionState(uint64_t segments, uint64_t segment_refs, uint64_t 
   fused_segments_->Set(static_cast<double>(fused_refs));
   representatives_->Set(static_cast<double>(representatives));
   fusion_ratio_->Set(segments > 0 ? double(segment_refs) / double(segments) : 0.0);
+}
+
+void Metrics::SetPlanCacheBytes(uint64_t bytes) {
+  plan_cache_bytes_->Set(static_cast<double>(bytes));
 }
 
 void Metrics::SetPlanCounts(uint64_t planned, uint64_t reused, uint64_t replaced) {

@@ -52,6 +52,8 @@ class Metrics {
   // since start, by kernels::PlanCache::Outcome: totals, of which the counters
   // kvpool_codec_plan_segments_total{outcome="planned"|"reused"|"replaced"} take what is new.
   void SetPlanCounts(uint64_t planned, uint64_t reused, uint64_t replaced);
+  // kvpool_codec_plan_cache_bytes: the plans those caches hold now.
+  void SetPlanCacheBytes(uint64_t bytes);
 
   // Current state of the host tier.
   void SetStoreState(uint64_t blocks, uint64_t logical_bytes, uint64_t stored_bytes,
@@ -84,6 +86,7 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* codec_stored_bytes_;
   prometheus::Family<prometheus::Gauge>* compression_ratio_;
   prometheus::Counter* plan_segments_[3];  // By outcome.
+  prometheus::Gauge* plan_cache_bytes_;
   absl::Mutex plan_mu_;
   uint64_t plan_seen_[3] ABSL_GUARDED_BY(plan_mu_) = {0, 0, 0};
   prometheus::Family<prometheus::Counter>* requests_;

@@ -1,5 +1,7 @@
 #include "server/grpc/kvpool_service.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/kv_spec.h"
@@ -47,6 +49,8 @@ void KvPoolService::PublishStoreState() const {
   metrics_->SetPlanCounts(plan_counts_->planned.load(std::memory_order_relaxed),
                           plan_counts_->reused.load(std::memory_order_relaxed),
                           plan_counts_->replaced.load(std::memory_order_relaxed));
+  metrics_->SetPlanCacheBytes(
+      uint64_t(std::max<int64_t>(0, plan_counts_->plan_bytes.load(std::memory_order_relaxed))));
 }
 
 std::shared_ptr<kernels::BlockPlans> KvPoolService::PlansFor(const KvSpec& spec, const CodecParams& codec) {

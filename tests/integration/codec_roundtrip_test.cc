@@ -163,6 +163,11 @@ TEST(CodecRoundTripTest, PlanSetsAreKeptPerBudget) {
   // 3 puts of 4 blocks x 4 segments; two sets of 4 streams, each planned once.
   EXPECT_EQ(PlanSegments(*metrics, "planned"), 8.0);
   EXPECT_EQ(PlanSegments(*metrics, "reused") + PlanSegments(*metrics, "replaced"), 40.0);
+  // The 8 plans held: at least their means as floats and as fp16 (4 heads of 64), at most
+  // 256 KiB each.
+  const double plan_bytes = testing::MetricValue(*metrics, "kvpool_codec_plan_cache_bytes");
+  EXPECT_GE(plan_bytes, 8.0 * 4 * 64 * 6);
+  EXPECT_LE(plan_bytes, 8.0 * 256 * 1024);
   EXPECT_EQ(*(*daemon)->Stop(), 0);
 }
 
@@ -182,6 +187,7 @@ TEST(CodecRoundTripTest, PlanReuseOnePlansEverySegment) {
   for (const char* outcome : {"planned", "reused", "replaced"}) {
     EXPECT_EQ(PlanSegments(*metrics, outcome), 0.0) << outcome;
   }
+  EXPECT_EQ(testing::MetricValue(*metrics, "kvpool_codec_plan_cache_bytes"), 0.0);
   EXPECT_EQ(*(*daemon)->Stop(), 0);
 }
 

@@ -4,6 +4,7 @@
 // both host paths write the same bytes for the same sequence, and concurrent encoders share
 // one cache.
 #include <cmath>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <thread>
@@ -119,6 +120,40 @@ TEST(KvpoolPlans, LargeSegmentsCostUnderTwoPercent) {
   for (float budget : {0.02f, 0.2f}) {
     EXPECT_LE(CachedOverFresh(st, budget, PlanCache::kReplanEvery, 4), 1.02) << budget;
   }
+}
+
+// A cache counts the bytes of the plan it holds, and a shared Counts their sum over caches,
+// which drops back as caches go. At the bench's segment size (256 tokens of 8 heads x 128) a
+// key plan held 102 KiB and a value plan 122 KiB (measured; the README's figures).
+TEST(KvpoolPlans, CountsTheBytesOfThePlansItHolds) {
+  const Stream st = MakeStream(6, 31, DType::kFp16, 256, 8, 128);
+  auto counts = std::make_shared<PlanCache::Counts>();
+  uint64_t held = 0;
+  {
+    PlanCache kplans(2, counts), vplans(2, counts);
+    EXPECT_EQ(kplans.plan_bytes(), 0u);
+    for (size_t b = 0; b < st.keys.size(); ++b) {
+      const std::string k = EncodeWith(Params(0.05f), st.key, st.keys[b], &kplans);
+      auto v =
+          EncodeSegment(Params(0.05f), st.value, st.values[b], Path::kCpu, st.keys[b], k, &vplans);
+      ASSERT_TRUE(v.ok()) << v.status();
+      // Plans replace each other (a new one every 2 segments): the count does not grow.
+      held = kplans.plan_bytes() + vplans.plan_bytes();
+      EXPECT_EQ(uint64_t(counts->plan_bytes.load()), held);
+    }
+    EXPECT_GE(kplans.planned() + kplans.replaced(), 3u);
+    for (const PlanCache* c : {&kplans, &vplans}) {
+      // At least the means (floats and fp16) and the fast kernels' basis chunks (8 x 128
+      // floats a head); far less than the segment's 512 KiB.
+      EXPECT_GE(c->plan_bytes(), 8 * 128 * (4 + 2 + 8 * 4)) << c->plan_bytes();
+      EXPECT_LE(c->plan_bytes(), 256u * 1024) << c->plan_bytes();
+    }
+    std::printf("plan bytes: keys %llu, values %llu\n",
+                static_cast<unsigned long long>(kplans.plan_bytes()),
+                static_cast<unsigned long long>(vplans.plan_bytes()));
+  }
+  EXPECT_GT(held, 0u);
+  EXPECT_EQ(counts->plan_bytes.load(), 0);
 }
 
 // A plan made on other data (another model's layer, scaled 50x, different outlier channels)
