@@ -226,10 +226,15 @@ absl::Status DecodeSegment(absl::string_view encoded, absl::Span<uint16_t> out, 
 // Checks this process's CUDA codec kernels against the host paths once, on a fixed segment per
 // codec and dtype: decoding on the GPU must give the CPU's values bit for bit, and a GPU-encoded
 // segment decoded on the CPU must be as close to the input as the CPU's own encoding (within 5%
-// of its error). The first call runs the check (blocks: tens of milliseconds) and later calls
+// of its error; kvpool's GPU encoder with the fast profile, payload mode 1, against the CPU's
+// default profile). The first call runs the check (blocks: tens of milliseconds) and later calls
 // return its result. OK when they agree; Unavailable without CUDA or a device; Internal naming
 // the codec, dtype and disagreement otherwise (callers then keep to the host paths or refuse).
 absl::Status SelfCheckCudaCodecs();
+// The same for kvpool's default profile's GPU encoder (payload mode 4), apart so that a
+// disagreement gives up that encoder alone: its segments (a key and a value per dtype) must be
+// the CPU's byte for byte.
+absl::Status SelfCheckCudaRowsEncoder();
 
 // True when the daemon's `gpu_encode: auto` encodes segments with these parameters on the GPU:
 // every codec but kvpool's default and entropy profiles. For the entropy profile the GPU writes

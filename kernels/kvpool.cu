@@ -49,6 +49,12 @@ class StreamMemory {
   absl::Status ToHost(void* h, const void* d, uint64_t n) {
     return Copy(h, d, n, cudaMemcpyDeviceToHost);
   }
+  absl::Status ToHostRows(void* h, const void* d, uint64_t pitch, uint64_t width, uint64_t rows) {
+    KVPOOL_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+    KVPOOL_RETURN_IF_CUDA_ERROR(
+        cudaMemcpy2DAsync(h, pitch, d, pitch, width, rows, cudaMemcpyDeviceToHost, stream_));
+    return FromCuda(cudaStreamSynchronize(stream_), "kvpool encode");
+  }
   absl::Status OnDevice(void* d, const void* s, uint64_t n) {
     return FromCuda(cudaMemcpyAsync(d, s, n, cudaMemcpyDeviceToDevice, stream_), "kvpool encode");
   }

@@ -24,6 +24,7 @@
 #define KVPOOL_KERNELS_KVPOOL_ROWS_CUDA_ENCODER_CUH_
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -79,8 +80,11 @@ struct RowsPassArgs {
 KVPOOL_HD uint64_t RowSlotBytes(uint32_t D) { return kMaxPlanes * PlaneBytes(D); }
 // The pass kernel's dynamic shared memory: each row's prediction and codes; within a block's
 // default 48 KiB up to kMaxDeviceRowsDim channels.
-KVPOOL_HD uint64_t PassSharedBytes(uint32_t D) { return uint64_t{kPassRows} * D * (4 + 2); }
+KVPOOL_HD constexpr uint64_t PassSharedBytes(uint32_t D) {
+  return uint64_t{kPassRows} * D * (4 + 2);
+}
 inline constexpr uint32_t kMaxDeviceRowsDim = 1024;
+static_assert(PassSharedBytes(kMaxDeviceRowsDim) <= 48 * 1024, "the default shared memory");
 
 // Tree16 over the 16 lanes of a row's group (lane l holding l[l]): lane i adds lane i + k's for
 // k = 8, 4, 2, 1, as Tree16 does; every lane of the group gets the sum. Every lane of the warp
@@ -115,24 +119,32 @@ static __global__ void __launch_bounds__(kPassThreads) RowsPassKernel(RowsPassAr
       reinterpret_cast<uint16_t*>(rows_shared + uint64_t{kPassRows} * D) + uint64_t{g} * D;
   const uint16_t* x = a.in + (uint64_t{live ? t : 0} * a.H + h) * D;
   // Project (ProjectRowRef): lane l takes channels l, l + 16, .. in order.
+  // The rank-indexed arrays stay in registers: loops over kMaxRank, unrolled, guarded.
   float dot[kMaxRank] = {}, dist = 0, en = 0, reg = 0, out = 0;
   for (uint32_t d = lane; live && d < D; d += 16) {
     const float v = ToFloatDev(a.bf16, x[d]);
     const float xc = v - hp.means[d];
-    for (uint32_t j = 0; j < rank; ++j) {
-      dot[j] = __fmaf_rn(xc, hp.basis[uint64_t{j} * D + d], dot[j]);
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxRank; ++j) {
+      if (j < rank) dot[j] = __fmaf_rn(xc, hp.basis[uint64_t{j} * D + d], dot[j]);
     }
     dist = __fmaf_rn(xc, xc, dist);
     en = __fmaf_rn(v, v, en);
   }
   int16_t c[kMaxRank] = {};
-  for (uint32_t j = 0; j < rank; ++j) {
-    const float q = rintf(GroupTree16(dot[j]) * hp.inv_step[j]);
-    c[j] = int16_t(MinAs(float(kMaxCoefCode), MaxAs(-float(kMaxCoefCode), q)));
+#pragma unroll
+  for (uint32_t j = 0; j < kMaxRank; ++j) {
+    if (j < rank) {  // The same for the whole block: every lane shuffles.
+      const float q = rintf(GroupTree16(dot[j]) * hp.inv_step[j]);
+      c[j] = int16_t(MinAs(float(kMaxCoefCode), MaxAs(-float(kMaxCoefCode), q)));
+    }
   }
   for (uint32_t d = lane; live && d < D; d += 16) {
     int32_t P = 0;
-    for (uint32_t j = 0; j < rank; ++j) P += int32_t(c[j]) * hp.codes[uint64_t{j} * D + d];
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxRank; ++j) {
+      if (j < rank) P += int32_t(c[j]) * hp.codes[uint64_t{j} * D + d];
+    }
     z[d] = __fmaf_rn(hp.lr_scale, float(P), hp.means[d]);
     const float r = ToFloatDev(a.bf16, x[d]) - z[d];
     if (hp.outlier_of[d] != kNotOutlier) {
@@ -200,7 +212,10 @@ static __global__ void __launch_bounds__(kPassThreads) RowsPassKernel(RowsPassAr
     a.classes[r] = cls;
     a.err[r] = err;
     a.energy[r] = en;
-    for (uint32_t j = 0; j < rank; ++j) a.coefs[(uint64_t{h} * kMaxRank + j) * a.T + t] = c[j];
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxRank; ++j) {
+      if (j < rank) a.coefs[(uint64_t{h} * kMaxRank + j) * a.T + t] = c[j];
+    }
   }
 }
 
@@ -225,7 +240,10 @@ static __global__ void __launch_bounds__(kPassThreads) RowsCompactKernel(RowsCom
 // kernel, args...)) and `mem`, which provides
 //   absl::StatusOr<uint8_t*> Allocate(uint64_t bytes)   device memory, freed with `mem`;
 //   absl::Status ToDevice(void* d, const void* h, uint64_t n), ToHost(void* h, const void* d,
-//                uint64_t n)   copies complete on return (after the launches before them).
+//                uint64_t n)   copies complete on return (after the launches before them);
+//   absl::Status ToHostRows(void* h, const void* d, uint64_t pitch, uint64_t width,
+//                uint64_t rows)   the same for `rows` of `width` bytes, `pitch` apart on both;
+//   absl::Status OnDevice(void* d, const void* s, uint64_t n)   device to device, in order.
 template <typename Launcher, typename Memory>
 class DeviceRowsPass final : public RowsPass {
  public:
@@ -258,15 +276,19 @@ class DeviceRowsPass final : public RowsPass {
                             RowSlotBytes(D)};
     const uint32_t groups = (T + kPassRows - 1) / kPassRows;
     launch_(groups * H, 1, kPassThreads, PassSharedBytes(D), RowsPassKernel, args);
-    // What the host decides by.
-    h_classes_.resize(rows);
+    // What the host decides by, in one copy (errors, energies, coefficients, metas and classes
+    // lie in that order, back to back).
+    const uint64_t results = rows * (4 + 4 + 2 * kMaxRank + 1 + 1);
+    h_results_.resize(results);
+    KVPOOL_RETURN_IF_ERROR(mem_->ToHost(h_results_.data(), d_err_, results));
+    const uint8_t* r = h_results_.data();
     h_err_.resize(rows);
     h_energy_.resize(rows);
-    KVPOOL_RETURN_IF_ERROR(mem_->ToHost(metas, d_metas_, rows));
-    KVPOOL_RETURN_IF_ERROR(mem_->ToHost(h_classes_.data(), d_classes_, rows));
-    KVPOOL_RETURN_IF_ERROR(mem_->ToHost(h_err_.data(), d_err_, rows * 4));
-    KVPOOL_RETURN_IF_ERROR(mem_->ToHost(h_energy_.data(), d_energy_, rows * 4));
-    KVPOOL_RETURN_IF_ERROR(mem_->ToHost(coefs, d_coefs_, rows * kMaxRank * 2));
+    std::memcpy(h_err_.data(), r, rows * 4);
+    std::memcpy(h_energy_.data(), r + rows * 4, rows * 4);
+    std::memcpy(coefs, r + rows * 8, rows * kMaxRank * 2);
+    std::memcpy(metas, r + rows * (8 + 2 * kMaxRank), rows);
+    const uint8_t* row_classes = r + rows * (9 + 2 * kMaxRank);
     // The CPU pass's sums and class map, in its order (head after head, token after token).
     *res = PassResult{};
     if (key_classes) std::memset(classes, 0, (rows + 1) / 2);
@@ -278,7 +300,7 @@ class DeviceRowsPass final : public RowsPass {
           res->finite = false;
           return absl::OkStatus();
         }
-        if (key_classes) classes[k / 2] |= uint8_t(h_classes_[r] << (4 * (k & 1)));
+        if (key_classes) classes[k / 2] |= uint8_t(row_classes[r] << (4 * (k & 1)));
         res->err += h_err_[r];
         res->energy += h_energy_[r];
         offsets_[r] = res->rows_bytes;
@@ -351,7 +373,7 @@ class DeviceRowsPass final : public RowsPass {
       RowsHeadPlanDev e{};
       uint64_t a = at;
       const auto put = [&](const void* src, uint64_t n) {
-        std::memcpy(h_plan_.data() + a, src, n);
+        if (n > 0) std::memcpy(h_plan_.data() + a, src, n);
         const uint8_t* device = d_plan_ + a;
         a += n;
         return device;
@@ -399,7 +421,7 @@ class DeviceRowsPass final : public RowsPass {
   float *d_err_ = nullptr, *d_energy_ = nullptr;
   int16_t* d_coefs_ = nullptr;
   uint8_t *d_metas_ = nullptr, *d_classes_ = nullptr, *d_given_ = nullptr, *d_slots_ = nullptr;
-  std::vector<uint8_t> h_plan_, h_classes_;
+  std::vector<uint8_t> h_plan_, h_results_;
   std::vector<float> h_err_, h_energy_;
   std::vector<uint64_t> offsets_;
 };
@@ -407,10 +429,12 @@ class DeviceRowsPass final : public RowsPass {
 // Encodes one segment of the default profile (payload mode 4) at d_in into d_out (device
 // memory, `capacity` bytes) with the pass on the device: planning from the sampled tokens on
 // the host with `fast` and `rk` (as the CPU path with these kernels, so the same bytes), `keys`
-// as the host encoders take them (host memory; its PlanCache shared with them). Non-finite
-// elements, and segments that coding does not make smaller, are stored raw (mode 0) as the
-// host encoders store them. Returns the payload's size; the device work is stream-ordered
-// after the last copy, which `mem` completes.
+// as the host encoders take them (host memory; its PlanCache shared with them). Segments that
+// coding does not make smaller are stored raw (mode 0) as the host encoders store them; so are
+// segments whose elements are not finite or whose squares overflow a float (bf16 beyond about
+// 1.8e19), which the host encoders refuse instead (EncodeSegment then stores them with the raw
+// codec): the one case where the bytes differ, the elements the same. Returns the payload's size;
+// the device work is stream-ordered after the last copy, which `mem` completes.
 template <typename Launcher, typename Memory>
 absl::StatusOr<uint64_t> EncodeRowsOnDevice(const SegmentShape& shape, const CodecParams& params,
                                             const uint16_t* d_in, const LayerKeys& keys,
@@ -428,10 +452,8 @@ absl::StatusOr<uint64_t> EncodeRowsOnDevice(const SegmentShape& shape, const Cod
     uint32_t stride, count;
     SampleTokens(shape.tokens, &stride, &count);
     std::vector<uint16_t> sample(shape.Elements());
-    for (uint32_t n = 0; n < count; ++n) {
-      const uint64_t at = uint64_t{n} * stride * HD;
-      KVPOOL_RETURN_IF_ERROR(mem->ToHost(sample.data() + at, d_in + at, HD * 2));
-    }
+    KVPOOL_RETURN_IF_ERROR(
+        mem->ToHostRows(sample.data(), d_in, uint64_t{stride} * HD * 2, HD * 2, count));
     DeviceRowsPass<Launcher, Memory> pass(shape, d_in, launch, mem);
     std::vector<uint8_t> host(raw);
     RowsSpan span;

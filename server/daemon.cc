@@ -96,6 +96,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opti
       KVPOOL_LOG(INFO) << "gpu_encode: always: every put with a CUDA encoder encodes on the GPU "
                           "(kvpool's default profile as mode 4 without plan reuse, its entropy "
                           "profile as payload mode 1)";
+      if (const absl::Status rows = kernels::SelfCheckCudaRowsEncoder(); !rows.ok()) {
+        KVPOOL_LOG(ERROR) << "kvpool's mode 4 GPU encoder failed its self-check, the default "
+                             "profile encodes on the CPU: "
+                          << rows;
+      }
     }
   }
   d->service_ = std::make_unique<KvPoolService>(service_options, d->store_.get(),

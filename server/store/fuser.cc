@@ -239,8 +239,10 @@ absl::Status EncodeRemaining(const EncodeContext& c, absl::Span<const uint16_t> 
 }  // namespace
 
 bool DeviceEncodeWanted(const EncodeContext& c, bool has_cuda_encoder) {
-  return c.device && has_cuda_encoder &&
-         (c.device_any_profile || kernels::CudaEncoderKeepsProfile(c.codec));
+  if (!c.device || !has_cuda_encoder) return false;
+  if (!c.device_any_profile && !kernels::CudaEncoderKeepsProfile(c.codec)) return false;
+  // kvpool's default profile on the GPU (payload mode 4) only where its own check passed.
+  return !IsKvpoolRowsMode(c.codec) || kernels::SelfCheckCudaRowsEncoder().ok();
 }
 
 bool DeviceEncodeWanted(const EncodeContext& c) {

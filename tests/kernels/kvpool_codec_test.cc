@@ -622,11 +622,13 @@ TEST(KvpoolCodec, QualityAgainstKivi) {
 TEST(CodecSelfCheck, UnavailableWithoutADevice) {
   if (DeviceCount() > 0) GTEST_SKIP() << "a device is present";
   EXPECT_EQ(SelfCheckCudaCodecs().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(SelfCheckCudaRowsEncoder().code(), absl::StatusCode::kUnavailable);
 }
 
 TEST(CodecSelfCheck, CudaCodecsAgreeWithTheHost) {
   if (DeviceCount() == 0) GTEST_SKIP() << DescribeDevices();
   EXPECT_TRUE(SelfCheckCudaCodecs().ok()) << SelfCheckCudaCodecs();
+  EXPECT_TRUE(SelfCheckCudaRowsEncoder().ok()) << SelfCheckCudaRowsEncoder();
 }
 
 // A value segment's encoder takes its keys' token classes from their encoded segment (what put

@@ -43,6 +43,14 @@ class HostMemory {
     to_host += n;
     return absl::OkStatus();
   }
+  absl::Status ToHostRows(void* h, const void* d, uint64_t pitch, uint64_t width, uint64_t rows) {
+    for (uint64_t r = 0; r < rows; ++r) {
+      std::memcpy(static_cast<uint8_t*>(h) + r * pitch, static_cast<const uint8_t*>(d) + r * pitch,
+                  width);
+    }
+    to_host += rows * width;
+    return absl::OkStatus();
+  }
   absl::Status OnDevice(void* d, const void* s, uint64_t n) {
     std::memcpy(d, s, n);
     return absl::OkStatus();
@@ -95,7 +103,8 @@ TEST(KvpoolRowsCudaEncoder, PayloadsAreTheReferences) {
     uint32_t tokens, heads, dim;
   };
   // Odd shapes: one token, a partial block of rows, channels not a multiple of 8 or 16.
-  const Case cases[] = {{1, 1, 8}, {3, 2, 16}, {37, 3, 72}, {64, 2, 64}, {20, 2, 13}, {48, 4, 128}};
+  const Case cases[] = {{1, 1, 8},   {3, 2, 16},   {37, 3, 72}, {64, 2, 64},
+                        {20, 2, 13}, {48, 4, 128}, {9, 1, 1024}};  // The widest it takes.
   int coded = 0;
   for (const Case& c : cases) {
     for (DType dt : {DType::kFp16, DType::kBf16}) {
@@ -134,10 +143,10 @@ TEST(KvpoolRowsCudaEncoder, PayloadsAreTheReferences) {
 // for bit (so the same decisions), and the rows' bytes once packed.
 class TwinPass final : public in::RowsPass {
  public:
-  TwinPass(const SegmentShape& s, const uint16_t* x)
+  TwinPass(const SegmentShape& s, const uint16_t* x, const in::RowKernels& rk)
       : s_(s),
         d_in_(s.Elements() * 2),
-        cpu_(in::MakeCpuRowsPass(s, x, in::RowKernelsRef())),
+        cpu_(in::MakeCpuRowsPass(s, x, rk)),
         dev_(s, reinterpret_cast<const uint16_t*>(d_in_.data()), EmulatedLauncher(), &mem_) {
     std::memcpy(d_in_.data(), x, s.Elements() * 2);
   }
@@ -182,6 +191,8 @@ class TwinPass final : public in::RowsPass {
   in::DeviceRowsPass<EmulatedLauncher, HostMemory> dev_;
 };
 
+// Against the reference kernels and against the CPU's fast ones (AVX-512 or AVX2 where this CPU
+// and head_dim have them, as kvpool.cu plans with), which the device must match as well.
 TEST(KvpoolRowsCudaEncoder, EveryPassMeasuresWhatTheCpusMeasures) {
   std::mt19937_64 rng(17);
   int passes = 0;
@@ -190,21 +201,27 @@ TEST(KvpoolRowsCudaEncoder, EveryPassMeasuresWhatTheCpusMeasures) {
       for (float budget : {0.02f, 0.3f}) {
         SegmentShape s = base;
         s.dtype = dt;
+        const in::RowKernels* fast = in::RowKernelsAvx512(s.head_dim);
+        if (fast == nullptr) fast = in::RowKernelsAvx2(s.head_dim);
         for (int type : {0, 4, 6}) {
           const std::vector<uint16_t> v = RandomSegment(s, type, rng);
-          TwinPass twin(s, v.data());
-          std::vector<uint8_t> out(kvpool::MaxPayloadBytes(s, Normal(budget)));
-          in::RowsSpan span;
-          const absl::StatusOr<uint64_t> size =
-              in::EncodeRowsWith(s, Normal(budget), v.data(), LayerKeys{}, in::FastRefKernels(),
-                                 in::RowKernelsRef(), twin, out.data(), out.size(), &span);
-          ASSERT_TRUE(size.ok()) << size.status();
-          passes += twin.passes;
+          for (bool use_fast : {false, true}) {
+            const in::RowKernels& rk = use_fast && fast ? *fast : in::RowKernelsRef();
+            TwinPass twin(s, v.data(), rk);
+            std::vector<uint8_t> out(kvpool::MaxPayloadBytes(s, Normal(budget)));
+            in::RowsSpan span;
+            const absl::StatusOr<uint64_t> size =
+                in::EncodeRowsWith(s, Normal(budget), v.data(), LayerKeys{},
+                                   use_fast ? in::FastCpuKernels() : in::FastRefKernels(), rk, twin,
+                                   out.data(), out.size(), &span);
+            ASSERT_TRUE(size.ok()) << size.status();
+            passes += twin.passes;
+          }
         }
       }
     }
   }
-  EXPECT_GE(passes, 36);
+  EXPECT_GE(passes, 72);
 }
 
 TEST(KvpoolRowsCudaEncoder, PlanCacheSequencesAreTheReferences) {

@@ -323,7 +323,8 @@ TEST(FuserTest, DeviceContextDecidesAsTheHost) {
 
 // gpu_encode: auto keeps kvpool's default and entropy profiles off the GPU (the entropy
 // profile's GPU payload is mode 1; the default profile's is the host's mode 4 but untimed and
-// without plan caches: codec.h); always sends every codec with a CUDA encoder there.
+// without plan caches: codec.h); always sends every codec with a CUDA encoder there, the
+// default profile where its encoder passed its self-check.
 TEST(FuserTest, DeviceEncodeWantedOnlyWhereTheGpuKeepsTheProfile) {
   struct Case {
     CodecId codec;
@@ -351,8 +352,11 @@ TEST(FuserTest, DeviceEncodeWantedOnlyWhereTheGpuKeepsTheProfile) {
       EXPECT_EQ(DeviceEncodeWanted(c, has_kernel), has_kernel && k.keeps);
       EXPECT_EQ(DeviceEncodeWanted(c), built && k.keeps);
       c.device_any_profile = true;
-      EXPECT_EQ(DeviceEncodeWanted(c, has_kernel), has_kernel);
-      EXPECT_EQ(DeviceEncodeWanted(c), built);
+      // The default profile's GPU encoder only where its own self-check passed (never here
+      // without a device).
+      const bool usable = !IsKvpoolRowsMode(p) || kernels::SelfCheckCudaRowsEncoder().ok();
+      EXPECT_EQ(DeviceEncodeWanted(c, has_kernel), has_kernel && usable);
+      EXPECT_EQ(DeviceEncodeWanted(c), built && usable);
     }
   }
 }
