@@ -7,8 +7,9 @@
 //     validates every field exactly as ParseRows does (a payload ParseRows rejects leaves
 //     layout->ok 0, so DecodeKernel writes the sentinel), and writes each head's fields and
 //     every row's data offset to the segment's scratch (a block-wide scan of the row sizes).
-//   RowsDecodeGroup (DecodeKernel's block for 16 tokens): each thread forms elements of the
-//     group's rows with DecodeRowsRef's operations: integer prediction, planes, fma twice.
+//   RowsDecodeGroup (DecodeKernel's block for 16 tokens): the rows' coefficient codes once into
+//     shared memory, then a thread per channel forms its elements of the group's rows with
+//     DecodeRowsRef's operations: integer prediction, planes, fma twice.
 #ifndef KVPOOL_KERNELS_KVPOOL_ROWS_CUDA_CUH_
 #define KVPOOL_KERNELS_KVPOOL_ROWS_CUDA_CUH_
 
@@ -184,39 +185,68 @@ __device__ inline int32_t RowsCoefDev(const uint8_t* p, const RowsHeadDev& hd, u
   return w ? c - (1 << (w - 1)) : 0;
 }
 
-// Elements of rows (h, t) for the n tokens of group g: a thread per element, DecodeRowsRef's
-// operations in its order.
+// Heads whose coefficient codes RowsDecodeGroup stages in shared memory at a time.
+inline constexpr uint32_t kRowsStagedHeads = 32;
+
+// Elements of rows (h, t) for the n tokens of group g, DecodeRowsRef's operations in its order.
+// Per chunk of kRowsStagedHeads heads, every thread of the block: the rows' coefficient codes
+// decoded once into shared memory; then a thread per channel (h, d) finds its outlier index,
+// mean and basis codes once and forms the channel's element for each of the n tokens (the
+// block's writes to one token's row coalesce). Every thread of the block calls it.
 __device__ inline void RowsDecodeGroup(const uint8_t* p, const RowsLayout& L, uint32_t T,
                                        uint32_t H, uint32_t D, bool bf16, const RowsHeadDev* heads,
                                        const uint64_t* row_off, uint32_t g, uint32_t n,
                                        uint16_t* out) {
-  const uint64_t HD = uint64_t{H} * D, count = uint64_t{n} * HD;
-  for (uint64_t e = threadIdx.x; e < count; e += kThreads) {
-    const uint32_t i = uint32_t(e / HD), h = uint32_t((e % HD) / D), d = uint32_t(e % D);
-    const uint32_t t = g * kPack + i;
-    const RowsHeadDev& hd = heads[h];
-    const uint64_t r = uint64_t{h} * T + t;
-    const uint8_t meta = p[L.metas + r];
-    const uint32_t b = meta & 15;
-    const uint8_t* row = p + L.data + row_off[r];
-    int32_t q = 0;
-    for (uint32_t k = 0; k < b; ++k)
-      q += PlaneBit(row + k * PlaneBytes(D), d) ? (1 << k) : -(1 << k);
-    for (uint32_t k = 0; k < hd.outliers; ++k) {
-      if (Load16Dev(p + hd.outlier + 2 * k) != d) continue;
-      const uint8_t* extra = row + b * PlaneBytes(D);
-      for (uint32_t x = 0; x < hd.extra; ++x) {
-        q += PlaneBit(extra + x * PlaneBytes(hd.outliers), k) ? (1 << (b + x)) : -(1 << (b + x));
+  __shared__ int32_t coefs[kPack][kRowsStagedHeads][kMaxRank];
+  const uint64_t HD = uint64_t{H} * D;
+  for (uint32_t h0 = 0; h0 < H; h0 += kRowsStagedHeads) {
+    const uint32_t heads_here = min(kRowsStagedHeads, H - h0);
+    __syncthreads();  // The last chunk's codes are read.
+    for (uint32_t k = threadIdx.x; k < n * heads_here * kMaxRank; k += kThreads) {
+      const uint32_t i = k / (heads_here * kMaxRank), hh = (k / kMaxRank) % heads_here;
+      const uint32_t j = k % kMaxRank;
+      const RowsHeadDev& hd = heads[h0 + hh];
+      coefs[i][hh][j] = j < hd.rank ? RowsCoefDev(p, hd, j, g * kPack + i, T) : 0;
+    }
+    __syncthreads();
+    const uint64_t first = uint64_t{h0} * D, last = uint64_t{h0 + heads_here} * D;
+    for (uint64_t c = first + threadIdx.x; c < last; c += kThreads) {
+      const uint32_t h = uint32_t(c / D), d = uint32_t(c % D), hh = h - h0;
+      const RowsHeadDev& hd = heads[h];
+      int32_t outlier = -1;
+      for (uint32_t k = 0; k < hd.outliers; ++k) {
+        if (Load16Dev(p + hd.outlier + 2 * k) == d) outlier = int32_t(k);
+      }
+      int32_t basis[kMaxRank];
+#pragma unroll
+      for (uint32_t j = 0; j < kMaxRank; ++j) {
+        basis[j] = j < hd.rank ? int32_t(int8_t(p[hd.basis + uint64_t{j} * D + d])) : 0;
+      }
+      const float m = ToFloatDev(bf16, Load16Dev(p + L.means + 2 * c));
+      for (uint32_t i = 0; i < n; ++i) {
+        const uint32_t t = g * kPack + i;
+        const uint64_t r = uint64_t{h} * T + t;
+        const uint8_t meta = p[L.metas + r];
+        const uint32_t b = meta & 15;
+        const uint8_t* row = p + L.data + row_off[r];
+        int32_t q = 0;
+        for (uint32_t k = 0; k < b; ++k)
+          q += PlaneBit(row + k * PlaneBytes(D), d) ? (1 << k) : -(1 << k);
+        if (outlier >= 0) {
+          const uint8_t* extra = row + b * PlaneBytes(D);
+          for (uint32_t x = 0; x < hd.extra; ++x) {
+            q += PlaneBit(extra + x * PlaneBytes(hd.outliers), uint32_t(outlier)) ? (1 << (b + x))
+                                                                                  : -(1 << (b + x));
+          }
+        }
+        int32_t P = 0;
+#pragma unroll
+        for (uint32_t j = 0; j < kMaxRank; ++j) P += coefs[i][hh][j] * basis[j];
+        const float hs = RowHalfStep(hd.unit, meta);
+        const float z = __fmaf_rn(hd.lr_scale, float(P), m);
+        out[uint64_t{t} * HD + c] = FromFloatDev(bf16, __fmaf_rn(hs, float(q), z));
       }
     }
-    int32_t P = 0;
-    for (uint32_t j = 0; j < hd.rank; ++j) {
-      P += RowsCoefDev(p, hd, j, t, T) * int32_t(int8_t(p[hd.basis + uint64_t{j} * D + d]));
-    }
-    const float m = ToFloatDev(bf16, Load16Dev(p + L.means + 2 * (uint64_t{h} * D + d)));
-    const float hs = RowHalfStep(hd.unit, meta);
-    const float z = __fmaf_rn(hd.lr_scale, float(P), m);
-    out[uint64_t{t} * HD + uint64_t{h} * D + d] = FromFloatDev(bf16, __fmaf_rn(hs, float(q), z));
   }
 }
 

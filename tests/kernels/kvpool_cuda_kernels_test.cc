@@ -127,6 +127,33 @@ TEST(KvpoolCudaKernels, DecodeBatchIsTheReferenceForEveryMode) {
   }
 }
 
+// Mode 4 (the default profile) where its decoder stages and loops: more heads than it stages
+// at a time (kRowsStagedHeads), a last group of fewer than 16 tokens, many outlier channels,
+// wide heads; bit for bit against DecodeRef.
+TEST(KvpoolCudaKernels, RowsPayloadsDecodeAcrossHeadChunksAndOutliers) {
+  std::mt19937_64 rng(23);
+  const SegmentShape shapes[] = {Shape(37, 40, 16, DType::kFp16, SegmentKind::kKey),
+                                 Shape(20, 3, 96, DType::kBf16, SegmentKind::kKey),
+                                 Shape(17, 1, 1024, DType::kFp16, SegmentKind::kValue)};
+  for (const SegmentShape& s : shapes) {
+    std::vector<std::string> payloads;
+    int rows = 0;
+    for (int type : {0, 5, 6}) {
+      for (float budget : {0.02f, 0.3f}) {
+        const std::vector<uint16_t> v = RandomSegment(s, type, rng);
+        payloads.push_back(PayloadOf(Encode(Params(budget), s, v, Path::kCpu)));
+        rows += uint8_t(payloads.back()[0]) == in::kModeRows;
+      }
+    }
+    EXPECT_GE(rows, 4) << "mode 4 payloads of 6";  // The rest raw: coding did not pay.
+    const std::vector<std::vector<uint16_t>> got = DecodeBatch(s, payloads);
+    for (size_t i = 0; i < payloads.size(); ++i) {
+      EXPECT_EQ(got[i], RefDecode(s, payloads[i]))
+          << s.tokens << "x" << s.kv_heads << "x" << s.head_dim << " payload " << i;
+    }
+  }
+}
+
 // A corrupt payload in a batch leaves its own segment 0xffff (the documented sentinel) and its
 // neighbours decoded; a payload DecodeRef accepts decodes to its values.
 TEST(KvpoolCudaKernels, CorruptPayloadsAreFlaggedInTheirOwnSegment) {
