@@ -630,8 +630,11 @@ absl::StatusOr<uint64_t> FinishEncode(const SegmentShape& shape, const CodecPara
 
 }  // namespace internal
 
-uint64_t MaxPayloadBytes(const SegmentShape& shape, const CodecParams&) {
-  return internal::RawPayloadBytes(shape);
+uint64_t MaxPayloadBytes(const SegmentShape& shape, const CodecParams& params) {
+  // The default profile's encoder writes in place into a buffer of its worst case (about 1.26x
+  // raw for 128-channel heads) instead of a scratch it then copies; its payloads stay below raw.
+  const uint64_t raw = internal::RawPayloadBytes(shape);
+  return IsKvpoolRowsMode(params) ? std::max(raw, internal::RowsBufferBytes(shape)) : raw;
 }
 
 absl::StatusOr<uint64_t> EncodeRef(const SegmentShape& shape, const CodecParams& params,

@@ -293,6 +293,10 @@ const RowKernels* RowKernelsAvx512(uint32_t head_dim);
 // multiple of 32, else null: for CPUs without AVX-512.
 const RowKernels* RowKernelsAvx2(uint32_t head_dim);
 
+// The bytes of output in which the mode 4 encoder writes a segment of `shape` in place (its
+// worst case and a row's stores past it); given less it writes through a scratch and copies.
+uint64_t RowsBufferBytes(const SegmentShape& shape);
+
 // The encoder of mode 4 (kvpool_rows_encoder.cc): `fast` for a value segment's token classes
 // from its keys' elements (when their payload does not carry them), `rows` for everything
 // else. InvalidArgument for non-finite elements (EncodeSegment then stores them raw).

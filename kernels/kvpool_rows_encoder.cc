@@ -114,6 +114,11 @@ struct Layout {
   uint64_t class_bytes, metas_at, rows_at, bound;
 };
 
+// Bytes the encoder's buffer needs past a payload's bound: a row's stores beyond its own data.
+uint64_t StoreRoom(const SegmentShape& shape) {
+  return uint64_t{kRowStoreRoom} * PlaneBytes(shape.head_dim);
+}
+
 Layout PayloadLayout(const SegmentShape& shape, const std::vector<HeadPlan>& heads,
                      bool key_classes) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
@@ -437,6 +442,16 @@ void Publish(PlanCache* cache, const Coded& c, Claim* claim) {
 
 }  // namespace
 
+uint64_t RowsBufferBytes(const SegmentShape& shape) {
+  const uint64_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
+  const uint64_t outliers = std::min<uint64_t>(D, kMaxOutliers);
+  // PayloadLayout's bound with every head at rank kMaxRank and the most outlier channels, and
+  // the class map.
+  return kHeaderBytes + H * kRowHeadBytes + 2 * H * D + H * kMaxRank * D + 2 * H * outliers +
+         (T * H + 1) / 2 + T * H + T * H * kMaxPlanes * (PlaneBytes(D) + 4) +
+         H * kMaxRank * kMaxCoefWidth * PlaneBytes(T) + StoreRoom(shape);
+}
+
 void SampleTokens(uint32_t tokens, uint32_t* stride, uint32_t* count) {
   *stride = std::max(1u, tokens / kSampleRows);
   *count = (tokens + *stride - 1) / *stride;
@@ -488,8 +503,14 @@ absl::StatusOr<uint64_t> EncodeRowsWith(const SegmentShape& shape, const CodecPa
   uint8_t* dst = nullptr;
   const auto lay_out = [&] {
     l = PayloadLayout(shape, coded.plan->heads, key_classes);
-    s.buffer.resize(l.bound + uint64_t{kRowStoreRoom} * PlaneBytes(shape.head_dim));
-    dst = s.buffer.data();
+    // In place where `out` holds the worst case (RowsBufferBytes), else through the scratch.
+    const uint64_t room = l.bound + StoreRoom(shape);
+    if (capacity >= room) {
+      dst = out;
+    } else {
+      s.buffer.resize(room);
+      dst = s.buffer.data();
+    }
     WriteFixedSections(shape, *coded.plan, key_classes, l, dst);
   };
   lay_out();
@@ -535,7 +556,7 @@ absl::StatusOr<uint64_t> EncodeRowsWith(const SegmentShape& shape, const CodecPa
   if (size > 0) size = FinishPayload(shape, rk, *coded.plan, s, size, l.bound, dst);
   if (size == 0 || size >= RawPayloadBytes(shape)) return 0;
   if (capacity < size) return absl::InvalidArgumentError("kvpool: output too small");
-  std::memcpy(out, dst, size);
+  if (dst != out) std::memcpy(out, dst, size);
   *span = RowsSpan{l.rows_at, rows_end};
   return size;
 }

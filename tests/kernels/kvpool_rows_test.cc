@@ -305,6 +305,41 @@ TEST(KvpoolRows, Avx2EncoderIsTheReference) {
   EXPECT_GT(many_outliers, 0);
 }
 
+// Given MaxPayloadBytes (what EncodeSegment gives it) the encoder writes in place; given only a
+// raw payload's room it writes through its scratch and copies: the same bytes either way, on
+// both paths, keys and values, every budget. MaxPayloadBytes stays within 1.3x raw for
+// 128-channel heads.
+TEST(KvpoolRows, InPlaceAndThroughScratchWriteTheSameBytes) {
+  std::mt19937_64 rng(41);
+  for (const SegmentShape& base : {Shape(64, 2, 64), Shape(37, 3, 40), Shape(256, 8, 128)}) {
+    for (SegmentKind kind : {SegmentKind::kKey, SegmentKind::kValue}) {
+      SegmentShape s = base;
+      s.kind = kind;
+      const uint64_t raw = in::RawPayloadBytes(s);
+      const uint64_t max = kvpool::MaxPayloadBytes(s, Params(0.05f));
+      ASSERT_GE(max, in::RowsBufferBytes(s));
+      if (s.head_dim == 128) EXPECT_LE(double(max), 1.3 * double(raw)) << max << " " << raw;
+      EXPECT_EQ(kvpool::MaxPayloadBytes(s, Params(0.05f, 0, kFast)), raw);  // Other profiles.
+      const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 7), rng);
+      for (float budget : {0.02f, 0.2f, 0.5f}) {
+        for (bool fast : {false, true}) {
+          using Encoder =
+              absl::StatusOr<uint64_t> (*)(const SegmentShape&, const CodecParams&, const uint16_t*,
+                                           const LayerKeys&, uint8_t*, uint64_t);
+          const Encoder encode = fast ? Encoder(&kvpool::EncodeCpu) : Encoder(&kvpool::EncodeRef);
+          std::vector<uint8_t> in_place(max), scratch(raw);
+          auto a = encode(s, Params(budget), v.data(), LayerKeys{}, in_place.data(), max);
+          auto b = encode(s, Params(budget), v.data(), LayerKeys{}, scratch.data(), raw);
+          ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+          ASSERT_EQ(*a, *b) << budget;
+          EXPECT_LE(*a, raw);
+          EXPECT_EQ(std::memcmp(in_place.data(), scratch.data(), *a), 0) << budget << " " << fast;
+        }
+      }
+    }
+  }
+}
+
 TEST(KvpoolRows, OddShapesTakeTheReferenceKernelsAndHoldTheBudget) {
   std::mt19937_64 rng(5);
   const uint32_t dims[] = {1, 3, 8, 12, 33, 48};
