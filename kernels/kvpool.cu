@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "common/status_macros.h"
@@ -27,21 +28,16 @@ __global__ void EmptyPayloads(EncodeBatch b, uint64_t raw_bytes) {
   if (threadIdx.x == 0) b.sizes[blockIdx.x] = raw_bytes;
 }
 
-// DeviceRowsPass's memory on a CUDA stream: stream-ordered allocations freed with it; copies
-// to and from the host synchronise the stream (after checking the launches before them).
+// DeviceRowsPass's memory on a CUDA stream: stream-ordered allocations (StreamScratch) freed
+// with it; copies to and from the host synchronise the stream (after checking the launches
+// before them).
 class StreamMemory {
  public:
   explicit StreamMemory(cudaStream_t stream) : stream_(stream) {}
-  StreamMemory(const StreamMemory&) = delete;
-  StreamMemory& operator=(const StreamMemory&) = delete;
-  ~StreamMemory() {
-    for (void* p : allocations_) cudaFreeAsync(p, stream_);
-  }
   absl::StatusOr<uint8_t*> Allocate(uint64_t bytes) {
-    void* p = nullptr;
-    KVPOOL_RETURN_IF_CUDA_ERROR(cudaMallocAsync(&p, bytes, stream_));
-    allocations_.push_back(p);
-    return static_cast<uint8_t*>(p);
+    allocations_.push_back(std::make_unique<StreamScratch>(stream_));
+    KVPOOL_RETURN_IF_ERROR(allocations_.back()->Allocate(bytes));
+    return allocations_.back()->get();
   }
   absl::Status ToDevice(void* d, const void* h, uint64_t n) {
     return Copy(d, h, n, cudaMemcpyHostToDevice);
@@ -67,7 +63,7 @@ class StreamMemory {
   }
 
   cudaStream_t stream_;
-  std::vector<void*> allocations_;
+  std::vector<std::unique_ptr<StreamScratch>> allocations_;
 };
 
 // One default-profile segment through the mode 4 encoder, its pass on the GPU (planned with
@@ -75,15 +71,11 @@ class StreamMemory {
 absl::Status EncodeRowsCuda(const SegmentShape& shape, const CodecParams& params,
                             const uint16_t* d_in, uint8_t* d_out, uint64_t capacity,
                             uint64_t* d_size, cudaStream_t stream) {
-  const RowKernels* rows = RowKernelsAvx512(shape.head_dim);
-  if (rows == nullptr) rows = RowKernelsAvx2(shape.head_dim);
-  const bool fast = CpuHasAvx2();
   StreamMemory mem(stream);
   KVPOOL_ASSIGN_OR_RETURN(const uint64_t size,
-                          EncodeRowsOnDevice(shape, params, d_in, LayerKeys{},
-                                             fast ? FastCpuKernels() : FastRefKernels(),
-                                             fast && rows ? *rows : RowKernelsRef(),
-                                             StreamLauncher{stream}, &mem, d_out, capacity));
+                          EncodeRowsOnDevice(shape, params, d_in, LayerKeys{}, FastCpuKernels(),
+                                             CpuRowKernels(shape.head_dim), StreamLauncher{stream},
+                                             &mem, d_out, capacity));
   return mem.ToDevice(d_size, &size, sizeof(size));
 }
 

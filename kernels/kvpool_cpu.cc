@@ -375,10 +375,8 @@ absl::StatusOr<uint64_t> EncodeCpu(const SegmentShape& shape, const CodecParams&
     return internal::FastEncode(shape, params, in, keys, internal::FastCpuKernels(), out, capacity);
   }
   if (IsKvpoolRowsMode(params)) {
-    const internal::RowKernels* rows = internal::RowKernelsAvx512(shape.head_dim);
-    if (rows == nullptr) rows = internal::RowKernelsAvx2(shape.head_dim);
     return internal::EncodeRows(shape, params, in, keys, internal::FastCpuKernels(),
-                                rows ? *rows : internal::RowKernelsRef(), out, capacity);
+                                internal::CpuRowKernels(shape.head_dim), out, capacity);
   }
   thread_local Analysis a;  // Scratch reused by this thread's encodes (a few MiB at most).
   internal::Analyze(shape, params, in, keys, CpuKernels(), &a);

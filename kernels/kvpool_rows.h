@@ -292,6 +292,8 @@ const RowKernels* RowKernelsAvx512(uint32_t head_dim);
 // The AVX2 kernels (kvpool_rows_avx2.cc) when the CPU has AVX2, FMA and F16C and head_dim is a
 // multiple of 32, else null: for CPUs without AVX-512.
 const RowKernels* RowKernelsAvx2(uint32_t head_dim);
+// The fast CPU path's kernels for head_dim: AVX-512, else AVX2, else the reference's.
+const RowKernels& CpuRowKernels(uint32_t head_dim);
 
 // The bytes of output in which the mode 4 encoder writes a segment of `shape` in place (its
 // worst case and a row's stores past it); given less it writes through a scratch and copies.

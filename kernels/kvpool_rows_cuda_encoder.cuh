@@ -281,14 +281,15 @@ class DeviceRowsPass final : public RowsPass {
     const uint64_t results = rows * (4 + 4 + 2 * kMaxRank + 1 + 1);
     h_results_.resize(results);
     KVPOOL_RETURN_IF_ERROR(mem_->ToHost(h_results_.data(), d_err_, results));
-    const uint8_t* r = h_results_.data();
-    h_err_.resize(rows);
-    h_energy_.resize(rows);
-    std::memcpy(h_err_.data(), r, rows * 4);
-    std::memcpy(h_energy_.data(), r + rows * 4, rows * 4);
-    std::memcpy(coefs, r + rows * 8, rows * kMaxRank * 2);
-    std::memcpy(metas, r + rows * (8 + 2 * kMaxRank), rows);
-    const uint8_t* row_classes = r + rows * (9 + 2 * kMaxRank);
+    const uint8_t* got = h_results_.data();
+    const auto row_float = [&](uint64_t at) {
+      float f;
+      std::memcpy(&f, got + at, 4);
+      return f;
+    };
+    std::memcpy(coefs, got + rows * 8, rows * kMaxRank * 2);
+    std::memcpy(metas, got + rows * (8 + 2 * kMaxRank), rows);
+    const uint8_t* row_classes = got + rows * (9 + 2 * kMaxRank);
     // The CPU pass's sums and class map, in its order (head after head, token after token).
     *res = PassResult{};
     if (key_classes) std::memset(classes, 0, (rows + 1) / 2);
@@ -296,13 +297,14 @@ class DeviceRowsPass final : public RowsPass {
     for (uint32_t h = 0; h < H; ++h) {
       for (uint32_t t = 0; t < T; ++t) {
         const uint64_t r = uint64_t{h} * T + t, k = uint64_t{t} * H + h;
-        if (!std::isfinite(h_energy_[r])) {
+        const float err = row_float(4 * r), energy = row_float(4 * (rows + r));
+        if (!std::isfinite(energy)) {
           res->finite = false;
           return absl::OkStatus();
         }
         if (key_classes) classes[k / 2] |= uint8_t(row_classes[r] << (4 * (k & 1)));
-        res->err += h_err_[r];
-        res->energy += h_energy_[r];
+        res->err += err;
+        res->energy += energy;
         offsets_[r] = res->rows_bytes;
         res->rows_bytes += RowBytesOf(heads[h].view, metas[r]);
       }
@@ -422,7 +424,6 @@ class DeviceRowsPass final : public RowsPass {
   int16_t* d_coefs_ = nullptr;
   uint8_t *d_metas_ = nullptr, *d_classes_ = nullptr, *d_given_ = nullptr, *d_slots_ = nullptr;
   std::vector<uint8_t> h_plan_, h_results_;
-  std::vector<float> h_err_, h_energy_;
   std::vector<uint64_t> offsets_;
 };
 
@@ -451,7 +452,8 @@ absl::StatusOr<uint64_t> EncodeRowsOnDevice(const SegmentShape& shape, const Cod
     // The sampled tokens, at their places in a host image of the segment.
     uint32_t stride, count;
     SampleTokens(shape.tokens, &stride, &count);
-    std::vector<uint16_t> sample(shape.Elements());
+    thread_local std::vector<uint16_t> sample;  // Only the sampled tokens are read.
+    sample.resize(shape.Elements());
     KVPOOL_RETURN_IF_ERROR(
         mem->ToHostRows(sample.data(), d_in, uint64_t{stride} * HD * 2, HD * 2, count));
     DeviceRowsPass<Launcher, Memory> pass(shape, d_in, launch, mem);

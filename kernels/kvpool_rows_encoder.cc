@@ -119,14 +119,10 @@ uint64_t StoreRoom(const SegmentShape& shape) {
   return uint64_t{kRowStoreRoom} * PlaneBytes(shape.head_dim);
 }
 
-Layout PayloadLayout(const SegmentShape& shape, const std::vector<HeadPlan>& heads,
-                     bool key_classes) {
+// The layout of a payload whose heads hold `basis` basis codes and `outliers` outlier channels
+// in all.
+Layout LayoutFor(const SegmentShape& shape, uint64_t basis, uint64_t outliers, bool key_classes) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
-  uint64_t basis = 0, outliers = 0;
-  for (const HeadPlan& hp : heads) {
-    basis += uint64_t{hp.view.rank} * D;
-    outliers += 2 * uint64_t{hp.view.outliers};
-  }
   Layout l;
   l.class_bytes = key_classes ? (uint64_t{T} * H + 1) / 2 : 0;
   l.metas_at = kHeaderBytes + uint64_t{H} * kRowHeadBytes + 2 * uint64_t{H} * D + basis + outliers +
@@ -135,6 +131,16 @@ Layout PayloadLayout(const SegmentShape& shape, const std::vector<HeadPlan>& hea
   l.bound = l.rows_at + uint64_t{T} * H * kMaxPlanes * (PlaneBytes(D) + 4) +
             uint64_t{H} * kMaxRank * kMaxCoefWidth * PlaneBytes(T);
   return l;
+}
+
+Layout PayloadLayout(const SegmentShape& shape, const std::vector<HeadPlan>& heads,
+                     bool key_classes) {
+  uint64_t basis = 0, outliers = 0;
+  for (const HeadPlan& hp : heads) {
+    basis += uint64_t{hp.view.rank} * shape.head_dim;
+    outliers += 2 * uint64_t{hp.view.outliers};
+  }
+  return LayoutFor(shape, basis, outliers, key_classes);
 }
 
 // Header, means, basis codes and outlier channels (head entries come last, with the widths).
@@ -442,14 +448,18 @@ void Publish(PlanCache* cache, const Coded& c, Claim* claim) {
 
 }  // namespace
 
+const RowKernels& CpuRowKernels(uint32_t head_dim) {
+  const RowKernels* rows = RowKernelsAvx512(head_dim);
+  if (rows == nullptr) rows = RowKernelsAvx2(head_dim);
+  return rows ? *rows : RowKernelsRef();
+}
+
 uint64_t RowsBufferBytes(const SegmentShape& shape) {
-  const uint64_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
-  const uint64_t outliers = std::min<uint64_t>(D, kMaxOutliers);
-  // PayloadLayout's bound with every head at rank kMaxRank and the most outlier channels, and
-  // the class map.
-  return kHeaderBytes + H * kRowHeadBytes + 2 * H * D + H * kMaxRank * D + 2 * H * outliers +
-         (T * H + 1) / 2 + T * H + T * H * kMaxPlanes * (PlaneBytes(D) + 4) +
-         H * kMaxRank * kMaxCoefWidth * PlaneBytes(T) + StoreRoom(shape);
+  // The bound with every head at rank kMaxRank, the most outlier channels and the class map.
+  const uint64_t H = shape.kv_heads, D = shape.head_dim;
+  return LayoutFor(shape, H * kMaxRank * D, 2 * H * std::min<uint64_t>(D, kMaxOutliers), true)
+             .bound +
+         StoreRoom(shape);
 }
 
 void SampleTokens(uint32_t tokens, uint32_t* stride, uint32_t* count) {

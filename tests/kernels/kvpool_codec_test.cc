@@ -564,13 +564,7 @@ struct Point {
 // Full evaluation corpus: layers 4, kv_heads 8, head_dim 128, tokens 1024, seed 1, fp16;
 // 256-token segments. codec < 0: KIVI model with -codec bits.
 Point Evaluate(int kivi_bits, float budget, uint64_t extra = 0, uint8_t flags = 0) {
-  client::SyntheticOptions o;
-  o.num_layers = 4;
-  o.num_kv_heads = 8;
-  o.head_dim = 128;
-  o.tokens = 1024;
-  o.seed = 1;
-  const std::string raw = client::SyntheticKv(o);
+  const std::string raw = SyntheticKvOf(4, 8, 128, 1024);
   const uint16_t* h = reinterpret_cast<const uint16_t*>(raw.data());
   const uint64_t n = raw.size() / 2, seg = 256 * 8 * 128;
   std::vector<float> orig(n), dec(n);

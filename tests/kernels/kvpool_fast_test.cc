@@ -4,7 +4,6 @@
 #include <string>
 #include <vector>
 
-#include "client/synthetic.h"
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
 #include "kernels/kvpool.h"
@@ -63,12 +62,7 @@ RandomCase MakeRandomCase(int n, const float (&budgets)[5], const uint32_t (&dim
 
 // Layer 0 of the synthetic KV (`kvpool gen`), [256][8][128] fp16: its keys and its values.
 std::pair<std::vector<uint16_t>, std::vector<uint16_t>> SyntheticLayer() {
-  client::SyntheticOptions o;
-  o.num_layers = 1;
-  o.num_kv_heads = 8;
-  o.head_dim = 128;
-  o.tokens = 256;
-  const std::string kv = client::SyntheticKv(o);
+  const std::string kv = SyntheticKvOf(1, 8, 128, 256);
   const uint16_t* e = reinterpret_cast<const uint16_t*>(kv.data());
   const uint64_t n = uint64_t{256} * 8 * 128;
   return {std::vector<uint16_t>(e, e + n), std::vector<uint16_t>(e + n, e + 2 * n)};

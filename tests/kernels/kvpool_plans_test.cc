@@ -10,7 +10,6 @@
 #include <thread>
 #include <vector>
 
-#include "client/synthetic.h"
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
 #include "tests/kernels/kvpool_test_helpers.h"
@@ -28,20 +27,14 @@ struct Stream {
 
 Stream MakeStream(uint32_t blocks, uint64_t seed, DType dtype = DType::kFp16,
                   uint32_t block_tokens = kBlockTokens, uint32_t heads = 2, uint32_t dim = 64) {
-  client::SyntheticOptions o;
-  o.num_layers = 1;
-  o.num_kv_heads = heads;
-  o.head_dim = dim;
-  o.tokens = uint64_t{blocks} * block_tokens;
-  o.dtype = dtype;
-  o.seed = seed;
-  const std::string kv = client::SyntheticKv(o);
+  const uint64_t tokens = uint64_t{blocks} * block_tokens;
+  const std::string kv = SyntheticKvOf(1, heads, dim, tokens, seed, dtype);
   const auto* e = reinterpret_cast<const uint16_t*>(kv.data());
   Stream s;
   s.key = Shape(block_tokens, heads, dim, dtype);
   s.value = s.key;
   s.value.kind = SegmentKind::kValue;
-  const uint64_t n = s.key.Elements(), values = o.tokens * heads * dim;
+  const uint64_t n = s.key.Elements(), values = tokens * heads * dim;
   for (uint32_t b = 0; b < blocks; ++b) {
     s.keys.emplace_back(e + b * n, e + (b + 1) * n);
     s.values.emplace_back(e + values + b * n, e + values + (b + 1) * n);

@@ -201,12 +201,11 @@ TEST(KvpoolRowsCudaEncoder, EveryPassMeasuresWhatTheCpusMeasures) {
       for (float budget : {0.02f, 0.3f}) {
         SegmentShape s = base;
         s.dtype = dt;
-        const in::RowKernels* fast = in::RowKernelsAvx512(s.head_dim);
-        if (fast == nullptr) fast = in::RowKernelsAvx2(s.head_dim);
         for (int type : {0, 4, 6}) {
           const std::vector<uint16_t> v = RandomSegment(s, type, rng);
           for (bool use_fast : {false, true}) {
-            const in::RowKernels& rk = use_fast && fast ? *fast : in::RowKernelsRef();
+            const in::RowKernels& rk =
+                use_fast ? in::CpuRowKernels(s.head_dim) : in::RowKernelsRef();
             TwinPass twin(s, v.data(), rk);
             std::vector<uint8_t> out(kvpool::MaxPayloadBytes(s, Normal(budget)));
             in::RowsSpan span;

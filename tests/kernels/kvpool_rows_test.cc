@@ -9,7 +9,6 @@
 #include <string>
 #include <vector>
 
-#include "client/synthetic.h"
 #include "common/half.h"
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
@@ -358,20 +357,15 @@ TEST(KvpoolRows, OddShapesTakeTheReferenceKernelsAndHoldTheBudget) {
 // low-rank part alone almost meets the budget and the step search must find the few rows that
 // need planes) and a larger budget never costs more bytes.
 TEST(KvpoolRows, EveryBudgetCodesAndRatioGrowsWithBudget) {
-  client::SyntheticOptions o;
-  o.num_layers = 2;
-  o.num_kv_heads = 4;
-  o.head_dim = 64;
-  o.tokens = 256;
-  const std::string kv = client::SyntheticKv(o);
+  const std::string kv = SyntheticKvOf(2, 4, 64, 256);
   const uint16_t* e = reinterpret_cast<const uint16_t*>(kv.data());
-  const uint64_t n = uint64_t{o.tokens} * o.num_kv_heads * o.head_dim;
+  const uint64_t n = uint64_t{256} * 4 * 64;
   uint64_t last = ~uint64_t{0};
   for (float budget : {0.02f, 0.1f, 0.2f, 0.25f, 0.3f, 0.35f, 0.4f, 0.5f}) {
     const CodecParams p = *NormalizeParams(Params(budget));
     uint64_t bytes = 0;
-    for (uint32_t l = 0; l < o.num_layers; ++l) {
-      SegmentShape s = Shape(o.tokens, o.num_kv_heads, o.head_dim);
+    for (uint32_t l = 0; l < 2; ++l) {
+      SegmentShape s = Shape(256, 4, 64);
       const std::vector<uint16_t> k(e + 2 * l * n, e + (2 * l + 1) * n);
       const std::vector<uint16_t> v(e + (2 * l + 1) * n, e + (2 * l + 2) * n);
       int checked = 0;

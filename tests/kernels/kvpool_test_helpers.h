@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "client/synthetic.h"
 #include "common/half.h"
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
@@ -17,6 +18,20 @@
 namespace kvpool::kernels::kvpool_test {
 
 using ::kvpool::test_util::Shape;
+
+// `kvpool gen`'s synthetic KV of this shape ([layers][2][tokens][heads][dim] elements), the
+// generator's defaults otherwise.
+inline std::string SyntheticKvOf(uint32_t layers, uint32_t heads, uint32_t dim, uint64_t tokens,
+                                 uint64_t seed = 1, DType dtype = DType::kFp16) {
+  client::SyntheticOptions o;
+  o.num_layers = layers;
+  o.num_kv_heads = heads;
+  o.head_dim = dim;
+  o.tokens = tokens;
+  o.seed = seed;
+  o.dtype = dtype;
+  return client::SyntheticKv(o);
+}
 
 inline CodecParams Params(float budget, uint64_t extra = 0, uint8_t flags = 0) {
   CodecParams p;
