@@ -14,6 +14,8 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "client/synthetic.h"
 #include "common/status_macros.h"
@@ -119,6 +121,15 @@ std::string Name(const CodecParams& p) {
 }  // namespace
 
 absl::Status RunCodecBench(const CodecBenchOptions& o) {
+  bool want_ref = false, want_cpu = false, want_cuda = false;
+  for (absl::string_view path : absl::StrSplit(o.paths, ',', absl::SkipEmpty())) {
+    bool& want = path == "ref" ? want_ref : path == "cpu" ? want_cpu : want_cuda;
+    if (path != "ref" && path != "cpu" && path != "cuda") {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("--paths: unknown path \"%s\" (ref, cpu, cuda)", path));
+    }
+    want = true;
+  }
   const Segments segs = MakeSegments();
   const uint64_t total_bytes = segs.bytes();
   auto dst = AlignedArray<uint16_t>(segs.count * Segments::kElements);
@@ -162,7 +173,7 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
   // afresh (no cache), for comparison.
   const size_t kNoCacheEntry = 7;
   std::vector<Row> rows;
-  std::string device_line;
+  std::string device_line = want_cuda ? "" : "not measured (--paths)";
   std::vector<std::string> batched, per_segment;  // cuda rows by how they launch
   std::vector<std::string> by_kind;               // cuda rows: encode/decode GB/s per kind
   double d2d = 0;
@@ -216,6 +227,7 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
     };
     for (kernels::Path path : {kernels::Path::kRef, kernels::Path::kCpu}) {
       const bool ref = path == kernels::Path::kRef;
+      if (!(ref ? want_ref : want_cpu)) continue;
       if (progress) {
         std::cerr << absl::StrFormat("[%d/%d] %s %s (%.0f s)\n", step, steps, name,
                                      kernels::PathName(path),
@@ -292,7 +304,8 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       row.ratio = double(total_bytes) / total;
       rows.push_back(row);
     }
-    if (!cached) continue;  // The GPU's encoders keep no plans: the row above is the same.
+    // The GPU's encoders keep no plans: the nocache row would be the cached one's.
+    if (!cached || !want_cuda) continue;
     const std::vector<uint16_t> all(segs.all.get(),
                                     segs.all.get() + segs.count * Segments::kElements);
     // On the GPU: the same segments as keys, then as values (each kind takes its own kernels);

@@ -16,6 +16,7 @@ struct CodecBenchOptions {
   bool json = false;
   double seconds = 0.3;  // Minimum time per measurement.
   std::string only;      // Non-empty: only the codecs whose printed name contains it.
+  std::string paths = "ref,cpu,cuda";  // The paths measured, comma-separated.
 };
 
 absl::Status RunCodecBench(const CodecBenchOptions& options);

@@ -1,6 +1,6 @@
 // kvpool-bench: benchmarks that print each figure beside its anchor measured in the same run.
 //
-//   kvpool-bench codec [--only SUBSTR] [--seconds S] [--json]
+//   kvpool-bench codec [--only SUBSTR] [--paths ref,cpu,cuda] [--seconds S] [--json]
 //   kvpool-bench fusion [--json]   (ingest with fusion off / online / batch, in-process)
 //   kvpool-bench transfer [--server HOST:PORT] [--redis HOST:PORT] [--blocks N] [--batch B]
 //                         [--rounds R] [--json]
@@ -26,6 +26,8 @@ ABSL_FLAG(uint32_t, rounds, 3, "rounds (median reported)");
 ABSL_FLAG(bool, json, false, "print JSON");
 ABSL_FLAG(std::string, only, "", "codec: only the codecs whose name contains this");
 ABSL_FLAG(double, seconds, 0.3, "codec: minimum seconds per measurement");
+ABSL_FLAG(std::string, paths, "ref,cpu,cuda",
+          "codec: the paths to measure, comma-separated (ref, cpu, cuda)");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("kvpool benchmarks. Subcommands: transfer, codec, fusion");
@@ -52,6 +54,7 @@ int main(int argc, char** argv) {
     co.json = absl::GetFlag(FLAGS_json);
     co.only = absl::GetFlag(FLAGS_only);
     co.seconds = absl::GetFlag(FLAGS_seconds);
+    co.paths = absl::GetFlag(FLAGS_paths);
     if (absl::Status s = kvpool::bench::RunCodecBench(co); !s.ok()) {
       std::cerr << "kvpool-bench codec: " << s.message() << "\n";
       return 1;

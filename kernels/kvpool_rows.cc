@@ -160,15 +160,23 @@ absl::Status ParseHeads(const SegmentShape& shape, const uint8_t* payload, uint6
 absl::Status CheckRowPadding(const SegmentShape& shape, const ParsedRows& parsed) {
   const uint32_t T = shape.tokens, H = shape.kv_heads, D = shape.head_dim;
   const uint8_t* row = parsed.rows;
-  for (uint64_t i = 0; i < uint64_t{T} * H; ++i) {
-    const ParsedRows::Head& hd = parsed.heads[i / T];
-    const uint32_t b = parsed.metas[i] & 15;
-    for (uint32_t p = 0; p < b; ++p, row += PlaneBytes(D)) {
-      if (!PaddingClear(row, D)) return absl::DataLossError("kvpool: row plane padding not 0");
-    }
-    for (uint32_t q = 0; hd.outliers && q < hd.extra; ++q, row += PlaneBytes(hd.outliers)) {
-      if (!PaddingClear(row, hd.outliers)) {
-        return absl::DataLossError("kvpool: outlier plane padding not 0");
+  for (uint32_t h = 0; h < H; ++h) {
+    const ParsedRows::Head& hd = parsed.heads[h];
+    const uint32_t extra = hd.outliers ? hd.extra : 0;
+    const bool outlier_padding = hd.outliers % 8 != 0;
+    for (uint32_t t = 0; t < T; ++t) {
+      const uint32_t b = parsed.metas[uint64_t{h} * T + t] & 15;
+      if (D % 8 == 0) {  // Whole bytes: nothing to check.
+        row += b * PlaneBytes(D);
+      } else {
+        for (uint32_t p = 0; p < b; ++p, row += PlaneBytes(D)) {
+          if (!PaddingClear(row, D)) return absl::DataLossError("kvpool: row plane padding not 0");
+        }
+      }
+      for (uint32_t q = 0; q < extra; ++q, row += PlaneBytes(hd.outliers)) {
+        if (outlier_padding && !PaddingClear(row, hd.outliers)) {
+          return absl::DataLossError("kvpool: outlier plane padding not 0");
+        }
       }
     }
   }

@@ -1,15 +1,18 @@
 // The kvpool codec's payload mode 4 decoder on AVX2 with FMA and F16C (kvpool_rows.cc defines
 // the format), for CPUs without the AVX-512 that kvpool_rows_decode_avx512.cc needs (AMD before
-// Zen 4, Intel before Ice Lake): bit-identical to DecodeRowsRef, for head_dim a multiple of 32.
-// A row's codes come from its planes 32 channels at a time as bytes: each plane's 32-bit word
-// spread to one byte per channel (vpshufb, then a compare against each byte's bit), summed by
-// Horner's rule (u = 2u + bit); the outlier channels' extra planes are added per channel. The
-// prediction and the output are the reference's float operations, 8 channels at a time. Like
-// the AVX-512 decoder it goes token after token, a pointer per head, so the output streams out
-// in order.
+// Zen 4, Intel before Ice Lake): bit-identical to DecodeRowsRef, for head_dim a multiple of 32
+// up to 512. A row's codes come from its planes 32 channels at a time as bytes: each plane's
+// 32-bit word spread to one byte per channel (vpshufb, then a compare against each byte's bit),
+// summed by Horner's rule (u = 2u + bit), the bytes laid out so that one more vpshufb widens 8
+// channels to 32-bit lanes. The outlier channels' extra planes are summed 8 outliers at a time
+// and added only to the groups of 8 channels that hold one. The prediction and the output are
+// the reference's float operations, 8 channels at a time. Like the AVX-512 decoder it goes
+// token after token, a pointer per head, so the output streams out in order, and into an
+// aligned output (16 bytes here) it writes with streaming stores.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -19,6 +22,9 @@
 namespace kvpool::kernels::kvpool::internal {
 namespace {
 
+constexpr uint32_t kMaxDim = 512;  // Widest head this decoder takes (its stack buffers).
+static_assert(kMaxDim / 8 <= 64, "a head's groups of 8 channels are the bits of one word");
+
 // Per-segment tables, kept per thread.
 struct Avx2Scratch {
   std::vector<int16_t> coefs;       // [H][kMaxRank][T16], T16 = T rounded up to 16.
@@ -26,6 +32,7 @@ struct Avx2Scratch {
   std::vector<float> means;         // [H][D]
   AlignedVector<int16_t> pairs;     // [H][D / 16][4][16][2] (PairSlot's layout)
   std::vector<uint16_t> outliers;   // [H][32] outlier channels
+  std::vector<uint64_t> groups;     // [H]: bit k set when channels 8k .. 8k + 7 hold an outlier.
 };
 
 template <bool kBf16>
@@ -38,6 +45,7 @@ KVPOOL_AVX2 void Avx2Tables(const SegmentShape& shape, const ParsedRows& parsed,
   s->means.resize(uint64_t{H} * D);
   s->pairs.assign(uint64_t{H} * kMaxRank * D, 0);
   s->outliers.assign(uint64_t{H} * kMaxOutliers, 0);
+  s->groups.assign(H, 0);
   for (uint32_t h = 0; h < H; ++h) {
     const ParsedRows::Head& hd = parsed.heads[h];
     // Coefficient codes, 16 tokens at a time: plane p's 16 bits spread to one lane per token
@@ -79,17 +87,22 @@ KVPOOL_AVX2 void Avx2Tables(const SegmentShape& shape, const ParsedRows& parsed,
     int16_t* pairs = &s->pairs[uint64_t{h} * kMaxRank * D];
     FillPairs(basis, hd.rank, D, pairs);
     for (uint32_t k = 0; k < hd.outliers; ++k) {
-      s->outliers[uint64_t{h} * kMaxOutliers + k] = Load16(parsed.outliers + 2 * (hd.outlier + k));
+      const uint16_t d = Load16(parsed.outliers + 2 * (hd.outlier + k));
+      s->outliers[uint64_t{h} * kMaxOutliers + k] = d;
+      s->groups[h] |= uint64_t{1} << (d / 8);
     }
   }
 }
 
-// u = 2u + bit, per byte, over planes [from, to) downwards: byte i of the chunk's 32 channels
-// takes bit i of each plane's 32-bit word (plane p at row + p * pd).
+// u = 2u + bit, per byte, over planes [from, to) downwards, for the 32 channels of one 32-bit
+// word of each plane (plane p at row + p * pd). The bytes are in "group order": 128-bit lane L,
+// byte 4g + i holds channel 8g + 4L + i, so that one in-lane vpshufb (Widen) turns group g's
+// bytes into its 8 channels as 32-bit lanes, in channel order.
 KVPOOL_AVX2 inline __m256i Horner(const uint8_t* row, uint64_t pd, uint32_t from, uint32_t to) {
-  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
-                                          2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 0, 0, 0,
+                                          0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m256i bit = _mm256_setr_epi8(1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 16, 32, 64,
+                                       -128, 16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128);
   __m256i u = _mm256_setzero_si256();
   for (uint32_t p = to; p-- > from;) {
     int32_t word;
@@ -101,26 +114,55 @@ KVPOOL_AVX2 inline __m256i Horner(const uint8_t* row, uint64_t pd, uint32_t from
   return u;
 }
 
+// Group g's 8 channels of Horner's bytes, zero-extended to 32 bits in channel order.
+template <uint32_t g>
+KVPOOL_AVX2 inline __m256i Widen(__m256i bytes) {
+  constexpr char z = char(0x80), b = char(4 * g);
+  return _mm256_shuffle_epi8(
+      bytes, _mm256_setr_epi8(b, z, z, z, char(b + 1), z, z, z, char(b + 2), z, z, z, char(b + 3),
+                              z, z, z, b, z, z, z, char(b + 1), z, z, z, char(b + 2), z, z, z,
+                              char(b + 3), z, z, z));
+}
+
+// 8 elements to o: with a streaming (non-temporal) store when `stream` (o 16-byte aligned), as
+// the AVX-512 decoder's StoreOut (why there).
+template <bool kBf16>
+KVPOOL_AVX2 inline void StoreOut(uint16_t* o, __m256 v, bool stream) {
+  if (stream) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(o), simd::FromFloats8<kBf16>(v));
+  } else {
+    simd::Store8<kBf16>(o, v);
+  }
+}
+
 // Decodes one row (meta, its data at `row`, its coefficient pairs c[i * pitch]) into o. `adj`
 // (D entries, zero) takes the outlier channels' extra planes for the row and is zero again
-// after it.
+// after it; `groups` has bit k set when channels 8k .. 8k + 7 hold an outlier channel.
 template <bool kBf16, uint32_t R>
 KVPOOL_AVX2 void DecodeRowAvx2(const ParsedRows::Head& hd, const Avx2Scratch& s, uint32_t h,
                                uint32_t D, uint8_t meta, const uint8_t* row, const int32_t* c,
-                               uint64_t pitch, int32_t* adj, uint16_t* o) {
+                               uint64_t pitch, int32_t* adj, uint16_t* o, bool stream) {
   const uint32_t b = meta & 15;
   const uint64_t pd = D / 8;
   const uint16_t* outlier = &s.outliers[uint64_t{h} * kMaxOutliers];
-  if (hd.outliers) {  // Outlier k's extra planes: +-2^(b + q), bit k of extra plane q.
+  const uint64_t groups = s.groups[h];
+  if (hd.outliers) {
+    // Outlier k's extra planes, 8 outliers at a time: -(2^(b + E) - 2^b) plus 2^(b + q + 1)
+    // for each set bit k of extra plane q (the sum of +-2^(b + q)), then put at its channel.
     const uint64_t ob = PlaneBytes(hd.outliers);
     const uint8_t* extra = row + b * pd;
-    for (uint32_t k = 0; k < hd.outliers; ++k) {
-      int32_t add = 0;
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    alignas(32) int32_t add[kMaxOutliers];
+    for (uint32_t k = 0; k < hd.outliers; k += 8) {
+      __m256i a = _mm256_set1_epi32(-((1 << (b + hd.extra)) - (1 << b)));
       for (uint32_t q = 0; q < hd.extra; ++q) {
-        add += PlaneBit(extra + q * ob, k) ? (1 << (b + q)) : -(1 << (b + q));
+        const __m256i v = _mm256_and_si256(_mm256_set1_epi32(extra[q * ob + k / 8]), lane);
+        a = _mm256_add_epi32(
+            a, _mm256_and_si256(_mm256_cmpeq_epi32(v, lane), _mm256_set1_epi32(1 << (b + q + 1))));
       }
-      adj[outlier[k]] = add;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(add + k), a);
     }
+    for (uint32_t k = 0; k < hd.outliers; ++k) adj[outlier[k]] = add[k];
   }
   const __m256i top = _mm256_set1_epi32((1 << b) - 1);
   const __m256 vhs = _mm256_set1_ps(RowHalfStep(hd.unit, meta));
@@ -129,37 +171,34 @@ KVPOOL_AVX2 void DecodeRowAvx2(const ParsedRows::Head& hd, const Avx2Scratch& s,
   const int16_t* pairs = &s.pairs[uint64_t{h} * kMaxRank * D];
   __m256i bc[4];
   for (uint32_t i = 0; i < (R + 1) / 2; ++i) bc[i] = _mm256_set1_epi32(c[i * pitch]);
+  // Group g (channels d .. d + 7) of the chunk whose codes are lo (+ hi << 8).
+  const auto group = [&](auto gc, uint32_t ch, __m256i lo, __m256i hi) KVPOOL_AVX2 {
+    constexpr uint32_t g = decltype(gc)::value;
+    const uint32_t d = 32 * ch + 8 * g;
+    __m256i u = Widen<g>(lo);
+    if (b > 8) u = _mm256_or_si256(u, _mm256_slli_epi32(Widen<g>(hi), 8));
+    __m256i n = _mm256_sub_epi32(_mm256_add_epi32(u, u), top);  // 2u - (2^b - 1)
+    if ((groups >> (d / 8)) & 1) {
+      n = _mm256_add_epi32(n, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(adj + d)));
+    }
+    const int16_t* slot = pairs + PairSlot(d, 0);  // Channels d .. d + 7, pair i at + 32 i.
+    __m256i P = _mm256_setzero_si256();
+    for (uint32_t i = 0; i < (R + 1) / 2; ++i) {
+      P = _mm256_add_epi32(
+          P, _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(slot + 32 * i)),
+                               bc[i]));
+    }
+    const __m256 z = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(P), _mm256_loadu_ps(m + d));
+    StoreOut<kBf16>(o + d, _mm256_fmadd_ps(vhs, _mm256_cvtepi32_ps(n), z), stream);
+  };
   for (uint32_t ch = 0; ch < D / 32; ++ch) {
-    // u, the regular planes' code of the chunk's 32 channels, as bytes (high bytes past 8).
     const uint8_t* at = row + 4 * ch;
     const __m256i lo = Horner(at, pd, 0, std::min(b, 8u));
     const __m256i hi = b > 8 ? Horner(at, pd, 8, b) : _mm256_setzero_si256();
-    alignas(32) uint8_t bytes[64];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), lo);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(bytes + 32), hi);
-    for (uint32_t g = 0; g < 4; ++g) {
-      const uint32_t d = 32 * ch + 8 * g;
-      __m256i u =
-          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * g)));
-      if (b > 8) {
-        u = _mm256_or_si256(
-            u, _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                                     reinterpret_cast<const __m128i*>(bytes + 32 + 8 * g))),
-                                 8));
-      }
-      __m256i n = _mm256_sub_epi32(_mm256_add_epi32(u, u), top);  // 2u - (2^b - 1)
-      if (hd.outliers)
-        n = _mm256_add_epi32(n, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(adj + d)));
-      __m256i P = _mm256_setzero_si256();
-      const int16_t* slot = pairs + PairSlot(d, 0);  // Channels d .. d + 7, pair i at + 32 i.
-      for (uint32_t i = 0; i < (R + 1) / 2; ++i) {
-        P = _mm256_add_epi32(
-            P, _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(slot + 32 * i)),
-                                 bc[i]));
-      }
-      const __m256 z = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(P), _mm256_loadu_ps(m + d));
-      simd::Store8<kBf16>(o + d, _mm256_fmadd_ps(vhs, _mm256_cvtepi32_ps(n), z));
-    }
+    group(std::integral_constant<uint32_t, 0>(), ch, lo, hi);
+    group(std::integral_constant<uint32_t, 1>(), ch, lo, hi);
+    group(std::integral_constant<uint32_t, 2>(), ch, lo, hi);
+    group(std::integral_constant<uint32_t, 3>(), ch, lo, hi);
   }
   for (uint32_t k = 0; k < hd.outliers; ++k) adj[outlier[k]] = 0;
 }
@@ -176,18 +215,20 @@ KVPOOL_AVX2 void DecodeAvx2T(const SegmentShape& shape, const ParsedRows& parsed
     fns[h] = ForRank(parsed.heads[h].rank,
                      [](auto R) { return &DecodeRowAvx2<kBf16, decltype(R)::value>; });
   }
-  alignas(32) int32_t adj[512] = {};  // kMaxDim of the fast paths (head_dim checked below).
+  alignas(32) int32_t adj[kMaxDim] = {};
+  const bool stream = reinterpret_cast<uintptr_t>(out) % 16 == 0;
   ForEachRowTokenMajor(shape, parsed, out,
                        [&](uint32_t h, uint32_t t, uint8_t meta, const uint8_t* row, uint16_t* o) {
                          fns[h](parsed.heads[h], s, h, D, meta, row,
-                                &s.pair_coefs[uint64_t{h} * 4 * T + t], T, adj, o);
+                                &s.pair_coefs[uint64_t{h} * 4 * T + t], T, adj, o, stream);
                        });
+  if (stream) _mm_sfence();  // Streaming stores are weakly ordered: order them before return.
 }
 
 }  // namespace
 
 bool DecodeRowsAvx2(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out) {
-  if (!CpuHasAvx2() || shape.head_dim % 32 != 0 || shape.head_dim > 512 || shape.tokens == 0) {
+  if (!CpuHasAvx2() || shape.head_dim % 32 != 0 || shape.head_dim > kMaxDim || shape.tokens == 0) {
     return false;
   }
   if (shape.dtype == DType::kBf16) {

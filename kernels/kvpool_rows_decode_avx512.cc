@@ -5,7 +5,8 @@
 // pair of directions instead of two (the same integers either way). Per segment: the
 // coefficient codes from their planes, the means as floats and the basis codes in pairs; then
 // token after token, head after head (the output streams out in order), each head's rows
-// (head-major in the payload) read through a pointer of their own.
+// (head-major in the payload) read through a pointer of their own. Into a 32-byte aligned
+// output it writes with streaming stores (StoreOut).
 // GCC 12 warns of its own intrinsics headers (their undefined-value helpers) once inlined.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -13,6 +14,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -54,6 +56,18 @@ inline uint32_t Bits32(const uint8_t* plane, uint64_t bytes, uint64_t byte) {
   uint32_t v = 0;
   for (uint64_t i = byte; i < bytes; ++i) v |= uint32_t(plane[i]) << (8 * (i - byte));
   return v;
+}
+
+// 16 elements to o: with a streaming (non-temporal) store when `stream` (o 32-byte aligned). A
+// decoded segment is written once and then sent, or copied to the GPU by DMA; streaming stores
+// do not first read each output line into the cache, as the memcpy it is measured against does
+// not (12% faster decoding into 128 MiB here, as fast into a buffer that stays in cache).
+KVPOOL_ROWS_TARGET inline void StoreOut(uint16_t* o, __m256i y, bool stream) {
+  if (stream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(o), y);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), y);
+  }
 }
 
 // Per-segment tables of the decoder, kept per thread.
@@ -128,11 +142,11 @@ KVPOOL_ROWS_TARGET void Tables(const SegmentShape& shape, const ParsedRows& pars
 }
 
 // Decodes one row: meta, its data at `row`, its coefficient codes c[j * pitch] (j < R), into
-// the D elements at o; `h` the head's index in the scratch tables.
+// the D elements at o (StoreOut's `stream`); `h` the head's index in the scratch tables.
 template <bool kBf16, uint32_t R>
 KVPOOL_ROWS_TARGET void DecodeRow(const ParsedRows::Head& hd, const DecodeScratch& s, uint32_t h,
                                   uint32_t D, uint8_t meta, const uint8_t* row, const int32_t* c,
-                                  uint64_t pitch, uint16_t* o) {
+                                  uint64_t pitch, uint16_t* o, bool stream) {
   const uint32_t b = meta & 15, chunks = D / 32;
   const uint64_t pd = D / 8;
   const __m512 vhs = _mm512_set1_ps(RowHalfStep(hd.unit, meta));
@@ -164,7 +178,7 @@ KVPOOL_ROWS_TARGET void DecodeRow(const ParsedRows::Head& hd, const DecodeScratc
         const __m512 zv =
             _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), _mm512_loadu_ps(m + 16 * k));
         const __m256i y = FromFloats<kBf16>(_mm512_add_ps(zv, _mm512_setzero_ps()));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * k), y);
+        StoreOut(o + 16 * k, y, stream);
       }
       continue;
     }
@@ -189,7 +203,7 @@ KVPOOL_ROWS_TARGET void DecodeRow(const ParsedRows::Head& hd, const DecodeScratc
       }
       const __m512 zv = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), _mm512_loadu_ps(m + 16 * k));
       const __m256i y = FromFloats<kBf16>(_mm512_fmadd_ps(vhs, nf, zv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * k), y);
+      StoreOut(o + 16 * k, y, stream);
     }
   }
 }
@@ -210,11 +224,13 @@ KVPOOL_ROWS_TARGET void DecodeT(const SegmentShape& shape, const ParsedRows& par
     fns[h] =
         ForRank(parsed.heads[h].rank, [](auto R) { return &DecodeRow<kBf16, decltype(R)::value>; });
   }
+  const bool stream = reinterpret_cast<uintptr_t>(out) % 32 == 0;
   ForEachRowTokenMajor(shape, parsed, out,
                        [&](uint32_t h, uint32_t t, uint8_t meta, const uint8_t* row, uint16_t* o) {
                          fns[h](parsed.heads[h], s, h, D, meta, row,
-                                &s.pair_coefs[uint64_t{h} * 4 * T32 + t], T32, o);
+                                &s.pair_coefs[uint64_t{h} * 4 * T32 + t], T32, o, stream);
                        });
+  if (stream) _mm_sfence();  // Streaming stores are weakly ordered: order them before return.
 }
 
 }  // namespace

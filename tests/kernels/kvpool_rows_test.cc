@@ -165,6 +165,20 @@ TEST(KvpoolRows, FastPathIsTheReferenceAndTheBudgetHolds) {
   EXPECT_GT(coded, 60);  // Most key segments take mode 4, the rest (one token, tight budgets) raw.
 }
 
+// A fast decoder writes the reference's values into a 64-byte aligned output (its streaming
+// stores) and into one 2 bytes past that (plain stores).
+void ExpectEachAlignmentDecodes(
+    const SegmentShape& s, const in::ParsedRows& parsed, const std::vector<uint16_t>& ref,
+    bool (*decode)(const SegmentShape&, const in::ParsedRows&, uint16_t*), int n) {
+  in::AlignedVector<uint16_t> buffer(s.Elements() + 1, 0);
+  for (uint16_t* out : {buffer.data(), buffer.data() + 1}) {
+    std::fill(buffer.begin(), buffer.end(), 0);
+    ASSERT_TRUE(decode(s, parsed, out));
+    EXPECT_TRUE(std::equal(ref.begin(), ref.end(), out))
+        << n << (out == buffer.data() ? " aligned" : " unaligned");
+  }
+}
+
 // Both builds of the AVX-512 decoder (with and without VNNI) give the reference's values, on
 // the CPUs that can run them.
 TEST(KvpoolRows, BothAvx512DecodersAreTheReference) {
@@ -179,55 +193,54 @@ TEST(KvpoolRows, BothAvx512DecodersAreTheReference) {
     const std::vector<uint16_t> v = RandomSegment(s, n % 6, rng);
     const std::string p = PayloadOf(Encode(*NormalizeParams(Params(n % 5 ? 0.1f : 0.01f)), s, v));
     if (uint8_t(p[0]) != in::kModeRows) continue;
-    std::vector<uint16_t> ref, out(s.Elements());
+    std::vector<uint16_t> ref;
     ASSERT_TRUE(DecodePayload(s, p, Path::kRef, &ref).ok());
     in::ParsedRows parsed;
     ASSERT_TRUE(
         in::ParseRows(s, reinterpret_cast<const uint8_t*>(p.data()), p.size(), &parsed).ok());
-    ASSERT_TRUE(in::DecodeRowsAvx512Base(s, parsed, out.data()));
-    EXPECT_EQ(out, ref) << n;
-    if (vnni) {
-      std::fill(out.begin(), out.end(), 0);
-      ASSERT_TRUE(in::DecodeRowsAvx512Vnni(s, parsed, out.data()));
-      EXPECT_EQ(out, ref) << n;
-    }
+    ExpectEachAlignmentDecodes(s, parsed, ref, in::DecodeRowsAvx512Base, n);
+    if (vnni) ExpectEachAlignmentDecodes(s, parsed, ref, in::DecodeRowsAvx512Vnni, n);
     ++checked;
   }
   EXPECT_GT(checked, 16);
 }
 
 // The AVX2 decoder (CPUs without AVX-512) gives the reference's values: both dtypes, head_dim
-// 32 to 256, rows with no planes and with more than 8, heads with and without a low-rank part
-// and outlier channels (counted, so that the data keeps covering them); other shapes it
-// declines.
+// 32 to 512, rows with no planes and with more than 8, heads with and without a low-rank part
+// and outlier channels, more than 8 of them (taken 8 at a time), some past channel 256
+// (counted, so that the data keeps covering them); other shapes it declines.
 TEST(KvpoolRows, Avx2DecoderIsTheReference) {
   if (!CpuHasAvx2()) GTEST_SKIP() << "no AVX2";
   std::mt19937_64 rng(31);
   const float budgets[] = {0.003f, 0.02f, 0.1f, 0.5f};
-  const uint32_t dims[] = {32, 64, 96, 128, 256};
+  const uint32_t dims[] = {32, 64, 96, 128, 256, 512};
   const uint32_t tokens[] = {1, 17, 64, 130};
-  int checked = 0, no_planes = 0, wide = 0, outliers = 0, low_rank = 0;
+  int checked = 0, no_planes = 0, wide = 0, outliers = 0, many_outliers = 0, far_outlier = 0;
+  int low_rank = 0;
   for (int n = 0; n < 64; ++n) {
     const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
-    const SegmentShape s = Shape(tokens[n % 4], 1 + rng() % 3, dims[rng() % 5], dt,
+    const SegmentShape s = Shape(tokens[n % 4], 1 + rng() % 3, dims[rng() % 6], dt,
                                  n % 3 ? SegmentKind::kKey : SegmentKind::kValue);
-    const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 6), rng);
+    const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 7), rng);
     const std::string p = PayloadOf(Encode(*NormalizeParams(Params(budgets[rng() % 4])), s, v));
     if (uint8_t(p[0]) != in::kModeRows) continue;
-    std::vector<uint16_t> ref, out(s.Elements(), 0);
+    std::vector<uint16_t> ref;
     ASSERT_TRUE(DecodePayload(s, p, Path::kRef, &ref).ok());
     in::ParsedRows parsed;
     ASSERT_TRUE(
         in::ParseRows(s, reinterpret_cast<const uint8_t*>(p.data()), p.size(), &parsed).ok());
-    ASSERT_TRUE(in::DecodeRowsAvx2(s, parsed, out.data()));
-    EXPECT_EQ(out, ref) << n;
+    ExpectEachAlignmentDecodes(s, parsed, ref, in::DecodeRowsAvx2, n);
     for (uint64_t i = 0; i < uint64_t{s.tokens} * s.kv_heads; ++i) {
       no_planes += (parsed.metas[i] & 15) == 0;
       wide += (parsed.metas[i] & 15) > 8;
     }
     for (const in::ParsedRows::Head& hd : parsed.heads) {
       outliers += hd.outliers > 0 && hd.extra > 0;
+      many_outliers += hd.outliers > 8 && hd.extra > 0;
       low_rank += hd.rank > 0;
+      for (uint32_t k = 0; k < hd.outliers; ++k) {
+        far_outlier += hd.extra > 0 && in::Load16(parsed.outliers + 2 * (hd.outlier + k)) >= 256;
+      }
     }
     ++checked;
   }
@@ -235,6 +248,8 @@ TEST(KvpoolRows, Avx2DecoderIsTheReference) {
   EXPECT_GT(no_planes, 0);
   EXPECT_GT(wide, 0);
   EXPECT_GT(outliers, 0);
+  EXPECT_GT(many_outliers, 0);
+  EXPECT_GT(far_outlier, 0);
   EXPECT_GT(low_rank, 0);
   const SegmentShape odd = Shape(64, 1, 48, DType::kFp16);  // head_dim not a multiple of 32
   const std::vector<uint16_t> v = RandomSegment(odd, 2, rng);
@@ -506,6 +521,41 @@ TEST(KvpoolRows, MalformedFieldsAreDataLoss) {
     std::vector<uint16_t> out;
     for (Path path : {Path::kRef, Path::kCpu}) {
       EXPECT_EQ(DecodePayload(s, p, path, &out).code(), absl::StatusCode::kDataLoss);
+    }
+  }
+}
+
+// Padding bits set in a row's last plane byte, regular (head_dim 60: 4 bits) or an outlier
+// channels' extra plane (a count not a multiple of 8), are DataLoss on both paths; the same
+// payload untouched decodes.
+TEST(KvpoolRows, RowPlanePaddingIsDataLoss) {
+  std::mt19937_64 rng(12);
+  const SegmentShape s = Shape(40, 1, 60);
+  const std::string good =
+      PayloadOf(Encode(*NormalizeParams(Params(0.02f)), s, RandomSegment(s, 6, rng)));
+  ASSERT_EQ(uint8_t(good[0]), in::kModeRows);
+  in::ParsedRows parsed;
+  ASSERT_TRUE(
+      in::ParseRows(s, reinterpret_cast<const uint8_t*>(good.data()), good.size(), &parsed).ok());
+  const in::ParsedRows::Head& hd = parsed.heads[0];
+  ASSERT_GT(hd.extra, 0u);
+  ASSERT_NE(hd.outliers % 8, 0u);
+  // The first row with a regular plane: its first plane's last byte, and its first extra
+  // plane's last byte.
+  uint64_t at = uint64_t(parsed.rows - reinterpret_cast<const uint8_t*>(good.data()));
+  uint32_t t = 0;
+  while (t < s.tokens && (parsed.metas[t] & 15) == 0) at += in::RowBytes(hd, 60, parsed.metas[t++]);
+  ASSERT_LT(t, s.tokens);
+  const uint64_t regular = at + in::PlaneBytes(60) - 1;
+  const uint64_t extra =
+      at + (parsed.metas[t] & 15) * in::PlaneBytes(60) + in::PlaneBytes(hd.outliers) - 1;
+  for (const auto& [where, bit] : {std::pair{regular, 0x80}, std::pair{extra, 0x80}}) {
+    std::string p = good;
+    p[where] = char(uint8_t(p[where]) | bit);
+    for (Path path : {Path::kRef, Path::kCpu}) {
+      std::vector<uint16_t> out;
+      EXPECT_EQ(DecodePayload(s, p, path, &out).code(), absl::StatusCode::kDataLoss) << where;
+      EXPECT_TRUE(DecodePayload(s, good, path, &out).ok());
     }
   }
 }
