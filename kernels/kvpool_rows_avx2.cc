@@ -18,6 +18,7 @@ namespace kvpool::kernels::kvpool::internal {
 namespace {
 
 constexpr uint32_t kMaxDim = 512;  // Widest head these kernels take (stack buffers).
+static_assert(kMaxDim / 8 <= 64, "a head's groups of 8 channels are the bits of one word");
 
 using simd::Load8;
 using simd::Tree16;
@@ -27,20 +28,6 @@ KVPOOL_AVX2 inline __m256i OutlierLanes8(const RowHead& hd, uint32_t d) {
   const uint32_t bits = (hd.outlier_masks[d / 32] >> (d % 32)) & 0xff;
   const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(bits)), lane), lane);
-}
-
-// 32 codes (int32) to their bytes: low (bits 0-7) or, with shift 8, bits 8-15.
-KVPOOL_AVX2 inline __m256i CodeBytes(const int32_t* u, int shift) {
-  const __m256i low = _mm256_set1_epi32(0xff);
-  __m256i v[4];
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_and_si256(
-        _mm256_srli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(u + 8 * i)), shift),
-        low);
-  }
-  const __m256i ab = _mm256_packus_epi32(v[0], v[1]), cd = _mm256_packus_epi32(v[2], v[3]);
-  return _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd),
-                                     _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
 // Plane p (< 8) of 32 code bytes: bit p of byte i at bit i.
@@ -114,17 +101,42 @@ KVPOOL_AVX2 void ProjectRowAvx2(const RowHead& hd, const uint16_t* x, int16_t* c
          Tree16(en[0], en[1])};
 }
 
+// 32 int32 codes, all below 2^15, to bytes: their low bytes (`mask`: codes may pass 255) or
+// bits 8-15 (`shift` 8), in channel order.
+KVPOOL_AVX2 inline __m256i PackBytes(const __m256i* u, int shift, bool mask) {
+  __m256i v[4];
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_srli_epi32(u[i], shift);
+    if (mask) v[i] = _mm256_and_si256(v[i], _mm256_set1_epi32(0xff));
+  }
+  const __m256i ab = _mm256_packus_epi32(v[0], v[1]), cd = _mm256_packus_epi32(v[2], v[3]);
+  return _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd),
+                                     _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 // One row's quantisation (the reference's QuantizeRowRef) from ProjectRowAvx2's arrays, with
-// its meta byte and half step: its planes into `out`, its squared error.
+// its meta byte and half step: its planes into `out`, its squared error. Groups of 8 channels
+// without an outlier channel (bit g of `groups` clear) skip the blends between the regular and
+// the outlier parameters; a row without planes measures only its prediction's rounding (n = 0:
+// y = to_dtype(fma(hs, 0, z)), whose error equals to_dtype(z)'s, -0 and +0 alike). The codes go
+// to bytes in registers, 32 channels at a time.
 template <bool kBf16>
 KVPOOL_AVX2 float QuantizeRowAvx2(const RowHead& hd, const float* xf, const float* zf,
-                                  const float* outlier_lanes, uint8_t meta, float hs,
-                                  uint8_t* out) {
+                                  const float* outlier_lanes, uint64_t groups, uint8_t meta,
+                                  float hs, uint8_t* out) {
   const uint32_t D = hd.D;
-  alignas(32) int32_t codes[kMaxDim];
   const __m256 zero = _mm256_setzero_ps();
-  // Codes into `codes`, error in 16 lanes.
   const uint32_t b = meta & 15, bo = hd.outliers ? b + hd.extra : b;
+  __m256 err[2] = {zero, zero};
+  if (b == 0 && hd.outliers == 0) {
+    for (uint32_t d = 0; d < D; d += 8) {
+      const __m256 e =
+          _mm256_sub_ps(simd::RoundTrip8<kBf16>(_mm256_load_ps(zf + d)), _mm256_load_ps(xf + d));
+      err[(d / 8) & 1] = _mm256_fmadd_ps(e, e, err[(d / 8) & 1]);
+    }
+    return Tree16(err[0], err[1]);
+  }
+  alignas(32) int32_t codes[kMaxDim];  // The outlier channels' (for their extra planes).
   const __m256 vinv = _mm256_set1_ps(1.f / (2.f * hs)), vhs = _mm256_set1_ps(hs);
   const __m256 half_r = _mm256_set1_ps(b ? float(1u << (b - 1)) : 0.f);
   const __m256 top_r = _mm256_set1_ps(float((1u << b) - 1));
@@ -133,45 +145,61 @@ KVPOOL_AVX2 float QuantizeRowAvx2(const RowHead& hd, const float* xf, const floa
   const __m256 two = _mm256_set1_ps(2.f);
   const __m256 live_r = _mm256_castsi256_ps(_mm256_set1_epi32(b ? -1 : 0));
   const __m256 live_o = _mm256_castsi256_ps(_mm256_set1_epi32(bo ? -1 : 0));
-  __m256 err[2] = {zero, zero};
-  for (uint32_t d = 0; d < D; d += 8) {
-    const uint32_t half = (d / 8) & 1;
-    const __m256 v = _mm256_load_ps(xf + d), z = _mm256_load_ps(zf + d);
-    const __m256 om = hd.outliers ? _mm256_load_ps(outlier_lanes + d) : _mm256_setzero_ps();
-    const __m256 top = _mm256_blendv_ps(top_r, top_o, om);
-    const __m256 live = _mm256_blendv_ps(live_r, live_o, om);
-    const __m256 q = _mm256_floor_ps(_mm256_mul_ps(_mm256_sub_ps(v, z), vinv));
-    __m256 u = _mm256_add_ps(q, _mm256_blendv_ps(half_r, half_o, om));
-    u = _mm256_and_ps(live, _mm256_min_ps(top, _mm256_max_ps(zero, u)));
-    const __m256 n = _mm256_and_ps(live, _mm256_fmsub_ps(two, u, top));  // 2u exact
-    const __m256 e = _mm256_sub_ps(simd::RoundTrip8<kBf16>(_mm256_fmadd_ps(vhs, n, z)), v);
-    err[half] = _mm256_fmadd_ps(e, e, err[half]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(codes + d), _mm256_cvtps_epi32(u));
-  }
-  const float row_err = Tree16(err[0], err[1]);
-  // Planes: b regular planes of every channel, then E extra planes of the outlier channels.
   const uint64_t pd = D / 8;
   for (uint32_t c = 0; c < D; c += 32) {
-    const __m256i low = CodeBytes(codes + c, 0);
-    for (uint32_t p = 0; p < std::min(b, 8u); ++p) {
-      const uint32_t w = BytePlane(low, int(p));
-      std::memcpy(out + p * pd + c / 8, &w, 4);
+    __m256i ui[4];
+    for (uint32_t g = 0; g < 4; ++g) {
+      const uint32_t d = c + 8 * g;
+      const __m256 v = _mm256_load_ps(xf + d), z = _mm256_load_ps(zf + d);
+      const __m256 q = _mm256_floor_ps(_mm256_mul_ps(_mm256_sub_ps(v, z), vinv));
+      __m256 u, n;
+      if (((groups >> (d / 8)) & 1) == 0) {  // Regular channels only.
+        u = _mm256_and_ps(live_r,
+                          _mm256_min_ps(top_r, _mm256_max_ps(zero, _mm256_add_ps(q, half_r))));
+        n = _mm256_and_ps(live_r, _mm256_fmsub_ps(two, u, top_r));  // 2u exact
+      } else {
+        const __m256 om = _mm256_load_ps(outlier_lanes + d);
+        const __m256 top = _mm256_blendv_ps(top_r, top_o, om);
+        const __m256 live = _mm256_blendv_ps(live_r, live_o, om);
+        u = _mm256_add_ps(q, _mm256_blendv_ps(half_r, half_o, om));
+        u = _mm256_and_ps(live, _mm256_min_ps(top, _mm256_max_ps(zero, u)));
+        n = _mm256_and_ps(live, _mm256_fmsub_ps(two, u, top));
+      }
+      const __m256 e = _mm256_sub_ps(simd::RoundTrip8<kBf16>(_mm256_fmadd_ps(vhs, n, z)), v);
+      err[g & 1] = _mm256_fmadd_ps(e, e, err[g & 1]);
+      ui[g] = _mm256_cvtps_epi32(u);
+      if (hd.outliers) _mm256_store_si256(reinterpret_cast<__m256i*>(codes + d), ui[g]);
+    }
+    // Planes: b regular planes of every channel (the low b bits of outlier channels' codes).
+    if (b > 0) {
+      const __m256i low = PackBytes(ui, 0, hd.outliers != 0 || b > 8);
+      for (uint32_t p = 0; p < std::min(b, 8u); ++p) {
+        const uint32_t w = BytePlane(low, int(p));
+        std::memcpy(out + p * pd + c / 8, &w, 4);
+      }
     }
     if (b > 8) {
-      const __m256i high = CodeBytes(codes + c, 8);
+      const __m256i high = PackBytes(ui, 8, true);
       for (uint32_t p = 8; p < b; ++p) {
         const uint32_t w = BytePlane(high, int(p - 8));
         std::memcpy(out + p * pd + c / 8, &w, 4);
       }
     }
   }
-  if (hd.outliers) {
+  const float row_err = Tree16(err[0], err[1]);
+  if (hd.outliers) {  // Extra plane q: bit b + q of each outlier channel's code, 8 at a time.
     const uint64_t ob = PlaneBytes(hd.outliers);
+    alignas(32) int32_t oc[kMaxOutliers];
+    for (uint32_t k = 0; k < hd.outliers; ++k) oc[k] = codes[hd.outlier[k]];
     for (uint32_t q = 0; q < hd.extra; ++q) {
+      const __m128i shift = _mm_cvtsi32_si128(31 - int(b + q));  // Bit b + q to the sign.
       uint32_t bits = 0;
-      for (uint32_t k = 0; k < hd.outliers; ++k) {
-        bits |= ((uint32_t(codes[hd.outlier[k]]) >> (b + q)) & 1u) << k;
+      for (uint32_t k = 0; k < hd.outliers; k += 8) {
+        const __m256i v =
+            _mm256_sll_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(oc + k)), shift);
+        bits |= uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(v))) << k;
       }
+      if (hd.outliers < 32) bits &= (1u << hd.outliers) - 1;
       std::memcpy(out + b * pd + q * ob, &bits, ob);
     }
   }
@@ -185,8 +213,11 @@ KVPOOL_AVX2 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t r
   // Phase by phase over the block (project all, choose all, quantise all), as on AVX-512.
   alignas(32) float xf[kRowBlock * kMaxDim], zf[kRowBlock * kMaxDim], outlier_lanes[kMaxDim];
   const uint32_t D = hd.D;
+  uint64_t groups = 0;  // Bit g: channels 8g .. 8g + 7 hold an outlier channel.
   for (uint32_t d = 0; d < D && hd.outliers; d += 8) {  // The head's, once for the block.
-    _mm256_store_ps(outlier_lanes + d, _mm256_castsi256_ps(OutlierLanes8(hd, d)));
+    const __m256i lanes = OutlierLanes8(hd, d);
+    _mm256_store_ps(outlier_lanes + d, _mm256_castsi256_ps(lanes));
+    groups |= uint64_t{_mm256_movemask_ps(_mm256_castsi256_ps(lanes)) != 0} << (d / 8);
   }
   for (uint32_t i = 0; i < rows; ++i) {
     ProjectRowAvx2<kBf16, R>(hd, x[i], coefs + i * kMaxRank, xf + i * D, zf + i * D,
@@ -198,7 +229,8 @@ KVPOOL_AVX2 bool EncodeR(const RowHead& hd, const uint16_t* const* x, uint32_t r
     meta[i] = choose(ctx, i, st[i], &hs[i]);
   }
   for (uint32_t i = 0; i < rows; ++i) {
-    err[i] = QuantizeRowAvx2<kBf16>(hd, xf + i * D, zf + i * D, outlier_lanes, meta[i], hs[i], out);
+    err[i] = QuantizeRowAvx2<kBf16>(hd, xf + i * D, zf + i * D, outlier_lanes, groups, meta[i],
+                                    hs[i], out);
     out += RowBytesOf(hd, meta[i]);
   }
   return true;

@@ -263,7 +263,7 @@ TEST(KvpoolRows, Avx2DecoderIsTheReference) {
 }
 
 // The AVX2 encoder kernels (CPUs without AVX-512) write the reference kernels' payloads byte for
-// byte: keys, and values with their keys' payload, over both dtypes, head_dim 32 to 256 (their
+// byte: keys, and values with their keys' payload, over both dtypes, head_dim 32 to 512 (their
 // sample's Gram products of any length), budgets from more than 8 planes a row to none.
 TEST(KvpoolRows, Avx2EncoderIsTheReference) {
   const in::RowKernels* avx2 = in::RowKernelsAvx2(128);
@@ -271,12 +271,12 @@ TEST(KvpoolRows, Avx2EncoderIsTheReference) {
   EXPECT_EQ(in::RowKernelsAvx2(48), nullptr);  // head_dim not a multiple of 32
   std::mt19937_64 rng(41);
   const float budgets[] = {0.003f, 0.02f, 0.1f, 0.3f, 0.6f};
-  const uint32_t dims[] = {32, 64, 96, 128, 256};
+  const uint32_t dims[] = {32, 64, 96, 128, 256, 512};
   const uint32_t tokens[] = {1, 16, 17, 64, 200, 256};
   int coded = 0, wide = 0, many_outliers = 0;
   for (int n = 0; n < 40; ++n) {
     const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
-    SegmentShape s = Shape(tokens[rng() % 6], 1 + rng() % 3, dims[rng() % 5], dt);
+    SegmentShape s = Shape(tokens[rng() % 6], 1 + rng() % 3, dims[rng() % 6], dt);
     const CodecParams p = *NormalizeParams(Params(budgets[rng() % 5]));
     const int type = int(rng() % 6);
     const std::vector<uint16_t> k = RandomSegment(s, type == 1 ? 1 : n % 4 == 3 ? 6 : 5, rng);
