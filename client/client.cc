@@ -72,12 +72,17 @@ absl::StatusOr<std::string> DecodeBlocks(const KvSpec& spec, uint64_t blocks,
   std::string out;  // Every byte is written by a segment's decode.
   absl::strings_internal::STLStringResizeUninitialized(&out, blocks * spec.BlockBytes());
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data());
+  // A large get's bytes are handed on, not read here: written with streaming stores where the
+  // decoder has them, except segments scaled right after (kernels::StreamingOutput).
+  constexpr uint64_t kStreamGetsFrom = uint64_t{16} << 20;
+  const bool large = out.size() >= kStreamGetsFrom;
   uint64_t offset = 0;
   for (uint64_t i = 0; i < blocks * segments; ++i) {
     const uint64_t n = sizes.Get(static_cast<int>(i));
     if (n > wire.size() - offset) return absl::DataLossError("Get: segment sizes exceed the data");
     shape.kind = i % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
     absl::Span<uint16_t> out_segment(dst + i * elements, elements);
+    const kernels::StreamingOutput streaming(large && scales[i] == 1.f);
     absl::Status s = kernels::DecodeSegment(wire.substr(offset, n), out_segment,
                                             kernels::Path::kCpu, &shape);
     if (!s.ok()) return Annotate(s, absl::StrCat("Get: segment ", i));

@@ -180,6 +180,14 @@ bool CpuHasAvx512Vnni() {
   return has;
 }
 
+namespace {
+thread_local int streaming_outputs = 0;  // Enabled StreamingOutputs alive on this thread.
+}  // namespace
+
+StreamingOutput::StreamingOutput(bool enable) : enable_(enable) { streaming_outputs += enable_; }
+StreamingOutput::~StreamingOutput() { streaming_outputs -= enable_; }
+bool StreamingOutput::Wanted() { return streaming_outputs > 0; }
+
 absl::StatusOr<CodecParams> NormalizeParams(CodecParams p) {
   switch (p.codec) {
     case CodecId::kRaw:

@@ -189,7 +189,7 @@ KVPOOL_AVX2 float QuantizeRowAvx2(const RowHead& hd, const float* xf, const floa
   const float row_err = Tree16(err[0], err[1]);
   if (hd.outliers) {  // Extra plane q: bit b + q of each outlier channel's code, 8 at a time.
     const uint64_t ob = PlaneBytes(hd.outliers);
-    alignas(32) int32_t oc[kMaxOutliers];
+    alignas(32) int32_t oc[kMaxOutliers] = {};  // Lanes past the outliers are loaded, not used.
     for (uint32_t k = 0; k < hd.outliers; ++k) oc[k] = codes[hd.outlier[k]];
     for (uint32_t q = 0; q < hd.extra; ++q) {
       const __m128i shift = _mm_cvtsi32_si128(31 - int(b + q));  // Bit b + q to the sign.

@@ -7,8 +7,8 @@
 // channels to 32-bit lanes. The outlier channels' extra planes are summed 8 outliers at a time
 // and added only to the groups of 8 channels that hold one. The prediction and the output are
 // the reference's float operations, 8 channels at a time. Like the AVX-512 decoder it goes
-// token after token, a pointer per head, so the output streams out in order, and into an
-// aligned output (16 bytes here) it writes with streaming stores.
+// token after token, a pointer per head, so the output streams out in order, and under a
+// StreamingOutput (codec.h) writes a 16-byte aligned output with streaming stores.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -124,8 +124,8 @@ KVPOOL_AVX2 inline __m256i Widen(__m256i bytes) {
                               char(b + 3), z, z, z));
 }
 
-// 8 elements to o: with a streaming (non-temporal) store when `stream` (o 16-byte aligned), as
-// the AVX-512 decoder's StoreOut (why there).
+// 8 elements to o: with a streaming (non-temporal) store when `stream` (o 16-byte aligned; see
+// StreamingOutput in codec.h).
 template <bool kBf16>
 KVPOOL_AVX2 inline void StoreOut(uint16_t* o, __m256 v, bool stream) {
   if (stream) {
@@ -216,7 +216,7 @@ KVPOOL_AVX2 void DecodeAvx2T(const SegmentShape& shape, const ParsedRows& parsed
                      [](auto R) { return &DecodeRowAvx2<kBf16, decltype(R)::value>; });
   }
   alignas(32) int32_t adj[kMaxDim] = {};
-  const bool stream = reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const bool stream = StreamingOutput::Wanted() && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   ForEachRowTokenMajor(shape, parsed, out,
                        [&](uint32_t h, uint32_t t, uint8_t meta, const uint8_t* row, uint16_t* o) {
                          fns[h](parsed.heads[h], s, h, D, meta, row,

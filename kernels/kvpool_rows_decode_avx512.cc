@@ -5,8 +5,8 @@
 // pair of directions instead of two (the same integers either way). Per segment: the
 // coefficient codes from their planes, the means as floats and the basis codes in pairs; then
 // token after token, head after head (the output streams out in order), each head's rows
-// (head-major in the payload) read through a pointer of their own. Into a 32-byte aligned
-// output it writes with streaming stores (StoreOut).
+// (head-major in the payload) read through a pointer of their own. Under a StreamingOutput
+// (codec.h) it writes a 16-byte aligned output with streaming stores (StoreOut).
 // GCC 12 warns of its own intrinsics headers (their undefined-value helpers) once inlined.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -58,15 +58,24 @@ inline uint32_t Bits32(const uint8_t* plane, uint64_t bytes, uint64_t byte) {
   return v;
 }
 
-// 16 elements to o: with a streaming (non-temporal) store when `stream` (o 32-byte aligned). A
-// decoded segment is written once and then sent, or copied to the GPU by DMA; streaming stores
-// do not first read each output line into the cache, as the memcpy it is measured against does
-// not (12% faster decoding into 128 MiB here, as fast into a buffer that stays in cache).
-KVPOOL_ROWS_TARGET inline void StoreOut(uint16_t* o, __m256i y, bool stream) {
-  if (stream) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(o), y);
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), y);
+// How StoreOut writes: plain stores, or streaming (non-temporal) ones of 32 bytes (o 32-byte
+// aligned) or of twice 16 (16-byte aligned; large buffers from malloc lie at 16 mod 32). See
+// StreamingOutput in codec.h.
+enum class Stores { kPlain, kStream32, kStream16 };
+
+// 16 elements to o.
+KVPOOL_ROWS_TARGET inline void StoreOut(uint16_t* o, __m256i y, Stores stores) {
+  switch (stores) {
+    case Stores::kPlain:
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), y);
+      break;
+    case Stores::kStream32:
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(o), y);
+      break;
+    case Stores::kStream16:
+      _mm_stream_si128(reinterpret_cast<__m128i*>(o), _mm256_castsi256_si128(y));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(o + 8), _mm256_extracti128_si256(y, 1));
+      break;
   }
 }
 
@@ -142,11 +151,11 @@ KVPOOL_ROWS_TARGET void Tables(const SegmentShape& shape, const ParsedRows& pars
 }
 
 // Decodes one row: meta, its data at `row`, its coefficient codes c[j * pitch] (j < R), into
-// the D elements at o (StoreOut's `stream`); `h` the head's index in the scratch tables.
+// the D elements at o (StoreOut's `stores`); `h` the head's index in the scratch tables.
 template <bool kBf16, uint32_t R>
 KVPOOL_ROWS_TARGET void DecodeRow(const ParsedRows::Head& hd, const DecodeScratch& s, uint32_t h,
                                   uint32_t D, uint8_t meta, const uint8_t* row, const int32_t* c,
-                                  uint64_t pitch, uint16_t* o, bool stream) {
+                                  uint64_t pitch, uint16_t* o, Stores stores) {
   const uint32_t b = meta & 15, chunks = D / 32;
   const uint64_t pd = D / 8;
   const __m512 vhs = _mm512_set1_ps(RowHalfStep(hd.unit, meta));
@@ -178,7 +187,7 @@ KVPOOL_ROWS_TARGET void DecodeRow(const ParsedRows::Head& hd, const DecodeScratc
         const __m512 zv =
             _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), _mm512_loadu_ps(m + 16 * k));
         const __m256i y = FromFloats<kBf16>(_mm512_add_ps(zv, _mm512_setzero_ps()));
-        StoreOut(o + 16 * k, y, stream);
+        StoreOut(o + 16 * k, y, stores);
       }
       continue;
     }
@@ -203,7 +212,7 @@ KVPOOL_ROWS_TARGET void DecodeRow(const ParsedRows::Head& hd, const DecodeScratc
       }
       const __m512 zv = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(P), _mm512_loadu_ps(m + 16 * k));
       const __m256i y = FromFloats<kBf16>(_mm512_fmadd_ps(vhs, nf, zv));
-      StoreOut(o + 16 * k, y, stream);
+      StoreOut(o + 16 * k, y, stores);
     }
   }
 }
@@ -224,13 +233,17 @@ KVPOOL_ROWS_TARGET void DecodeT(const SegmentShape& shape, const ParsedRows& par
     fns[h] =
         ForRank(parsed.heads[h].rank, [](auto R) { return &DecodeRow<kBf16, decltype(R)::value>; });
   }
-  const bool stream = reinterpret_cast<uintptr_t>(out) % 32 == 0;
+  const uintptr_t at = reinterpret_cast<uintptr_t>(out);
+  const Stores stores = !StreamingOutput::Wanted() || at % 16 != 0 ? Stores::kPlain
+                        : at % 32 == 0                             ? Stores::kStream32
+                                                                   : Stores::kStream16;
   ForEachRowTokenMajor(shape, parsed, out,
                        [&](uint32_t h, uint32_t t, uint8_t meta, const uint8_t* row, uint16_t* o) {
                          fns[h](parsed.heads[h], s, h, D, meta, row,
-                                &s.pair_coefs[uint64_t{h} * 4 * T32 + t], T32, o, stream);
+                                &s.pair_coefs[uint64_t{h} * 4 * T32 + t], T32, o, stores);
                        });
-  if (stream) _mm_sfence();  // Streaming stores are weakly ordered: order them before return.
+  if (stores != Stores::kPlain)
+    _mm_sfence();  // Streaming stores are weakly ordered: order them before return.
 }
 
 }  // namespace

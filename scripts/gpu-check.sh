@@ -4,9 +4,9 @@
 # Logs go to $OUT (default: ./gpu-out); a summary is printed last.
 # Usage: scripts/gpu-check.sh BUNDLE.tar.gz [STEPS (all)]
 #   STEPS: comma-separated gpu-tests (ctest -L gpu), rest (the rest of the suite), codec
-#   (kvpool-bench codec, given $BENCH_ARGS, default "--paths cpu,cuda": the reference's loops take
-#   minutes and are measured without a GPU anyway; e.g. "--only kivi --paths cuda"), fusion
-#   (kvpool-bench fusion);
+#   (kvpool-bench codec --paths cpu,cuda: the reference's loops take minutes and are measured
+#   without a GPU anyway; then $BENCH_ARGS, e.g. "--only kivi" or "--paths cuda", the last
+#   --paths winning), fusion (kvpool-bench fusion);
 #   all = every one.
 set -uo pipefail
 bundle=${1:?usage: scripts/gpu-check.sh BUNDLE.tar.gz [STEPS]}
@@ -36,7 +36,7 @@ if [[ $steps == *,rest,* ]]; then
   summary+=("ctest (rest, GPU present): $(grep -E 'tests passed|tests failed' "$out/ctest-rest.log")")
 fi
 if [[ $steps == *,codec,* ]]; then
-  ./bin/kvpool-bench codec ${BENCH_ARGS:---paths cpu,cuda} > "$out/bench-codec.txt" 2>&1
+  ./bin/kvpool-bench codec --paths cpu,cuda ${BENCH_ARGS:-} > "$out/bench-codec.txt" 2>&1
 fi
 if [[ $steps == *,fusion,* ]]; then
   ./bin/kvpool-bench fusion > "$out/bench-fusion.txt" 2>&1

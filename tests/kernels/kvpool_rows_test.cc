@@ -3,6 +3,7 @@
 // bit, odd shapes, token classes, and malformed payloads.
 #include "kernels/kvpool_rows.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -165,17 +166,27 @@ TEST(KvpoolRows, FastPathIsTheReferenceAndTheBudgetHolds) {
   EXPECT_GT(coded, 60);  // Most key segments take mode 4, the rest (one token, tight budgets) raw.
 }
 
-// A fast decoder writes the reference's values into a 64-byte aligned output (its streaming
-// stores) and into one 2 bytes past that (plain stores).
+// A fast decoder writes the reference's values, and nothing around them, into outputs 0, 2,
+// 16 and 32 bytes past a 64-byte boundary, with plain stores and under a StreamingOutput (its
+// streaming stores where the output is 16-byte aligned, of 32 bytes where 32-byte aligned).
 void ExpectEachAlignmentDecodes(
     const SegmentShape& s, const in::ParsedRows& parsed, const std::vector<uint16_t>& ref,
     bool (*decode)(const SegmentShape&, const in::ParsedRows&, uint16_t*), int n) {
-  in::AlignedVector<uint16_t> buffer(s.Elements() + 1, 0);
-  for (uint16_t* out : {buffer.data(), buffer.data() + 1}) {
-    std::fill(buffer.begin(), buffer.end(), 0);
-    ASSERT_TRUE(decode(s, parsed, out));
-    EXPECT_TRUE(std::equal(ref.begin(), ref.end(), out))
-        << n << (out == buffer.data() ? " aligned" : " unaligned");
+  constexpr uint16_t kGuard = 0xa5a5;
+  in::AlignedVector<uint16_t> buffer(s.Elements() + 64);
+  for (const bool streaming : {false, true}) {
+    const StreamingOutput scope(streaming);
+    for (const uint64_t offset : {0, 1, 8, 16}) {
+      std::fill(buffer.begin(), buffer.end(), kGuard);
+      uint16_t* out = buffer.data() + offset;
+      ASSERT_TRUE(decode(s, parsed, out));
+      EXPECT_TRUE(std::equal(ref.begin(), ref.end(), out))
+          << n << " offset " << offset << (streaming ? " streaming" : "");
+      EXPECT_TRUE(std::all_of(buffer.data(), out, [](uint16_t v) { return v == kGuard; })) << n;
+      EXPECT_TRUE(std::all_of(out + ref.size(), buffer.data() + buffer.size(), [](uint16_t v) {
+        return v == kGuard;
+      })) << n;
+    }
   }
 }
 
@@ -206,9 +217,10 @@ TEST(KvpoolRows, BothAvx512DecodersAreTheReference) {
 }
 
 // The AVX2 decoder (CPUs without AVX-512) gives the reference's values: both dtypes, head_dim
-// 32 to 512, rows with no planes and with more than 8, heads with and without a low-rank part
-// and outlier channels, more than 8 of them (taken 8 at a time), some past channel 256
-// (counted, so that the data keeps covering them); other shapes it declines.
+// 32 to 512, rows with no planes (also in heads with outlier planes) and with more than 8, heads
+// with and without a low-rank part and outlier channels, more than 8 of them (taken 8 at a
+// time; counts not a multiple of 8, and 32), some past channel 256 (counted, so that the data
+// keeps covering them); other shapes it declines.
 TEST(KvpoolRows, Avx2DecoderIsTheReference) {
   if (!CpuHasAvx2()) GTEST_SKIP() << "no AVX2";
   std::mt19937_64 rng(31);
@@ -216,7 +228,7 @@ TEST(KvpoolRows, Avx2DecoderIsTheReference) {
   const uint32_t dims[] = {32, 64, 96, 128, 256, 512};
   const uint32_t tokens[] = {1, 17, 64, 130};
   int checked = 0, no_planes = 0, wide = 0, outliers = 0, many_outliers = 0, far_outlier = 0;
-  int low_rank = 0;
+  int low_rank = 0, bare_outlier_rows = 0, odd_many = 0, full = 0;
   for (int n = 0; n < 64; ++n) {
     const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
     const SegmentShape s = Shape(tokens[n % 4], 1 + rng() % 3, dims[rng() % 6], dt,
@@ -233,10 +245,14 @@ TEST(KvpoolRows, Avx2DecoderIsTheReference) {
     for (uint64_t i = 0; i < uint64_t{s.tokens} * s.kv_heads; ++i) {
       no_planes += (parsed.metas[i] & 15) == 0;
       wide += (parsed.metas[i] & 15) > 8;
+      const in::ParsedRows::Head& hd = parsed.heads[i / s.tokens];
+      bare_outlier_rows += (parsed.metas[i] & 15) == 0 && hd.outliers > 0 && hd.extra > 0;
     }
     for (const in::ParsedRows::Head& hd : parsed.heads) {
       outliers += hd.outliers > 0 && hd.extra > 0;
       many_outliers += hd.outliers > 8 && hd.extra > 0;
+      odd_many += hd.outliers > 8 && hd.outliers % 8 != 0 && hd.extra > 0;
+      full += hd.outliers == in::kMaxOutliers && hd.extra > 0;
       low_rank += hd.rank > 0;
       for (uint32_t k = 0; k < hd.outliers; ++k) {
         far_outlier += hd.extra > 0 && in::Load16(parsed.outliers + 2 * (hd.outlier + k)) >= 256;
@@ -250,6 +266,9 @@ TEST(KvpoolRows, Avx2DecoderIsTheReference) {
   EXPECT_GT(outliers, 0);
   EXPECT_GT(many_outliers, 0);
   EXPECT_GT(far_outlier, 0);
+  EXPECT_GT(bare_outlier_rows, 0);  // Rows of only their outlier channels' extra planes.
+  EXPECT_GT(odd_many, 0);
+  EXPECT_GT(full, 0);
   EXPECT_GT(low_rank, 0);
   const SegmentShape odd = Shape(64, 1, 48, DType::kFp16);  // head_dim not a multiple of 32
   const std::vector<uint16_t> v = RandomSegment(odd, 2, rng);
@@ -526,36 +545,50 @@ TEST(KvpoolRows, MalformedFieldsAreDataLoss) {
 }
 
 // Padding bits set in a row's last plane byte, regular (head_dim 60: 4 bits) or an outlier
-// channels' extra plane (a count not a multiple of 8), are DataLoss on both paths; the same
-// payload untouched decodes.
+// channels' extra plane (a count not a multiple of 8; head_dim 60, and 64 whose regular planes
+// have none, in the second head's last row), are DataLoss on both paths; the same payload
+// untouched decodes.
 TEST(KvpoolRows, RowPlanePaddingIsDataLoss) {
-  std::mt19937_64 rng(12);
-  const SegmentShape s = Shape(40, 1, 60);
-  const std::string good =
-      PayloadOf(Encode(*NormalizeParams(Params(0.02f)), s, RandomSegment(s, 6, rng)));
-  ASSERT_EQ(uint8_t(good[0]), in::kModeRows);
-  in::ParsedRows parsed;
-  ASSERT_TRUE(
-      in::ParseRows(s, reinterpret_cast<const uint8_t*>(good.data()), good.size(), &parsed).ok());
-  const in::ParsedRows::Head& hd = parsed.heads[0];
-  ASSERT_GT(hd.extra, 0u);
-  ASSERT_NE(hd.outliers % 8, 0u);
-  // The first row with a regular plane: its first plane's last byte, and its first extra
-  // plane's last byte.
-  uint64_t at = uint64_t(parsed.rows - reinterpret_cast<const uint8_t*>(good.data()));
-  uint32_t t = 0;
-  while (t < s.tokens && (parsed.metas[t] & 15) == 0) at += in::RowBytes(hd, 60, parsed.metas[t++]);
-  ASSERT_LT(t, s.tokens);
-  const uint64_t regular = at + in::PlaneBytes(60) - 1;
-  const uint64_t extra =
-      at + (parsed.metas[t] & 15) * in::PlaneBytes(60) + in::PlaneBytes(hd.outliers) - 1;
-  for (const auto& [where, bit] : {std::pair{regular, 0x80}, std::pair{extra, 0x80}}) {
-    std::string p = good;
-    p[where] = char(uint8_t(p[where]) | bit);
-    for (Path path : {Path::kRef, Path::kCpu}) {
-      std::vector<uint16_t> out;
-      EXPECT_EQ(DecodePayload(s, p, path, &out).code(), absl::StatusCode::kDataLoss) << where;
-      EXPECT_TRUE(DecodePayload(s, good, path, &out).ok());
+  struct Case {
+    SegmentShape shape;
+    uint32_t head;
+  };
+  for (const Case& c : {Case{Shape(40, 1, 60), 0}, Case{Shape(40, 2, 64), 1}}) {
+    std::mt19937_64 rng(12);
+    const SegmentShape& s = c.shape;
+    const uint32_t D = s.head_dim;
+    const std::string good =
+        PayloadOf(Encode(*NormalizeParams(Params(0.02f)), s, RandomSegment(s, 6, rng)));
+    ASSERT_EQ(uint8_t(good[0]), in::kModeRows);
+    in::ParsedRows parsed;
+    ASSERT_TRUE(
+        in::ParseRows(s, reinterpret_cast<const uint8_t*>(good.data()), good.size(), &parsed).ok());
+    const in::ParsedRows::Head& hd = parsed.heads[c.head];
+    ASSERT_GT(hd.extra, 0u) << D;
+    ASSERT_NE(hd.outliers % 8, 0u) << D;
+    const uint8_t* metas = parsed.metas + uint64_t{c.head} * s.tokens;
+    const uint64_t rows_at =
+        uint64_t(parsed.rows - reinterpret_cast<const uint8_t*>(good.data())) + hd.rows;
+    std::vector<uint64_t> bad;  // Bytes to set a padding bit in.
+    // Head 0 (head_dim 60): the first row with a regular plane, that plane's last byte.
+    uint64_t at = rows_at;
+    uint32_t t = 0;
+    while (t < s.tokens && (metas[t] & 15) == 0) at += in::RowBytes(hd, D, metas[t++]);
+    ASSERT_LT(t, s.tokens);
+    if (D % 8 != 0) bad.push_back(at + in::PlaneBytes(D) - 1);
+    // The last row's first extra plane's last byte, after rows with planes.
+    at = rows_at;
+    for (t = 0; t + 1 < s.tokens; ++t) at += in::RowBytes(hd, D, metas[t]);
+    bad.push_back(at + (metas[t] & 15) * in::PlaneBytes(D) + in::PlaneBytes(hd.outliers) - 1);
+    for (const uint64_t where : bad) {
+      std::string p = good;
+      p[where] = char(uint8_t(p[where]) | 0x80);
+      for (Path path : {Path::kRef, Path::kCpu}) {
+        std::vector<uint16_t> out;
+        EXPECT_EQ(DecodePayload(s, p, path, &out).code(), absl::StatusCode::kDataLoss)
+            << D << " " << where;
+        EXPECT_TRUE(DecodePayload(s, good, path, &out).ok());
+      }
     }
   }
 }
