@@ -279,8 +279,9 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       fresh_plans();
       absl::Status st = measure(encode_payload, &row.encode, &row.encode_anchor);
       if (st.ok()) st = fresh_pass(encode_payload);
-      // Decoding into 128 MiB as a client's large get does: under a StreamingOutput.
-      const kernels::StreamingOutput streaming;
+      // Decoding into 128 MiB as a client's large get does: under a StreamingOutput (unless
+      // --plain_stores).
+      const kernels::StreamingOutput streaming(!o.plain_stores);
       if (st.ok()) {
         st = measure(
             [&](uint64_t i) {
@@ -336,8 +337,10 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
     }
   }
   if (o.json) {
-    std::cout << absl::StrFormat("{\"memcpy_gbps\": %.3f, \"d2d_copy_gbps\": %.3f, \"results\": [",
-                                 memcpy_gbps, d2d);
+    std::cout << absl::StrFormat(
+        "{\"memcpy_gbps\": %.3f, \"d2d_copy_gbps\": %.3f, \"decode_stores\": \"%s\", "
+        "\"results\": [",
+        memcpy_gbps, d2d, o.plain_stores ? "plain" : "streaming");
     for (size_t i = 0; i < rows.size(); ++i) {
       std::cout << absl::StrFormat(
           "%s{\"codec\": \"%s\", \"name\": \"%s\", \"path\": \"%s\", \"encode_gbps\": %.3f, "
@@ -357,9 +360,11 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       "each ratio against the memcpy measured beside that figure (best of 3 rounds each);\n"
       "encode/decode: the codec's payload functions; seg enc/dec: whole segments through\n"
       "EncodeSegment / DecodeSegment (header, checksum, allocation), as the daemon runs them;\n"
-      "decodes write as a client's large get does (kernels::StreamingOutput)\n"
+      "decodes write %s\n"
       "  %-21s %-5s %8s %8s %7s %8s %8s %8s %8s %8s %8s\n",
       segs.count, kSegTokens, kHeads, kDim, absl::StrFormat("%.0f", total_bytes / 1048576.0),
+      o.plain_stores ? "with plain stores (--plain_stores: as the daemon's server-side decode)"
+                     : "as a client's large get does (kernels::StreamingOutput)",
       "codec", "path", "encode", "decode", "ratio", "enc/mcpy", "dec/mcpy", "seg enc", "seg dec",
       "mcpy@enc", "mcpy@dec");
   auto share = [](double x, double anchor) { return anchor > 0 ? x / anchor : 0.0; };

@@ -17,6 +17,7 @@ struct CodecBenchOptions {
   double seconds = 0.3;  // Minimum time per measurement.
   std::string only;      // Non-empty: only the codecs whose printed name contains it.
   std::string paths = "ref,cpu,cuda";  // The paths measured, comma-separated.
+  bool plain_stores = false;  // Decode without kernels::StreamingOutput (as server-side decode).
 };
 
 absl::Status RunCodecBench(const CodecBenchOptions& options);

@@ -1,6 +1,7 @@
 // kvpool-bench: benchmarks that print each figure beside its anchor measured in the same run.
 //
-//   kvpool-bench codec [--only SUBSTR] [--paths ref,cpu,cuda] [--seconds S] [--json]
+//   kvpool-bench codec [--only SUBSTR] [--paths ref,cpu,cuda] [--plain_stores] [--seconds S]
+//                      [--json]
 //   kvpool-bench fusion [--json]   (ingest with fusion off / online / batch, in-process)
 //   kvpool-bench transfer [--server HOST:PORT] [--redis HOST:PORT] [--blocks N] [--batch B]
 //                         [--rounds R] [--json]
@@ -26,6 +27,9 @@ ABSL_FLAG(uint32_t, rounds, 3, "rounds (median reported)");
 ABSL_FLAG(bool, json, false, "print JSON");
 ABSL_FLAG(std::string, only, "", "codec: only the codecs whose name contains this");
 ABSL_FLAG(double, seconds, 0.3, "codec: minimum seconds per measurement");
+ABSL_FLAG(bool, plain_stores, false,
+          "codec: decode with plain stores (as the daemon's server-side decode), not as a large "
+          "client get (streaming stores where the decoder has them)");
 ABSL_FLAG(std::string, paths, "ref,cpu,cuda",
           "codec: the paths to measure, comma-separated (ref, cpu, cuda)");
 
@@ -55,6 +59,7 @@ int main(int argc, char** argv) {
     co.only = absl::GetFlag(FLAGS_only);
     co.seconds = absl::GetFlag(FLAGS_seconds);
     co.paths = absl::GetFlag(FLAGS_paths);
+    co.plain_stores = absl::GetFlag(FLAGS_plain_stores);
     if (absl::Status s = kvpool::bench::RunCodecBench(co); !s.ok()) {
       std::cerr << "kvpool-bench codec: " << s.message() << "\n";
       return 1;
