@@ -338,6 +338,131 @@ TEST(KvpoolRows, Avx2EncoderIsTheReference) {
   EXPECT_GT(many_outliers, 0);
 }
 
+// The row kernels on forced meta bytes, row by row: the AVX2 and AVX-512 kernels measure and
+// write what the reference's do, bit for bit (planes, coefficient codes, stats and each row's
+// error), on random heads: head_dim 32 to 512, ranks 0 to 8, 0 to 32 outlier channels (some
+// at the top channels) with 0 to 7 extra planes, rows with no planes, the most planes, and any
+// between, elements at the means, -0, a zero or negative low-rank scale. Final payloads (the
+// tests above) hide most of this: a changed sum only shows in bytes where it flips a decision.
+uint8_t ForcedMeta(void* ctx, uint32_t i, const in::RowStats&, float* hs) {
+  const auto* forced = static_cast<const std::pair<std::vector<uint8_t>, std::vector<float>>*>(ctx);
+  *hs = forced->second[i];
+  return forced->first[i];
+}
+
+TEST(KvpoolRows, FastRowKernelsMeasureWhatTheReferenceMeasures) {
+  std::vector<std::pair<const char*, const in::RowKernels*>> fast;
+  if (in::RowKernelsAvx2(128) != nullptr) fast.push_back({"avx2", in::RowKernelsAvx2(128)});
+  if (in::RowKernelsAvx512(128) != nullptr) fast.push_back({"avx512", in::RowKernelsAvx512(128)});
+  if (fast.empty()) GTEST_SKIP() << "no AVX2";
+  std::mt19937_64 rng(77);
+  const auto R = [&](uint32_t n) { return uint32_t(rng() % n); };
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const uint32_t dims[] = {32, 64, 96, 128, 256, 512};
+  int bare_outlier_rows = 0, top_outliers = 0;
+  for (int n = 0; n < 300; ++n) {
+    const uint32_t D = dims[R(6)];
+    const DType dt = R(2) ? DType::kBf16 : DType::kFp16;
+    in::RowHead hd;
+    hd.D = D;
+    hd.rank = R(in::kMaxRank + 1);
+    const uint32_t most = std::min(D, in::kMaxOutliers);
+    hd.outliers = R(4) == 0 ? 0 : R(4) == 0 ? most : 1 + R(most);
+    hd.extra = hd.outliers ? R(8) : 0;
+    // Aligned as the encoder's own tables are (the fast kernels' aligned loads).
+    in::AlignedVector<float> means(D), basis(in::kMaxRank * D), inv_step(in::kMaxRank);
+    in::AlignedVector<float> chunks(D / 16 * in::kMaxRank * 16, 0.f);
+    std::vector<int8_t> codes(in::kMaxRank * D);
+    in::AlignedVector<int16_t> pairs(in::kMaxRank * D, 0);
+    for (uint32_t d = 0; d < D; ++d) means[d] = ToF(dt, FromF(dt, normal(rng)));
+    for (uint32_t j = 0; j < hd.rank; ++j) {
+      for (uint32_t d = 0; d < D; ++d) {
+        codes[j * D + d] = int8_t(int(R(255)) - 127);
+        basis[j * D + d] = codes[j * D + d] / 127.f;
+        chunks[((d / 16) * in::kMaxRank + j) * 16 + d % 16] = basis[j * D + d];
+      }
+      inv_step[j] = std::ldexp(1.f, int(R(8)));
+    }
+    in::FillPairs(codes.data(), hd.rank, D, pairs.data());
+    std::vector<uint32_t> channels(D), outlier;
+    for (uint32_t d = 0; d < D; ++d) channels[d] = D - 1 - d;  // The top channels, or any.
+    if (R(3) != 0) std::shuffle(channels.begin(), channels.end(), rng);
+    outlier.assign(channels.begin(), channels.begin() + hd.outliers);
+    std::sort(outlier.begin(), outlier.end());
+    std::vector<uint8_t> is_outlier(D, 0);
+    std::vector<uint32_t> masks(D / 32, 0);
+    for (uint32_t d : outlier) {
+      is_outlier[d] = 1;
+      masks[d / 32] |= 1u << (d % 32);
+      top_outliers += d >= 256;
+    }
+    hd.means = means.data();
+    hd.basis = basis.data();
+    hd.inv_step = inv_step.data();
+    hd.codes = codes.data();
+    hd.chunks = chunks.data();
+    hd.pairs = pairs.data();
+    hd.is_outlier = is_outlier.data();
+    hd.outlier = outlier.data();
+    hd.outlier_masks = masks.data();
+    hd.lr_scale = R(4) == 0 ? 0.f : (R(2) ? -1.f : 1.f) * std::ldexp(1.f, -int(R(10)));
+    const uint32_t rows = 1 + R(in::kRowBlock);
+    std::vector<std::vector<uint16_t>> x(rows, std::vector<uint16_t>(D));
+    std::vector<const uint16_t*> xs(rows);
+    std::pair<std::vector<uint8_t>, std::vector<float>> forced;
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < rows; ++i) {
+      for (uint32_t d = 0; d < D; ++d) {
+        x[i][d] = R(6) == 0    ? FromF(dt, means[d])
+                  : R(20) == 0 ? uint16_t(0x8000)  // -0
+                               : FromF(dt, 3.f * normal(rng));
+      }
+      xs[i] = x[i].data();
+      const uint32_t most_b = in::kMaxPlanes - hd.extra;
+      const uint32_t b = R(4) == 0 ? 0 : R(3) == 0 ? most_b : R(most_b + 1);
+      bare_outlier_rows += b == 0 && hd.extra > 0;
+      const uint8_t meta = uint8_t(b | R(16) << 4);
+      forced.first.push_back(meta);
+      forced.second.push_back(in::RowHalfStep(std::ldexp(1.f, -int(R(12))), meta));
+      bytes += in::RowBytesOf(hd, meta);
+    }
+    struct Result {
+      bool ok = false;
+      std::vector<uint8_t> out;
+      std::vector<int16_t> coefs;
+      std::vector<in::RowStats> stats;
+      std::vector<uint8_t> metas;
+      std::vector<float> err;
+    };
+    const auto run = [&](const in::RowKernels& k) {
+      Result r;
+      r.out.assign(bytes + in::kRowStoreRoom * in::PlaneBytes(D), 0xcd);
+      r.coefs.assign(rows * in::kMaxRank, 0);
+      r.stats.resize(rows);
+      r.metas.resize(rows);
+      r.err.resize(rows);
+      r.ok = k.encode(hd, dt, xs.data(), rows, r.coefs.data(), &ForcedMeta, &forced, r.out.data(),
+                      r.stats.data(), r.metas.data(), r.err.data());
+      r.out.resize(bytes);
+      return r;
+    };
+    const Result want = run(in::RowKernelsRef());
+    ASSERT_TRUE(want.ok) << n;
+    for (const auto& [name, kernels] : fast) {
+      const Result got = run(*kernels);
+      ASSERT_TRUE(got.ok) << name << " " << n;
+      EXPECT_EQ(got.out, want.out) << name << " " << n;
+      EXPECT_EQ(got.coefs, want.coefs) << name << " " << n;
+      EXPECT_EQ(got.metas, want.metas) << name << " " << n;
+      EXPECT_EQ(0, std::memcmp(got.err.data(), want.err.data(), 4 * rows)) << name << " " << n;
+      EXPECT_EQ(0, std::memcmp(got.stats.data(), want.stats.data(), sizeof(in::RowStats) * rows))
+          << name << " " << n;
+    }
+  }
+  EXPECT_GT(bare_outlier_rows, 0);
+  EXPECT_GT(top_outliers, 0);
+}
+
 // Given MaxPayloadBytes (what EncodeSegment gives it) the encoder writes in place; given only a
 // raw payload's room it writes through its scratch and copies: the same bytes either way, on
 // both paths, keys and values, every budget. MaxPayloadBytes stays within 1.3x raw for
