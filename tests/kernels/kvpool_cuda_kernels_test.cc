@@ -87,8 +87,6 @@ std::vector<uint16_t> RefDecode(const SegmentShape& s, const std::string& payloa
   return out;
 }
 
-std::string PayloadOf(const std::string& segment) { return segment.substr(kSegmentHeaderBytes); }
-
 TEST(KvpoolCudaKernels, DecodeBatchIsTheReferenceForEveryMode) {
   std::mt19937_64 rng(5);
   for (DType dtype : {DType::kFp16, DType::kBf16}) {

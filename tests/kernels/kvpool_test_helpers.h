@@ -1,9 +1,11 @@
-// Helpers shared by the kvpool codec's tests (kvpool_codec_test.cc, kvpool_fast_test.cc):
-// shapes, parameters, random segments of several kinds, encode / decode with gtest checks.
+// Helpers shared by the kvpool codec's tests (kvpool_codec_test.cc, kvpool_fast_test.cc,
+// kvpool_rows*_test.cc): shapes, parameters, random segments of several kinds, encode / decode
+// with gtest checks, payloads.
 #ifndef KVPOOL_TESTS_KERNELS_KVPOOL_TEST_HELPERS_H_
 #define KVPOOL_TESTS_KERNELS_KVPOOL_TEST_HELPERS_H_
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -12,6 +14,7 @@
 #include "common/half.h"
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
+#include "kernels/kvpool.h"
 #include "kernels/kvpool_format.h"
 #include "tests/util/segment_shape.h"
 
@@ -115,6 +118,26 @@ inline std::string Encode(const CodecParams& p, const SegmentShape& s,
   auto e = EncodeSegment(p, s, v, path, keys, encoded_keys, plans);
   EXPECT_TRUE(e.ok()) << e.status();
   return e.ok() ? *e : std::string();
+}
+
+// The payload of an encoded segment.
+inline std::string PayloadOf(const std::string& enc) { return enc.substr(kSegmentHeaderBytes); }
+
+// Appends f's 4 bytes (little-endian, as payloads hold floats).
+inline void PutF32(std::string* s, float f) {
+  char b[4];
+  std::memcpy(b, &f, 4);
+  s->append(b, 4);
+}
+
+// Decodes a kvpool payload (no segment header) of shape `s` on the reference or the CPU path.
+inline absl::Status DecodePayload(const SegmentShape& s, const std::string& p, Path path,
+                                  std::vector<uint16_t>* out) {
+  out->assign(s.Elements(), 0);
+  const auto* bytes = reinterpret_cast<const uint8_t*>(p.data());
+  const CodecParams params = Params(0.1f);
+  return path == Path::kRef ? kvpool::DecodeRef(s, params, bytes, p.size(), out->data())
+                            : kvpool::DecodeCpu(s, params, bytes, p.size(), out->data());
 }
 
 inline std::vector<uint16_t> Decode(const std::string& enc, const SegmentShape& s,
