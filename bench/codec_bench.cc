@@ -364,7 +364,7 @@ absl::Status RunCodecBench(const CodecBenchOptions& o) {
       "  %-21s %-5s %8s %8s %7s %8s %8s %8s %8s %8s %8s\n",
       segs.count, kSegTokens, kHeads, kDim, absl::StrFormat("%.0f", total_bytes / 1048576.0),
       o.plain_stores ? "with plain stores (--plain_stores: as the daemon's server-side decode)"
-                     : "as a client's large get does (kernels::StreamingOutput)",
+                     : "as a client's large get does (kernels::StreamingOutput: kvpool mode 4)",
       "codec", "path", "encode", "decode", "ratio", "enc/mcpy", "dec/mcpy", "seg enc", "seg dec",
       "mcpy@enc", "mcpy@dec");
   auto share = [](double x, double anchor) { return anchor > 0 ? x / anchor : 0.0; };

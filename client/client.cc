@@ -58,11 +58,12 @@ absl::StatusOr<std::vector<float>> SegmentScales(const v1::GetHeader& header) {
 }
 
 // Decodes `blocks` blocks of encoded segments (sizes in `sizes`) into canonical block bytes,
-// multiplying each segment's values by its scale.
+// multiplying each segment's values by its scale; with `streaming`, segments not scaled after
+// are written under a kernels::StreamingOutput.
 absl::StatusOr<std::string> DecodeBlocks(const KvSpec& spec, uint64_t blocks,
                                          const google::protobuf::RepeatedField<uint64_t>& sizes,
-                                         const std::vector<float>& scales,
-                                         absl::string_view wire) {
+                                         const std::vector<float>& scales, absl::string_view wire,
+                                         bool streaming) {
   const uint64_t segments = spec.SegmentsPerBlock();
   if (static_cast<uint64_t>(sizes.size()) != blocks * segments) {
     return absl::DataLossError("Get: segment table does not match the blocks");
@@ -72,17 +73,13 @@ absl::StatusOr<std::string> DecodeBlocks(const KvSpec& spec, uint64_t blocks,
   std::string out;  // Every byte is written by a segment's decode.
   absl::strings_internal::STLStringResizeUninitialized(&out, blocks * spec.BlockBytes());
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data());
-  // A large get's bytes are handed on, not read here: written with streaming stores where the
-  // decoder has them, except segments scaled right after (kernels::StreamingOutput).
-  constexpr uint64_t kStreamGetsFrom = uint64_t{16} << 20;
-  const bool large = out.size() >= kStreamGetsFrom;
   uint64_t offset = 0;
   for (uint64_t i = 0; i < blocks * segments; ++i) {
     const uint64_t n = sizes.Get(static_cast<int>(i));
     if (n > wire.size() - offset) return absl::DataLossError("Get: segment sizes exceed the data");
     shape.kind = i % 2 == 0 ? SegmentKind::kKey : SegmentKind::kValue;
     absl::Span<uint16_t> out_segment(dst + i * elements, elements);
-    const kernels::StreamingOutput streaming(large && scales[i] == 1.f);
+    const kernels::StreamingOutput stores(streaming && scales[i] == 1.f);
     absl::Status s = kernels::DecodeSegment(wire.substr(offset, n), out_segment,
                                             kernels::Path::kCpu, &shape);
     if (!s.ok()) return Annotate(s, absl::StrCat("Get: segment ", i));
@@ -245,7 +242,8 @@ absl::StatusOr<GetResult> Client::Get(const Namespace& ns, absl::Span<const Bloc
   bool prefix_open = true;
   for (size_t start = 0; start < keys.size() || start == 0;
        start += impl_->options.max_keys_per_call) {
-    auto r = GetOne(ns, keys.subspan(start, impl_->options.max_keys_per_call), batch_options);
+    auto r = GetOne(ns, keys.subspan(start, impl_->options.max_keys_per_call), batch_options,
+                    keys.size() <= impl_->options.max_keys_per_call);
     if (!r.ok()) return r.status();
     if (total.spec.model_id.empty()) {
       total.spec = r->spec;
@@ -274,7 +272,7 @@ absl::StatusOr<GetResult> Client::Get(const Namespace& ns, absl::Span<const Bloc
 }
 
 absl::StatusOr<GetResult> Client::GetOne(const Namespace& ns, absl::Span<const BlockKey> keys,
-                                         const GetOptions& options) {
+                                         const GetOptions& options, bool whole) {
   v1::GetRequest request;
   NamespaceToProto(ns, request.mutable_ns());
   KeysToProto({keys.begin(), keys.end()}, request.mutable_keys());
@@ -337,8 +335,11 @@ absl::StatusOr<GetResult> Client::GetOne(const Namespace& ns, absl::Span<const B
                                                 wire, static_cast<uint16_t*>(options.device_dst)));
     return result;
   }
-  KVPOOL_ASSIGN_OR_RETURN(result.data,
-                          DecodeBlocks(*spec, hits, header.segment_bytes(), scales, wire));
+  // A whole get's bytes go to the caller; one of several is appended to the others (read).
+  const uint64_t from = impl_->options.stream_decoded_gets_from;
+  const bool streaming = whole && from > 0 && hits * result.block_bytes >= from;
+  KVPOOL_ASSIGN_OR_RETURN(
+      result.data, DecodeBlocks(*spec, hits, header.segment_bytes(), scales, wire, streaming));
   return result;
 }
 

@@ -181,12 +181,14 @@ bool CpuHasAvx512Vnni() {
 }
 
 namespace {
-thread_local int streaming_outputs = 0;  // Enabled StreamingOutputs alive on this thread.
+thread_local bool streaming_output = false;  // The innermost StreamingOutput's, on this thread.
 }  // namespace
 
-StreamingOutput::StreamingOutput(bool enable) : enable_(enable) { streaming_outputs += enable_; }
-StreamingOutput::~StreamingOutput() { streaming_outputs -= enable_; }
-bool StreamingOutput::Wanted() { return streaming_outputs > 0; }
+StreamingOutput::StreamingOutput(bool enable) : previous_(streaming_output) {
+  streaming_output = enable;
+}
+StreamingOutput::~StreamingOutput() { streaming_output = previous_; }
+bool StreamingOutput::Wanted() { return streaming_output; }
 
 absl::StatusOr<CodecParams> NormalizeParams(CodecParams p) {
   switch (p.codec) {

@@ -15,7 +15,8 @@
 // CUDA launchers take device pointers and a stream, enqueue work, never synchronise the
 // device, and write the payload size to a device uint64 (*d_size).
 //
-// Thread-safe (stateless but for a PlanCache, which is thread-safe).
+// Thread-safe (stateless but for a PlanCache, which is thread-safe, and a thread's own
+// StreamingOutput setting).
 #ifndef KVPOOL_KERNELS_CODEC_H_
 #define KVPOOL_KERNELS_CODEC_H_
 
@@ -279,13 +280,16 @@ bool CpuHasAvx512();
 // for it).
 bool CpuHasAvx512Vnni();
 
-// While one is alive on a thread with `enable` true, the host decoders of kvpool's default
-// profile write an output aligned to 16 bytes with streaming (non-temporal) stores, which do
-// not first read each output line into the cache. For outputs written once and not read back
-// by this thread soon, such as a client's large get that is handed on or copied to the GPU:
-// into a 128 MiB destination they decode 10-12 % faster (README: Speed), into a buffer that
-// stays in cache about as fast, but a caller that reads the output right away reads it from
-// memory. Off by default; nests. Not copyable.
+// Sets, for its lifetime, whether decodes on this thread may write their output with streaming
+// (non-temporal) stores, which do not first read each output line into the cache; the
+// innermost one alive wins, and without one they may not. Only the AVX2 and AVX-512 decoders
+// of kvpool's default profile (Path::kCpu) have such stores; they use them for an output
+// aligned to 16 bytes and fence before returning, so the output may go to another thread or a
+// DMA at once. For outputs written once and not read back by this CPU soon, such as a client's
+// large get handed to its caller: decoding into 128 MiB they ran 14-15 % faster, into 16 MiB
+// 3-5 %, into a buffer that stays in cache as fast (README: Speed); a caller that reads the
+// output right away reads it from memory. Confined to its thread: construct and destroy it on
+// the thread whose decodes it governs, as a named local (an unnamed temporary ends at once).
 class StreamingOutput {
  public:
   explicit StreamingOutput(bool enable = true);
@@ -293,11 +297,11 @@ class StreamingOutput {
   StreamingOutput(const StreamingOutput&) = delete;
   StreamingOutput& operator=(const StreamingOutput&) = delete;
 
-  // True while an enabled StreamingOutput is alive on this thread.
+  // The innermost StreamingOutput's `enable` on this thread; false without one.
   static bool Wanted();
 
  private:
-  const bool enable_;
+  const bool previous_;  // This thread's setting before this one, restored after.
 };
 
 }  // namespace kvpool::kernels

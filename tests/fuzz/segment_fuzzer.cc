@@ -39,5 +39,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<uint16_t> out(shape.Elements());
   ops.decode_ref(shape, *normalized, data + 8, size - 8, out.data()).IgnoreError();
   ops.decode_cpu(shape, *normalized, data + 8, size - 8, out.data()).IgnoreError();
+  // The same with streaming stores (kvpool's mode 4 decoders have their own stores for them).
+  const kvpool::kernels::StreamingOutput streaming;
+  ops.decode_cpu(shape, *normalized, data + 8, size - 8, out.data()).IgnoreError();
   return 0;
 }

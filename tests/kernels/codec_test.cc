@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -88,6 +89,33 @@ TEST(EncodeSegment, SegmentsHoldNoMoreMemoryThanTheirSize) {
       EXPECT_EQ(Decode(*e, s, path).size(), v.size());
     }
   }
+}
+
+// A StreamingOutput sets its thread's setting for its lifetime: the innermost one wins, the
+// one before comes back after it, and other threads keep their own (off without one).
+TEST(StreamingOutput, InnermostWinsOnItsOwnThread) {
+  const auto elsewhere = [] {
+    bool wanted = true;
+    std::thread([&] { wanted = StreamingOutput::Wanted(); }).join();
+    return wanted;
+  };
+  EXPECT_FALSE(StreamingOutput::Wanted());
+  {
+    const StreamingOutput on;
+    EXPECT_TRUE(StreamingOutput::Wanted());
+    EXPECT_FALSE(elsewhere());
+    {
+      const StreamingOutput off(false);
+      EXPECT_FALSE(StreamingOutput::Wanted());
+      {
+        const StreamingOutput again(true);
+        EXPECT_TRUE(StreamingOutput::Wanted());
+      }
+      EXPECT_FALSE(StreamingOutput::Wanted());
+    }
+    EXPECT_TRUE(StreamingOutput::Wanted());
+  }
+  EXPECT_FALSE(StreamingOutput::Wanted());
 }
 
 TEST(HasNonFinite, FindsNanAndInfAnywhere) {

@@ -38,15 +38,15 @@ void ExpectEachAlignmentDecodes(
   for (const bool streaming : {false, true}) {
     const StreamingOutput scope(streaming);
     for (const uint64_t offset : {0, 1, 8, 16}) {
+      SCOPED_TRACE(testing::Message() << "case " << n << ", output " << 2 * offset
+                                      << " bytes past 64, " << (streaming ? "streaming" : "plain"));
       std::fill(buffer.begin(), buffer.end(), kGuard);
       uint16_t* out = buffer.data() + offset;
       ASSERT_TRUE(decode(s, parsed, out));
-      EXPECT_TRUE(std::equal(ref.begin(), ref.end(), out))
-          << n << " offset " << offset << (streaming ? " streaming" : "");
-      EXPECT_TRUE(std::all_of(buffer.data(), out, [](uint16_t v) { return v == kGuard; })) << n;
-      EXPECT_TRUE(std::all_of(out + ref.size(), buffer.data() + buffer.size(), [](uint16_t v) {
-        return v == kGuard;
-      })) << n;
+      EXPECT_TRUE(std::equal(ref.begin(), ref.end(), out));
+      EXPECT_TRUE(std::all_of(buffer.data(), out, [](uint16_t v) { return v == kGuard; }));
+      EXPECT_TRUE(std::all_of(out + ref.size(), buffer.data() + buffer.size(),
+                              [](uint16_t v) { return v == kGuard; }));
     }
   }
 }
@@ -68,8 +68,12 @@ TEST(KvpoolRows, BothAvx512DecodersAreTheReference) {
     std::vector<uint16_t> ref;
     in::ParsedRows parsed;
     ASSERT_NO_FATAL_FAILURE(ReferenceAndParse(s, p, &ref, &parsed));
-    ExpectEachAlignmentDecodes(s, parsed, ref, in::DecodeRowsAvx512Base, n);
-    if (vnni) ExpectEachAlignmentDecodes(s, parsed, ref, in::DecodeRowsAvx512Vnni, n);
+    ASSERT_NO_FATAL_FAILURE(
+        ExpectEachAlignmentDecodes(s, parsed, ref, in::DecodeRowsAvx512Base, n));
+    if (vnni) {
+      ASSERT_NO_FATAL_FAILURE(
+          ExpectEachAlignmentDecodes(s, parsed, ref, in::DecodeRowsAvx512Vnni, n));
+    }
     ++checked;
   }
   EXPECT_GT(checked, 16);
@@ -81,10 +85,11 @@ TEST(KvpoolRows, BothAvx512DecodersAreTheReference) {
 std::string RandomRowsPayload(const SegmentShape& s, std::mt19937_64& rng) {
   const auto R = [&](uint32_t n) { return uint32_t(rng() % n); };
   const uint32_t T = s.tokens, H = s.kv_heads, D = s.head_dim;
+  // (Draws go to named locals: two calls in one expression run in an unspecified order.)
   const auto element = [&] {
-    return R(8) == 0
-               ? uint16_t(0x8000)
-               : FromF(s.dtype, std::ldexp(float(int(R(2001)) - 1000) / 1000.f, int(R(12)) - 6));
+    if (R(8) == 0) return uint16_t(0x8000);  // -0
+    const float mantissa = float(int(R(2001)) - 1000) / 1000.f;
+    return FromF(s.dtype, std::ldexp(mantissa, int(R(12)) - 6));
   };
   std::string p(in::kHeaderBytes, '\0');
   p[0] = char(in::kModeRows);
@@ -105,8 +110,10 @@ std::string RandomRowsPayload(const SegmentShape& s, std::mt19937_64& rng) {
     p += char(n);
     p += char(extra[h]);
     p += '\0';
-    PutF32(&p, std::ldexp(1.f + R(1000) / 1000.f, int(R(20)) - 12));                    // unit
-    PutF32(&p, (R(2) ? -1.f : 1.f) * std::ldexp(1.f + R(1000) / 1000.f, -int(R(24))));  // scale
+    const float unit = 1.f + R(1000) / 1000.f;
+    PutF32(&p, std::ldexp(unit, int(R(20)) - 12));
+    const float sign = R(2) ? -1.f : 1.f, scale = 1.f + R(1000) / 1000.f;
+    PutF32(&p, sign * std::ldexp(scale, -int(R(24))));
     for (uint32_t j = 0; j < in::kMaxRank; j += 2) {
       p += char(width[h * in::kMaxRank + j] | width[h * in::kMaxRank + j + 1] << 4);
     }
@@ -126,7 +133,8 @@ std::string RandomRowsPayload(const SegmentShape& s, std::mt19937_64& rng) {
   std::vector<uint8_t> metas(uint64_t{H} * T);
   for (uint64_t i = 0; i < metas.size(); ++i) {
     const uint32_t most_b = in::kMaxPlanes - extra[i / T];
-    metas[i] = uint8_t((R(4) == 0 ? 0 : R(3) == 0 ? most_b : R(most_b + 1)) | R(16) << 4);
+    const uint32_t b = R(4) == 0 ? 0 : R(3) == 0 ? most_b : R(most_b + 1);
+    metas[i] = uint8_t(b | R(16) << 4);
   }
   p.append(metas.begin(), metas.end());
   // Bytes of `bits` bits, the padding bits past them clear.
@@ -159,9 +167,10 @@ TEST(KvpoolRows, FastDecodersTakeAnyValidPayload) {
   if (fast.empty()) GTEST_SKIP() << "no AVX2";
   std::mt19937_64 rng(61);
   const uint32_t dims[] = {32, 64, 96, 128, 160, 256, 288, 512};
+  int most_planes = 0, most_extra = 0, full_rank = 0, widest = 0;
   for (int n = 0; n < 120; ++n) {
-    const SegmentShape s = Shape(1 + rng() % 40, 1 + rng() % 4, dims[rng() % 8],
-                                 rng() % 2 ? DType::kBf16 : DType::kFp16);
+    const uint32_t tokens = 1 + rng() % 40, heads = 1 + rng() % 4, dim = dims[rng() % 8];
+    const SegmentShape s = Shape(tokens, heads, dim, rng() % 2 ? DType::kBf16 : DType::kFp16);
     const std::string p = RandomRowsPayload(s, rng);
     in::ParsedRows parsed;
     ASSERT_TRUE(
@@ -169,8 +178,22 @@ TEST(KvpoolRows, FastDecodersTakeAnyValidPayload) {
         << n;
     std::vector<uint16_t> ref(s.Elements());
     in::DecodeRowsRef(s, parsed, ref.data());
-    for (const auto decode : fast) ExpectEachAlignmentDecodes(s, parsed, ref, decode, n);
+    for (const auto decode : fast) {
+      ASSERT_NO_FATAL_FAILURE(ExpectEachAlignmentDecodes(s, parsed, ref, decode, n));
+    }
+    for (uint64_t i = 0; i < uint64_t{s.tokens} * s.kv_heads; ++i) {
+      most_planes += (parsed.metas[i] & 15) + parsed.heads[i / s.tokens].extra == in::kMaxPlanes;
+    }
+    for (const in::ParsedRows::Head& hd : parsed.heads) {
+      most_extra += hd.extra == 7;
+      full_rank += hd.rank == in::kMaxRank;
+      widest += std::count(hd.widths, hd.widths + hd.rank, uint8_t{15});
+    }
   }
+  EXPECT_GT(most_planes, 0);  // Rows of 15 planes, regular and extra.
+  EXPECT_GT(most_extra, 0);
+  EXPECT_GT(full_rank, 0);
+  EXPECT_GT(widest, 0);  // Coefficient codes of 15 bits.
 }
 
 // The AVX2 decoder (CPUs without AVX-512) gives the reference's values: both dtypes, head_dim
@@ -188,15 +211,16 @@ TEST(KvpoolRows, Avx2DecoderIsTheReference) {
   int low_rank = 0, bare_outlier_rows = 0, odd_many = 0, full = 0;
   for (int n = 0; n < 64; ++n) {
     const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
-    const SegmentShape s = Shape(tokens[n % 4], 1 + rng() % 3, dims[rng() % 6], dt,
-                                 n % 3 ? SegmentKind::kKey : SegmentKind::kValue);
+    const uint32_t heads = 1 + rng() % 3, dim = dims[rng() % 6];
+    const SegmentShape s =
+        Shape(tokens[n % 4], heads, dim, dt, n % 3 ? SegmentKind::kKey : SegmentKind::kValue);
     const std::vector<uint16_t> v = RandomSegment(s, int(rng() % 7), rng);
     const std::string p = PayloadOf(Encode(*NormalizeParams(Params(budgets[rng() % 4])), s, v));
     if (uint8_t(p[0]) != in::kModeRows) continue;
     std::vector<uint16_t> ref;
     in::ParsedRows parsed;
     ASSERT_NO_FATAL_FAILURE(ReferenceAndParse(s, p, &ref, &parsed));
-    ExpectEachAlignmentDecodes(s, parsed, ref, in::DecodeRowsAvx2, n);
+    ASSERT_NO_FATAL_FAILURE(ExpectEachAlignmentDecodes(s, parsed, ref, in::DecodeRowsAvx2, n));
     for (uint64_t i = 0; i < uint64_t{s.tokens} * s.kv_heads; ++i) {
       no_planes += (parsed.metas[i] & 15) == 0;
       wide += (parsed.metas[i] & 15) > 8;
@@ -250,7 +274,8 @@ TEST(KvpoolRows, Avx2EncoderIsTheReference) {
   int coded = 0, wide = 0, many_outliers = 0;
   for (int n = 0; n < 40; ++n) {
     const DType dt = n % 2 ? DType::kBf16 : DType::kFp16;
-    SegmentShape s = Shape(tokens[rng() % 6], 1 + rng() % 3, dims[rng() % 6], dt);
+    const uint32_t token_count = tokens[rng() % 6], heads = 1 + rng() % 3, dim = dims[rng() % 6];
+    SegmentShape s = Shape(token_count, heads, dim, dt);
     const CodecParams p = *NormalizeParams(Params(budgets[rng() % 5]));
     const int type = int(rng() % 6);
     const std::vector<uint16_t> k = RandomSegment(s, type == 1 ? 1 : n % 4 == 3 ? 6 : 5, rng);
@@ -360,7 +385,12 @@ TEST(KvpoolRows, FastRowKernelsMeasureWhatTheReferenceMeasures) {
     hd.is_outlier = is_outlier.data();
     hd.outlier = outlier.data();
     hd.outlier_masks = masks.data();
-    hd.lr_scale = R(4) == 0 ? 0.f : (R(2) ? -1.f : 1.f) * std::ldexp(1.f, -int(R(10)));
+    if (R(4) == 0) {
+      hd.lr_scale = 0.f;
+    } else {
+      const float sign = R(2) ? -1.f : 1.f;
+      hd.lr_scale = sign * std::ldexp(1.f, -int(R(10)));
+    }
     const uint32_t rows = 1 + R(in::kRowBlock);
     std::vector<std::vector<uint16_t>> x(rows, std::vector<uint16_t>(D));
     std::vector<const uint16_t*> xs(rows);
