@@ -27,6 +27,10 @@ inline constexpr uint32_t kMaxCoefWidth = 15;    // Bits per coefficient code.
 inline constexpr float kMaxHeadScale = 0x1p64f;  // |u| and |p| bound: decoding never overflows
                                                  // into NaN (README of the format).
 inline constexpr int32_t kMaxCoefCode = (1 << (kMaxCoefWidth - 1)) - 1;
+// The widest head the AVX2 kernels and decoder take (their stack buffers); a head's groups of 8
+// channels are then the bits of one 64-bit word.
+inline constexpr uint32_t kAvx2MaxHeadDim = 512;
+static_assert(kAvx2MaxHeadDim / 8 <= 64, "a head's groups of 8 channels fit one word");
 
 // The row step multiplier of scale index j < 16: 2^((j - 8) / 4), as these literals give it
 // (a quarter power of two times an exact power of two).
@@ -191,7 +195,7 @@ bool DecodeRowsAvx512Base(const SegmentShape& shape, const ParsedRows& parsed, u
 bool DecodeRowsAvx512Vnni(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
 // The same with AVX2, FMA and F16C (kvpool_rows_decode_avx2.cc), for CPUs without AVX-512;
 // false (nothing written) when the CPU or the shape does not qualify (head_dim a multiple of 32,
-// at most 512).
+// at most kAvx2MaxHeadDim).
 bool DecodeRowsAvx2(const SegmentShape& shape, const ParsedRows& parsed, uint16_t* out);
 
 // ---- The encoder --------------------------------------------------------------------------
@@ -290,7 +294,7 @@ inline uint64_t RowBytesOf(const RowHead& hd, uint8_t meta) {
 // The AVX-512 kernels when the CPU has them and head_dim is a multiple of 32, else null.
 const RowKernels* RowKernelsAvx512(uint32_t head_dim);
 // The AVX2 kernels (kvpool_rows_avx2.cc) when the CPU has AVX2, FMA and F16C and head_dim is a
-// multiple of 32, else null: for CPUs without AVX-512.
+// multiple of 32 up to kAvx2MaxHeadDim, else null: for CPUs without AVX-512.
 const RowKernels* RowKernelsAvx2(uint32_t head_dim);
 // The fast CPU path's kernels for head_dim: AVX-512, else AVX2, else the reference's.
 const RowKernels& CpuRowKernels(uint32_t head_dim);

@@ -17,8 +17,7 @@
 namespace kvpool::kernels::kvpool::internal {
 namespace {
 
-constexpr uint32_t kMaxDim = 512;  // Widest head these kernels take (stack buffers).
-static_assert(kMaxDim / 8 <= 64, "a head's groups of 8 channels are the bits of one word");
+constexpr uint32_t kMaxDim = kAvx2MaxHeadDim;  // (kvpool_rows.h)
 
 using simd::Load8;
 using simd::Tree16;

@@ -22,8 +22,7 @@
 namespace kvpool::kernels::kvpool::internal {
 namespace {
 
-constexpr uint32_t kMaxDim = 512;  // Widest head this decoder takes (its stack buffers).
-static_assert(kMaxDim / 8 <= 64, "a head's groups of 8 channels are the bits of one word");
+constexpr uint32_t kMaxDim = kAvx2MaxHeadDim;  // (kvpool_rows.h)
 
 // Per-segment tables, kept per thread.
 struct Avx2Scratch {

@@ -201,22 +201,6 @@ uint32_t ChooseOutliers(const std::vector<double>& var, HeadPlan* hp) {
   return std::min(kMaxPlanes - 1, std::max(1u, extra));
 }
 
-// The fast kernels' layouts of the basis (RowHead::chunks, pairs) and the outlier masks.
-void FastLayouts(uint32_t r, uint32_t D, HeadPlan* hp) {
-  hp->chunks.assign(D % 16 == 0 ? uint64_t{D} * 8 : 0, 0.f);
-  hp->pairs.assign(D % 16 == 0 ? uint64_t{D} * 8 : 0, 0);
-  if (D % 16 == 0) {
-    for (uint32_t j = 0; j < r; ++j)
-      for (uint32_t d = 0; d < D; d += 16) {  // Direction j of channels d .. d + 15.
-        std::memcpy(&hp->chunks[(uint64_t{d / 16} * 8 + j) * 16], &hp->basis[j * D + d],
-                    16 * sizeof(float));
-      }
-    FillPairs(hp->codes.data(), r, D, hp->pairs.data());
-  }
-  hp->masks.assign((D + 31) / 32, 0);
-  for (uint32_t d : hp->outlier) hp->masks[d / 32] |= 1u << (d % 32);
-}
-
 // The head's model rows (HeadPlan::model) and, for keys, per_z: a row's residual is its squared
 // distance less its projections on the r directions kept; its regular part the head's regular
 // share of the residual variance `var` (`regular` of its sum).
@@ -250,6 +234,21 @@ void ModelRows(const Sample& sp, uint32_t h, uint32_t r, const std::vector<float
 }
 
 }  // namespace
+
+void FastLayouts(uint32_t r, uint32_t D, HeadPlan* hp) {
+  hp->chunks.assign(D % 16 == 0 ? uint64_t{D} * 8 : 0, 0.f);
+  hp->pairs.assign(D % 16 == 0 ? uint64_t{D} * 8 : 0, 0);
+  if (D % 16 == 0) {
+    for (uint32_t j = 0; j < r; ++j)
+      for (uint32_t d = 0; d < D; d += 16) {  // Direction j of channels d .. d + 15.
+        std::memcpy(&hp->chunks[(uint64_t{d / 16} * 8 + j) * 16], &hp->basis[j * D + d],
+                    16 * sizeof(float));
+      }
+    FillPairs(hp->codes.data(), r, D, hp->pairs.data());
+  }
+  hp->masks.assign((D + 31) / 32, 0);
+  for (uint32_t d : hp->outlier) hp->masks[d / 32] |= 1u << (d % 32);
+}
 
 bool LoadSample(const SegmentShape& shape, const RowKernels& rk, const FastKernels& fast,
                 const uint16_t* in, uint32_t stride, uint32_t count, Sample* sp) {

@@ -61,6 +61,10 @@ struct HeadPlan {
   RowHead view;
 };
 
+// Writes hp's fast-kernel layouts (RowHead::chunks and pairs; empty where D is not a multiple
+// of 16) of its first r directions (basis and codes) and its outlier masks (from outlier).
+void FastLayouts(uint32_t r, uint32_t D, HeadPlan* hp);
+
 // Plans head h from the sample: basis (rank by the bits it saves), outlier channels and their
 // extra planes, the unit, the coefficient step (kCoefStep residual steps at `d_avg`, the
 // budget's squared error per element, or at the residual's spread where that is finer), and

@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
 #include "kernels/kvpool_rows.h"
+#include "kernels/kvpool_rows_plan.h"
 #include "tests/kernels/kvpool_test_helpers.h"
 
 namespace kvpool::kernels::kvpool_test {
@@ -349,42 +350,40 @@ TEST(KvpoolRows, FastRowKernelsMeasureWhatTheReferenceMeasures) {
     const uint32_t most = std::min(D, in::kMaxOutliers);
     hd.outliers = R(4) == 0 ? 0 : R(4) == 0 ? most : 1 + R(most);
     hd.extra = hd.outliers ? R(8) : 0;
-    // Aligned as the encoder's own tables are (the fast kernels' aligned loads).
-    in::AlignedVector<float> means(D), basis(in::kMaxRank * D), inv_step(in::kMaxRank);
-    in::AlignedVector<float> chunks(D / 16 * in::kMaxRank * 16, 0.f);
-    std::vector<int8_t> codes(in::kMaxRank * D);
-    in::AlignedVector<int16_t> pairs(in::kMaxRank * D, 0);
+    // The head's tables as the planner keeps them (HeadPlan; the fast layouts by FastLayouts).
+    in::AlignedVector<float> means(D);  // Aligned as the sample's are.
+    in::HeadPlan hp;
+    hp.codes.resize(uint64_t{hd.rank} * D);
+    hp.basis.resize(uint64_t{hd.rank} * D);
+    hp.inv_step.resize(hd.rank);
     for (uint32_t d = 0; d < D; ++d) means[d] = ToF(dt, FromF(dt, normal(rng)));
     for (uint32_t j = 0; j < hd.rank; ++j) {
       for (uint32_t d = 0; d < D; ++d) {
-        codes[j * D + d] = int8_t(int(R(255)) - 127);
-        basis[j * D + d] = codes[j * D + d] / 127.f;
-        chunks[((d / 16) * in::kMaxRank + j) * 16 + d % 16] = basis[j * D + d];
+        hp.codes[j * D + d] = int8_t(int(R(255)) - 127);
+        hp.basis[j * D + d] = hp.codes[j * D + d] / 127.f;
       }
-      inv_step[j] = std::ldexp(1.f, int(R(8)));
+      hp.inv_step[j] = std::ldexp(1.f, int(R(8)));
     }
-    in::FillPairs(codes.data(), hd.rank, D, pairs.data());
-    std::vector<uint32_t> channels(D), outlier;
+    std::vector<uint32_t> channels(D);
     for (uint32_t d = 0; d < D; ++d) channels[d] = D - 1 - d;  // The top channels, or any.
     if (R(3) != 0) std::shuffle(channels.begin(), channels.end(), rng);
-    outlier.assign(channels.begin(), channels.begin() + hd.outliers);
-    std::sort(outlier.begin(), outlier.end());
-    std::vector<uint8_t> is_outlier(D, 0);
-    std::vector<uint32_t> masks(D / 32, 0);
-    for (uint32_t d : outlier) {
-      is_outlier[d] = 1;
-      masks[d / 32] |= 1u << (d % 32);
+    hp.outlier.assign(channels.begin(), channels.begin() + hd.outliers);
+    std::sort(hp.outlier.begin(), hp.outlier.end());
+    hp.is_outlier.assign(D, 0);
+    for (uint32_t d : hp.outlier) {
+      hp.is_outlier[d] = 1;
       top_outliers += d >= 256;
     }
+    in::FastLayouts(hd.rank, D, &hp);
     hd.means = means.data();
-    hd.basis = basis.data();
-    hd.inv_step = inv_step.data();
-    hd.codes = codes.data();
-    hd.chunks = chunks.data();
-    hd.pairs = pairs.data();
-    hd.is_outlier = is_outlier.data();
-    hd.outlier = outlier.data();
-    hd.outlier_masks = masks.data();
+    hd.basis = hp.basis.data();
+    hd.inv_step = hp.inv_step.data();
+    hd.codes = hp.codes.data();
+    hd.chunks = hp.chunks.data();
+    hd.pairs = hp.pairs.data();
+    hd.is_outlier = hp.is_outlier.data();
+    hd.outlier = hp.outlier.data();
+    hd.outlier_masks = hp.masks.data();
     if (R(4) == 0) {
       hd.lr_scale = 0.f;
     } else {
